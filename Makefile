@@ -1,0 +1,36 @@
+# Everything runs inside ./.venv, created on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of this version is what this machine kind has locally; on a GPU box
+# `make setup TORCH_SPEC=torch` (or install torch yourself first) takes the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+TINY := models/tiny-llama
+
+.PHONY: setup demo test bench tiny clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+tiny: setup
+	$(VENV)/bin/lora build-tiny --out $(TINY) --data data/demo.jsonl
+
+demo: setup
+	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny
+	$(VENV)/bin/lora train recipes/demo.yaml --overwrite
+	$(VENV)/bin/lora generate --adapter runs/demo "用一句话解释什么是LoRA"
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf runs models .pytest_cache

@@ -1,0 +1,199 @@
+"""The `lora` command: a thin layer over functions the tests call directly.
+
+Heavy libraries (torch, transformers, peft) are imported inside the commands that need them,
+so `lora --help` and recipe validation answer at once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lora_cli.errors import LoraError
+
+app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.learning_rate=3e-4 (repeatable).")]
+AdapterOption = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="Adapter folder (a run's output_dir or a checkpoint), or NAME=DIR.")]
+BaseOption = Annotated[Optional[str], typer.Option("--base", help="Base model to use instead of the one the adapter names.")]
+
+
+@app.command()
+def train(
+    recipe: RecipePath,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Load model, data and adapter, print the plan, train nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier lora run in output_dir.")] = False,
+):
+    """Fine-tune a LoRA / QLoRA adapter as the recipe says."""
+    from lora_cli.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    from lora_cli.train import run_training
+
+    run_training(r, dry_run=dry_run, overwrite=overwrite, console=console)
+
+
+@app.command()
+def check(recipe: RecipePath, set_: SetOption = None):
+    """Validate a recipe without loading anything heavy."""
+    from lora_cli.recipe import load_recipe
+
+    load_recipe(recipe, set_ or [])
+    console.print(f"{recipe}: ok")
+
+
+def parse_adapters(specs: list[str] | None) -> dict[str, str]:
+    """['runs/a', 'b=runs/b'] -> {'a': 'runs/a', 'b': 'runs/b'}; names default to the folder's."""
+    adapters: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name or "adapter", spec
+        if name in adapters:
+            raise LoraError(f"--adapter: name {name!r} given twice", "name them: --adapter a=DIR1 --adapter b=DIR2")
+        adapters[name] = path
+    return adapters
+
+
+def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
+    from lora_cli.infer import GenerationSettings
+
+    if temperature < 0:
+        raise LoraError(f"--temperature must be >= 0, got {temperature}", "0 is greedy decoding")
+    if not 0 < top_p <= 1:
+        raise LoraError(f"--top-p must be in (0, 1], got {top_p}")
+    return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+
+
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
+RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
+
+
+@app.command()
+def generate(
+    instruction: Annotated[str, typer.Argument(help="The instruction to answer.")],
+    adapter: AdapterOption = None,
+    base: BaseOption = None,
+    input: Annotated[str, typer.Option("--input", help="Optional input for the instruction (alpaca 'input').")] = "",
+    max_new_tokens: MaxNew = 128,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+):
+    """Answer one instruction with base + adapter, rendered by the template training used."""
+    settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    from lora_cli.infer import generate_response
+    from lora_cli.model import load_for_inference
+
+    model, tokenizer, infos = load_for_inference(parse_adapters(adapter), base=base)
+    template = next(iter(infos.values())).template if infos else "human_assistant"
+    print(generate_response(model, tokenizer, template, instruction, input=input, settings=settings))
+
+
+@app.command()
+def chat(
+    adapter: AdapterOption = None,
+    base: BaseOption = None,
+    max_new_tokens: MaxNew = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepPenalty = 1.0,
+    seed: Seed = None,
+):
+    """Talk to base + adapter; answers stream as they are generated. /exit leaves."""
+    settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    from lora_cli.infer import chat_loop
+    from lora_cli.model import load_for_inference
+
+    model, tokenizer, infos = load_for_inference(parse_adapters(adapter), base=base)
+    template = next(iter(infos.values())).template if infos else "human_assistant"
+    chat_loop(model, tokenizer, template, settings)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to merge.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
+    base: BaseOption = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Saved precision: float32, bfloat16 or float16 (default: as loaded).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+):
+    """Fold the adapter into its base and write a full model (safetensors)."""
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise LoraError(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    from lora_cli.merge import merge_adapter
+
+    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, log=console.print)
+
+
+@app.command()
+def save(
+    source: Annotated[Path, typer.Argument(help="A run's output_dir or one of its checkpoint-N folders.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the clean adapter.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+):
+    """Export a clean adapter folder (no optimizer state) with tokenizer and recipe."""
+    from lora_cli.merge import save_adapter
+
+    save_adapter(source, out, force=force, log=console.print)
+
+
+@app.command("build-tiny")
+def build_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the model.")] = Path("models/tiny-llama"),
+    data: Annotated[Path, typer.Option("--data", help="Text to train tokenizer and base on.")] = Path("data/demo.jsonl"),
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Pre-training steps.")] = 300,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+):
+    """Build the tiny offline Llama base the demo and tests use."""
+    from lora_cli.tiny import build_tiny_model
+
+    build_tiny_model(out, data, steps=steps, seed=seed, log=console.print)
+
+
+@app.command("recipe-keys")
+def recipe_keys():
+    """Print every recipe key with its type, default and meaning (Markdown)."""
+    from lora_cli.recipe import reference_markdown
+
+    print(reference_markdown())
+
+
+def main() -> None:
+    """Entry point: user errors print as one clear message and exit 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except LoraError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Base model, tokenizer and adapters: the one loading path training and inference share."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lora_cli.errors import LoraError
+
+RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own output: no per-shard progress bars, no deprecation chatter,
+    and no bitsandbytes notice about an optional hub-downloaded CPU kernel."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    warnings.filterwarnings("ignore", message=r".*requires_grad=True to a scalar.*")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def local_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_dtype(name: str):
+    """'auto' is bfloat16 on a GPU that has it, float32 elsewhere (CPU half precision is slow)."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token. When it has none, EOS doubles as pad: safe because
+    labels are masked by position (PadCollator), never by comparing ids with the pad id."""
+    quiet_libraries()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LoraError(f"cannot load a tokenizer from {path!r}: {_first_line(e)}",
+                        "check model.name_or_path: a local model folder or a hub id "
+                        "(hub ids need network access)") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise LoraError(f"tokenizer at {path!r} has neither a pad nor an EOS token",
+                            "use a tokenizer with an EOS token; the model must learn when to stop")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --------------------------------------------------------------------------- base model
+
+def quantization_config(model_cfg):
+    """BitsAndBytesConfig for the recipe, or None. 4bit is QLoRA: NF4 with double quantization."""
+    if model_cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LoraError(f"model.quantization: {model_cfg.quantization} needs bitsandbytes, which is not installed",
+                        "pip install bitsandbytes (or `pip install 'lora-cli[quant]'`), or set model.quantization: none") from None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(model_cfg.dtype),
+    )
+
+
+def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str | None = None):
+    """AutoModelForCausalLM from a folder or hub id. quantize=False reloads a QLoRA base in full
+    precision (what merging needs)."""
+    quiet_libraries()
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {
+        "dtype": dtype or resolve_dtype(model_cfg.dtype),
+        "trust_remote_code": model_cfg.trust_remote_code,
+    }
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    qconfig = quantization_config(model_cfg) if quantize else None
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device or local_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LoraError(f"cannot load model.name_or_path {model_cfg.name_or_path!r}: {_first_line(e)}",
+                        "give a local folder with config.json and weights, or a hub id "
+                        "(hub ids need network access)") from None
+    if device and qconfig is None:
+        model.to(device)
+    return model
+
+
+# --------------------------------------------------------------------------- adapters
+
+def linear_module_names(model) -> list[str]:
+    """Short names of the linear layers a LoRA can target, e.g. ['q_proj', 'v_proj', ...]."""
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def peft_config(lora_cfg):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        bias=lora_cfg.bias,
+        modules_to_save=lora_cfg.modules_to_save or None,
+    )
+
+
+def add_adapter(model, recipe):
+    """Wrap the base in a trainable PEFT adapter as the recipe describes."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.model.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    _check_modules_exist(model, recipe.lora)
+    try:
+        return get_peft_model(model, peft_config(recipe.lora))
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target module" in str(e):
+            raise LoraError(f"lora.target_modules: {recipe.lora.target_modules!r} matches no module of the model",
+                            f"linear layers in this model: {', '.join(linear_module_names(model))}") from None
+        raise
+
+
+def _check_modules_exist(model, lora_cfg) -> None:
+    """peft ignores modules_to_save names that match nothing; a typo there would silently
+    train nothing extra, so refuse it."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    missing = [m for m in lora_cfg.modules_to_save if m not in names]
+    if missing:
+        top = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())} - {""})
+        raise LoraError(f"lora.modules_to_save: {missing} match no module of the model",
+                        f"module names in this model include: {', '.join(top[:30])}")
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) exactly as peft's print_trainable_parameters counts them."""
+    return model.get_nb_trainable_parameters()
+
+
+def format_parameter_counts(trainable: int, total: int) -> str:
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+# --------------------------------------------------------------------------- saved adapters
+
+@dataclass
+class AdapterInfo:
+    path: Path
+    base: str            # base_model_name_or_path from adapter_config.json
+    recipe: dict | None  # the resolved recipe saved with it, when there is one
+
+    @property
+    def template(self) -> str:
+        return ((self.recipe or {}).get("data") or {}).get("template", "human_assistant")
+
+    @property
+    def model_section(self) -> dict:
+        return dict((self.recipe or {}).get("model") or {})
+
+
+def find_recipe_file(adapter_dir: Path) -> Path | None:
+    """The recipe saved with an adapter; a checkpoint-N folder inherits its run's."""
+    for folder in (adapter_dir, adapter_dir.parent):
+        if (folder / RECIPE_FILE).is_file():
+            return folder / RECIPE_FILE
+    return None
+
+
+def read_adapter(path: str | Path) -> AdapterInfo:
+    path = Path(path)
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        hint = "pass the run's output_dir or a checkpoint-N folder inside it"
+        ckpts = sorted(path.glob("checkpoint-*")) if path.is_dir() else []
+        if ckpts:
+            hint = f"this folder has checkpoints but no final adapter; try {ckpts[-1]}"
+        raise LoraError(f"{path}: no adapter_config.json, so this is not an adapter folder", hint)
+    base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    recipe_file = find_recipe_file(path)
+    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file else None
+    return AdapterInfo(path=path, base=base, recipe=recipe)
+
+
+def inference_model_config(info: AdapterInfo, base: str | None = None, quantization: str | None = None):
+    """The model section to load for inference: the training recipe's, with overrides."""
+    from lora_cli.recipe import ModelConfig
+
+    section = {k: v for k, v in info.model_section.items() if k in ModelConfig.__dataclass_fields__}
+    section["name_or_path"] = base or section.get("name_or_path") or info.base
+    if quantization is not None:
+        section["quantization"] = quantization
+    return ModelConfig(**section)
+
+
+def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = None,
+                       quantization: str | None = None, device: str | None = None):
+    """Base once, then every named adapter on it. Returns (model, tokenizer, infos by name).
+    With no adapters, the base alone (model_cfg built from `base`)."""
+    from peft import PeftModel
+
+    from lora_cli.recipe import ModelConfig
+
+    infos = {name: read_adapter(p) for name, p in adapters.items()}
+    first = next(iter(infos.values()), None)
+    if first is None:
+        if not base:
+            raise LoraError("nothing to load", "pass --adapter DIR, or --base MODEL for the base alone")
+        model_cfg = ModelConfig(name_or_path=base, quantization=quantization or "none")
+    else:
+        model_cfg = inference_model_config(first, base, quantization)
+        _check_same_base(infos)
+    device = device or local_device()
+    tokenizer_source = str(first.path) if first and (first.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
+    tokenizer = load_tokenizer(tokenizer_source, model_cfg.trust_remote_code)
+    model = load_base_model(model_cfg, device=device)
+    for i, (name, info) in enumerate(infos.items()):
+        if i == 0:
+            model = PeftModel.from_pretrained(model, str(info.path), adapter_name=name)
+        else:
+            model.load_adapter(str(info.path), adapter_name=name)
+    model.eval()
+    return model, tokenizer, infos
+
+
+def _check_same_base(infos: dict[str, AdapterInfo]) -> None:
+    bases = {name: _base_key(i.base) for name, i in infos.items()}
+    if len(set(bases.values())) > 1:
+        listing = ", ".join(f"{n} -> {infos[n].base}" for n in bases)
+        raise LoraError(f"adapters were trained on different base models ({listing})",
+                        "load adapters of one base together; run the others in a separate session")
+
+
+def _base_key(base: str) -> str:
+    return re.sub(r"/+$", "", str(Path(base).resolve()) if Path(base).exists() else base)

@@ -1,0 +1,359 @@
+"""The recipe: one schema that declares every key, its type, default and meaning.
+
+The same schema validates YAML files, types `--set` overrides, and renders the
+README's recipe reference (`lora recipe-keys`). Nothing here imports torch, so
+`lora check` and every validation error answer instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from lora_cli.errors import RecipeError
+
+PATH = "path"  # metadata kind: resolved against the recipe's folder
+
+
+class _Required:
+    def __repr__(self):
+        return "required"
+
+
+REQUIRED: Any = _Required()  # default of keys a recipe must set
+
+
+def key(default, doc: str, *, kind: str | None = None, min: float | None = None,
+        max: float | None = None, factory=None):
+    """Declare one recipe key. `doc` is the one line the README and errors show."""
+    meta = {"doc": doc, "kind": kind, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = key(REQUIRED, "Base model: a local folder (relative to the recipe) or a hub id.", kind=PATH)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = key("auto", "Weights' dtype when loaded; auto = bfloat16 on a GPU that has it, else float32.")
+    quantization: Literal["none", "8bit", "4bit"] = key("none", "none, 8bit (LLM.int8) or 4bit (NF4 + double quantization = QLoRA). Needs bitsandbytes.")
+    trust_remote_code: bool = key(False, "Run code shipped with the model. Off unless you trust its author.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = key(None, "Attention kernel; empty lets transformers choose (sdpa where it can).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = key(8, "Rank of the update B·A. More = more capacity and memory; 8-64 is usual.", min=1)
+    alpha: float = key(16, "Scaling numerator: the update is multiplied by alpha / r.", min=0)
+    dropout: float = key(0.05, "Dropout on the LoRA input; 0.05-0.1 is usual, 0 for short runs.", min=0, max=1)
+    target_modules: Union[list[str], str] = key(None, "Modules to adapt: a list of names, 'all-linear', or a regex on full module names.", factory=lambda: ["q_proj", "v_proj"])
+    bias: Literal["none", "all", "lora_only"] = key("none", "Which biases train too: none, all, or those of adapted modules.")
+    modules_to_save: list[str] = key(None, "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).", factory=list)
+
+
+@dataclass
+class DataConfig:
+    path: str = key(REQUIRED, "Training data: .json, .jsonl or a datasets save_to_disk folder (relative to the recipe).", kind=PATH)
+    format: Literal["alpaca"] = key("alpaca", "Row shape: alpaca = instruction / input / output.")
+    template: Literal["human_assistant", "alpaca"] = key("human_assistant", "Prompt template; saved with the adapter so inference renders the same prompt.")
+    max_length: int = key(256, "Tokens per example after truncation (prompt side is cut first).", min=8)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = key(1, "Passes over the data (ignored when max_steps > 0).", min=0)
+    max_steps: int = key(-1, "Stop after this many optimizer steps; -1 = run all epochs.")
+    learning_rate: float = key(1.0e-4, "Peak learning rate. LoRA: 1e-4 to 5e-4; QLoRA: 5e-5 to 2e-4.", min=0)
+    batch_size: int = key(1, "Examples per device per forward pass.", min=1)
+    gradient_accumulation: int = key(8, "Forward passes per optimizer step; effective batch = batch_size x this x devices.", min=1)
+    warmup_steps: int = key(100, "Linear warm-up steps for the learning rate.", min=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = key("linear", "Learning-rate schedule after warm-up.")
+    weight_decay: float = key(0.0, "AdamW weight decay on trainable parameters.", min=0)
+    max_grad_norm: float = key(1.0, "Gradient clipping norm; 0 disables.", min=0)
+    logging_steps: int = key(10, "Log loss every N optimizer steps.", min=1)
+    save_steps: int = key(0, "Write a checkpoint every N optimizer steps; 0 = once per epoch.", min=0)
+    save_total_limit: Optional[int] = key(3, "Keep at most this many checkpoints (oldest removed); empty = keep all.", min=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "Mixed precision; auto = bf16 on a GPU that has it, fp32 on CPU.")
+    gradient_checkpointing: bool = key(False, "Recompute activations in backward: much less memory, ~30% slower.")
+    seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = key(None, "The base model.", factory=ModelConfig)
+    lora: LoraConfig = key(None, "The adapter.", factory=LoraConfig)
+    data: DataConfig = key(None, "The instruction data.", factory=DataConfig)
+    train: TrainConfig = key(None, "Optimisation.", factory=TrainConfig)
+    output_dir: str = key(REQUIRED, "Where checkpoints and the final adapter go (relative to the recipe).", kind=PATH)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- schema walking
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_keys(cls=Recipe, prefix: str = ""):
+    """Yield (dotted key, type, field) for every leaf key of the schema."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", tp, f
+
+
+def type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = " or ".join(type_name(a) for a in args)
+        return f"{inner} (or empty)" if len(args) < len(typing.get_args(tp)) else inner
+    if origin is list:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"mapping of {type_name(k)} to {type_name(v)}"
+    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp):
+    """Return value as type tp, or raise ValueError with what was expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                continue
+        raise ValueError(type_name(tp))
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError(type_name(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(type_name(tp))
+        return [_coerce(v, inner) for v in value]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(type_name(tp))
+        return {_coerce(k, kt): _coerce(v, vt) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError("true/false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError("integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError("number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("string")
+    raise ValueError(type_name(tp))
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli_paths: set[str]):
+    """Build dataclass cls from raw, appending every problem found to `problems`."""
+    hints = _hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for k in raw:
+        if k not in names:
+            problems.append(f"{prefix}{k}: unknown key{_did_you_mean(str(k), names)}; "
+                            f"valid keys here: {', '.join(names)}")
+    for name, f in names.items():
+        dotted = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            value = raw.get(name) or {}
+            if not isinstance(value, dict):
+                problems.append(f"{dotted}: expected a section (mapping of keys), got {value!r}")
+                continue
+            values[name] = _build(tp, value, f"{dotted}.", problems, base_dir, cli_paths)
+            continue
+        if name not in raw:
+            if f.default is REQUIRED:
+                problems.append(f"{dotted}: required; {f.metadata['doc']}")
+            continue
+        value = raw[name]
+        try:
+            value = _coerce(value, tp)
+        except ValueError as e:
+            problems.append(f"{dotted}: expected {e}, got {value!r}")
+            continue
+        meta = f.metadata
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if meta.get("min") is not None and value < meta["min"]:
+                problems.append(f"{dotted}: must be at least {meta['min']}, got {value!r}")
+                continue
+            if meta.get("max") is not None and value > meta["max"]:
+                problems.append(f"{dotted}: must be at most {meta['max']}, got {value!r}")
+                continue
+        if meta.get("kind") == PATH and isinstance(value, str):
+            value = resolve_path(value, Path.cwd() if dotted in cli_paths else base_dir)
+        values[name] = value
+    return cls(**values)
+
+
+def resolve_path(value: str, base_dir: Path) -> str:
+    """A relative path is read against base_dir; a bare hub id ('org/name') stays as it is."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = (base_dir / p).resolve()
+    looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", value) and not value.startswith(".")
+    if looks_like_hub_id and not candidate.exists() and not (Path.cwd() / p).exists():
+        return value
+    return str(candidate)
+
+
+# --------------------------------------------------------------------------- overrides
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.learning_rate=3e-4' -> (['train', 'learning_rate'], 0.0003), typed by YAML."""
+    if "=" not in text:
+        raise RecipeError("--set", [f"{text!r}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
+    dotted, _, raw_value = text.partition("=")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return dotted.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
+    """Merge --set overrides into raw; return the dotted keys they set."""
+    dotted_keys = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        dotted_keys.add(".".join(parts))
+    return dotted_keys
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(str(path), ["file not found; give the path to a recipe .yaml (see recipes/)"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(str(path), [f"YAML syntax error at {where}: {problem}; check indentation and quoting there"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), [f"expected a mapping of sections (model, lora, data, train), got {type(raw).__name__}"])
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Raises RecipeError listing every problem at once."""
+    path = Path(path)
+    raw = load_yaml(path)
+    cli_paths = apply_overrides(raw, overrides or [])
+    return recipe_from_dict(raw, base_dir=path.resolve().parent, source=str(path), cli_paths=cli_paths)
+
+
+def recipe_from_dict(raw: dict, base_dir: Path | str = ".", source: str = "recipe",
+                     cli_paths: set[str] = frozenset()) -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems, Path(base_dir).resolve(), set(cli_paths))
+    if not problems:
+        problems += cross_checks(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def cross_checks(r: Recipe) -> list[str]:
+    """Checks that involve more than one key, or the filesystem."""
+    problems = []
+    tm = r.lora.target_modules
+    if isinstance(tm, list) and not tm:
+        problems.append("lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use 'all-linear'")
+    if isinstance(tm, str) and tm != "all-linear":
+        try:
+            re.compile(tm)
+        except re.error as e:
+            problems.append(f"lora.target_modules: {tm!r} is not a valid regex ({e}); "
+                            "use a list of names, 'all-linear', or a valid regex")
+    data_path = Path(r.data.path)
+    if not data_path.exists():
+        problems.append(f"data.path: {r.data.path} does not exist; point it at a .json/.jsonl file "
+                        "or a save_to_disk folder (relative paths are read from the recipe's folder)")
+    elif data_path.is_file() and data_path.suffix not in (".json", ".jsonl"):
+        problems.append(f"data.path: {r.data.path} has suffix {data_path.suffix!r}; use .json, .jsonl "
+                        "or a datasets save_to_disk folder")
+    if r.train.max_steps == 0:
+        problems.append("train.max_steps: 0 would train nothing; use -1 to run all epochs or a positive number")
+    if r.train.max_steps < 0 and r.train.epochs == 0:
+        problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
+    return problems
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, saved beside every adapter."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def reference_markdown() -> str:
+    """The README's recipe reference, generated from the schema so they cannot disagree."""
+    lines = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+    defaults = Recipe().to_dict()
+    for dotted, tp, f in iter_keys():
+        node = defaults
+        for part in dotted.split("."):
+            node = node[part]
+        default = "required" if node is REQUIRED else "" if node is None else yaml.safe_dump(node, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"| `{dotted}` | {type_name(tp)} | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(lines)
