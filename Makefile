@@ -30,7 +30,8 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) scripts/bench.py
+	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf runs models .pytest_cache

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lora_cli.errors import LoraError
 
@@ -171,28 +172,32 @@ def recipe_keys():
     print(reference_markdown())
 
 
-def main() -> None:
-    """Entry point: user errors print as one clear message and exit 2, never a traceback."""
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code. User errors print as one clear message and
+    return 2, never a traceback."""
+    import click
+
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="lora")
     except LoraError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
-        sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
         err_console.print("aborted")
-        sys.exit(130)
+        return 130
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
+        return 130
+    except click.exceptions.ClickException as e:  # usage errors: unknown option, missing argument
+        e.show()
+        return e.exit_code
+    return 0
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
 
 
 if __name__ == "__main__":

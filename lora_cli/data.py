@@ -163,8 +163,17 @@ def tokenize_alpaca(rows: list[dict], tokenizer, template: str, max_length: int)
     return examples, stats
 
 
-def build_sft_dataset(data_cfg, tokenizer):
-    """The training dataset for a recipe's data section, and what happened to its rows."""
+@dataclass
+class SFTData:
+    """What the trainer gets: tokenised training rows, held-out rows (None when the recipe
+    names no validation data), and what happened to the rows on the way."""
+    train: object  # datasets.Dataset with input_ids / attention_mask / labels
+    eval: object | None
+    stats: DataStats
+
+
+def build_sft_data(data_cfg, tokenizer) -> SFTData:
+    """The datasets for a recipe's data section."""
     from datasets import Dataset
 
     rows = read_rows(data_cfg.path)
@@ -173,7 +182,7 @@ def build_sft_dataset(data_cfg, tokenizer):
     if not examples:
         raise DataError(f"{data_cfg.path}: every row was dropped ({stats.summary()})",
                         "raise data.max_length or check the rows' outputs")
-    return Dataset.from_list(examples), stats
+    return SFTData(train=Dataset.from_list(examples), eval=None, stats=stats)
 
 
 class PadCollator:

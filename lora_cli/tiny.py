@@ -74,8 +74,9 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
         tie_word_embeddings=False, rms_norm_eps=1e-5,
     )
     model = LlamaForCausalLM(config)
-    loss = pretrain(model, tokenizer, texts, steps=steps, seed=seed)
-    log(f"tiny base pre-trained for {steps} steps on {len(texts)} documents (final loss {loss:.3f})")
+    loss = pretrain(model, tokenizer, texts, steps=steps, seed=seed) if steps else float("nan")
+    if steps:
+        log(f"tiny base pre-trained for {steps} steps on {len(texts)} documents (final loss {loss:.3f})")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -110,4 +111,4 @@ def pretrain(model, tokenizer, texts: list[str], *, steps: int, seed: int, block
         sched.step()
         opt.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())

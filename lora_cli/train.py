@@ -71,6 +71,7 @@ def _setup_precision(recipe: Recipe) -> dict:
 
 
 def _setup_training_args(recipe: Recipe, output_dir: Path):
+    import torch
     from transformers import TrainingArguments
 
     t = recipe.train
@@ -96,6 +97,7 @@ def _setup_training_args(recipe: Recipe, output_dir: Path):
         disable_tqdm=True,  # our own rich progress instead
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **save,
         **_setup_precision(recipe),
     )
@@ -119,13 +121,14 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     from transformers import set_seed
 
-    from lora_cli.data import PadCollator, build_sft_dataset, describe_example
+    from lora_cli.data import PadCollator, build_sft_data, describe_example
     from lora_cli.model import format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
     precision = _setup_precision(recipe)  # fail on impossible precision before loading anything
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    dataset, stats = build_sft_dataset(recipe.data, tokenizer)
+    data = build_sft_data(recipe.data, tokenizer)
+    dataset, stats = data.train, data.stats
     model = _setup_model(recipe)
     trainable, total = parameter_counts(model)
 

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny models built here, recipes written here, the CLI driven in-process.
+
+Nothing reaches a model hub: every model and tokenizer comes from `lora_cli.tiny`, the same
+builder `make tiny` uses, and is loaded afterwards through the product's own loading code."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "data" / "demo.jsonl"
+
+
+def demo_rows(n: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in DEMO_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:n] if n else rows
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A pre-trained tiny Llama (knows the bundled facts as plain text, not the chat format)."""
+    from lora_cli.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-pretrained"
+    return build_tiny_model(out, DEMO_DATA, steps=200, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_random(tmp_path_factory) -> Path:
+    """A random tiny Llama with the same tokenizer: for tests that need shapes, not skill."""
+    from lora_cli.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-random"
+    return build_tiny_model(out, DEMO_DATA, hidden=64, steps=0, log=lambda *_: None)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_recipe(tmp_path: Path, model: Path, data: Path | None = None, **sections) -> Path:
+    """Write a small recipe into tmp_path; `sections` update the defaults section by section,
+    e.g. make_recipe(tmp_path, base, train={"max_steps": 2})."""
+    if data is None:
+        data = write_jsonl(tmp_path / "data.jsonl", demo_rows(16))
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"path": str(data), "max_length": 128},
+        "train": {"epochs": 1, "max_steps": 2, "learning_rate": 1e-3, "batch_size": 2,
+                  "gradient_accumulation": 1, "warmup_steps": 0, "logging_steps": 1, "seed": 0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for name, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(name), dict):
+            recipe[name].update(value)
+        else:
+            recipe[name] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, out={self.out[-2000:]!r}, err={self.err[-2000:]!r})"
+
+
+@pytest.fixture
+def cli(capsys):
+    """cli('train', str(recipe)) runs the real command in-process: (code, stdout, stderr)."""
+    from lora_cli.cli import run
+
+    def invoke(*args) -> CliResult:
+        capsys.readouterr()
+        code = run([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
