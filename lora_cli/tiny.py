@@ -59,7 +59,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
 
 def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, layers: int = 2,
                      heads: int = 4, steps: int = 300, seed: int = 0, vocab_size: int = 2048,
-                     log=print) -> Path:
+                     tie_word_embeddings: bool = False, log=print) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +71,7 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2 + hidden // 2,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False, rms_norm_eps=1e-5,
+        tie_word_embeddings=tie_word_embeddings, rms_norm_eps=1e-5,
     )
     model = LlamaForCausalLM(config)
     loss = pretrain(model, tokenizer, texts, steps=steps, seed=seed) if steps else float("nan")
