@@ -18,6 +18,8 @@ class Template:
     with_input: str     # uses {instruction} and {input}
     without_input: str  # uses {instruction}
     turn_separator: str = ""  # between a finished turn (ending in EOS) and the next prompt
+    # No template here has a system slot, so a system prompt goes once in front of the conversation.
+    system_format: str = "System: {system}\n\n"
 
     def render(self, instruction: str, input: str = "") -> str:
         if input and input.strip():
@@ -84,8 +86,11 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: str, instruction: str) -> str:
-    """Earlier (question, answer) turns, each closed by EOS as in training, then the new prompt."""
+def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: str, instruction: str,
+                        input: str = "", system: str = "") -> str:
+    """An optional system prompt, earlier (question, answer) turns each closed by EOS as in
+    training, then the new prompt."""
     tpl = get_template(template)
+    head = tpl.system_format.format(system=system) if system else ""
     parts = [tpl.render(q) + a + eos_token + tpl.turn_separator for q, a in turns]
-    return "".join(parts) + tpl.render(instruction)
+    return head + "".join(parts) + tpl.render(instruction, input)
