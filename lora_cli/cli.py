@@ -43,12 +43,22 @@ def train(
 
 
 @app.command()
-def check(recipe: RecipePath, set_: SetOption = None):
-    """Validate a recipe without loading anything heavy."""
+def check(
+    recipe: RecipePath,
+    set_: SetOption = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors (exit 2), for CI.")] = False,
+):
+    """Validate a recipe and warn about risky hyperparameters, without loading anything heavy."""
+    from lora_cli.lint import lint_recipe
     from lora_cli.recipe import load_recipe
 
-    load_recipe(recipe, set_ or [])
-    console.print(f"{recipe}: ok")
+    findings = lint_recipe(load_recipe(recipe, set_ or []))
+    for finding in findings:
+        console.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
+    if findings and strict:
+        raise LoraError(f"{recipe}: {len(findings)} warning{'s' if len(findings) != 1 else ''} (--strict)",
+                        "change the keys named above, or drop --strict to let them pass")
+    console.print(f"{recipe}: ok" + (f" ({len(findings)} warning{'s' if len(findings) != 1 else ''})" if findings else ""))
 
 
 def parse_adapters(specs: list[str] | None) -> dict[str, str]:
