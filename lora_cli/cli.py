@@ -5,6 +5,7 @@ so `lora --help` and recipe validation answer at once."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -77,11 +78,10 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
 def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
     from lora_cli.infer import GenerationSettings
 
-    if temperature < 0:
-        raise LoraError(f"--temperature must be >= 0, got {temperature}", "0 is greedy decoding")
-    if not 0 < top_p <= 1:
-        raise LoraError(f"--top-p must be in (0, 1], got {top_p}")
-    return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    try:
+        return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    except LoraError as e:  # name the flag, not the field: "top_p must ..." -> "--top-p must ..."
+        raise LoraError("--" + e.message.replace("_", "-"), e.hint) from None
 
 
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
@@ -89,48 +89,93 @@ Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (d
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
+TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Prompt template (default: the one each adapter was trained with).")]
+
+
+def _load_variants(adapter, base, template):
+    """(model, tokenizer, infos, base template) for generate and chat."""
+    from lora_cli.model import load_for_inference
+    from lora_cli.template import resolve_template
+
+    if template:
+        resolve_template(template)  # unknown names fail before anything heavy loads
+    model, tokenizer, infos = load_for_inference(parse_adapters(adapter), base=base)
+    default = template or next((i.template for i in infos.values()), "human_assistant")
+    return model, tokenizer, infos, default
 
 
 @app.command()
 def generate(
-    instruction: Annotated[str, typer.Argument(help="The instruction to answer.")],
+    instruction: Annotated[Optional[str], typer.Argument(help="The instruction to answer (or use --file).")] = None,
     adapter: AdapterOption = None,
     base: BaseOption = None,
     input: Annotated[str, typer.Option("--input", help="Optional input for the instruction (alpaca 'input').")] = "",
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Prompts: .jsonl (instruction/input rows) or .txt (one per line).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write results as .jsonl (prompt, adapter, response, settings).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base alone (adapters off): the 'before' of a before/after.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generate call (left-padded).")] = 8,
+    template: TemplateOption = None,
     max_new_tokens: MaxNew = 128,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = None,
 ):
-    """Answer one instruction with base + adapter, rendered by the template training used."""
-    settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-    from lora_cli.infer import generate_response
-    from lora_cli.model import load_for_inference
+    """Answer prompts with base + adapter(s), rendered by the template training used.
+    Several --adapter answer the same prompts side by side."""
+    import json
 
-    model, tokenizer, infos = load_for_inference(parse_adapters(adapter), base=base)
-    template = next(iter(infos.values())).template if infos else "human_assistant"
-    print(generate_response(model, tokenizer, template, instruction, input=input, settings=settings))
+    from lora_cli.infer import BASE, Prompt, read_prompts
+
+    settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    if (instruction is None) == (file is None):
+        raise LoraError("give one instruction or --file PROMPTS, not both and not neither",
+                        'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
+    if out is not None and out.exists() and not force:
+        raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+    prompts = read_prompts(file) if file else [Prompt(instruction, input)]
+    from lora_cli.infer import generate_rows
+
+    model, tokenizer, infos, default_template = _load_variants(adapter, base, template)
+    if base_only or not infos:
+        variants = {BASE: (None, default_template)}
+    else:
+        variants = {name: (name, template or info.template) for name, info in infos.items()}
+    rows = generate_rows(model, tokenizer, prompts, variants, settings, batch_size)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
+    elif len(rows) == 1:
+        print(rows[0]["response"])
+    else:
+        for r in rows:
+            console.print(f"[bold]\\[{escape(r['adapter'])}][/] {escape(r['instruction'])}", highlight=False)
+            print(r["response"], end="\n\n")
 
 
 @app.command()
 def chat(
     adapter: AdapterOption = None,
     base: BaseOption = None,
+    template: TemplateOption = None,
+    system: Annotated[str, typer.Option("--system", help="System prompt to start with (/system changes it).")] = "",
     max_new_tokens: MaxNew = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = None,
 ):
-    """Talk to base + adapter; answers stream as they are generated. /exit leaves."""
+    """Talk to the base with one or more adapters; /adapter NAME switches, /help lists commands.
+    Answers stream as they are generated; Ctrl-C stops one, /exit leaves."""
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-    from lora_cli.infer import chat_loop
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer import ChatSession, chat_loop
 
-    model, tokenizer, infos = load_for_inference(parse_adapters(adapter), base=base)
-    template = next(iter(infos.values())).template if infos else "human_assistant"
-    chat_loop(model, tokenizer, template, settings)
+    model, tokenizer, infos, default_template = _load_variants(adapter, base, template)
+    session = ChatSession(model, tokenizer, {n: template or i.template for n, i in infos.items()}, settings,
+                          adapter=next(iter(infos), None), base_template=default_template, system=system)
+    chat_loop(session)
 
 
 @app.command()
@@ -138,15 +183,20 @@ def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to merge.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
     base: BaseOption = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Saved precision: float32, bfloat16 or float16 (default: as loaded).")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Saved precision: float32, bfloat16 or float16 (default: float32).")] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file, e.g. 5GB or 500MB; bigger models are sharded.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ):
-    """Fold the adapter into its base and write a full model (safetensors)."""
+    """Fold the adapter into its base and write a full model folder (safetensors, tokenizer,
+    generation config, model card) that plain transformers loads."""
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise LoraError(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?i?B", max_shard_size, re.IGNORECASE):
+        raise LoraError(f"--max-shard-size {max_shard_size!r} is not a size", "e.g. 5GB, 500MB or 100KB")
     from lora_cli.merge import merge_adapter
 
-    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, log=console.print)
+    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size.replace(" ", ""),
+                  log=console.print)
 
 
 @app.command()
@@ -155,7 +205,8 @@ def save(
     out: Annotated[Path, typer.Option("--out", help="Folder for the clean adapter.")],
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
 ):
-    """Export a clean adapter folder (no optimizer state) with tokenizer and recipe."""
+    """Export a clean adapter folder (adapter weights and config, tokenizer, recipe, model card;
+    no optimizer state)."""
     from lora_cli.merge import save_adapter
 
     save_adapter(source, out, force=force, log=console.print)

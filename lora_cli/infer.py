@@ -1,13 +1,24 @@
-"""`lora generate` and `lora chat`: prompts rendered by the training template, base + adapter
-loaded by model.load_for_inference."""
+"""`lora generate` and `lora chat`: prompts rendered by the training template (template.py),
+base + adapters loaded once by model.load_for_inference, adapters switched in place.
+
+A "variant" is what answers: an adapter by name, or None for the base with every adapter
+switched off (peft's disable_adapter), so before/after comparisons use the very same weights."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Callable
 
-from lora_cli.template import encode_prompt, render_conversation
+from lora_cli.errors import DataError, LoraError
+from lora_cli.template import history_messages, prompt_ids, resolve_template
 
+BASE = "base"  # the label rows and transcripts give the base with adapters switched off
+
+
+# --------------------------------------------------------------------------- settings
 
 @dataclass
 class GenerationSettings:
@@ -16,6 +27,31 @@ class GenerationSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LoraError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LoraError(f"temperature must be >= 0, got {self.temperature}", "0 is greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise LoraError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise LoraError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "1 leaves logits alone")
+
+    def updated(self, assignments: list[str]) -> "GenerationSettings":
+        """A copy with 'key=value' assignments applied (chat's /params), checked as a whole."""
+        types = {f.name: f.type for f in fields(self)}
+        values = asdict(self)
+        for text in assignments:
+            name, sep, raw = text.partition("=")
+            if not sep or name not in types:
+                raise LoraError(f"/params: {text!r} is not KEY=VALUE with a known key",
+                                f"keys: {', '.join(types)}; e.g. /params temperature=0.7 max_new_tokens=64")
+            values[name] = _parse_setting(name, raw, types[name])
+        return GenerationSettings(**values)
 
     def to_kwargs(self, tokenizer) -> dict:
         kwargs = {
@@ -33,68 +69,281 @@ class GenerationSettings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.as_dict().items())
 
-def build_prompt_ids(tokenizer, template: str, instruction: str, history=(), input: str = "") -> list[int]:
+
+def _parse_setting(name: str, raw: str, type_name: str):
+    if name == "seed" and raw.lower() in ("none", ""):
+        return None
+    want = int if type_name.startswith("int") else float
+    try:
+        return want(raw)
+    except ValueError:
+        raise LoraError(f"/params: {name}={raw!r} is not a{'n integer' if want is int else ' number'}") from None
+
+
+# --------------------------------------------------------------------------- prompts
+
+@dataclass
+class Prompt:
+    instruction: str
+    input: str = ""
+
+
+def build_prompt_ids(tokenizer, template, instruction: str, history=(), input: str = "",
+                     system: str = "") -> list[int]:
     """Ids of the prompt for `instruction` after earlier (question, answer) turns, built by the
-    same template and BOS rule as training."""
-    if history:
-        text = render_conversation(template, list(history), tokenizer.eos_token, instruction)
+    same template code and BOS rule as training. `template`: a name or a TemplateSpec."""
+    return prompt_ids(tokenizer, template, history_messages(history, instruction, input, system))
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file (rows with
+    'instruction' and optional 'input')."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--file {path}: no such file", "give a .jsonl or .txt file of prompts")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".txt":
+        prompts = [Prompt(line.strip()) for line in lines if line.strip()]
+    elif path.suffix == ".jsonl":
+        prompts = [_prompt_from_row(line, path, n) for n, line in enumerate(lines, 1) if line.strip()]
     else:
-        from lora_cli.template import render_prompt
+        raise DataError(f"--file {path}: unsupported file type {path.suffix!r}",
+                        "use .jsonl (rows with instruction / input) or .txt (one prompt per line)")
+    if not prompts:
+        raise DataError(f"--file {path}: no prompts", "the file is empty")
+    return prompts
 
-        text = render_prompt(template, instruction, input)
-    return encode_prompt(tokenizer, text)
+
+def _prompt_from_row(line: str, path: Path, lineno: int) -> Prompt:
+    where = f"{path}, line {lineno}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})", "each line must be one JSON object") from None
+    if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+        raise DataError(f"{where}: expected an object with a string 'instruction'",
+                        'e.g. {"instruction": "...", "input": "..."}')
+    extra = row.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+    return Prompt(row["instruction"], extra)
 
 
-def generate_response(model, tokenizer, template: str, instruction: str, *, input: str = "",
-                      history=(), settings: GenerationSettings | None = None, streamer=None) -> str:
-    """The model's answer only (prompt and special tokens stripped)."""
+# --------------------------------------------------------------------------- generation
+
+@contextmanager
+def using_variant(model, adapter: str | None):
+    """Run with one loaded adapter active, or with none (adapter=None: the base)."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        if adapter is not None:
+            raise LoraError(f"no adapter {adapter!r} is loaded", "pass it with --adapter NAME=DIR")
+        yield
+        return
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    if adapter not in model.peft_config:
+        raise LoraError(f"no adapter {adapter!r} is loaded", f"loaded: {', '.join(model.peft_config)}")
+    model.set_adapter(adapter)
+    yield
+
+
+def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
+                   streamer=None) -> list[str]:
+    """Answers for several prompts in one generate call. Prompts are left-padded, so every row's
+    new tokens start at the same column and the attention mask hides the padding."""
     import torch
 
-    settings = settings or GenerationSettings()
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
-    ids = build_prompt_ids(tokenizer, template, instruction, history, input)
-    input_ids = torch.tensor([ids], device=model.device)
+    width = max(len(ids) for ids in prompt_ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=model.device)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             streamer=streamer, **settings.to_kwargs(tokenizer))
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        out = model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
+                             **settings.to_kwargs(tokenizer))
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
-CHAT_HELP = "commands: /reset clears the history, /exit leaves (Ctrl-D too)"
+def generate_response(model, tokenizer, template, instruction: str, *, input: str = "",
+                      history=(), system: str = "", settings: GenerationSettings | None = None,
+                      streamer=None) -> str:
+    """The model's answer only (prompt and special tokens stripped)."""
+    ids = build_prompt_ids(tokenizer, template, instruction, history, input, system)
+    return generate_batch(model, tokenizer, [ids], settings or GenerationSettings(), streamer)[0]
 
 
-def chat_loop(model, tokenizer, template: str, settings: GenerationSettings,
-              read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> list[tuple[str, str]]:
-    """Read a line, stream the answer, keep the history; returns the transcript."""
+def generate_rows(model, tokenizer, prompts: list[Prompt], variants: dict[str, tuple],
+                  settings: GenerationSettings, batch_size: int = 8) -> list[dict]:
+    """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
+    Rows come out prompt by prompt, variants side by side in the order given."""
+    answers: dict[str, list[str]] = {}
+    for label, (adapter, template) in variants.items():
+        ids = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input) for p in prompts]
+        answers[label] = []
+        with using_variant(model, adapter):
+            for start in range(0, len(ids), batch_size):
+                answers[label] += generate_batch(model, tokenizer, ids[start:start + batch_size], settings)
+    return [{"id": i, "instruction": p.instruction, "input": p.input, "adapter": label,
+             "template": resolve_template(variants[label][1]).name, "response": answers[label][i],
+             "settings": {**settings.as_dict(), "batch_size": batch_size}}
+            for i, p in enumerate(prompts) for label in variants]
+
+
+def make_streamer(tokenizer, emit: Callable[[str], None]):
+    """A TextStreamer that hands finished words to `emit` instead of print."""
     from transformers import TextStreamer
 
-    history: list[tuple[str, str]] = []
-    write(CHAT_HELP)
+    class EmitStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            emit(text + ("\n" if stream_end else ""))
+
+    return EmitStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- chat
+
+CHAT_HELP = """commands:
+  /adapter [NAME|off]   list adapters, switch to NAME, or talk to the base (off)
+  /system [TEXT|clear]  show, set or clear the system prompt
+  /params [KEY=VALUE..] show or set generation settings, e.g. /params temperature=0.7 max_new_tokens=64
+  /reset                clear the conversation history
+  /save PATH            write the transcript as JSON
+  /help                 this list
+  /exit                 leave (Ctrl-D too); Ctrl-C stops an answer being generated"""
+
+
+@dataclass
+class ChatSession:
+    """One conversation with base + adapters; commands change it, questions extend it."""
+    model: object
+    tokenizer: object
+    templates: dict[str, object]       # adapter name -> the template (name or TemplateSpec) it was trained with
+    settings: GenerationSettings
+    adapter: str | None = None         # active adapter; None = base
+    base_template: object = "human_assistant"
+    system: str = ""
+    history: list[tuple[str, str]] = field(default_factory=list)
+    transcript: list[dict] = field(default_factory=list)
+    conversation: int = 1              # counts /reset, so the transcript shows where each began
+
+    @property
+    def template(self):
+        return self.templates[self.adapter] if self.adapter else self.base_template
+
+    @property
+    def template_name(self) -> str:
+        return resolve_template(self.template).name
+
+    @property
+    def label(self) -> str:
+        return self.adapter or BASE
+
+    def ask(self, question: str, streamer=None) -> str:
+        with using_variant(self.model, self.adapter):
+            answer = generate_response(self.model, self.tokenizer, self.template, question, history=self.history,
+                                       system=self.system, settings=self.settings, streamer=streamer)
+        self.history.append((question, answer))
+        for role, text in (("user", question), ("assistant", answer)):
+            self.transcript.append({"conversation": self.conversation, "role": role, "content": text,
+                                    "adapter": self.label, "template": self.template_name})
+        return answer
+
+    def command(self, line: str) -> str:
+        """Apply one /command; returns what to show the user."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        handlers = {"/adapter": self._adapter, "/system": self._system, "/params": self._params,
+                    "/reset": self._reset, "/save": self._save, "/help": lambda _: CHAT_HELP}
+        if name not in handlers:
+            return f"unknown command {name}; /help lists them"
+        try:
+            return handlers[name](arg)
+        except LoraError as e:
+            return f"error: {e}"
+
+    def _adapter(self, arg: str) -> str:
+        if not arg:
+            names = ", ".join(f"{n}{' (active)' if n == self.adapter else ''}" for n in self.templates)
+            return f"adapters: {names or 'none'}; base{' (active)' if self.adapter is None else ''}"
+        if arg in ("off", BASE) and arg not in self.templates:
+            self.adapter = None
+            return "talking to the base model (adapters off)"
+        if arg not in self.templates:
+            raise LoraError(f"no adapter {arg!r}", f"loaded: {', '.join(self.templates) or 'none'}; /adapter off for the base")
+        self.adapter = arg
+        return f"adapter {arg} (template {self.template_name})"
+
+    def _system(self, arg: str) -> str:
+        if not arg:
+            return f"system prompt: {self.system!r}" if self.system else "no system prompt (/system TEXT sets one)"
+        self.system = "" if arg == "clear" else arg
+        self.transcript.append({"conversation": self.conversation, "role": "system", "content": self.system})
+        return f"system prompt set: {self.system!r}" if self.system else "system prompt cleared"
+
+    def _params(self, arg: str) -> str:
+        if arg:
+            self.settings = self.settings.updated(arg.split())
+        return self.settings.describe()
+
+    def _reset(self, _: str) -> str:
+        self.history.clear()
+        self.conversation += 1
+        return "(history cleared)"
+
+    def _save(self, arg: str) -> str:
+        if not arg:
+            raise LoraError("/save needs a file name", "e.g. /save chat.json")
+        path = Path(arg).expanduser()
+        if path.exists():
+            raise LoraError(f"{path} already exists", "choose another file name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"adapters": {n: resolve_template(t).as_dict() for n, t in self.templates.items()}, "system": self.system, "settings": self.settings.as_dict(),
+                  "messages": self.transcript}
+        path.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+        return f"transcript written to {path}"
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] = input,
+              write: Callable[[str], None] = print, emit: Callable[[str], None] | None = None) -> ChatSession:
+    """Read a line, run a command or stream the answer; until /exit or end of input.
+    `emit` receives the streamed answer text (default: stdout, flushed)."""
+    emit = emit or _stdout_emit
+    write(f"chatting with {session.label}; /help lists commands")
     while True:
         try:
-            line = read("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
+            line = read(f"[{session.label}] you> ").strip()
+        except EOFError:
             write("")
             break
+        except KeyboardInterrupt:
+            write("\n(Ctrl-C: /exit or Ctrl-D leaves)")
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):
             break
-        if line == "/reset":
-            history.clear()
-            write("(history cleared)")
-            continue
         if line.startswith("/"):
-            write(f"unknown command {line.split()[0]}; {CHAT_HELP}")
+            write(session.command(line))
             continue
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
-            answer = generate_response(model, tokenizer, template, line, history=history,
-                                       settings=settings, streamer=streamer)
+            session.ask(line, streamer=make_streamer(session.tokenizer, emit))
         except KeyboardInterrupt:
+            # The half answer is dropped: the next turn is rendered as if it had not been asked.
             write("\n(stopped)")
-            continue
-        history.append((line, answer))
-    return history
+    return session
+
+
+def _stdout_emit(text: str) -> None:
+    import sys
+
+    sys.stdout.write(text)
+    sys.stdout.flush()
+

@@ -41,38 +41,83 @@ def staged_output(out: Path, force: bool):
         staging.rename(out)
 
 
+# Methods that learn virtual tokens instead of weight updates: nothing to fold into the base.
+PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
+
+
+def check_mergeable(info) -> None:
+    if info.peft_type in PROMPT_LEARNING:
+        raise LoraError(f"{info.path}: a {info.peft_type} adapter learns virtual tokens, not weight updates, "
+                        "so it cannot be merged into the base",
+                        f"use it as it is (lora generate/chat --adapter {info.path}), or export it with `lora save`")
+
+
 def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None = None,
-                  force: bool = False, base: str | None = None, log=print) -> Path:
+                  force: bool = False, base: str | None = None, max_shard_size: str | int = "5GB",
+                  log=print) -> Path:
     """Fold the adapter into its base and save a full model plain transformers loads.
     The base is always reloaded unquantized: merging into 4-bit weights would round the update away."""
+    from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
+
+    quiet_libraries()  # before torch/peft imports: bitsandbytes logs a CPU-kernel notice on import
+    import torch
+
+    info = read_adapter(adapter_dir)
+    check_mergeable(info)
+    model_cfg = inference_model_config(info, base, quantization="none")
+    trained_on = info.model_section.get("quantization", "none")
+    if trained_on != "none":
+        log(f"adapter was trained on a {trained_on} base; merging into {model_cfg.name_or_path} "
+            "reloaded in full precision (float32), never into the quantized weights")
+    save_dtype = getattr(torch, dtype) if dtype else None
+    with staged_output(Path(out), force) as staging:
+        merged = _merged_model(info, model_cfg)
+        _sync_tied_embeddings(merged, log)
+        if save_dtype is not None:
+            merged = merged.to(save_dtype)
+            merged.config.dtype = save_dtype
+        _check_finite(merged)  # after the cast: float16 overflows to Inf above 65504
+        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
+        load_tokenizer(str(tokenizer_src)).save_pretrained(staging)
+        saved_as = str(merged.dtype).removeprefix("torch.")
+        (staging / "README.md").write_text(model_card(info, model_cfg.name_or_path, merged=True, dtype=saved_as),
+                                           encoding="utf-8")
+    log(f"merged model ({saved_as}) written to {out}")
+    return Path(out)
+
+
+def _merged_model(info, model_cfg):
+    """Base in float32 on the CPU (accurate, and no GPU needed) with the adapter folded in."""
     import torch
     from peft import PeftModel
 
-    from lora_cli.model import inference_model_config, load_base_model, load_tokenizer
+    from lora_cli.model import load_base_model
 
-    info = read_adapter(adapter_dir)
-    model_cfg = inference_model_config(info, base, quantization="none")
-    if info.model_section.get("quantization", "none") != "none":
-        log(f"adapter was trained on a {info.model_section['quantization']} base; merging into "
-            f"{model_cfg.name_or_path} reloaded in full precision")
-    save_dtype = getattr(torch, dtype) if dtype else None
-    with staged_output(Path(out), force) as staging:
-        # Merge in float32 for accuracy; cast to the requested dtype only when saving.
-        model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
-        model = PeftModel.from_pretrained(model, str(info.path))
-        try:
-            merged = model.merge_and_unload(safe_merge=True)
-        except ValueError as e:  # peft's safe_merge reports NaN this way
-            raise LoraError(f"merging {info.path} would produce non-finite weights ({e})",
-                            "the adapter is broken (NaN/Inf); use an earlier checkpoint") from None
-        _check_finite(merged)
-        if save_dtype is not None:
-            merged = merged.to(save_dtype)
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
-        load_tokenizer(str(tokenizer_src)).save_pretrained(staging)
-    log(f"merged model written to {out}")
-    return Path(out)
+    model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
+    model = PeftModel.from_pretrained(model, str(info.path))
+    try:
+        return model.merge_and_unload(safe_merge=True)
+    except ValueError as e:  # peft's safe_merge reports NaN this way
+        raise LoraError(f"merging {info.path} would produce non-finite weights ({e}); nothing was written",
+                        "the adapter is broken (NaN/Inf); use an earlier checkpoint") from None
+
+
+def _sync_tied_embeddings(model, log) -> None:
+    """A tied model whose embeddings were trained (modules_to_save) no longer has equal input
+    and output embeddings; saved as tied, one would overwrite the other on reload. Save both."""
+    import torch
+
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    if outp is None or not any(getattr(c, "tie_word_embeddings", False) for c in configs):
+        return
+    if inp.weight is outp.weight or torch.equal(inp.weight, outp.weight):
+        return
+    for c in configs:
+        c.tie_word_embeddings = False
+    log("input and output embeddings differ after the merge (trained embeddings); "
+        "saved untied (tie_word_embeddings: false)")
 
 
 def _check_finite(model) -> None:
@@ -81,7 +126,45 @@ def _check_finite(model) -> None:
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise LoraError(f"merged weight {name} has NaN or Inf values; nothing was written",
-                            "the adapter is broken; use an earlier checkpoint")
+                            "the adapter is broken (use an earlier checkpoint), or the values overflow "
+                            "--dtype float16 (use bfloat16 or float32)")
+
+
+def model_card(info, base: str, *, merged: bool, dtype: str | None = None) -> str:
+    """README.md naming the base, the adapter and the recipe that trained it."""
+    cfg = info.config
+    method = info.peft_type
+    if method == "LORA":
+        method += f" (r={cfg.get('r')}, alpha={cfg.get('lora_alpha')})"
+    rows = [("base model", base), ("adapter", str(info.path)), ("method", method),
+            ("target modules", str(cfg.get("target_modules"))),
+            ("modules trained in full", str(cfg.get("modules_to_save") or "none")),
+            ("template", info.template.name)]
+    trained_on = info.model_section.get("quantization", "none")
+    if trained_on != "none":
+        rows.append(("trained on", f"a {trained_on} quantized base" + ("; merged into the full-precision base" if merged else "")))
+    if dtype:
+        rows.append(("saved dtype", dtype))
+    what = ("The adapter folded into its base with `lora merge`: a plain transformers model, no peft needed."
+            if merged else "A LoRA-family adapter exported with `lora save`; load it on its base with peft.")
+    load = ("from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"<this folder>\")"
+            if merged else
+            f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, \"<this folder>\")")
+    lines = ["---", f"base_model: {base}", f"library_name: {'transformers' if merged else 'peft'}",
+             "tags: [lora, lora-cli" + (", merged" if merged else "") + "]", "---", "",
+             f"# {'Merged model' if merged else 'Adapter'}", "", what, "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Loading", "", "```python", load, "```", "", "Prompts must be rendered with the "
+              f"`{info.template.name}` template the adapter was trained with (`lora generate` does this).", ""]
+    lines += ["## Recipe", ""]
+    if info.recipe:
+        import yaml
+
+        lines += ["```yaml", yaml.safe_dump(info.recipe, sort_keys=False, allow_unicode=True).rstrip(), "```"]
+    else:
+        lines.append("No recipe was saved with this adapter.")
+    return "\n".join(lines) + "\n"
 
 
 def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, log=print) -> Path:
@@ -91,15 +174,18 @@ def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, lo
     src = info.path
     if not (src / "adapter_model.safetensors").is_file():
         raise LoraError(f"{src}: no adapter_model.safetensors", "lora only exports safetensors adapters")
-    tokenizer_dir = src if (src / "tokenizer_config.json").is_file() else src.parent
+    # A run keeps its tokenizer beside the adapter, a checkpoint one level up; a bare adapter
+    # gets its base's, so the exported folder always carries one.
+    tokenizer_dir = next((d for d in (src, src.parent, Path(info.base)) if (d / "tokenizer_config.json").is_file()), None)
     recipe_file = find_recipe_file(src)
     with staged_output(Path(out), force) as staging:
         for name in ADAPTER_FILES:
             shutil.copy2(src / name, staging / name)
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, staging / name)
         if recipe_file:
             shutil.copy2(recipe_file, staging / RECIPE_FILE)
+        (staging / "README.md").write_text(model_card(info, info.base, merged=False), encoding="utf-8")
     log(f"adapter written to {out}")
     return Path(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -199,10 +199,18 @@ class AdapterInfo:
     path: Path
     base: str            # base_model_name_or_path from adapter_config.json
     recipe: dict | None  # the resolved recipe saved with it, when there is one
+    config: dict = field(default_factory=dict)  # adapter_config.json as saved by peft
 
     @property
-    def template(self) -> str:
-        return ((self.recipe or {}).get("data") or {}).get("template", "human_assistant")
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "LORA")).upper()
+
+    @property
+    def template(self):
+        """The TemplateSpec training rendered prompts with (name, formats, system prompt)."""
+        from lora_cli.template import TemplateSpec
+
+        return TemplateSpec.from_data((self.recipe or {}).get("data"))
 
     @property
     def model_section(self) -> dict:
@@ -226,10 +234,18 @@ def read_adapter(path: str | Path) -> AdapterInfo:
         if ckpts:
             hint = f"this folder has checkpoints but no final adapter; try {ckpts[-1]}"
         raise LoraError(f"{path}: no adapter_config.json, so this is not an adapter folder", hint)
-    base = json.loads(cfg_file.read_text())["base_model_name_or_path"]
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LoraError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})",
+                        "the adapter folder is damaged; export it again with `lora save`") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not base:
+        raise LoraError(f"{cfg_file}: no base_model_name_or_path, so the base model is unknown",
+                        "pass --base MODEL, or add base_model_name_or_path to adapter_config.json")
     recipe_file = find_recipe_file(path)
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file else None
-    return AdapterInfo(path=path, base=base, recipe=recipe)
+    return AdapterInfo(path=path, base=base, recipe=recipe, config=config)
 
 
 def inference_model_config(info: AdapterInfo, base: str | None = None, quantization: str | None = None):
@@ -279,6 +295,11 @@ def _check_same_base(infos: dict[str, AdapterInfo]) -> None:
         listing = ", ".join(f"{n} -> {infos[n].base}" for n in bases)
         raise LoraError(f"adapters were trained on different base models ({listing})",
                         "load adapters of one base together; run the others in a separate session")
+    types = {name: i.peft_type for name, i in infos.items()}
+    if len(set(types.values())) > 1:  # peft keeps one tuner type per model
+        listing = ", ".join(f"{n} -> {t}" for n, t in types.items())
+        raise LoraError(f"adapters of different kinds cannot share one model ({listing})",
+                        "load adapters of one kind together; run the others in a separate session")
 
 
 def _base_key(base: str) -> str:
