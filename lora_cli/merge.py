@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,8 +72,8 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
             "reloaded in full precision (float32), never into the quantized weights")
     save_dtype = getattr(torch, dtype) if dtype else None
     with staged_output(Path(out), force) as staging:
-        merged = _merged_model(info, model_cfg)
-        _sync_tied_embeddings(merged, log)
+        merged, was_tied = _merged_model(info, model_cfg)
+        _untie_trained_embeddings(merged, was_tied, log)
         if save_dtype is not None:
             merged = merged.to(save_dtype)
             merged.config.dtype = save_dtype
@@ -88,32 +89,35 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
 
 
 def _merged_model(info, model_cfg):
-    """Base in float32 on the CPU (accurate, and no GPU needed) with the adapter folded in."""
+    """Base in float32 on the CPU (accurate, and no GPU needed) with the adapter folded in;
+    also whether the base tied its input and output embeddings."""
     import torch
     from peft import PeftModel
 
     from lora_cli.model import load_base_model
 
     model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
+    was_tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     model = PeftModel.from_pretrained(model, str(info.path))
     try:
-        return model.merge_and_unload(safe_merge=True)
+        with warnings.catch_warnings():  # peft's note on untied embeddings: we report that ourselves
+            warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+            return model.merge_and_unload(safe_merge=True), was_tied
     except ValueError as e:  # peft's safe_merge reports NaN this way
         raise LoraError(f"merging {info.path} would produce non-finite weights ({e}); nothing was written",
                         "the adapter is broken (NaN/Inf); use an earlier checkpoint") from None
 
 
-def _sync_tied_embeddings(model, log) -> None:
+def _untie_trained_embeddings(model, was_tied: bool, log) -> None:
     """A tied model whose embeddings were trained (modules_to_save) no longer has equal input
-    and output embeddings; saved as tied, one would overwrite the other on reload. Save both."""
+    and output embeddings; saved as tied, one would overwrite the other on reload. Save both.
+    (peft 0.21 unties them itself; older versions and other paths may not.)"""
     import torch
 
     inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if not was_tied or outp is None or inp.weight is outp.weight or torch.equal(inp.weight, outp.weight):
+        return
     configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
-    if outp is None or not any(getattr(c, "tie_word_embeddings", False) for c in configs):
-        return
-    if inp.weight is outp.weight or torch.equal(inp.weight, outp.weight):
-        return
     for c in configs:
         c.tie_word_embeddings = False
     log("input and output embeddings differ after the merge (trained embeddings); "
