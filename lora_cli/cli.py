@@ -212,6 +212,22 @@ def save(
     save_adapter(source, out, force=force, log=console.print)
 
 
+@app.command()
+def estimate(
+    recipe: RecipePath,
+    set_: SetOption = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Trainable-parameter budget, e.g. 10M: solve for the largest rank under it.")] = None,
+):
+    """Trainable parameters, adapter size and training memory, from the model's config alone."""
+    from lora_cli.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    from lora_cli.estimate import estimate_recipe, parse_count, print_estimate
+
+    limit = parse_count(budget) if budget is not None else None
+    print_estimate(estimate_recipe(r, budget=limit), r, console)
+
+
 @app.command("build-tiny")
 def build_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder for the model.")] = Path("models/tiny-llama"),

@@ -1,0 +1,401 @@
+"""`lora estimate`: parameters, adapter size and training memory from the model's config alone.
+
+The base is built on the meta device (shapes and dtypes, no storage), then wrapped by the
+same `add_adapter` training uses, so presets, regexes and modules_to_save are matched by peft
+itself and the counts equal what `lora train` prints. Memory is arithmetic over that model:
+
+- base weights at their storage precision; 4-bit is NF4 with double quantization as in the
+  QLoRA paper: 4 bits per weight, one 8-bit absmax per 64-weight block, one fp32 absmax per
+  256 blocks (4.127 bits per weight). Layers bitsandbytes leaves alone (lm_head, tied
+  weights) and everything that is not a linear layer stay unquantized, and
+  prepare_model_for_kbit_training upcasts those to fp32.
+- LoRA weights (fp32: peft upcasts adapters of 16-bit bases), their gradients and AdamW's two
+  moments in the same dtype.
+- activations of one forward pass for train.batch_size x data.max_length tokens: per layer and
+  token the tensors autograd keeps for backward in a Llama-style block with fused (SDPA/flash)
+  attention, 2h + 3q + 3kv for attention and 2h + 4i (gated MLP) or 2h + 2i, plus LoRA dropout
+  copies, plus the logits in compute dtype and fp32 for the loss. With gradient checkpointing
+  only each layer's input is kept, and one layer is recomputed at a time.
+An estimate, not a measurement: the CUDA context, kernel workspaces and allocator
+fragmentation are not counted, which is why a GPU "fits" only with 10% to spare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from lora_cli.errors import LoraError
+from lora_cli.recipe import Recipe
+
+GPU_SIZES_GB = (16, 24, 40, 48, 80)
+GPU_USABLE = 0.9  # share of a card left after CUDA context, workspaces and fragmentation
+
+NF4_BLOCK = 64          # weights per first-level absmax (stored as 8-bit by double quantization)
+NF4_DOUBLE_BLOCK = 256  # first-level absmax values per fp32 second-level constant
+NF4_BITS_PER_PARAM = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DOUBLE_BLOCK)
+
+GiB = 1024 ** 3
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class TargetGroup:
+    """The adapted modules sharing one short name, e.g. every layer's q_proj."""
+    name: str
+    count: int
+    shapes: set = field(default_factory=set)  # (in_features, out_features)
+    lora_params: int = 0
+
+
+@dataclass
+class ParameterEstimate:
+    trainable: int
+    total: int
+    lora_params: int      # A and B matrices
+    full_params: int      # trained in full: modules_to_save copies, biases, DoRA magnitudes
+    rank: int
+    per_rank: int         # LoRA parameters added by each unit of rank
+    adapter_bytes: int    # adapter_model.safetensors as peft will write it
+    groups: list[TargetGroup]
+
+    def trainable_at(self, rank: int) -> int:
+        return self.full_params + self.per_rank * rank
+
+
+@dataclass
+class MemoryEstimate:
+    rows: list[tuple[str, int, str]]  # (component, bytes, how it was counted), shared by both totals
+    activations: int                  # without gradient checkpointing
+    activations_checkpointed: int
+    checkpointing: bool               # what the recipe uses
+
+    @property
+    def fixed(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.activations
+
+    @property
+    def total_checkpointed(self) -> int:
+        return self.fixed + self.activations_checkpointed
+
+
+def fits(total_bytes: int) -> list[int]:
+    """The common GPU sizes (GB) that hold total_bytes with 10% to spare."""
+    return [gb for gb in GPU_SIZES_GB if total_bytes <= gb * GiB * GPU_USABLE]
+
+
+# --------------------------------------------------------------------------- the meta model
+
+def storage_dtype(recipe: Recipe):
+    """Weights' dtype on a training GPU: 'auto' is bfloat16 there (what estimate assumes)."""
+    import torch
+
+    return torch.bfloat16 if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
+
+
+def load_model_config(recipe: Recipe):
+    from lora_cli.model import quiet_libraries
+
+    quiet_libraries()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoraError(f"cannot read the config of model.name_or_path {recipe.model.name_or_path!r}: {first}",
+                        "give a local model folder with config.json, or a hub id (needs network access)") from None
+
+
+def build_meta_model(recipe: Recipe):
+    """(peft model on the meta device, its config, ids of the weights bitsandbytes would quantize)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli.model import add_adapter
+
+    config = load_model_config(recipe)
+    with torch.device("meta"):  # (accelerate's init_empty_weights does not tie embeddings)
+        base = AutoModelForCausalLM.from_config(config, dtype=storage_dtype(recipe),
+                                                trust_remote_code=recipe.model.trust_remote_code)
+    quantized = quantized_weights(base) if recipe.model.quantization != "none" else {}
+    if quantized:  # what prepare_model_for_kbit_training does to everything bitsandbytes left alone
+        for p in base.parameters():
+            if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    # add_adapter's kbit preparation needs real quantized layers; the upcast above stands in for it.
+    counting = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization="none"))
+    with torch.device("meta"):
+        model = add_adapter(base, counting)
+    return model, config, quantized
+
+
+def quantized_weights(base) -> dict[int, tuple[str, int]]:
+    """id(weight) -> (module name, out_features) for the linear layers bitsandbytes quantizes:
+    all but the output embedding and tied weights (transformers' get_keys_to_not_convert)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    skip = set(get_keys_to_not_convert(base))
+    found = {}
+    for name, module in base.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not any(name == s or name.endswith("." + s) for s in skip):
+            out = module.out_features if isinstance(module, torch.nn.Linear) else module.nf
+            found[id(module.weight)] = (name, out)
+    return found
+
+
+# --------------------------------------------------------------------------- parameters
+
+def estimate_parameters(model, rank: int) -> ParameterEstimate:
+    from peft.tuners.lora import LoraLayer
+
+    trainable, total = model.get_nb_trainable_parameters()
+    lora_params = sum(p.numel() for n, p in model.named_parameters()
+                      if p.requires_grad and (".lora_A." in n or ".lora_B." in n
+                                              or ".lora_embedding_A." in n or ".lora_embedding_B." in n))
+    groups: dict[str, TargetGroup] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or not module.r:
+            continue
+        short = name.rsplit(".", 1)[-1]
+        group = groups.setdefault(short, TargetGroup(short, 0))
+        group.count += 1
+        group.shapes.add((module.in_features, module.out_features))
+        group.lora_params += sum(p.numel() for n, p in module.named_parameters() if ".lora_" in f".{n}"
+                                 and "magnitude" not in n)
+    return ParameterEstimate(
+        trainable=trainable, total=total, lora_params=lora_params, full_params=trainable - lora_params,
+        rank=rank, per_rank=lora_params // rank, adapter_bytes=adapter_file_bytes(model),
+        groups=sorted(groups.values(), key=lambda g: g.name))
+
+
+# safetensors lays tensors out by dtype (widest first), then name; the header is compact JSON
+# padded with spaces to 8 bytes, after an 8-byte length.
+_SAFETENSORS_DTYPES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                       "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+
+
+def _safetensors_dtype(dtype) -> str:
+    import torch
+
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+            torch.int8: "I8", torch.uint8: "U8", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}[dtype]
+
+
+def adapter_file_bytes(model) -> int:
+    """Size of the adapter_model.safetensors peft writes for this model: the state dict it
+    saves (adapter name stripped), laid out as safetensors does."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    entries = sorted(((_safetensors_dtype(t.dtype), name, list(t.shape), t.numel() * t.element_size())
+                      for name, t in state.items()),
+                     key=lambda e: (-_SAFETENSORS_DTYPES.index(e[0]), e[1]))
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for dtype, name, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_len = len(json.dumps(header, separators=(",", ":")).encode("utf-8"))
+    return 8 + header_len + (-header_len) % 8 + offset
+
+
+# --------------------------------------------------------------------------- memory
+
+def _architecture(config) -> dict:
+    """The shapes the activation estimate needs, under transformers' standard attribute names
+    (configs map their own, e.g. GPT-2's n_embd, onto these)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    inter = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
+             or getattr(cfg, "ffn_hidden_size", None) or 4 * h)
+    return {"h": h, "layers": cfg.num_hidden_layers, "heads": heads, "q": heads * head_dim,
+            "kv": kv_heads * head_dim, "inter": inter, "vocab": cfg.vocab_size}
+
+
+def _is_gated_mlp(model) -> bool:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return bool(names & {"gate_proj", "gate_up_proj", "w1", "w3", "gate"})
+
+
+def _activation_bytes(recipe: Recipe) -> int:
+    """16-bit under bf16/fp16 autocast or a 16-bit base; 4 only for an fp32 base trained in fp32."""
+    fp32 = recipe.model.dtype == "float32" and recipe.train.precision == "fp32"
+    return 4 if fp32 else 2
+
+
+def estimate_memory(recipe: Recipe, model, config, quantized: dict) -> MemoryEstimate:
+    rows = [weights_row(recipe, model, quantized)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lora_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if p.requires_grad and ".lora_" in n)
+    full_bytes = sum(p.numel() * p.element_size() for p in trainable) - lora_bytes
+    train_bytes = lora_bytes + full_bytes
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trainable})
+    rows.append(("LoRA weights", lora_bytes, "A and B, " + "/".join(
+        sorted({str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}))))
+    if full_bytes:
+        rows.append(("trained in full", full_bytes, "modules_to_save copies, trainable biases"))
+    rows.append(("gradients", train_bytes, "one per trainable weight, " + "/".join(dtypes)))
+    rows.append(("AdamW states", 2 * train_bytes, "two moments per trainable weight"))
+    full, ckpt = activations(recipe, model, config)
+    return MemoryEstimate(rows, full, ckpt, recipe.train.gradient_checkpointing)
+
+
+def weights_row(recipe: Recipe, model, quantized: dict) -> tuple[str, int, str]:
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    total = 0
+    for p in frozen:
+        if id(p) in quantized:
+            total += quantized_bytes(recipe.model.quantization, p.numel(), quantized[id(p)][1])
+        else:
+            total += p.numel() * p.element_size()
+    q = recipe.model.quantization
+    how = {"none": f"{str(storage_dtype(recipe)).removeprefix('torch.')}",
+           "4bit": f"NF4 + double quantization ({NF4_BITS_PER_PARAM:.3f} bits/weight) on {len(quantized)} linear layers, "
+                   "the rest fp32",
+           "8bit": f"int8 + fp32 row scales on {len(quantized)} linear layers, the rest fp32"}[q]
+    return ("base weights (frozen)", total, how)
+
+
+def quantized_bytes(kind: str, numel: int, out_features: int) -> int:
+    if kind == "4bit":
+        blocks = math.ceil(numel / NF4_BLOCK)
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NF4_DOUBLE_BLOCK)
+    return numel + 4 * out_features  # LLM.int8: int8 weights, one fp32 scale per output row
+
+
+def activations(recipe: Recipe, model, config) -> tuple[int, int]:
+    """(bytes without, bytes with gradient checkpointing) for one batch."""
+    from peft.tuners.lora import LoraLayer
+
+    arch = _architecture(config)
+    a = _activation_bytes(recipe)
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    h, q, kv, inter = arch["h"], arch["q"], arch["kv"], arch["inter"]
+    attention = 2 * h + 3 * q + 3 * kv  # norm in/out, q k v, rotated q k, attention output
+    mlp = 2 * h + (4 * inter if _is_gated_mlp(model) else 2 * inter)
+    per_layer = tokens * a * (attention + mlp)
+    if getattr(config, "_attn_implementation", None) == "eager" or recipe.model.attn_implementation == "eager":
+        per_layer += recipe.train.batch_size * arch["heads"] * recipe.data.max_length ** 2 * 2 * a
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer) and m.r]
+    lora_extra = tokens * sum(a * next(iter(m.r.values())) for m in lora_layers)  # A's output
+    if recipe.lora.dropout > 0:  # dropout keeps its output and a 1-byte mask per adapted input
+        lora_extra += tokens * sum((a + 1) * m.in_features for m in lora_layers)
+    logits = tokens * arch["vocab"] * (a + 4 + 4)  # logits, fp32 copy for the loss, its gradient
+    layers = arch["layers"]
+    full = layers * per_layer + lora_extra + logits
+    checkpointed = layers * tokens * h * a + per_layer + lora_extra // max(1, layers) + logits
+    return full, checkpointed
+
+
+# --------------------------------------------------------------------------- budget
+
+def parse_count(text: str) -> int:
+    """'10M' -> 10_000_000; also k, B and plain numbers."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbB]?)\s*", text or "")
+    if not m:
+        raise LoraError(f"--budget {text!r} is not a parameter count", "write e.g. 10M, 500k, 1.5B or 2000000")
+    scale = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def largest_rank_within(params: ParameterEstimate, budget: int) -> int:
+    """The largest r with trainable(r) = full + per_rank * r <= budget."""
+    if params.per_rank <= 0:
+        raise LoraError("no LoRA parameters to size: the targets match no module", "check lora.target_modules")
+    rank = (budget - params.full_params) // params.per_rank
+    if rank < 1:
+        raise LoraError(f"--budget {budget:,d} is below the smallest adapter: r=1 needs "
+                        f"{params.trainable_at(1):,d} trainable parameters"
+                        + (f" ({params.full_params:,d} of them trained in full: modules_to_save / biases)"
+                           if params.full_params else ""),
+                        "raise the budget, target fewer modules, or drop modules_to_save")
+    return int(rank)
+
+
+# --------------------------------------------------------------------------- the command
+
+@dataclass
+class Estimate:
+    model_class: str
+    params: ParameterEstimate
+    memory: MemoryEstimate
+    budget: int | None = None
+    budget_rank: int | None = None
+
+
+def estimate_recipe(recipe: Recipe, budget: int | None = None) -> Estimate:
+    model, config, quantized = build_meta_model(recipe)
+    params = estimate_parameters(model, recipe.lora.r)
+    memory = estimate_memory(recipe, model, config, quantized)
+    result = Estimate(type(model.get_base_model()).__name__, params, memory)
+    if budget is not None:
+        result.budget, result.budget_rank = budget, largest_rank_within(params, budget)
+    return result
+
+
+def format_bytes(n: int) -> str:
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if n >= 1024 ** 2:
+        return f"{n / 1024 ** 2:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
+    from rich.table import Table
+
+    p, m = est.params, est.memory
+    lora = recipe.lora
+    console.print(f"[bold]model[/]    {est.model_class} from {recipe.model.name_or_path} (config only; no weights loaded)")
+    console.print(f"[bold]adapter[/]  r={lora.r}, alpha={lora.alpha:g}, targets {lora.target_modules!r}"
+                  + (f", modules_to_save {lora.modules_to_save}" if lora.modules_to_save else ""))
+    targets = Table("target", "modules", "in -> out", f"LoRA params at r={lora.r}", box=None, pad_edge=False)
+    for g in p.groups:
+        shapes = ", ".join(f"{i} -> {o}" for i, o in sorted(g.shapes))
+        targets.add_row(g.name, str(g.count), shapes, f"{g.lora_params:,d}")
+    console.print(targets)
+    console.print(f"[bold]params[/]   trainable {p.trainable:,d} || all {p.total:,d} || trainable% "
+                  f"{100 * p.trainable / p.total:.4f}   (LoRA {p.lora_params:,d} = {p.per_rank:,d} per rank; "
+                  f"trained in full {p.full_params:,d})")
+    console.print(f"[bold]file[/]     adapter_model.safetensors {format_bytes(p.adapter_bytes)} ({p.adapter_bytes:,d} bytes)")
+    table = Table(title=f"training memory on one GPU (batch {recipe.train.batch_size} x {recipe.data.max_length} tokens)",
+                  title_justify="left")
+    table.add_column("component")
+    table.add_column("size", justify="right")
+    table.add_column("counted as")
+    for name, nbytes, how in m.rows:
+        table.add_row(name, format_bytes(nbytes), how)
+    mark = {True: " (recipe)", False: ""}
+    table.add_row("activations", format_bytes(m.activations), "no gradient checkpointing" + mark[not m.checkpointing])
+    table.add_row("activations", format_bytes(m.activations_checkpointed), "gradient checkpointing" + mark[m.checkpointing])
+    totals = (("without", m.total, not m.checkpointing), ("with", m.total_checkpointed, m.checkpointing))
+    for how, total, is_recipe in totals:
+        table.add_row("[bold]total[/]", f"[bold]{format_bytes(total)}[/]", f"{how} checkpointing{mark[is_recipe]}")
+    console.print(table)
+    for how, total, is_recipe in totals:
+        ok = fits(total)
+        where = f"fits {', '.join(f'{gb} GB' for gb in ok)}" if ok else f"needs more than {GPU_SIZES_GB[-1]} GB"
+        console.print(f"[bold]gpu[/]      {how} gradient checkpointing{mark[is_recipe]}: {format_bytes(total)}, {where}")
+    console.print("[dim]fits = under 90% of the card; CUDA context, kernel workspaces and fragmentation are not "
+                  "counted. An estimate: measure with a short run before a long one.[/]")
+    if est.budget is not None:
+        r = est.budget_rank
+        ratio = lora.alpha / lora.r
+        console.print(f"[bold]budget[/]   {est.budget:,d} trainable parameters: largest rank r={r} "
+                      f"({p.trainable_at(r):,d} trainable; r={r + 1} would need {p.trainable_at(r + 1):,d}). "
+                      f"Keep alpha/r = {ratio:g}: --set lora.r={r} --set lora.alpha={ratio * r:g}")

@@ -1,0 +1,228 @@
+"""`lora estimate`: counts from the config alone must equal what peft reports on the real model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import demo_rows, make_recipe, write_jsonl
+
+TINY = dict(vocab_size=320, max_position_embeddings=128)
+
+
+def _configs():
+    from transformers import BloomConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    llama = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, **TINY)
+    return {
+        "llama": LlamaConfig(**llama, tie_word_embeddings=False),
+        "llama-tied": LlamaConfig(**llama, tie_word_embeddings=True),
+        "gpt2": GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=320, n_positions=128,
+                           bos_token_id=0, eos_token_id=0),
+        "bloom": BloomConfig(hidden_size=64, n_layer=3, n_head=4, vocab_size=320, bos_token_id=0, eos_token_id=0),
+        "qwen2": Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True, **TINY),
+        "mistral": MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, sliding_window=None, **TINY),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """One small random model per architecture, saved as a model folder (built from config, offline)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("arch")
+    folders = {}
+    for name, config in _configs().items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(root / name)
+        folders[name] = root / name
+    return folders
+
+
+# (architecture, lora section, model dtype): lists, presets, regexes, modules_to_save, biases, tying
+CASES = {
+    "llama-list": ("llama", {"target_modules": ["q_proj", "v_proj"]}, "float32"),
+    "llama-all-linear": ("llama", {"target_modules": "all-linear"}, "bfloat16"),
+    "llama-regex-layer1-modules-to-save": ("llama", {"target_modules": r".*\.1\..*(q_proj|down_proj)",
+                                                     "modules_to_save": ["embed_tokens", "lm_head"]}, "bfloat16"),
+    "llama-tied-embed-to-save": ("llama-tied", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                "modules_to_save": ["embed_tokens"]}, "float32"),
+    "gpt2-conv1d-tied-wte": ("gpt2", {"target_modules": ["c_attn"], "modules_to_save": ["wte"]}, "float32"),
+    "bloom-source-regex": ("bloom", {"target_modules": r".*\.1.*query_key_value",
+                                     "modules_to_save": ["word_embeddings"]}, "bfloat16"),
+    "qwen2-all-linear-bias-all": ("qwen2", {"target_modules": "all-linear", "bias": "all"}, "float32"),
+    "mistral-lora-only-bias": ("mistral", {"target_modules": ["q_proj", "v_proj", "gate_proj"],
+                                           "bias": "lora_only"}, "bfloat16"),
+}
+
+
+def _recipe(tmp_path, folder, lora: dict, dtype: str = "float32", quantization: str = "none"):
+    from lora_cli.recipe import load_recipe
+
+    data = write_jsonl(tmp_path / "data.jsonl", demo_rows(8))
+    path = make_recipe(tmp_path, folder, data, lora={"r": 4, "alpha": 8, "dropout": 0.0, **lora})
+    return path, load_recipe(path, [f"model.dtype={dtype}", f"model.quantization={quantization}"])
+
+
+def _real_adapter(recipe):
+    """The adapter exactly as `lora train` builds it: real weights, the product's loading path."""
+    from lora_cli.model import add_adapter, load_base_model
+
+    return add_adapter(load_base_model(recipe.model, device="cpu"), recipe)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_counts_and_file_size_equal_peft(tmp_path, tiny_models, case):
+    from lora_cli.estimate import estimate_recipe
+
+    arch, lora, dtype = CASES[case]
+    _, recipe = _recipe(tmp_path, tiny_models[arch], lora, dtype)
+
+    est = estimate_recipe(recipe)
+    real = _real_adapter(recipe)
+
+    assert (est.params.trainable, est.params.total) == real.get_nb_trainable_parameters()
+    assert est.params.lora_params == sum(p.numel() for n, p in real.named_parameters() if ".lora_" in n)
+    real.save_pretrained(tmp_path / "adapter")
+    assert est.params.adapter_bytes == os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def test_regex_selects_only_the_named_layer(tmp_path, tiny_models):
+    from lora_cli.estimate import estimate_recipe
+
+    arch, lora, dtype = CASES["llama-regex-layer1-modules-to-save"]
+    _, recipe = _recipe(tmp_path, tiny_models[arch], lora, dtype)
+    est = estimate_recipe(recipe)
+
+    assert {g.name: g.count for g in est.params.groups} == {"q_proj": 1, "down_proj": 1}
+    # q_proj 64->64 and down_proj 96->64 at r=4; embed_tokens and lm_head are 320 x 64 each
+    assert est.params.lora_params == 4 * (64 + 64) + 4 * (96 + 64)
+    assert est.params.full_params == 2 * 320 * 64
+
+
+def test_four_bit_weights_match_bitsandbytes_storage(tmp_path, tiny_random):
+    """NF4 + double quantization: packed 4-bit weights, 8-bit absmax per 64, fp32 per 256 blocks;
+    everything else upcast to fp32 by prepare_model_for_kbit_training. Checked against the
+    bytes bitsandbytes really holds (it quantizes on CPU here)."""
+    from lora_cli.estimate import build_meta_model, weights_row
+
+    _, recipe = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj", "v_proj"]}, "bfloat16", "4bit")
+    real = _real_adapter(recipe)
+    measured = 0
+    quantized_layers = 0
+    for p in real.parameters():
+        if p.requires_grad:
+            continue
+        if type(p).__name__ == "Params4bit":
+            qs = p.quant_state
+            assert qs.blocksize == 64 and qs.nested and qs.state2.blocksize == 256
+            measured += p.numel() * p.element_size() + qs.absmax.numel() * qs.absmax.element_size() \
+                + qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+            quantized_layers += 1
+        else:
+            measured += p.numel() * p.element_size()
+
+    model, _, quantized = build_meta_model(recipe)
+    _, estimated, how = weights_row(recipe, model, quantized)
+    assert len(quantized) == quantized_layers == 14  # 2 layers x 7 projections; lm_head stays 16/32-bit
+    assert estimated == measured
+    assert "NF4" in how
+
+
+def test_memory_rows_follow_the_trainable_parameters(tmp_path, tiny_random):
+    from lora_cli.estimate import GiB, estimate_recipe, fits
+
+    _, recipe = _recipe(tmp_path, tiny_random, {"target_modules": "all-linear"}, "bfloat16")
+    est = estimate_recipe(recipe)
+    rows = {name: nbytes for name, nbytes, _ in est.memory.rows}
+    lora_fp32 = 4 * est.params.trainable  # peft keeps adapters of a bf16 base in fp32
+    assert rows["LoRA weights"] == rows["gradients"] == lora_fp32
+    assert rows["AdamW states"] == 2 * lora_fp32
+    assert rows["base weights (frozen)"] == 2 * est.params.total - 2 * est.params.trainable
+    assert 0 < est.memory.activations_checkpointed < est.memory.activations
+    assert est.memory.total == sum(rows.values()) + est.memory.activations
+    assert fits(int(15 * GiB)) == [24, 40, 48, 80]  # 16 GB cards keep 10% spare
+    assert fits(int(100 * GiB)) == []
+
+
+def test_seven_b_config_qlora_memory_is_plausible(tmp_path):
+    """A Llama-2-7B shaped config, nothing loaded: NF4 base near 3.9 GB, 4.127 bits a weight."""
+    from lora_cli.estimate import GiB, estimate_recipe
+
+    folder = tmp_path / "llama7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}))
+    _, recipe = _recipe(tmp_path, folder, {"r": 16, "target_modules": ["q_proj", "v_proj"]}, "auto", "4bit")
+    est = estimate_recipe(recipe)
+    assert est.params.total == 6_738_415_616 + est.params.trainable  # Llama-2-7B's parameter count
+    assert est.params.trainable == 32 * 2 * 16 * (4096 + 4096)
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    base = dict((n, b) for n, b, _ in est.memory.rows)["base weights (frozen)"]
+    unquantized = (6_738_415_616 - linear) * 4  # embeddings, lm_head, norms in fp32
+    assert base == linear // 2 + linear // 64 + 4 * (linear // 64 // 256) + unquantized
+    assert 4.0 * GiB < base < 4.2 * GiB
+
+
+def test_budget_gives_the_largest_rank_under_it(tmp_path, tiny_models, cli):
+    from lora_cli.estimate import estimate_recipe, largest_rank_within
+    from lora_cli.recipe import load_recipe
+
+    arch, lora, dtype = CASES["llama-regex-layer1-modules-to-save"]
+    path, recipe = _recipe(tmp_path, tiny_models[arch], lora, dtype)
+    est = estimate_recipe(recipe)
+    budget = 60_000
+    rank = largest_rank_within(est.params, budget)
+
+    def real_trainable(r: int) -> int:
+        sized = load_recipe(path, [f"model.dtype={dtype}", f"lora.r={r}"])
+        return _real_adapter(sized).get_nb_trainable_parameters()[0]
+
+    assert real_trainable(rank) <= budget < real_trainable(rank + 1)
+
+    res = cli("estimate", path, "--budget", "60k")
+    assert res.code == 0, res
+    assert f"largest rank r={rank}" in res.out
+    assert f"--set lora.r={rank} --set lora.alpha={2 * rank}" in res.out
+
+
+def test_cli_prints_counts_size_and_fit(cli, tmp_path, tiny_random):
+    from lora_cli.estimate import estimate_recipe
+
+    path, recipe = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj", "v_proj"]})
+    est = estimate_recipe(recipe)
+    res = cli("estimate", path)
+    assert res.code == 0, res
+    assert f"trainable {est.params.trainable:,d} || all {est.params.total:,d}" in res.out
+    assert f"({est.params.adapter_bytes:,d} bytes)" in res.out
+    assert "fits 16 GB, 24 GB, 40 GB, 48 GB, 80 GB" in res.out
+
+
+@pytest.mark.parametrize("budget, message", [
+    ("10", "--budget 10 is below the smallest adapter: r=1 needs"),
+    ("lots", "--budget 'lots' is not a parameter count"),
+])
+def test_bad_budget_is_a_clear_error(cli, tmp_path, tiny_random, budget, message):
+    path, _ = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj"]})
+    res = cli("estimate", path, "--budget", budget)
+    assert res.code == 2
+    assert message in res.err
+
+
+def test_model_without_config_is_a_clear_error(cli, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    path, _ = _recipe(tmp_path, empty, {})
+    res = cli("estimate", path)
+    assert res.code == 2
+    assert "cannot read the config of model.name_or_path" in res.err
+    assert "Traceback" not in res.err
