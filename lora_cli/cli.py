@@ -249,6 +249,25 @@ def recipe_keys():
     print(reference_markdown())
 
 
+data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: RecipePath,
+    set_: SetOption = None,
+    rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
+):
+    """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
+    from lora_cli.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    from lora_cli.preview import preview_data
+
+    preview_data(r, rows=rows, console=console)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""

@@ -132,7 +132,13 @@ def build_meta_model(recipe: Recipe):
             if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
     # add_adapter's kbit preparation needs real quantized layers; the upcast above stands in for it.
-    counting = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, quantization="none"))
+    lora = recipe.lora
+    if hasattr(lora, "init") and lora.init in ("pissa", "olora"):
+        # Those start from an SVD / QR of the base weights, which meta tensors do not have;
+        # the shapes, and so every count, are the same as with a random start.
+        lora = dataclasses.replace(lora, init="gaussian")
+    counting = dataclasses.replace(recipe, lora=lora,
+                                   model=dataclasses.replace(recipe.model, quantization="none"))
     with torch.device("meta"):
         model = add_adapter(base, counting)
     return model, config, quantized
@@ -362,7 +368,8 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     p, m = est.params, est.memory
     lora = recipe.lora
     console.print(f"[bold]model[/]    {est.model_class} from {recipe.model.name_or_path} (config only; no weights loaded)")
-    console.print(f"[bold]adapter[/]  r={lora.r}, alpha={lora.alpha:g}, targets {lora.target_modules!r}"
+    method = f"{lora.method}: " if hasattr(lora, "method") else ""
+    console.print(f"[bold]adapter[/]  {method}r={lora.r}, alpha={lora.alpha:g}, targets {lora.target_modules!r}"
                   + (f", modules_to_save {lora.modules_to_save}" if lora.modules_to_save else ""))
     targets = Table("target", "modules", "in -> out", f"LoRA params at r={lora.r}", box=None, pad_edge=False)
     for g in p.groups:

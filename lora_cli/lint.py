@@ -48,6 +48,8 @@ def lint_recipe(recipe: Recipe) -> list[Finding]:
     """Every red flag in a validated recipe, in the order of the recipe's sections."""
     findings: list[Finding] = []
     for rule in RULES:
+        if rule.__name__ in LOW_RANK_RULES and not is_low_rank(recipe):
+            continue
         finding = rule(recipe)
         if finding is not None:
             findings.append(finding)
@@ -65,6 +67,11 @@ def uses_rslora(recipe: Recipe) -> bool:
     if hasattr(lora, "method"):
         return "rslora" in str(lora.method).lower()
     return False
+
+
+def is_low_rank(recipe: Recipe) -> bool:
+    """r and alpha mean something only for LoRA and its variants (not IA3 or prompt tuning)."""
+    return not hasattr(recipe.lora, "method") or recipe.lora.method in ("lora", "dora", "rslora")
 
 
 def is_four_bit(recipe: Recipe) -> bool:
@@ -104,8 +111,8 @@ def embedding_shape(config: dict) -> tuple[int, int] | None:
 
 
 def count_rows(path: str | Path) -> int | None:
-    """Rows in a .jsonl / .json file or a save_to_disk folder, without tokenising or torch.
-    None when they cannot be counted cheaply."""
+    """Rows in a .jsonl / .json / .csv / .parquet file or a save_to_disk folder, without
+    tokenising or torch. None when they cannot be counted cheaply (e.g. a hub dataset id)."""
     path = Path(path)
     try:
         if path.is_file() and path.suffix == ".jsonl":
@@ -116,11 +123,42 @@ def count_rows(path: str | Path) -> int | None:
             if isinstance(rows, dict) and len(rows) == 1:
                 rows = next(iter(rows.values()))
             return len(rows) if isinstance(rows, list) else None
+        if path.is_file() and path.suffix == ".csv":
+            import csv
+
+            with path.open(encoding="utf-8", newline="") as f:
+                return max(0, sum(1 for _ in csv.reader(f)) - 1)  # minus the header
+        if path.is_file() and path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(str(path)).metadata.num_rows
         if path.is_dir():
             return _count_saved_rows(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, ImportError):
         return None
     return None
+
+
+def training_rows(recipe: Recipe) -> int | None:
+    """Rows the trainer will see per epoch, as far as counting files can tell: every path
+    (times its sampling weight) minus the held-out share. None when a source cannot be
+    counted, or when rows are not examples (text documents are chunked)."""
+    d = recipe.data
+    if d.format == "text":
+        return None
+    paths = [d.path] if isinstance(d.path, str) else list(d.path)
+    weights = [1.0] * len(paths)
+    if hasattr(d, "weights") and d.weights:  # mixing weights may not exist in this schema
+        weights = d.weights
+    total = 0.0
+    for p, w in zip(paths, weights):
+        n = count_rows(p)
+        if n is None:
+            return None
+        total += n * w
+    if hasattr(d, "val_fraction"):
+        total *= 1 - d.val_fraction
+    return max(1, int(total)) if total else None
 
 
 def _count_saved_rows(path: Path) -> int | None:
@@ -216,7 +254,8 @@ def scaling_far_from_one_to_two(r: Recipe) -> Finding | None:
     return Finding("lora.alpha", f"alpha / r = {r.lora.alpha:g} / {r.lora.r} = {scaling:g}",
                    "a scaling far above 1-2 multiplies every update: training is unstable unless "
                    "the learning rate is cut to match",
-                   f"lora.alpha: {2 * r.lora.r} (2 x r), or rsLoRA (alpha / sqrt(r)) for high ranks")
+                   f"lora.alpha: {2 * r.lora.r} (2 x r), or rsLoRA (alpha / sqrt(r)) for high ranks"
+                   + (" with lora.method: rslora" if hasattr(r.lora, "method") else ""))
 
 
 def embedding_in_modules_to_save(r: Recipe) -> Finding | None:
@@ -241,7 +280,7 @@ def embedding_in_modules_to_save(r: Recipe) -> Finding | None:
 
 
 def more_steps_than_data(r: Recipe) -> Finding | None:
-    rows = count_rows(r.data.path)
+    rows = training_rows(r)
     if not rows:
         return None
     t = r.train
@@ -268,7 +307,7 @@ def more_steps_than_data(r: Recipe) -> Finding | None:
 
 
 def warmup_longer_than_run(r: Recipe) -> Finding | None:
-    rows = count_rows(r.data.path)
+    rows = training_rows(r)
     if r.train.max_steps <= 0 and not rows:
         return None
     steps = planned_steps(r, rows or 1)
@@ -280,6 +319,8 @@ def warmup_longer_than_run(r: Recipe) -> Finding | None:
                    "at the rate you set",
                    f"train.warmup_steps: {max(1, steps // 10)} (about 10% of the run)")
 
+
+LOW_RANK_RULES = {"rank_with_heavy_dropout", "alpha_below_rank", "scaling_far_from_one_to_two", "all_modules_low_rank"}
 
 RULES = [
     rank_with_heavy_dropout,

@@ -61,10 +61,86 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = key(REQUIRED, "Training data: .json, .jsonl or a datasets save_to_disk folder (relative to the recipe).", kind=PATH)
-    format: Literal["alpaca"] = key("alpaca", "Row shape: alpaca = instruction / input / output.")
-    template: Literal["human_assistant", "alpaca"] = key("human_assistant", "Prompt template; saved with the adapter so inference renders the same prompt.")
-    max_length: int = key(256, "Tokens per example after truncation (prompt side is cut first).", min=8)
+    path: Union[str, list[str]] = key(REQUIRED, "Training data: .json, .jsonl, .csv, .parquet, a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
+    weights: Optional[list[float]] = key(None, "Sampling weight per path: 2 = every row twice, 0.5 = a random half (data.seed); empty = 1 each.")
+    split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
+    format: Literal["alpaca", "chat", "text"] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
+    columns: dict[str, str] = key(None, "Field names in your files, our name -> yours, e.g. {instruction: question, output: answer}.", factory=dict)
+    template: Literal["human_assistant", "alpaca", "chat_template", "custom"] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
+    prompt_format: Optional[str] = key(None, "Custom template's user turn, with {instruction} and optionally {input}, e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\".")
+    system_format: Optional[str] = key(None, "How a system turn reads, with {system}; empty = \"System: {system}\\n\\n\".")
+    turn_separator: Optional[str] = key(None, "Text after an assistant turn's EOS, before the next turn; empty = the template's own.")
+    system_prompt: Optional[str] = key(None, "System message for conversations that have none (training and inference).")
+    train_on: Literal["assistant", "last", "all"] = key("assistant", "Supervised tokens: every assistant turn, only the last one, or all text (prompts too).")
+    max_length: int = key(256, "Tokens per example after truncation (prompt side is cut first); text documents are chunked to it.", min=8)
+    val_path: Optional[Union[str, list[str]]] = key(None, "Held-out data for evaluation (same formats as path).", kind=PATH)
+    val_fraction: float = key(0.0, "Share of each training source held out for evaluation when val_path is empty (fixed by data.seed).", min=0, max=0.5)
+    seed: int = key(42, "Seed for the validation split and weighted sampling.")
+    packing: bool = key(False, "Pack several examples into each max_length sequence (no cross-attention, positions restart): fewer pad tokens, faster.")
+    group_by_length: bool = key(False, "Batch examples of similar length together: less padding when batch_size > 1.")
+    cache: bool = key(True, "Reuse tokenised data from an earlier run with the same data, tokenizer, template and settings.")
+    cache_dir: Optional[str] = key(None, "Where tokenised data is cached; empty = $LORA_CACHE_DIR or ~/.cache/lora.", kind=PATH)
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+DATA_FIELDS = {"alpaca": ("instruction", "input", "output", "system"),
+               "chat": ("messages", "conversations", "system"),
+               "text": ("text",)}  # format -> the field names data.columns may map
+
+
+def data_paths(value) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def looks_like_hub_id(path: str) -> bool:
+    return (bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", path)) and not path.startswith(".")
+            and not path.endswith(DATA_SUFFIXES))
+
+
+def _data_path_problems(key_name: str, value) -> list[str]:
+    problems = []
+    paths = data_paths(value)
+    if key_name == "data.path" and not paths:
+        problems.append("data.path: empty list; name at least one data file")
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            if not looks_like_hub_id(p):
+                problems.append(f"{key_name}: {p} does not exist; point it at a .json/.jsonl/.csv/.parquet file, "
+                                "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
+        elif path.is_file() and path.suffix not in DATA_SUFFIXES:
+            problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
+                            "or a datasets save_to_disk folder")
+    return problems
+
+
+def data_problems(d: DataConfig) -> list[str]:
+    """The data section's cross-field checks (part of cross_checks)."""
+    from lora_cli.template import placeholder_problems
+
+    problems = _data_path_problems("data.path", d.path) + _data_path_problems("data.val_path", d.val_path)
+    if d.weights is not None:
+        if len(d.weights) != len(data_paths(d.path)):
+            problems.append(f"data.weights: {len(d.weights)} weights for {len(data_paths(d.path))} paths; "
+                            "give one weight per entry of data.path")
+        if any(w <= 0 for w in d.weights):
+            problems.append(f"data.weights: {d.weights} has a weight <= 0; drop that path instead")
+    for ours in d.columns:
+        if ours not in DATA_FIELDS[d.format]:
+            problems.append(f"data.columns: {ours!r} is not a field of format {d.format}{_did_you_mean(ours, DATA_FIELDS[d.format])}; "
+                            f"map one of: {', '.join(DATA_FIELDS[d.format])} (our name -> yours)")
+    if d.template == "custom" and not d.prompt_format:
+        problems.append("data.prompt_format: required by template: custom; e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\"")
+    if d.prompt_format is not None:
+        if d.template != "custom":
+            problems.append(f"data.prompt_format: only used by template: custom (template is {d.template}); "
+                            "set template: custom or remove prompt_format")
+        problems += placeholder_problems("prompt_format", d.prompt_format)
+    if d.system_format is not None:
+        problems += placeholder_problems("system_format", d.system_format)
+    if d.val_path is not None and d.val_fraction > 0:
+        problems.append("data.val_fraction: set together with data.val_path; use one of them")
+    return problems
 
 
 @dataclass
@@ -232,6 +308,8 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
                 continue
         if meta.get("kind") == PATH and isinstance(value, str):
             value = resolve_path(value, Path.cwd() if dotted in cli_paths else base_dir)
+        elif meta.get("kind") == PATH and isinstance(value, list):  # several paths (data.path)
+            value = [resolve_path(v, Path.cwd() if dotted in cli_paths else base_dir) for v in value]
         values[name] = value
     return cls(**values)
 
@@ -327,13 +405,7 @@ def cross_checks(r: Recipe) -> list[str]:
         except re.error as e:
             problems.append(f"lora.target_modules: {tm!r} is not a valid regex ({e}); "
                             "use a list of names, 'all-linear', or a valid regex")
-    data_path = Path(r.data.path)
-    if not data_path.exists():
-        problems.append(f"data.path: {r.data.path} does not exist; point it at a .json/.jsonl file "
-                        "or a save_to_disk folder (relative paths are read from the recipe's folder)")
-    elif data_path.is_file() and data_path.suffix not in (".json", ".jsonl"):
-        problems.append(f"data.path: {r.data.path} has suffix {data_path.suffix!r}; use .json, .jsonl "
-                        "or a datasets save_to_disk folder")
+    problems += data_problems(r.data)
     if r.train.max_steps == 0:
         problems.append("train.max_steps: 0 would train nothing; use -1 to run all epochs or a positive number")
     if r.train.max_steps < 0 and r.train.epochs == 0:

@@ -25,6 +25,12 @@ def demo_rows(n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache_in_tmp(tmp_path_factory):
+    """Tokenised-data caches go to a temporary folder, never to ~/.cache/lora."""
+    os.environ["LORA_CACHE_DIR"] = str(tmp_path_factory.mktemp("lora-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A pre-trained tiny Llama (knows the bundled facts as plain text, not the chat format)."""

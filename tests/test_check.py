@@ -154,3 +154,32 @@ def test_check_never_imports_torch(tmp_path, model_dir):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "exit 0 heavy []" in out.stdout, out.stdout + out.stderr
     assert "2 warnings" in out.stdout
+
+
+def _schema_has(section: str, name: str) -> bool:
+    from lora_cli import recipe
+
+    cls = {"lora": recipe.LoraConfig, "data": recipe.DataConfig}[section]
+    return name in cls.__dataclass_fields__
+
+
+def test_rank_rules_follow_the_method(cli, tmp_path, model_dir):
+    """rsLoRA scales by alpha / sqrt(r), so alpha < r is its normal setting there."""
+    if not _schema_has("lora", "method"):
+        pytest.skip("lora.method is not in this schema")
+    recipe = recipe_with(tmp_path, model_dir, lora__r=64, lora__alpha=16)
+    assert "lora.alpha: alpha 16 is below rank 64" in cli("check", recipe).out
+    assert cli("check", recipe, "--strict", "--set", "lora.method=rslora").code == 0
+
+
+def test_rows_add_up_over_mixed_sources_and_held_out_share(tmp_path, model_dir):
+    if not (_schema_has("data", "weights") and _schema_has("data", "val_fraction")):
+        pytest.skip("data.weights / data.val_fraction are not in this schema")
+    from lora_cli.lint import training_rows
+    from lora_cli.recipe import load_recipe
+
+    a = write_jsonl(tmp_path / "a.jsonl", demo_rows(10))
+    b = write_jsonl(tmp_path / "b.jsonl", demo_rows(30))
+    path = recipe_with(tmp_path, model_dir)
+    recipe = load_recipe(path, [f"data.path=[{a}, {b}]", "data.weights=[2, 0.5]", "data.val_fraction=0.2"])
+    assert training_rows(recipe) == int((10 * 2 + 30 * 0.5) * 0.8)  # 28

@@ -226,3 +226,21 @@ def test_model_without_config_is_a_clear_error(cli, tmp_path):
     assert res.code == 2
     assert "cannot read the config of model.name_or_path" in res.err
     assert "Traceback" not in res.err
+
+
+@pytest.mark.parametrize("method, init", [("dora", "gaussian"), ("rslora", "pissa"), ("lora", "olora")])
+def test_counts_equal_peft_for_methods_and_inits(tmp_path, tiny_random, method, init):
+    """DoRA adds a magnitude vector per module; PiSSA / OLoRA start from the base's SVD / QR,
+    which meta tensors lack, yet the shapes and so the counts are the same."""
+    from lora_cli.estimate import estimate_recipe
+    from lora_cli.recipe import LoraConfig, load_recipe
+
+    if not {"method", "init"} <= set(LoraConfig.__dataclass_fields__):
+        pytest.skip("lora.method / lora.init are not in this schema")
+    path, _ = _recipe(tmp_path, tiny_random, {"target_modules": "attention"})
+    recipe = load_recipe(path, [f"lora.method={method}", f"lora.init={init}"])
+    est = estimate_recipe(recipe)
+    real = _real_adapter(recipe)
+    assert (est.params.trainable, est.params.total) == real.get_nb_trainable_parameters()
+    if method == "dora":
+        assert est.params.full_params == sum(p.numel() for n, p in real.named_parameters() if "magnitude" in n) > 0
