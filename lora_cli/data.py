@@ -1,18 +1,22 @@
-"""Instruction data: read rows, check them, tokenise with the prompt masked out of the loss."""
+"""Training data: sources -> checked rows -> tokenised, masked examples (SFTData).
+
+The path a recipe's data takes, in order: read every source (formats.py), check and parse its
+rows, hold out the validation rows, apply sampling weights, render each conversation into
+template segments (template.py), tokenise all segments in one batched fast-tokenizer call,
+cut to max_length, optionally pack, and cache the result on disk (cache.py).
+"""
 
 from __future__ import annotations
 
-import json
+import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lora_cli.errors import DataError
-from lora_cli.template import adds_bos, get_template, with_bos
+from lora_cli.formats import alpaca_conversation, parse_rows, read_rows, read_source  # noqa: F401 (read_rows: tiny.py)
+from lora_cli.template import IGNORE_INDEX, adds_bos, conversation_segments, encode_segments, resolve_template
 
-IGNORE_INDEX = -100  # label value the loss skips
-
-ALPACA_FIELDS = {"instruction": True, "input": False, "output": True}  # name -> required
+MIN_TOKENS = 2  # a sequence needs two tokens for one next-token prediction
 
 
 @dataclass
@@ -23,6 +27,17 @@ class DataStats:
     truncated: Counter = field(default_factory=Counter)  # which side was cut -> rows
     supervised_tokens: int = 0
     total_tokens: int = 0
+    sequences: int = 0  # training sequences: examples, text chunks, or packs
+    from_cache: bool = False
+
+    def add(self, other: DataStats) -> None:
+        self.rows += other.rows
+        self.kept += other.kept
+        self.dropped.update(other.dropped)
+        self.truncated.update(other.truncated)
+        self.supervised_tokens += other.supervised_tokens
+        self.total_tokens += other.total_tokens
+        self.sequences += other.sequences
 
     def summary(self) -> str:
         parts = [f"{self.kept}/{self.rows} rows kept"]
@@ -33,86 +48,25 @@ class DataStats:
         if self.total_tokens:
             parts.append(f"{self.supervised_tokens}/{self.total_tokens} tokens supervised "
                          f"({100 * self.supervised_tokens / self.total_tokens:.0f}%)")
+        if self.sequences and self.sequences != self.kept:
+            parts.append(f"{self.sequences} sequences")
+        if self.from_cache:
+            parts.append("tokenised data from cache")
         return "; ".join(parts)
 
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "kept": self.kept, "dropped": dict(self.dropped), "truncated": dict(self.truncated),
+                "supervised_tokens": self.supervised_tokens, "total_tokens": self.total_tokens, "sequences": self.sequences}
 
-# --------------------------------------------------------------------------- reading
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows from .json (a list), .jsonl (one object per line) or a save_to_disk folder."""
-    path = Path(path)
-    if path.is_dir():
-        return _read_saved_dataset(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file", "check data.path in the recipe")
-    if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})",
-                                    "each line of a .jsonl file must be one JSON object") from None
-                rows.append(row)
-    elif path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})",
-                            "a .json data file must hold one list of objects") from None
-        if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
-            rows = next(iter(rows.values()))  # {"train": [...]} style
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}",
-                            "wrap the rows in [ ... ], or use .jsonl with one object per line")
-    else:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}",
-                        "use .json, .jsonl or a datasets save_to_disk folder")
-    if not rows:
-        raise DataError(f"{path}: no rows", "the data file is empty; add at least one example")
-    return rows
+    @classmethod
+    def from_dict(cls, d: dict) -> DataStats:
+        return cls(d["rows"], d["kept"], Counter(d["dropped"]), Counter(d["truncated"]),
+                   d["supervised_tokens"], d["total_tokens"], d["sequences"])
 
 
-def _read_saved_dataset(path: Path) -> list[dict]:
-    from datasets import DatasetDict, load_from_disk
+# --------------------------------------------------------------------------- truncation
 
-    try:
-        ds = load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"{path}: not a dataset folder written by save_to_disk ({e})",
-                        "point data.path at a .json/.jsonl file or a save_to_disk folder") from None
-    if isinstance(ds, DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: dataset has splits {list(ds)} but no 'train'", "save the training split as 'train'")
-        ds = ds["train"]
-    if len(ds) == 0:
-        raise DataError(f"{path}: no rows", "the dataset is empty")
-    return ds.to_list()
-
-
-def check_alpaca_rows(rows: list[dict], source: str) -> None:
-    """Every row is an object with string instruction / output (input optional)."""
-    for i, row in enumerate(rows, 1):
-        where = f"{source}, row {i}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with instruction/input/output, got {type(row).__name__}")
-        for name, required in ALPACA_FIELDS.items():
-            value = row.get(name)
-            if value is None:
-                if required:
-                    raise DataError(f"{where}: missing field {name!r} (row has: {', '.join(row) or 'nothing'})",
-                                    "alpaca rows need 'instruction' and 'output' ('input' is optional)")
-                continue
-            if not isinstance(value, str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-
-
-# --------------------------------------------------------------------------- tokenising
-
-def fit_to_length(prompt: list[int], response: list[int], max_length: int, keep_first: int = 0):
+def fit_to_length(prompt: list, response: list, max_length: int, keep_first: int = 0):
     """Cut the prompt side first (from its start, after `keep_first` tokens such as BOS),
     then the response's end, so every kept row still has supervised tokens.
     Returns (prompt, response, what_was_cut)."""
@@ -132,58 +86,233 @@ def fit_to_length(prompt: list[int], response: list[int], max_length: int, keep_
     return prompt, response, "+".join(cut)
 
 
-def tokenize_alpaca(rows: list[dict], tokenizer, template: str, max_length: int):
-    """Returns (examples, stats): each example has input_ids, attention_mask and labels, where
-    labels are -100 on the prompt and equal input_ids on the response + EOS (not shifted:
-    the model shifts). Tokenisation is batched: one fast-tokenizer call per side."""
-    tpl = get_template(template)
-    prompts = [tpl.render(r["instruction"], r.get("input") or "") for r in rows]
-    responses = [r["output"] for r in rows]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+def _last_supervised_start(labels: list[int]) -> int:
+    """Where the last supervised stretch (the final answer) begins; everything before it is
+    the prompt side, earlier turns included, so the oldest turns are cut first."""
+    i = len(labels)
+    while i > 0 and labels[i - 1] == IGNORE_INDEX:
+        i -= 1
+    while i > 0 and labels[i - 1] != IGNORE_INDEX:
+        i -= 1
+    return i
+
+
+# --------------------------------------------------------------------------- tokenising
+
+def _example(ids: list[int], labels: list[int]) -> dict:
+    labels = [IGNORE_INDEX] + labels[1:]  # position 0 is never predicted (nothing precedes it)
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, template, max_length: int,
+                           train_on: str = "assistant"):
+    """Returns (examples, stats). Labels are -100 on prompts and equal input_ids on supervised
+    answers + their EOS (not shifted: the model shifts). All segments of all conversations go
+    through one fast-tokenizer call."""
+    spec = resolve_template(template)
+    stats = DataStats(rows=len(conversations))
+    per_row = [conversation_segments(spec, c, tokenizer, train_on=train_on) for c in conversations]
+    texts = [s.text for segments in per_row for s in segments]
+    token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     bos = adds_bos(tokenizer)
-    stats = DataStats(rows=len(rows))
-    examples = []
-    for p, r in zip(prompt_ids, response_ids):
-        p = with_bos(tokenizer, p, bos)
-        r = r + [eos]
-        p, r, cut = fit_to_length(p, r, max_length, keep_first=1 if bos else 0)
+    examples, at = [], 0
+    for conversation, segments in zip(conversations, per_row):
+        pieces, at = token_lists[at:at + len(segments)], at + len(segments)
+        if not any(m["content"].strip() for m in conversation if m["role"] == "assistant"):
+            stats.dropped["empty answer"] += 1
+            continue
+        ids, labels = encode_segments(tokenizer, segments, pieces, bos)
+        split = _last_supervised_start(labels)
+        pairs = list(zip(ids, labels))
+        prompt, response, cut = fit_to_length(pairs[:split], pairs[split:], max_length, keep_first=1 if bos else 0)
         if cut:
             stats.truncated[cut] += 1
-        if not r:
+        kept = prompt + response
+        example = _example([t for t, _ in kept], [label for _, label in kept])
+        supervised = sum(1 for t in example["labels"] if t != IGNORE_INDEX)
+        if not supervised:
             stats.dropped["no supervised token left after truncation"] += 1
             continue
-        ids = p + r
-        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                         "labels": [IGNORE_INDEX] * len(p) + r})
-        stats.supervised_tokens += len(r)
-        stats.total_tokens += len(ids)
-    stats.kept = len(examples)
+        examples.append(example)
+        stats.supervised_tokens += supervised
+        stats.total_tokens += len(example["input_ids"])
+    stats.kept = stats.sequences = len(examples)
     return examples, stats
 
+
+def tokenize_alpaca(rows: list[dict], tokenizer, template, max_length: int, train_on: str = "assistant"):
+    """Alpaca rows (instruction / input / output) -> (examples, stats)."""
+    conversations = [alpaca_conversation(r, f"row {i}", {}) for i, r in enumerate(rows, 1)]
+    return tokenize_conversations(conversations, tokenizer, template, max_length, train_on)
+
+
+def tokenize_documents(documents: list[str], tokenizer, max_length: int):
+    """Raw text for domain training: BOS + text + EOS per document, every token supervised,
+    cut into max_length chunks (the first token of a chunk has no context to be predicted from)."""
+    stats = DataStats(rows=len(documents))
+    bos = adds_bos(tokenizer)
+    token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
+    examples = []
+    for doc, toks in zip(documents, token_lists):
+        if not doc.strip():
+            stats.dropped["empty text"] += 1
+            continue
+        ids = ([tokenizer.bos_token_id] if bos else []) + list(toks) + [tokenizer.eos_token_id]
+        chunks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+        chunks = [c for c in chunks if len(c) >= MIN_TOKENS]
+        if len(chunks) > 1:
+            stats.truncated["chunked"] += 1
+        for chunk in chunks:
+            examples.append(_example(chunk, list(chunk)))
+            stats.supervised_tokens += len(chunk) - 1
+            stats.total_tokens += len(chunk)
+        stats.kept += 1
+    stats.sequences = len(examples)
+    return examples, stats
+
+
+def tokenize_items(items: list, data_cfg, tokenizer):
+    if data_cfg.format == "text":
+        return tokenize_documents(items, tokenizer, data_cfg.max_length)
+    return tokenize_conversations(items, tokenizer, _spec(data_cfg), data_cfg.max_length, data_cfg.train_on)
+
+
+def _spec(data_cfg):
+    from lora_cli.template import TemplateSpec
+
+    return TemplateSpec.from_data(data_cfg)
+
+
+# --------------------------------------------------------------------------- sources, splits, weights
+
+def paths_of(value) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def held_out(items: list, fraction: float, rng: random.Random) -> tuple[list, list]:
+    """(train, eval): `fraction` of the items, at least one, drawn by rng; order kept."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    n_eval = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    chosen = set(rng.sample(range(len(items)), n_eval))
+    return ([x for i, x in enumerate(items) if i not in chosen], [x for i, x in enumerate(items) if i in chosen])
+
+
+def weighted(items: list, weight: float, rng: random.Random) -> list:
+    """Every item int(weight) times, plus a random (weight - int(weight)) share of them once more."""
+    whole, part = int(weight), weight - int(weight)
+    extra = sorted(rng.sample(range(len(items)), round(len(items) * part))) if part else []
+    return items * whole + [items[i] for i in extra]
+
+
+def load_items(data_cfg) -> tuple[list, list]:
+    """(train items, eval items) as parsed rows, before tokenising."""
+    paths = paths_of(data_cfg.path)
+    weights = data_cfg.weights or [1.0] * len(paths)
+    train, evaluation = [], []
+    for i, (path, weight) in enumerate(zip(paths, weights)):
+        items = parse_rows(read_source(path, data_cfg.split), data_cfg.format, data_cfg.columns)
+        rng = random.Random(data_cfg.seed * 1000 + i)
+        items, held = held_out(items, data_cfg.val_fraction, rng)
+        evaluation += held
+        train += weighted(items, weight, rng)
+    for path in paths_of(data_cfg.val_path):
+        evaluation += parse_rows(read_source(path, data_cfg.split), data_cfg.format, data_cfg.columns)
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------- packing
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Best-fit-decreasing packing into sequences of at most max_length tokens. Each pack keeps
+    per-example position_ids (restarting at 0), from which attention is made block-diagonal,
+    so packed examples never see each other. Every example's first label is already -100, so no
+    token is predicted across a boundary."""
+    import bisect
+
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            space, b = free.pop(at)
+        else:
+            space, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space - n >= MIN_TOKENS:
+            bisect.insort(free, (space - n, b))
+    packs = []
+    for members in bins:
+        ids, labels, positions = [], [], []
+        for i in sorted(members):  # data order inside a pack
+            ex = examples[i]
+            ids += ex["input_ids"]
+            labels += ex["labels"]
+            positions += range(len(ex["input_ids"]))
+        packs.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packs
+
+
+# --------------------------------------------------------------------------- the datasets
 
 @dataclass
 class SFTData:
     """What the trainer gets: tokenised training rows, held-out rows (None when the recipe
     names no validation data), and what happened to the rows on the way."""
-    train: object  # datasets.Dataset with input_ids / attention_mask / labels
+    train: object  # datasets.Dataset with input_ids / attention_mask / labels / length (+ position_ids when packed)
     eval: object | None
     stats: DataStats
+    eval_stats: DataStats | None = None
+
+
+def to_dataset(examples: list[dict]):
+    """A datasets.Dataset, plus a `length` column for length-grouped batching."""
+    from datasets import Dataset
+
+    columns = {c: [e[c] for e in examples] for c in examples[0]}
+    columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    return Dataset.from_dict(columns)
 
 
 def build_sft_data(data_cfg, tokenizer) -> SFTData:
-    """The datasets for a recipe's data section."""
-    from datasets import Dataset
+    """The datasets for a recipe's data section, from the cache when nothing that shapes them
+    (data files, tokenizer, template, settings, this code) has changed."""
+    from lora_cli import cache
 
-    rows = read_rows(data_cfg.path)
-    check_alpaca_rows(rows, str(data_cfg.path))
-    examples, stats = tokenize_alpaca(rows, tokenizer, data_cfg.template, data_cfg.max_length)
+    folder = cache.entry_folder(data_cfg, tokenizer) if data_cfg.cache else None
+    if folder is not None:
+        cached = cache.load(folder)
+        if cached is not None:
+            return cached
+    data = _build(data_cfg, tokenizer)
+    if folder is not None:
+        cache.save(folder, data)
+    return data
+
+
+def _build(data_cfg, tokenizer) -> SFTData:
+    train_items, eval_items = load_items(data_cfg)
+    examples, stats = tokenize_items(train_items, data_cfg, tokenizer)
     if not examples:
-        raise DataError(f"{data_cfg.path}: every row was dropped ({stats.summary()})",
-                        "raise data.max_length or check the rows' outputs")
-    return SFTData(train=Dataset.from_list(examples), eval=None, stats=stats)
+        raise DataError(f"{', '.join(paths_of(data_cfg.path))}: every row was dropped ({stats.summary()})",
+                        "raise data.max_length or check the rows' answers")
+    if data_cfg.packing:
+        examples = pack_examples(examples, data_cfg.max_length)
+        stats.sequences = len(examples)
+    evaluation, eval_stats = None, None
+    if eval_items:
+        eval_examples, eval_stats = tokenize_items(eval_items, data_cfg, tokenizer)
+        if not eval_examples:
+            raise DataError(f"validation data: every row was dropped ({eval_stats.summary()})",
+                            "check data.val_path / data.val_fraction")
+        evaluation = to_dataset(eval_examples)
+    return SFTData(train=to_dataset(examples), eval=evaluation, stats=stats, eval_stats=eval_stats)
 
+
+# --------------------------------------------------------------------------- batching
 
 class PadCollator:
     """Right-pads a batch: input_ids with the pad id, labels with -100 (never derived from
@@ -207,6 +336,45 @@ class PadCollator:
             batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+class PackedCollator:
+    """Batches of packed sequences: no attention_mask but position_ids that restart for every
+    example. transformers then builds a block-diagonal causal mask (SDPA / eager) or takes the
+    variable-length flash-attention path, so examples in one pack never attend to each other.
+    Padding becomes one more sequence of its own, with labels -100. Unpacked rows (the eval
+    set) work too: each is one sequence."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]):
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            n, pad = len(f["input_ids"]), longest - len(f["input_ids"])
+            positions = list(f["position_ids"]) if "position_ids" in f else list(range(n))
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            batch["position_ids"].append(positions + list(range(pad)))
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def make_collator(data_cfg, tokenizer):
+    if data_cfg.packing:
+        return PackedCollator(tokenizer.pad_token_id)
+    return PadCollator(tokenizer.pad_token_id)
+
+
+def configure_sampling(args, data_cfg):
+    """TrainingArguments with the recipe's batching: length-grouped batches when asked
+    (lengths read from the dataset's `length` column, not recomputed)."""
+    if data_cfg.group_by_length:
+        args.train_sampling_strategy = "group_by_length"
+        args.length_column_name = "length"
+    return args
 
 
 def describe_example(example: dict, tokenizer) -> tuple[str, str]:

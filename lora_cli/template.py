@@ -1,55 +1,150 @@
-"""Prompt templates: the one place that turns a request into prompt text and ids.
+"""Prompt templates: the one place that turns a conversation into prompt text and ids.
 
-Training (data.py) and inference (infer.py) both call `render_prompt` and
-`encode_prompt`, and the template's name is saved with the adapter, so the ids a
-model is asked with at inference are the ids it was trained on.
+A conversation (a list of {"role", "content"} messages; alpaca rows become one user turn
+carrying an optional "input") is rendered as *segments*: pieces of text each tokenised on
+its own, marked supervised or not, and closed by an EOS id where a turn ends. Training
+(data.py) and inference (infer.py) both go through `conversation_segments` and
+`encode_segments`, and the template's settings are saved with the adapter
+(`TemplateSpec.from_data(recipe["data"])`), so the ids a model is asked with at inference are
+the ids it was trained on: same text pieces, same token boundaries, BOS at most once.
+
+Tokenising each piece on its own (as the source workflow tokenises prompt and answer apart)
+matters: a byte-level BPE joins "Assistant: " with the answer's first word when they are
+tokenised together, so a prompt encoded in one go would differ from the one trained on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 
 from lora_cli.errors import LoraError
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+TEMPLATE_NAMES = ("human_assistant", "alpaca", "chat_template", "custom")
+DEFAULT_SYSTEM_FORMAT = "System: {system}\n\n"  # no built-in template has a system slot of its own
+PLACEHOLDERS = {"prompt_format": ({"instruction"}, {"instruction", "input"}),
+                "system_format": ({"system"}, {"system"})}  # key -> (required, allowed)
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    supervised: bool = False
+    eos: bool = False  # an EOS id follows this piece's tokens (the end of an assistant turn)
 
 
 @dataclass(frozen=True)
 class Template:
+    """A text template: how a user turn (with an optional input) and a system turn read."""
     name: str
     with_input: str     # uses {instruction} and {input}
     without_input: str  # uses {instruction}
     turn_separator: str = ""  # between a finished turn (ending in EOS) and the next prompt
-    # No template here has a system slot, so a system prompt goes once in front of the conversation.
-    system_format: str = "System: {system}\n\n"
+    system_format: str = DEFAULT_SYSTEM_FORMAT
 
     def render(self, instruction: str, input: str = "") -> str:
         if input and input.strip():
-            return self.with_input.format(instruction=instruction, input=input)
-        return self.without_input.format(instruction=instruction)
+            return fill(self.with_input, instruction=instruction, input=input)
+        return fill(self.without_input, instruction=instruction)
+
+    def render_system(self, system: str) -> str:
+        return fill(self.system_format, system=system)
 
 
-def _human_assistant() -> Template:
+class _HumanAssistant(Template):
     # Exactly the source workflow's prompt:
     #   "\n".join(["Human: " + instruction, input]).strip() + "\n\nAssistant: "
-    class HumanAssistant(Template):
-        def render(self, instruction: str, input: str = "") -> str:
-            return "\n".join(["Human: " + instruction, input or ""]).strip() + "\n\nAssistant: "
-
-    return HumanAssistant("human_assistant", "", "")
+    def render(self, instruction: str, input: str = "") -> str:
+        return "\n".join(["Human: " + instruction, input or ""]).strip() + "\n\nAssistant: "
 
 
 _ALPACA_INTRO = ("Below is an instruction that describes a task{extra}. "
                  "Write a response that appropriately completes the request.\n\n")
 
 TEMPLATES: dict[str, Template] = {
-    "human_assistant": _human_assistant(),
+    "human_assistant": _HumanAssistant("human_assistant", "", ""),
     "alpaca": Template(
         "alpaca",
-        with_input=_ALPACA_INTRO.format(extra=", paired with an input that provides further context")
+        with_input=_ALPACA_INTRO.replace("{extra}", ", paired with an input that provides further context")
         + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        without_input=_ALPACA_INTRO.format(extra="") + "### Instruction:\n{instruction}\n\n### Response:\n",
+        without_input=_ALPACA_INTRO.replace("{extra}", "") + "### Instruction:\n{instruction}\n\n### Response:\n",
         turn_separator="\n\n",
     ),
 }
+
+
+def fill(fmt: str, **values: str) -> str:
+    """Put values into {name} placeholders. Not str.format: literal braces in a prompt (JSON
+    examples) must survive."""
+    for name, value in values.items():
+        fmt = fmt.replace("{" + name + "}", value)
+    return fmt
+
+
+def placeholder_problems(key: str, fmt: str) -> list[str]:
+    """What is wrong with a custom format string: a required placeholder missing, or an
+    unknown one (usually a typo). Used by the recipe checks, before anything loads."""
+    required, allowed = PLACEHOLDERS[key]
+    found = set(re.findall(r"\{(\w+)\}", fmt))
+    problems = [f"data.{key}: {fmt!r} has no {{{name}}} placeholder; add it where the "
+                f"{name} text goes" for name in sorted(required - found)]
+    problems += [f"data.{key}: unknown placeholder {{{name}}} in {fmt!r}; "
+                 f"allowed: {', '.join('{' + a + '}' for a in sorted(allowed))}" for name in sorted(found - allowed)]
+    return problems
+
+
+# --------------------------------------------------------------------------- which template
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """Everything rendering needs, as the recipe's data section states it and the adapter saves it."""
+    name: str = "human_assistant"
+    prompt_format: str | None = None  # custom: a user turn, with {instruction} and optionally {input}
+    system_format: str | None = None  # a system turn, with {system}; empty = "System: {system}\n\n"
+    turn_separator: str | None = None  # after an assistant turn's EOS; empty = the template's own
+    system_prompt: str | None = None  # system message used when a conversation has none
+
+    @classmethod
+    def from_data(cls, data) -> TemplateSpec:
+        """From a DataConfig, or the `data` mapping of a saved lora_recipe.yaml (None = defaults)."""
+        if data is None:
+            return cls()
+        get = data.get if isinstance(data, dict) else lambda k, d=None: getattr(data, k, d)
+        return cls(name=get("template", "human_assistant") or "human_assistant",
+                   prompt_format=get("prompt_format"), system_format=get("system_format"),
+                   turn_separator=get("turn_separator"), system_prompt=get("system_prompt"))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def text_template(self) -> Template:
+        """The text template this spec renders with (not for chat_template)."""
+        if self.name == "custom":
+            if not self.prompt_format:
+                raise LoraError("data.template: custom needs data.prompt_format",
+                                "e.g. prompt_format: \"<|user|>\\n{instruction}\\n{input}\\n<|assistant|>\\n\"")
+            fmt = self.prompt_format
+            without = re.sub(r"\s*\{input\}", "", fmt) if "{input}" in fmt else fmt
+            base = Template("custom", fmt if "{input}" in fmt else fmt.replace("{instruction}", "{instruction}\n{input}"),
+                            without, turn_separator="")
+        else:
+            base = get_template(self.name)
+        return replace(base,
+                       turn_separator=self.turn_separator if self.turn_separator is not None else base.turn_separator,
+                       system_format=self.system_format or base.system_format)
+
+
+def resolve_template(template) -> TemplateSpec:
+    """A TemplateSpec from a spec, a template name, or a saved recipe's data mapping."""
+    if isinstance(template, TemplateSpec):
+        return template
+    if isinstance(template, str):
+        if template not in TEMPLATE_NAMES:
+            raise LoraError(f"unknown template {template!r}", f"use one of: {', '.join(TEMPLATE_NAMES)}")
+        return TemplateSpec(name=template)
+    return TemplateSpec.from_data(template)
 
 
 def get_template(name: str) -> Template:
@@ -59,9 +154,102 @@ def get_template(name: str) -> Template:
         raise LoraError(f"unknown template {name!r}", f"use one of: {', '.join(TEMPLATES)}") from None
 
 
-def render_prompt(template: str, instruction: str, input: str = "") -> str:
-    return get_template(template).render(instruction, input)
+def render_prompt(template, instruction: str, input: str = "") -> str:
+    """The text of a single-turn prompt (what `lora data preview` and logs show)."""
+    spec = resolve_template(template)
+    if spec.name == "chat_template":
+        raise LoraError("render_prompt: chat_template prompts need the tokenizer", "use conversation_segments")
+    return spec.text_template().render(instruction, input)
 
+
+# --------------------------------------------------------------------------- conversations -> segments
+
+def user_content(message: dict) -> str:
+    """A user turn's text for templates without an input slot: instruction, then input."""
+    extra = message.get("input") or ""
+    return message["content"] + ("\n" + extra if extra.strip() else "")
+
+
+def with_system(spec: TemplateSpec, messages: list[dict]) -> list[dict]:
+    if spec.system_prompt and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": spec.system_prompt}] + list(messages)
+    return list(messages)
+
+
+def conversation_segments(template, messages: list[dict], tokenizer=None, *,
+                          add_generation_prompt: bool = False, train_on: str = "assistant") -> list[Segment]:
+    """The pieces of a conversation. train_on: "assistant" supervises every assistant turn,
+    "last" only the final one, "all" every piece. add_generation_prompt ends with the prompt
+    for the next assistant turn (inference)."""
+    spec = resolve_template(template)
+    messages = with_system(spec, messages)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+
+    def supervised(i: int, role: str) -> bool:
+        if train_on == "all":
+            return True
+        return role == "assistant" and (train_on == "assistant" or i == last)
+
+    if spec.name == "chat_template":
+        return _jinja_segments(tokenizer, messages, add_generation_prompt, supervised)
+    tpl = spec.text_template()
+    segments = []
+    for i, m in enumerate(messages):
+        if m["role"] == "system":
+            segments.append(Segment(tpl.render_system(m["content"]), supervised(i, "system")))
+        elif m["role"] == "user":
+            segments.append(Segment(tpl.render(m["content"], m.get("input") or ""), supervised(i, "user")))
+        else:
+            segments.append(Segment(m["content"], supervised(i, "assistant"), eos=True))
+            if tpl.turn_separator and (i < len(messages) - 1 or add_generation_prompt):
+                segments.append(Segment(tpl.turn_separator, supervised(i, "separator")))
+    return segments
+
+
+def _jinja_segments(tokenizer, messages, add_generation_prompt, supervised) -> list[Segment]:
+    """Segments from the tokenizer's own chat template, found by rendering growing prefixes:
+    the text a prefix adds with the generation prompt is prompt, the rest of the next assistant
+    turn (including its end-of-turn marker) is answer."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise LoraError("data.template: chat_template, but the tokenizer has no chat template",
+                        "use template: human_assistant, alpaca or custom, or a model whose tokenizer has one")
+    msgs = [{"role": m["role"], "content": user_content(m) if m["role"] == "user" else m["content"]} for m in messages]
+
+    def render(upto: int, gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen)
+
+    segments, done = [], ""
+    ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"] + ([len(msgs)] if add_generation_prompt else [])
+    for i in ends:
+        prompt = render(i, True)
+        if not prompt.startswith(done):
+            raise _unstable_template()
+        role_before = msgs[i - 1]["role"] if i else "system"
+        segments.append(Segment(prompt[len(done):], supervised(i - 1, role_before)))
+        if i == len(msgs):
+            break
+        full = render(i + 1, False)
+        if not full.startswith(prompt):
+            raise _unstable_template()
+        answer = full[len(prompt):]
+        segments.append(Segment(answer, supervised(i, "assistant"), eos=not _ends_turn(tokenizer, answer)))
+        done = full
+    return segments
+
+
+def _ends_turn(tokenizer, text: str) -> bool:
+    """Whether the template already closes the turn with a special token (EOS, <|im_end|>, ...)."""
+    return any(t and t in text for t in [tokenizer.eos_token, *tokenizer.all_special_tokens]
+               if t not in (tokenizer.bos_token, tokenizer.pad_token) or t == tokenizer.eos_token)
+
+
+def _unstable_template() -> LoraError:
+    return LoraError("the tokenizer's chat template renders a conversation differently from its own prefix "
+                     "(it rewrites earlier turns), so prompt and answer cannot be told apart",
+                     "use template: custom with prompt_format matching the model's format")
+
+
+# --------------------------------------------------------------------------- segments -> ids
 
 def adds_bos(tokenizer) -> bool:
     """Whether this tokenizer puts BOS in front of text by default (Llama does, GPT-2 does not)."""
@@ -81,16 +269,64 @@ def with_bos(tokenizer, ids: list[int], bos: bool | None = None) -> list[int]:
     return ids
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids exactly as training builds them: the text's tokens, BOS at most once."""
-    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: bool | None = None):
+    """(input_ids, labels) of segments: labels copy the ids of supervised pieces and are
+    IGNORE_INDEX elsewhere (not shifted: the model shifts). token_lists are the pieces' ids
+    when the caller tokenised many conversations in one batched call."""
+    if token_lists is None:
+        texts = [s.text for s in segments]
+        token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg, toks in zip(segments, token_lists):
+        toks = list(toks) + ([tokenizer.eos_token_id] if seg.eos else [])
+        ids += toks
+        labels += toks if seg.supervised else [IGNORE_INDEX] * len(toks)
+    if bos is None:
+        bos = adds_bos(tokenizer)
+    if bos and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels
+    return ids, labels
 
 
-def render_conversation(template: str, turns: list[tuple[str, str]], eos_token: str, instruction: str,
-                        input: str = "", system: str = "") -> str:
+def prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:
+    """Ids of a conversation (ending in a user turn) plus the prompt for the next answer:
+    exactly the ids training built in front of that answer."""
+    ids, _ = encode_segments(tokenizer, conversation_segments(template, messages, tokenizer,
+                                                              add_generation_prompt=True))
+    return ids
+
+
+def history_messages(history, instruction: str, input: str = "", system: str = "") -> list[dict]:
+    """Messages for earlier (question, answer) turns and a new instruction (chat / generate)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": instruction, "input": input})
+    return messages
+
+
+class PromptText(str):
+    """Rendered prompt text that remembers its segments, so `encode_prompt` tokenises it
+    piece by piece exactly as training did (the text alone would be tokenised in one go)."""
+    segments: list[Segment]
+
+
+def render_conversation(template, turns, eos_token: str = "", instruction: str = "",
+                        input: str = "", system: str = "", tokenizer=None) -> PromptText:
     """An optional system prompt, earlier (question, answer) turns each closed by EOS as in
-    training, then the new prompt."""
-    tpl = get_template(template)
-    head = tpl.system_format.format(system=system) if system else ""
-    parts = [tpl.render(q) + a + eos_token + tpl.turn_separator for q, a in turns]
-    return head + "".join(parts) + tpl.render(instruction, input)
+    training, then the prompt for `instruction`. Pass the result to `encode_prompt`."""
+    segments = conversation_segments(template, history_messages(turns, instruction, input, system),
+                                     tokenizer, add_generation_prompt=True)
+    text = PromptText("".join(s.text + (eos_token if s.eos else "") for s in segments))
+    text.segments = segments
+    return text
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids exactly as training builds them: piece by piece for a rendered conversation,
+    BOS at most once."""
+    segments = getattr(text, "segments", None)
+    if segments is not None:
+        return encode_segments(tokenizer, segments)[0]
+    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -121,7 +121,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     from transformers import set_seed
 
-    from lora_cli.data import PadCollator, build_sft_data, describe_example
+    from lora_cli.data import build_sft_data, configure_sampling, describe_example, make_collator
     from lora_cli.model import format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
@@ -155,9 +155,9 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     progress = RichProgress(console, output_dir / "metrics.jsonl")
     trainer = Trainer(
         model=model,
-        args=_setup_training_args(recipe, output_dir),
+        args=configure_sampling(_setup_training_args(recipe, output_dir), recipe.data),
         train_dataset=dataset,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=make_collator(recipe.data, tokenizer),  # packed rows: position_ids, no cross-attention
         processing_class=tokenizer,
         callbacks=[progress],
     )
