@@ -51,7 +51,10 @@ class GenerationSettings:
                 raise LoraError(f"/params: {text!r} is not KEY=VALUE with a known key",
                                 f"keys: {', '.join(types)}; e.g. /params temperature=0.7 max_new_tokens=64")
             values[name] = _parse_setting(name, raw, types[name])
-        return GenerationSettings(**values)
+        try:
+            return GenerationSettings(**values)
+        except LoraError as e:
+            raise LoraError(f"/params: {e.message}", e.hint) from None
 
     def to_kwargs(self, tokenizer) -> dict:
         kwargs = {
@@ -233,6 +236,10 @@ class ChatSession:
     history: list[tuple[str, str]] = field(default_factory=list)
     transcript: list[dict] = field(default_factory=list)
     conversation: int = 1              # counts /reset, so the transcript shows where each began
+
+    def __post_init__(self):
+        if self.system:
+            self.transcript.append({"conversation": self.conversation, "role": "system", "content": self.system})
 
     @property
     def template(self):
