@@ -130,57 +130,15 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
 
 # --------------------------------------------------------------------------- adapters
 
-def linear_module_names(model) -> list[str]:
-    """Short names of the linear layers a LoRA can target, e.g. ['q_proj', 'v_proj', ...]."""
-    import torch
-
-    names = set()
-    for full, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def peft_config(lora_cfg):
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=lora_cfg.target_modules,
-        bias=lora_cfg.bias,
-        modules_to_save=lora_cfg.modules_to_save or None,
-    )
-
-
-def add_adapter(model, recipe):
-    """Wrap the base in a trainable PEFT adapter as the recipe describes."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if recipe.model.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
-    _check_modules_exist(model, recipe.lora)
-    try:
-        return get_peft_model(model, peft_config(recipe.lora))
-    except ValueError as e:
-        if "not found in the base model" in str(e) or "Target module" in str(e):
-            raise LoraError(f"lora.target_modules: {recipe.lora.target_modules!r} matches no module of the model",
-                            f"linear layers in this model: {', '.join(linear_module_names(model))}") from None
-        raise
-
-
-def _check_modules_exist(model, lora_cfg) -> None:
-    """peft ignores modules_to_save names that match nothing; a typo there would silently
-    train nothing extra, so refuse it."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
-    missing = [m for m in lora_cfg.modules_to_save if m not in names]
-    if missing:
-        top = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if not list(m.children())} - {""})
-        raise LoraError(f"lora.modules_to_save: {missing} match no module of the model",
-                        f"module names in this model include: {', '.join(top[:30])}")
+# Building adapters (methods, inits, target presets) lives in adapters.py; these names stay
+# importable from here, the one loading path.
+from lora_cli.adapters import (  # noqa: E402
+    adapted_module_names,
+    add_adapter,
+    describe_adapted_modules,
+    linear_module_names,
+    peft_config,
+)
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -49,14 +49,35 @@ class ModelConfig:
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = key(None, "Attention kernel; empty lets transformers choose (sdpa where it can).")
 
 
+# Presets from the hyperparameter guide, mapped to the model's own module names at load time
+# (Llama q_proj/v_proj, bloom query_key_value, gpt2 c_attn, ...) by lora_cli.adapters.
+TARGET_PRESETS = ("attention-qv", "attention", "all-linear")
+
+# The lora.* keys each method reads. Any other lora.* key written in the recipe is an error,
+# so an option never silently does nothing.
+_LOW_RANK_KEYS = frozenset({"r", "alpha", "dropout", "init", "target_modules", "bias", "modules_to_save"})
+METHOD_KEYS = {
+    "lora": _LOW_RANK_KEYS,
+    "dora": _LOW_RANK_KEYS,
+    "rslora": _LOW_RANK_KEYS,
+    "ia3": frozenset({"target_modules", "modules_to_save"}),
+    "prompt_tuning": frozenset({"num_virtual_tokens", "prompt_init_text"}),
+    "prefix_tuning": frozenset({"num_virtual_tokens"}),
+}
+
+
 @dataclass
 class LoraConfig:
+    method: Literal["lora", "dora", "rslora", "ia3", "prompt_tuning", "prefix_tuning"] = key("lora", "PEFT method: lora; dora (magnitude + direction); rslora (scale alpha/sqrt(r)); ia3 (learned scaling vectors); prompt_tuning / prefix_tuning (learned virtual tokens).")
     r: int = key(8, "Rank of the update B·A. More = more capacity and memory; 8-64 is usual.", min=1)
-    alpha: float = key(16, "Scaling numerator: the update is multiplied by alpha / r.", min=0)
+    alpha: float = key(16, "Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).", min=0)
     dropout: float = key(0.05, "Dropout on the LoRA input; 0.05-0.1 is usual, 0 for short runs.", min=0, max=1)
-    target_modules: Union[list[str], str] = key(None, "Modules to adapt: a list of names, 'all-linear', or a regex on full module names.", factory=lambda: ["q_proj", "v_proj"])
+    init: Literal["gaussian", "kaiming", "pissa", "olora"] = key("gaussian", "Start of A and B: gaussian = A ~ N(0, 1/r), B = 0 (the source article's LoRA); kaiming = peft's default (Kaiming-uniform A, B = 0); pissa / olora start from the base weights' SVD / QR (and change the base; redone at every load).")
+    target_modules: Union[list[str], str] = key(None, "Modules to adapt: 'attention-qv', 'attention', 'all-linear' (presets for any architecture), a list of names, or a regex on full module names.", factory=lambda: ["q_proj", "v_proj"])
     bias: Literal["none", "all", "lora_only"] = key("none", "Which biases train too: none, all, or those of adapted modules.")
     modules_to_save: list[str] = key(None, "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).", factory=list)
+    num_virtual_tokens: int = key(20, "prompt_tuning / prefix_tuning: learned virtual tokens put before every input.", min=1)
+    prompt_init_text: Optional[str] = key(None, "prompt_tuning: start the virtual tokens from this text's embeddings (empty = random).")
 
 
 @dataclass
@@ -311,7 +332,15 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
         elif meta.get("kind") == PATH and isinstance(value, list):  # several paths (data.path)
             value = [resolve_path(v, Path.cwd() if dotted in cli_paths else base_dir) for v in value]
         values[name] = value
-    return cls(**values)
+    built = cls(**values)
+    built._explicit = frozenset(k for k in raw if k in names)  # see explicit_keys()
+    return built
+
+
+def explicit_keys(section) -> frozenset:
+    """The keys of a built section that the recipe (or --set) wrote, as opposed to defaults."""
+    return getattr(section, "_explicit", frozenset())
+
 
 
 def resolve_path(value: str, base_dir: Path) -> str:
@@ -399,12 +428,13 @@ def cross_checks(r: Recipe) -> list[str]:
     tm = r.lora.target_modules
     if isinstance(tm, list) and not tm:
         problems.append("lora.target_modules: empty list; name modules (e.g. [q_proj, v_proj]) or use 'all-linear'")
-    if isinstance(tm, str) and tm != "all-linear":
+    if isinstance(tm, str) and tm not in TARGET_PRESETS:
         try:
             re.compile(tm)
         except re.error as e:
-            problems.append(f"lora.target_modules: {tm!r} is not a valid regex ({e}); "
-                            "use a list of names, 'all-linear', or a valid regex")
+            problems.append(f"lora.target_modules: {tm!r} is not a valid regex ({e}); use a list of names, "
+                            f"a preset ({', '.join(TARGET_PRESETS)}), or a valid regex")
+    problems += lora_method_problems(r)
     problems += data_problems(r.data)
     if r.train.max_steps == 0:
         problems.append("train.max_steps: 0 would train nothing; use -1 to run all epochs or a positive number")
@@ -413,9 +443,27 @@ def cross_checks(r: Recipe) -> list[str]:
     return problems
 
 
+def lora_method_problems(r: Recipe) -> list[str]:
+    """Options that the chosen lora.method (or the quantization) cannot use."""
+    lora, method = r.lora, r.lora.method
+    reads = METHOD_KEYS[method]
+    problems = [f"lora.{k}: does not apply to lora.method {method} (it reads: {', '.join(sorted(reads))}); "
+                f"remove lora.{k} or choose a method that uses it"
+                for k in sorted(explicit_keys(lora) - reads - {"method"})]
+    if lora.init == "pissa" and r.model.quantization != "none":
+        problems.append(f"lora.init: pissa needs the full-precision weights (peft takes their SVD), not a "
+                        f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
+    if lora.prompt_init_text is not None and not lora.prompt_init_text.strip():
+        problems.append("lora.prompt_init_text: empty text; write the text to start from, or remove the key for random tokens")
+    return problems
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe as YAML, saved beside every adapter."""
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
+    """The resolved recipe as YAML, saved beside every adapter. The lora section keeps only the
+    keys its method reads, so the saved recipe loads again as a recipe."""
+    data = recipe.to_dict()
+    data["lora"] = {k: v for k, v in data["lora"].items() if k == "method" or k in METHOD_KEYS[recipe.lora.method]}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def reference_markdown() -> str:

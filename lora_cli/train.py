@@ -122,7 +122,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     from transformers import set_seed
 
     from lora_cli.data import build_sft_data, configure_sampling, describe_example, make_collator
-    from lora_cli.model import format_parameter_counts, load_tokenizer, parameter_counts
+    from lora_cli.model import describe_adapted_modules, format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
     precision = _setup_precision(recipe)  # fail on impossible precision before loading anything
@@ -135,6 +135,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]base[/]    {recipe.model.name_or_path} (quantization: {recipe.model.quantization}, "
                   f"precision: {'bf16' if precision['bf16'] else 'fp16' if precision['fp16'] else 'fp32'})")
     console.print(f"[bold]adapter[/] {format_parameter_counts(trainable, total)}")
+    console.print(f"[bold]wrapped[/] {describe_adapted_modules(model)}")
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
     _print_example(console, dataset, tokenizer, describe_example)
     result = TrainResult(output_dir, trainable, total, stats.summary())
