@@ -342,6 +342,8 @@ class PackedCollator:
     """Batches of packed sequences: no attention_mask but position_ids that restart for every
     example. transformers then builds a block-diagonal causal mask (SDPA / eager) or takes the
     variable-length flash-attention path, so examples in one pack never attend to each other.
+    It does so only without a KV cache, and a model whose config says use_cache=True makes one
+    even in training, silently mixing the examples: hence use_cache=False in every batch.
     Padding becomes one more sequence of its own, with labels -100. Unpacked rows (the eval
     set) work too: each is one sequence."""
 
@@ -359,7 +361,7 @@ class PackedCollator:
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(positions + list(range(pad)))
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        return {**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}, "use_cache": False}
 
 
 def make_collator(data_cfg, tokenizer):
