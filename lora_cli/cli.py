@@ -33,14 +33,27 @@ def train(
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Load model, data and adapter, print the plan, train nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier lora run in output_dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its newest complete checkpoint.")] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(
+        "--resume-from", metavar="CHECKPOINT", help="Continue the run from this checkpoint-N folder of output_dir.")] = None,
 ):
-    """Fine-tune a LoRA / QLoRA adapter as the recipe says."""
+    """Fine-tune a LoRA / QLoRA adapter as the recipe says.
+
+    Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 130 / 143;
+    a non-finite loss stops the run with exit code 3."""
     from lora_cli.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.train import run_training
+    from lora_cli.train import TrainingStopped, run_training
 
-    run_training(r, dry_run=dry_run, overwrite=overwrite, console=console)
+    try:
+        run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=console,
+                     resume=str(resume_from) if resume_from else "latest" if resume else None)
+    except TrainingStopped as e:
+        if e.exit_code == 2:
+            raise
+        err_console.print(f"[bold yellow]stopped:[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(e.exit_code) from None
 
 
 @app.command()
@@ -274,7 +287,8 @@ def run(argv: list[str] | None = None) -> int:
     import click
 
     try:
-        app(args=argv, standalone_mode=False, prog_name="lora")
+        # without standalone mode, click returns the code of a typer.Exit instead of raising it
+        code = app(args=argv, standalone_mode=False, prog_name="lora")
     except LoraError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return e.exit_code
@@ -289,7 +303,7 @@ def run(argv: list[str] | None = None) -> int:
     except click.exceptions.ClickException as e:  # usage errors: unknown option, missing argument
         e.show()
         return e.exit_code
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 def main() -> None:

@@ -181,6 +181,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "Mixed precision; auto = bf16 on a GPU that has it, fp32 on CPU.")
     gradient_checkpointing: bool = key(False, "Recompute activations in backward: much less memory, ~30% slower.")
     seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.")
+    eval_steps: int = key(0, "Evaluate on the eval split (data.val_path / val_fraction) every N optimizer steps; 0 = once per epoch.", min=0)
+    report_to: list[Literal["tensorboard", "wandb"]] = key(None, "Also log to these trackers (each must be installed): tensorboard, wandb.", factory=list)
+    fsdp: str = key("", "FSDP sharding for multi-GPU runs, as TrainingArguments.fsdp: e.g. 'full_shard auto_wrap'; empty = DDP.")
+    fsdp_config: Optional[str] = key(None, "JSON file of FSDP options (TrainingArguments.fsdp_config), relative to the recipe.", kind=PATH)
+    deepspeed: Optional[str] = key(None, "DeepSpeed ZeRO config JSON (e.g. recipes/deepspeed/zero2.json), relative to the recipe.", kind=PATH)
 
 
 @dataclass
@@ -440,6 +445,7 @@ def cross_checks(r: Recipe) -> list[str]:
         problems.append("train.max_steps: 0 would train nothing; use -1 to run all epochs or a positive number")
     if r.train.max_steps < 0 and r.train.epochs == 0:
         problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
+    problems += _parallel_checks(r.train)
     return problems
 
 
@@ -455,6 +461,27 @@ def lora_method_problems(r: Recipe) -> list[str]:
                         f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
     if lora.prompt_init_text is not None and not lora.prompt_init_text.strip():
         problems.append("lora.prompt_init_text: empty text; write the text to start from, or remove the key for random tokens")
+    return problems
+
+
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload", "auto_wrap")
+
+
+def _parallel_checks(t: TrainConfig) -> list[str]:
+    """train.fsdp / fsdp_config / deepspeed: one engine at a time, files that exist."""
+    problems = []
+    unknown = [w for w in t.fsdp.split() if w not in FSDP_OPTIONS]
+    if unknown:
+        problems.append(f"train.fsdp: unknown option(s) {unknown}; use words from {', '.join(FSDP_OPTIONS)} "
+                        "(e.g. 'full_shard auto_wrap')")
+    if t.fsdp and t.deepspeed:
+        problems.append("train.fsdp and train.deepspeed are both set; choose one sharding engine")
+    if t.fsdp_config and not t.fsdp:
+        problems.append("train.fsdp_config is set but train.fsdp is empty; set train.fsdp (e.g. 'full_shard auto_wrap')")
+    for name in ("fsdp_config", "deepspeed"):
+        value = getattr(t, name)
+        if value and not Path(value).is_file():
+            problems.append(f"train.{name}: {value} does not exist; give a JSON file (relative to the recipe's folder)")
     return problems
 
 

@@ -1,0 +1,185 @@
+"""Checkpoints that are either whole or absent, and picking one to resume from.
+
+A checkpoint is written into output_dir/.staging/checkpoint-N, gets a completion marker, and
+only then is renamed to output_dir/checkpoint-N (a rename within one filesystem is atomic).
+A crash, a full disk or a kill at any moment therefore leaves either the previous checkpoints
+untouched or a new complete one; never a half-written folder that resume would trust.
+Nothing here imports torch, so resume checks answer before anything heavy loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from lora_cli.errors import LoraError
+
+PREFIX = "checkpoint"
+MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder
+STAGING = ".staging"                      # beside the checkpoints, so the rename stays on one filesystem
+FINAL_ADAPTER = "adapter_config.json"     # its presence in output_dir means the run finished
+_STEP = re.compile(rf"^{PREFIX}-(\d+)$")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    m = _STEP.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: Path) -> bool:
+    return checkpoint_step(path) is not None and (Path(path) / MARKER).is_file()
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Folders without the marker are ignored."""
+    if not Path(output_dir).is_dir():
+        return []
+    found = [p for p in Path(output_dir).iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_complete(output_dir: Path) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+# --------------------------------------------------------------------------- writing
+
+def staging_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / STAGING
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not sync directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder so that an interruption cannot leave a half-deleted checkpoint that still
+    looks complete: rename it out of the checkpoint namespace first, then delete."""
+    trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def publish(staged: Path, output_dir: Path, step: int) -> Path:
+    """Mark the staged checkpoint complete and move it into place as checkpoint-<step>."""
+    marker = staged / MARKER
+    with marker.open("w", encoding="utf-8") as f:
+        json.dump({"step": step, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "files": sorted(p.name for p in staged.iterdir() if p.name != MARKER)}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(staged)
+    final = Path(output_dir) / f"{PREFIX}-{step}"
+    if final.exists():  # resumed from an older checkpoint: this step is being written again
+        _remove(final)
+    os.rename(staged, final)
+    _fsync_dir(Path(output_dir))
+    try:
+        staged.parent.rmdir()  # the staging folder is only there while a save is under way
+    except OSError:
+        pass
+    return final
+
+
+def rotate(output_dir: Path, keep: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep`; return what was removed."""
+    if keep is None:
+        return []
+    done = complete_checkpoints(output_dir)
+    doomed = done[: max(0, len(done) - keep)]
+    for path in doomed:
+        _remove(path)
+    return doomed
+
+
+def clear_leftovers(output_dir: Path) -> None:
+    """Staging and trash folders left by an interrupted save: never resumable, safe to drop."""
+    for path in Path(output_dir).glob(".trash-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- resuming
+
+def resolve_resume(output_dir: Path, resume: str) -> Path:
+    """The checkpoint to continue from: `resume` is 'latest' (--resume: the newest complete
+    checkpoint in output_dir) or a path (--resume-from) to output_dir or one checkpoint-N in it."""
+    output_dir = Path(output_dir).resolve()
+    if resume == "latest":
+        where = output_dir
+    else:
+        where = Path(resume).expanduser().resolve()
+        if not where.exists():
+            raise LoraError(f"--resume-from: {resume} does not exist",
+                            f"pass a checkpoint-N folder inside {output_dir}, or --resume for the newest")
+    if where == output_dir:
+        if not output_dir.is_dir():
+            raise LoraError(f"--resume: output_dir {output_dir} does not exist, so there is no run to resume",
+                            "drop --resume to start the run")
+        found = newest_complete(output_dir)
+        if found is None:
+            partial = sorted(p.name for p in output_dir.glob(f"{PREFIX}-*"))
+            extra = f" ({', '.join(partial)} lack the completion marker {MARKER})" if partial else ""
+            raise LoraError(f"--resume: {output_dir} holds no complete checkpoint{extra}",
+                            "start again with --overwrite, or set train.save_steps so runs leave checkpoints")
+        return found
+    if where.parent != output_dir:
+        raise LoraError(f"--resume-from: {where} is not a checkpoint of this recipe's output_dir ({output_dir})",
+                        f"resume inside its own run: --set output_dir={where.parent}")
+    if not is_complete(where):
+        raise LoraError(f"--resume-from: {where} is not a complete checkpoint (no {MARKER}); "
+                        "it was cut off while being written",
+                        "resume from the newest complete one with --resume")
+    return where
+
+
+# Keys that may change between the first run and its resumption: they steer bookkeeping,
+# not the numbers the run computes.
+RESUME_MAY_DIFFER = {"output_dir", "train.logging_steps", "train.save_steps", "train.save_total_limit",
+                     "train.eval_steps", "train.report_to"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_differences(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> now' for every key that matters and differs. Keys the saved recipe does
+    not have (written by an older lora) are not compared."""
+    old, new = _flatten(saved), _flatten(current)
+    return [f"{k}: {old[k]!r} -> {new.get(k)!r}" for k in sorted(old)
+            if k not in RESUME_MAY_DIFFER and k in new and old[k] != new[k]]
+
+
+def check_same_run(saved_recipe_file: Path, current: dict) -> None:
+    if not saved_recipe_file.is_file():
+        raise LoraError(f"--resume: {saved_recipe_file.parent} was not written by `lora train` (no {saved_recipe_file.name})",
+                        "resume only runs started by lora train")
+    saved = yaml.safe_load(saved_recipe_file.read_text(encoding="utf-8")) or {}
+    diffs = recipe_differences(saved, current)
+    if diffs:
+        raise LoraError("--resume: the recipe differs from the one this run started with, so the run would not "
+                        "continue the same way:\n    " + "\n    ".join(diffs),
+                        f"resume with the saved recipe: lora train {saved_recipe_file} --resume "
+                        "(or start a new run in another output_dir)")

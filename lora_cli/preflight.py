@@ -1,0 +1,148 @@
+"""Checks made before a run spends anything: each one catches, in seconds, a problem that would
+otherwise surface after the model has loaded, or at the first checkpoint hours later."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lora_cli.errors import LoraError
+
+# Packages that train.report_to names, and the module that proves each is installed.
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def _importable(*names: str) -> bool:
+    for name in names:
+        try:
+            importlib.import_module(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def precision_flags(recipe) -> dict:
+    """TrainingArguments' bf16/fp16 flags, refusing combinations the hardware cannot run."""
+    import torch
+
+    want = recipe.train.precision
+    cuda = torch.cuda.is_available()
+    if want == "auto":
+        want = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if want == "fp16" and not cuda:
+        raise LoraError("train.precision: fp16 needs a CUDA GPU; this machine has none",
+                        "use precision: fp32 (or auto) on CPU")
+    if want == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise LoraError("train.precision: bf16 is not supported by this GPU (it needs compute capability 8.0+)",
+                        "use precision: fp16 (or auto)")
+    return {"bf16": want == "bf16", "fp16": want == "fp16"}
+
+
+def nearest_existing(path: Path) -> Path:
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable(output_dir: Path) -> None:
+    """Create and delete a file where output_dir is (or will be). os.access is not enough:
+    it says yes to root on a read-only mount."""
+    output_dir = Path(output_dir)
+    anchor = nearest_existing(output_dir)
+    if not anchor.is_dir():
+        raise LoraError(f"output_dir: {output_dir} cannot be created because {anchor} is a file",
+                        "choose an output_dir whose parents are folders")
+    try:
+        with tempfile.NamedTemporaryFile(dir=anchor, prefix=".lora-write-test-"):
+            pass
+    except OSError as e:
+        raise LoraError(f"output_dir: cannot write in {anchor} ({e.strerror or e})",
+                        "choose an output_dir you can write to (--set output_dir=...)") from None
+
+
+def check_packages(recipe) -> list[str]:
+    """Optional packages the recipe needs; every missing one is listed."""
+    problems = []
+    if recipe.model.quantization != "none" and not _importable("bitsandbytes"):
+        problems.append(f"model.quantization: {recipe.model.quantization} needs bitsandbytes, which is not installed; "
+                        "pip install bitsandbytes, or set model.quantization: none")
+    for name in recipe.train.report_to:
+        if not _importable(*REPORTERS[name]):
+            problems.append(f"train.report_to: {name} is not installed; pip install {name}, "
+                            f"or remove it from train.report_to")
+    if recipe.train.deepspeed and not _importable("deepspeed"):
+        problems.append("train.deepspeed: the deepspeed package is not installed; pip install deepspeed, "
+                        "or remove train.deepspeed")
+    return problems
+
+
+def check_before_loading(recipe) -> dict:
+    """Everything that can be known before loading the model. Returns the precision flags."""
+    check_writable(Path(recipe.output_dir))
+    problems = check_packages(recipe)
+    if problems:
+        raise LoraError("this recipe needs packages that are missing:\n    " + "\n    ".join(problems))
+    return precision_flags(recipe)
+
+
+# --------------------------------------------------------------------------- disk
+
+MIB = 1 << 20
+# Per checkpoint: the trainable weights, AdamW's two moments of the same size (3x in all), plus
+# the tokenizer the Trainer copies in and a margin for scheduler, RNG and trainer state.
+OPTIMIZER_FACTOR = 3
+CHECKPOINT_OVERHEAD = 2 * MIB
+
+
+def planned_checkpoints(save_total_limit: int | None, planned_saves: int) -> int:
+    """How many checkpoints sit on disk at the worst moment: those kept, plus the one being
+    staged before the oldest is rotated out."""
+    kept = planned_saves if save_total_limit is None else min(save_total_limit, planned_saves)
+    return kept + 1
+
+
+def required_bytes(adapter_bytes: int, tokenizer_bytes: int, checkpoints: int) -> int:
+    per_checkpoint = OPTIMIZER_FACTOR * adapter_bytes + tokenizer_bytes + CHECKPOINT_OVERHEAD
+    return checkpoints * per_checkpoint + adapter_bytes + tokenizer_bytes  # + the final adapter
+
+
+def check_disk(output_dir: Path, adapter_bytes: int, tokenizer_bytes: int, save_total_limit: int | None,
+               planned_saves: int) -> int:
+    """Refuse a run whose checkpoints will not fit. Returns the bytes it needs."""
+    need = required_bytes(adapter_bytes, tokenizer_bytes, planned_checkpoints(save_total_limit, planned_saves))
+    anchor = nearest_existing(Path(output_dir))
+    free = shutil.disk_usage(anchor).free
+    if free < need:
+        raise LoraError(
+            f"output_dir: {anchor} has {free / MIB:,.1f} MiB free, but this run needs about {need / MIB:,.1f} MiB "
+            f"for its checkpoints ({planned_checkpoints(save_total_limit, planned_saves)} at once, each the adapter "
+            f"({adapter_bytes / MIB:,.1f} MiB) x{OPTIMIZER_FACTOR} for optimizer state, plus tokenizer) and the final adapter",
+            "free some space, lower train.save_total_limit, save less often (train.save_steps), "
+            "or choose an output_dir on a larger disk")
+    return need
+
+
+def trainable_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens")
+UNKNOWN_TOKENIZER_BYTES = 32 * MIB  # a hub id: not on disk yet, so assume a large tokenizer
+
+
+def tokenizer_bytes(name_or_path: str) -> int:
+    """Size of the tokenizer files each checkpoint copies; a guess for models not on disk."""
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        return UNKNOWN_TOKENIZER_BYTES
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and (p.name.startswith(TOKENIZER_FILES) or p.suffix == ".model"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
