@@ -241,6 +241,25 @@ def estimate(
     print_estimate(estimate_recipe(r, budget=limit), r, console)
 
 
+@app.command()
+def sweep(
+    recipe: RecipePath,
+    ranks: Annotated[str, typer.Option("--ranks", help="Ranks to train, e.g. 4,8,16,32,64.")],
+    set_: SetOption = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Knee: the smallest rank after which doubling improves the loss by less than this share.")] = 0.02,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of loss and parameters against rank (default: output_dir/sweep.png).")] = None,
+):
+    """Train the recipe at several ranks (output_dir/r{rank}) and find the knee; reruns skip finished ranks."""
+    from lora_cli.recipe import load_recipe
+    from lora_cli.sweep import parse_ranks
+
+    rank_list = parse_ranks(ranks)
+    r = load_recipe(recipe, set_ or [])
+    from lora_cli.sweep import print_sweep, run_sweep
+
+    print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, console=console), console)
+
+
 @app.command("build-tiny")
 def build_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder for the model.")] = Path("models/tiny-llama"),
