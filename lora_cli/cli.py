@@ -260,6 +260,22 @@ def sweep(
     print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, console=console), console)
 
 
+@app.command()
+def analyze(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (a run's output_dir, a checkpoint, or a `lora save` export).")],
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-module PNG of effective ranks and update norms.")] = None,
+    base: BaseOption = None,
+    no_base: Annotated[bool, typer.Option("--no-base", help="Skip loading the base (no ||dW|| / ||W|| column).")] = False,
+):
+    """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
+    from lora_cli.analyze import analyze_adapter, plot_analysis, print_analysis
+
+    result = analyze_adapter(adapter, base=base, with_base=not no_base)
+    print_analysis(result, console)
+    if plot is not None:
+        console.print(f"[bold]plot[/]    {plot_analysis(result, plot)}")
+
+
 @app.command("build-tiny")
 def build_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder for the model.")] = Path("models/tiny-llama"),
