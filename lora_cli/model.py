@@ -80,8 +80,10 @@ def _first_line(e: BaseException) -> str:
 
 # --------------------------------------------------------------------------- base model
 
-def quantization_config(model_cfg):
-    """BitsAndBytesConfig for the recipe, or None. 4bit is QLoRA: NF4 with double quantization."""
+def quantization_config(model_cfg, sharded: bool = False):
+    """BitsAndBytesConfig for the recipe, or None. 4bit is QLoRA: NF4 with double quantization.
+    sharded (FSDP / DeepSpeed ZeRO-3): the packed 4-bit weights are stored in the model's dtype,
+    as the peft/bitsandbytes FSDP-QLoRA recipe requires, so they flatten with the other weights."""
     if model_cfg.quantization == "none":
         return None
     try:
@@ -98,12 +100,14 @@ def quantization_config(model_cfg):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=resolve_dtype(model_cfg.dtype),
+        **({"bnb_4bit_quant_storage": resolve_dtype(model_cfg.dtype)} if sharded else {}),
     )
 
 
-def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str | None = None):
+def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str | None = None,
+                    sharded: bool = False):
     """AutoModelForCausalLM from a folder or hub id. quantize=False reloads a QLoRA base in full
-    precision (what merging needs)."""
+    precision (what merging needs). sharded: FSDP / ZeRO-3 will place the weights, so no device_map."""
     quiet_libraries()
     from transformers import AutoModelForCausalLM
 
@@ -113,10 +117,11 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     }
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    qconfig = quantization_config(model_cfg) if quantize else None
+    qconfig = quantization_config(model_cfg, sharded) if quantize else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": device or local_device()}
+        if not sharded:
+            kwargs["device_map"] = {"": device or local_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as e:

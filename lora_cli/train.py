@@ -156,6 +156,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # lets torchrun on CPU machines form a gloo DDP group
         **save,
         **evaluate,
         **parallel,
@@ -166,7 +167,8 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
 def _setup_model(recipe: Recipe):
     from lora_cli.model import add_adapter, load_base_model
 
-    model = load_base_model(recipe.model)
+    sharded = bool(recipe.train.fsdp or recipe.train.deepspeed)  # QLoRA + FSDP / ZeRO-3 storage dtype
+    model = load_base_model(recipe.model, sharded=sharded)
     return add_adapter(model, recipe)
 
 
@@ -221,9 +223,11 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         return result
     _check_disk(recipe, model, planned)
 
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()  # joins the process group under torchrun / accelerate launch
+    # Joins the process group under torchrun / accelerate launch (gloo on CPU, nccl on GPUs).
+    state = PartialState(cpu=not torch.cuda.is_available())
     if state.is_main_process:
         if checkpoint is None:
             replace_output_dir(output_dir)

@@ -247,3 +247,15 @@ def test_trust_remote_code_off_unless_recipe_says(tmp_path, tiny_random, monkeyp
         with pytest.raises(Exception):
             load_base_model(ModelConfig(name_or_path=str(tiny_random), trust_remote_code=flag))
     assert seen == [False, True]
+
+
+def test_qlora_storage_dtype_follows_sharding():
+    """FSDP / ZeRO-3 QLoRA stores the 4-bit weights in the model dtype (peft/bitsandbytes recipe)."""
+    import torch
+
+    from lora_cli.model import quantization_config
+    from lora_cli.recipe import ModelConfig
+
+    cfg = ModelConfig(name_or_path="m", quantization="4bit", dtype="bfloat16")
+    assert quantization_config(cfg, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8

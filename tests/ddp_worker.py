@@ -1,0 +1,29 @@
+"""Run `lora` as one rank of a torchrun job, and afterwards save this rank's trainable weights
+(test-only hook: the product writes only rank 0's adapter, so ranks are compared here)."""
+
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    import torch
+
+    from lora_cli import train as train_module
+    from lora_cli.cli import run
+
+    dump = Path(os.environ["LORA_TEST_RANK_DUMP"])
+    original = train_module.SafeTrainer.train
+
+    def train_and_dump(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        weights = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        torch.save(weights, dump / f"rank{os.environ['RANK']}.pt")
+        return out
+
+    train_module.SafeTrainer.train = train_and_dump
+    return run(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

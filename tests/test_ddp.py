@@ -1,0 +1,57 @@
+"""`lora train` unchanged under torchrun: 2 processes on CPU (gloo DDP) agree, only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
+    import torch
+    from safetensors.torch import load_file
+
+    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 3, "save_steps": 2})
+    dump = tmp_path / "ranks"
+    dump.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_TEST_RANK_DUMP": str(dump), "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "ddp_worker.py"), "train", str(recipe)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # both ranks trained the same weights (gradients all-reduced), and they moved
+    rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert any(t.abs().sum() > 0 for n, t in rank0.items() if "lora_B" in n)
+
+    # the saved adapter is rank 0's weights
+    run = tmp_path / "run"
+    saved = load_file(str(run / "adapter_model.safetensors"))
+    assert {n.replace(".default", "") for n in rank0} == set(saved)
+    for name, tensor in rank0.items():
+        assert torch.equal(saved[name.replace(".default", "")], tensor)
+
+    # only rank 0 printed and wrote: one record per step, one "saved" line
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert proc.stdout.count("adapter saved to") == 1
+    assert proc.stdout.count("base    ") == 1
+    # the checkpoint holds each rank's RNG state, so a resumed DDP run continues the same way
+    ckpt = run / "checkpoint-2"
+    assert {p.name for p in ckpt.glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert (ckpt / "lora_checkpoint_complete.json").is_file()
+    # per-device batch 2 x 2 ranks: an epoch of 16 rows is 4 steps, so 3 steps = 0.75 epochs
+    assert rows[-1]["epoch"] == pytest.approx(0.75)
