@@ -338,14 +338,14 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
             value = [resolve_path(v, Path.cwd() if dotted in cli_paths else base_dir) for v in value]
         values[name] = value
     built = cls(**values)
-    built._explicit = frozenset(k for k in raw if k in names)  # see explicit_keys()
+    built._explicit = frozenset(k for k in raw if k in names and raw[k] is not None)  # see explicit_keys()
     return built
 
 
 def explicit_keys(section) -> frozenset:
-    """The keys of a built section that the recipe (or --set) wrote, as opposed to defaults."""
+    """The keys of a built section that the recipe (or --set) wrote, as opposed to defaults.
+    An empty value (`key:` or --set key=null) counts as not written."""
     return getattr(section, "_explicit", frozenset())
-
 
 
 def resolve_path(value: str, base_dir: Path) -> str:

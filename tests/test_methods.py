@@ -74,8 +74,9 @@ def test_options_a_method_does_not_read_are_errors_all_at_once(tmp_path):
     assert keys_of({"method": "lora", "num_virtual_tokens": 10}) == {"lora.num_virtual_tokens"}
     assert keys_of({"method": "prompt_tuning", "target_modules": "all-linear", "alpha": 32}) == {"lora.target_modules", "lora.alpha"}
     assert keys_of({"method": "prefix_tuning", "prompt_init_text": "hi"}) == {"lora.prompt_init_text"}
-    # A default that the recipe does not write is fine for every method.
+    # A default that the recipe does not write is fine for every method, and so is an empty value.
     assert recipe_from_dict(raw_recipe(tmp_path, {"method": "prefix_tuning"})).lora.r == 8
+    assert recipe_from_dict(raw_recipe(tmp_path, {"method": "prefix_tuning", "prompt_init_text": None})).lora.method == "prefix_tuning"
 
 
 def test_pissa_on_a_quantized_base_is_refused(tmp_path):
