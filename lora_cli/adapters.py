@@ -194,6 +194,21 @@ def _check_modules_exist(model, lora_cfg) -> None:
                         f"module names in this model include: {', '.join(top[:30])}")
 
 
+def refuse_base_changing_with_others(infos: dict) -> None:
+    """A pissa / olora adapter rewrites the base when peft loads it (W - B0·A0); any other adapter
+    loaded beside it would run on those rewritten weights, and peft only warns. So it loads alone.
+    `infos`: adapter name -> model.AdapterInfo."""
+    if len(infos) < 2:
+        return
+    changing = [n for n, i in infos.items()
+                if str(i.config.get("init_lora_weights")).lower().startswith(tuple(BASE_CHANGING_INITS))]
+    if changing:
+        raise LoraError(f"adapter {changing[0]!r} was trained with lora.init "
+                        f"{infos[changing[0]].config['init_lora_weights']}, which rewrites the base weights "
+                        "when it is loaded, so no other adapter can share that base",
+                        "load it alone (one --adapter), or train it with lora.init gaussian or kaiming")
+
+
 # --------------------------------------------------------------------------- what was wrapped
 
 def adapted_module_names(model) -> list[str]:

@@ -143,6 +143,7 @@ from lora_cli.adapters import (  # noqa: E402
     describe_adapted_modules,
     linear_module_names,
     peft_config,
+    refuse_base_changing_with_others,
 )
 
 
@@ -239,6 +240,7 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
     else:
         model_cfg = inference_model_config(first, base, quantization)
         _check_same_base(infos)
+        refuse_base_changing_with_others(infos)
     device = device or local_device()
     tokenizer_source = str(first.path) if first and (first.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
     tokenizer = load_tokenizer(tokenizer_source, model_cfg.trust_remote_code)

@@ -269,3 +269,20 @@ def test_reload_reproduces_the_trained_model_even_when_init_changed_the_base(ini
         base = AutoModelForCausalLM.from_pretrained(tiny_random)(input_ids=ids).logits
     torch.testing.assert_close(reloaded, trained, atol=1e-5, rtol=1e-4)
     assert (trained - base).abs().max() > 1e-4
+
+
+def test_a_base_changing_adapter_is_not_loaded_beside_another(tiny_random, tmp_path, cli):
+    """peft only warns; the second adapter would run on pissa's rewritten base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    for name, init in (("plain", "gaussian"), ("pissa", "pissa")):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_random),
+                               LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+        model.save_pretrained(tmp_path / name)
+    res = cli("generate", "--adapter", f"a={tmp_path / 'plain'}", "--adapter", f"b={tmp_path / 'pissa'}", "hi")
+    assert res.code == 2, res
+    assert "adapter 'b' was trained with lora.init pissa, which rewrites the base weights" in res.err
+    assert "Traceback" not in res.err
+    res = cli("generate", "--adapter", tmp_path / "pissa", "--max-new-tokens", "2", "hi")
+    assert res.code == 0, res  # alone it loads (peft redoes the SVD on the original base)
