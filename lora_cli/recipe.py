@@ -459,29 +459,12 @@ def lora_method_problems(r: Recipe) -> list[str]:
     if lora.init == "pissa" and r.model.quantization != "none":
         problems.append(f"lora.init: pissa needs the full-precision weights (peft takes their SVD), not a "
                         f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
+    if method == "prefix_tuning" and r.train.gradient_checkpointing:
+        problems.append("lora.method: prefix_tuning cannot run with train.gradient_checkpointing (peft feeds the prefix "
+                        "in as a key/value cache, which checkpointing turns off); set train.gradient_checkpointing: "
+                        "false or use prompt_tuning")
     if lora.prompt_init_text is not None and not lora.prompt_init_text.strip():
         problems.append("lora.prompt_init_text: empty text; write the text to start from, or remove the key for random tokens")
-    return problems
-
-
-FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload", "auto_wrap")
-
-
-def _parallel_checks(t: TrainConfig) -> list[str]:
-    """train.fsdp / fsdp_config / deepspeed: one engine at a time, files that exist."""
-    problems = []
-    unknown = [w for w in t.fsdp.split() if w not in FSDP_OPTIONS]
-    if unknown:
-        problems.append(f"train.fsdp: unknown option(s) {unknown}; use words from {', '.join(FSDP_OPTIONS)} "
-                        "(e.g. 'full_shard auto_wrap')")
-    if t.fsdp and t.deepspeed:
-        problems.append("train.fsdp and train.deepspeed are both set; choose one sharding engine")
-    if t.fsdp_config and not t.fsdp:
-        problems.append("train.fsdp_config is set but train.fsdp is empty; set train.fsdp (e.g. 'full_shard auto_wrap')")
-    for name in ("fsdp_config", "deepspeed"):
-        value = getattr(t, name)
-        if value and not Path(value).is_file():
-            problems.append(f"train.{name}: {value} does not exist; give a JSON file (relative to the recipe's folder)")
     return problems
 
 

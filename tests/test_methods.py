@@ -79,6 +79,14 @@ def test_options_a_method_does_not_read_are_errors_all_at_once(tmp_path):
     assert recipe_from_dict(raw_recipe(tmp_path, {"method": "prefix_tuning", "prompt_init_text": None})).lora.method == "prefix_tuning"
 
 
+def test_prefix_tuning_with_gradient_checkpointing_is_refused(tmp_path):
+    raw = raw_recipe(tmp_path, {"method": "prefix_tuning"}) | {"train": {"gradient_checkpointing": True}}
+    with pytest.raises(RecipeError) as exc:
+        recipe_from_dict(raw)
+    assert exc.value.problems == [p for p in exc.value.problems if p.startswith("lora.method: prefix_tuning cannot run")]
+    assert len(exc.value.problems) == 1
+
+
 def test_pissa_on_a_quantized_base_is_refused(tmp_path):
     with pytest.raises(RecipeError) as exc:
         recipe_from_dict(raw_recipe(tmp_path, {"init": "pissa"}, quantization="4bit"))
