@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from lora_cli.errors import DataError
 from lora_cli.formats import alpaca_conversation, parse_rows, read_rows, read_source  # noqa: F401 (read_rows: tiny.py)
-from lora_cli.template import IGNORE_INDEX, adds_bos, conversation_segments, encode_segments, resolve_template
+from lora_cli.template import (IGNORE_INDEX, adds_bos, conversation_segments, encode_segments, resolve_template,
+                               tokenize_texts)
 
 MIN_TOKENS = 2  # a sequence needs two tokens for one next-token prediction
 
@@ -100,8 +101,10 @@ def _last_supervised_start(labels: list[int]) -> int:
 # --------------------------------------------------------------------------- tokenising
 
 def _example(ids: list[int], labels: list[int]) -> dict:
-    labels = [IGNORE_INDEX] + labels[1:]  # position 0 is never predicted (nothing precedes it)
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+    """An example; no attention_mask (all ones until the collator pads)."""
+    if labels and labels[0] != IGNORE_INDEX:
+        labels = [IGNORE_INDEX] + labels[1:]  # position 0 is never predicted (nothing precedes it)
+    return {"input_ids": ids, "labels": labels}
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, template, max_length: int,
@@ -113,7 +116,7 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, template,
     stats = DataStats(rows=len(conversations))
     per_row = [conversation_segments(spec, c, tokenizer, train_on=train_on) for c in conversations]
     texts = [s.text for segments in per_row for s in segments]
-    token_lists = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    token_lists = tokenize_texts(tokenizer, texts)
     bos = adds_bos(tokenizer)
     examples, at = [], 0
     for conversation, segments in zip(conversations, per_row):
@@ -122,14 +125,14 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, template,
             stats.dropped["empty answer"] += 1
             continue
         ids, labels = encode_segments(tokenizer, segments, pieces, bos)
-        split = _last_supervised_start(labels)
-        pairs = list(zip(ids, labels))
-        prompt, response, cut = fit_to_length(pairs[:split], pairs[split:], max_length, keep_first=1 if bos else 0)
-        if cut:
+        if len(ids) > max_length:
+            split = _last_supervised_start(labels)
+            pairs = list(zip(ids, labels))  # cut ids and labels together
+            prompt, response, cut = fit_to_length(pairs[:split], pairs[split:], max_length, keep_first=1 if bos else 0)
             stats.truncated[cut] += 1
-        kept = prompt + response
-        example = _example([t for t, _ in kept], [label for _, label in kept])
-        supervised = sum(1 for t in example["labels"] if t != IGNORE_INDEX)
+            ids, labels = [t for t, _ in prompt + response], [label for _, label in prompt + response]
+        example = _example(ids, labels)
+        supervised = len(example["labels"]) - example["labels"].count(IGNORE_INDEX)
         if not supervised:
             stats.dropped["no supervised token left after truncation"] += 1
             continue
@@ -151,7 +154,7 @@ def tokenize_documents(documents: list[str], tokenizer, max_length: int):
     cut into max_length chunks (the first token of a chunk has no context to be predicted from)."""
     stats = DataStats(rows=len(documents))
     bos = adds_bos(tokenizer)
-    token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
+    token_lists = tokenize_texts(tokenizer, documents)
     examples = []
     for doc, toks in zip(documents, token_lists):
         if not doc.strip():
@@ -262,7 +265,7 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
 class SFTData:
     """What the trainer gets: tokenised training rows, held-out rows (None when the recipe
     names no validation data), and what happened to the rows on the way."""
-    train: object  # datasets.Dataset with input_ids / attention_mask / labels / length (+ position_ids when packed)
+    train: object  # datasets.Dataset with input_ids / labels / length (+ position_ids when packed)
     eval: object | None
     stats: DataStats
     eval_stats: DataStats | None = None
@@ -325,15 +328,18 @@ class PadCollator:
     def __call__(self, features: list[dict]):
         import torch
 
+        if "position_ids" in features[0]:
+            raise ValueError("packed rows need PackedCollator (data.make_collator), or their examples would attend to each other")
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             longest = (longest + m - 1) // m * m
         batch = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in features:
-            pad = longest - len(f["input_ids"])
+            n = len(f["input_ids"])
+            pad = longest - n
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
-            batch["attention_mask"].append(list(f["attention_mask"]) + [0] * pad)
+            batch["attention_mask"].append([1] * n + [0] * pad)
             batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 

@@ -328,3 +328,10 @@ def test_preview_shows_rows_histogram_share_and_counts(tmp_path, cli, tiny_rando
     assert "lengths" in r.out and "█" in r.out
     assert "13 read, 13 kept, 1 truncated, 0 dropped" in r.out and "truncated (prompt): 1" in r.out
     assert "tokens (" in r.out and "13 examples -> " in r.out and "sequences of <= 64 tokens" in r.out
+
+
+def test_batched_backend_tokenisation_equals_the_tokenizer_call(tok):
+    from lora_cli.template import tokenize_texts
+
+    texts = [r["instruction"] for r in demo_rows(20)] + ["System: 你好\n\n", "", "Human: hi\n\nAssistant: "] * 2
+    assert tokenize_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
