@@ -449,6 +449,27 @@ def cross_checks(r: Recipe) -> list[str]:
     return problems
 
 
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload", "auto_wrap")
+
+
+def _parallel_checks(t: TrainConfig) -> list[str]:
+    """train.fsdp / fsdp_config / deepspeed: one engine at a time, files that exist."""
+    problems = []
+    unknown = [w for w in t.fsdp.split() if w not in FSDP_OPTIONS]
+    if unknown:
+        problems.append(f"train.fsdp: unknown option(s) {unknown}; use words from {', '.join(FSDP_OPTIONS)} "
+                        "(e.g. 'full_shard auto_wrap')")
+    if t.fsdp and t.deepspeed:
+        problems.append("train.fsdp and train.deepspeed are both set; choose one sharding engine")
+    if t.fsdp_config and not t.fsdp:
+        problems.append("train.fsdp_config is set but train.fsdp is empty; set train.fsdp (e.g. 'full_shard auto_wrap')")
+    for name in ("fsdp_config", "deepspeed"):
+        value = getattr(t, name)
+        if value and not Path(value).is_file():
+            problems.append(f"train.{name}: {value} does not exist; give a JSON file (relative to the recipe's folder)")
+    return problems
+
+
 def lora_method_problems(r: Recipe) -> list[str]:
     """Options that the chosen lora.method (or the quantization) cannot use."""
     lora, method = r.lora, r.lora.method
