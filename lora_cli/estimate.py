@@ -271,9 +271,8 @@ def weights_row(recipe: Recipe, model, quantized: dict) -> tuple[str, int, str]:
             total += p.numel() * p.element_size()
     q = recipe.model.quantization
     how = {"none": f"{str(storage_dtype(recipe)).removeprefix('torch.')}",
-           "4bit": f"NF4 + double quantization ({NF4_BITS_PER_PARAM:.3f} bits/weight) on {len(quantized)} linear layers, "
-                   "the rest fp32",
-           "8bit": f"int8 + fp32 row scales on {len(quantized)} linear layers, the rest fp32"}[q]
+           "4bit": f"NF4 + double quant, {NF4_BITS_PER_PARAM:.3f} bits/weight; rest fp32",
+           "8bit": "int8 + fp32 scale per row; rest fp32"}[q]
     return ("base weights (frozen)", total, how)
 
 
