@@ -15,6 +15,12 @@ from conftest import make_recipe
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path, monkeypatch):
+    """Tokenised-data cache per test: ~/.cache/lora is shared with every other test session."""
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "data-cache"))
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
     import torch

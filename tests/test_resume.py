@@ -19,6 +19,12 @@ from lora_cli import checkpoint as ckpt
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path, monkeypatch):
+    """Tokenised-data cache per test: ~/.cache/lora is shared with every other test session."""
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "data-cache"))
+
+
 def losses(run: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}

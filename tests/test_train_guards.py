@@ -17,6 +17,12 @@ from lora_cli import checkpoint as ckpt
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
 
+@pytest.fixture(autouse=True)
+def private_data_cache(tmp_path, monkeypatch):
+    """Tokenised-data cache per test: ~/.cache/lora is shared with every other test session."""
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "data-cache"))
+
+
 def records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
