@@ -237,11 +237,22 @@ def describe_adapted_modules(model) -> str:
             groups[pattern].append(index)
     by_parent: dict[str, list[str]] = {}  # siblings share one line: self_attn.{q_proj,v_proj}
     for pattern, ix in groups.items():
-        parent, _, leaf = (pattern.format("{" + _fold(ix) + "}") if ix else pattern).rpartition(".")
+        folded = "" if not ix else str(ix[0]) if len(ix) == 1 else "{" + _fold(ix) + "}"
+        parent, _, leaf = (pattern.format(folded) if ix else pattern).rpartition(".")
         by_parent.setdefault(parent, []).append(leaf)
     parts = [f"{parent}.{leaves[0]}" if len(leaves) == 1 else f"{parent}.{{{','.join(leaves)}}}"
              for parent, leaves in by_parent.items()]
-    return f"{len(names)} modules: {', '.join(p.lstrip('.') for p in parts)}"
+    line = f"{len(names)} modules: {', '.join(p.lstrip('.') for p in parts)}"
+    full = trained_in_full(model)
+    return f"{line}; trained in full: {', '.join(full)}" if full else line
+
+
+def trained_in_full(model) -> list[str]:
+    """Modules lora.modules_to_save copied and trains whole (e.g. embed_tokens, lm_head)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [name for name, m in base.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
 def _fold(indices: list[int]) -> str:

@@ -173,7 +173,13 @@ def test_preset_that_finds_nothing_names_the_layers_there(tiny_random):
 def test_dry_run_lists_the_wrapped_modules(tiny_random, tmp_path, cli):
     res = cli("train", method_recipe(tmp_path, tiny_random, {"target_modules": "attention", "r": 2}), "--dry-run")
     assert res.code == 0, res
-    assert "wrapped 8 modules: model.layers.{0,1}.self_attn.{q_proj,k_proj,v_proj,o_proj}" in res.out
+    assert "wrapped 8 modules: model.layers.{0,1}.self_attn.{q_proj,k_proj,v_proj,o_proj}\n" in res.out
+    # The source workflow's shape: a regex on one layer's modules plus a module trained in full.
+    res = cli("train", method_recipe(tmp_path, tiny_random, {"target_modules": r".*\.1\..*_proj", "r": 2,
+                                                             "modules_to_save": ["embed_tokens"]}), "--dry-run")
+    assert res.code == 0, res
+    assert ("wrapped 7 modules: model.layers.1.self_attn.{q_proj,k_proj,v_proj,o_proj}, "
+            "model.layers.1.mlp.{gate_proj,up_proj,down_proj}; trained in full: model.embed_tokens\n") in res.out
     res = cli("train", method_recipe(tmp_path, tiny_random, {"method": "prompt_tuning", "num_virtual_tokens": 3}),
               "--dry-run")
     assert res.code == 0 and "wrapped none; 3 virtual tokens are learned instead" in res.out, res
