@@ -235,7 +235,9 @@ def test_each_method_trains_saves_reloads_and_generates(name, tiny_random, tmp_p
         # B starts at zero; one step must have moved every entry of every B.
         bs = [t for k, t in weights.items() if "lora_B" in k]
         assert bs and all(int(torch.count_nonzero(b)) == b.numel() for b in bs)
-    if name == "ia3":  # scaling vectors start at one
+    if name == "ia3":  # scaling vectors start at one; the MLP's down projection scales its input
+        assert sorted(config["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+        assert config["feedforward_modules"] == ["down_proj"]
         assert any(not torch.equal(t, torch.ones_like(t)) for t in weights.values())
 
     # Plain peft reloads it, and it changes the base's output.
