@@ -154,3 +154,25 @@ def test_not_an_adapter_folder(tmp_path, cli):
     assert res.code == 2 and "no adapter_config.json" in res.err
     res = cli("merge", "--adapter", tmp_path, "--out", tmp_path / "m", "--max-shard-size", "big")
     assert res.code == 2 and "--max-shard-size 'big'" in res.err
+
+
+def test_ia3_adapter_merges_too(tiny_random, tmp_path, cli):
+    """(IA)^3 scales activations; its vectors fold into the weights like LoRA's B·A does."""
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_random),
+                           IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                     feedforward_modules=["down_proj"]))
+    with torch.no_grad():  # peft starts the vectors at 1 (identity); move them off it
+        for name, p in model.named_parameters():
+            if "ia3_" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(tmp_path / "ia3")
+    res = cli("merge", "--adapter", tmp_path / "ia3", "--out", tmp_path / "merged")
+    assert res.code == 0, res
+    assert "| method | IA3 |" in (tmp_path / "merged" / "README.md").read_text()
+    reference = logits(unmerged(tiny_random, tmp_path / "ia3"))
+    assert (reference - logits(_reload(tiny_random))).abs().max() > 1e-2
+    _assert_same(logits(_reload(tmp_path / "merged")), reference)
