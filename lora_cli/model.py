@@ -227,6 +227,7 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
                        quantization: str | None = None, device: str | None = None):
     """Base once, then every named adapter on it. Returns (model, tokenizer, infos by name).
     With no adapters, the base alone (model_cfg built from `base`)."""
+    quiet_libraries()
     from peft import PeftModel
 
     from lora_cli.recipe import ModelConfig
