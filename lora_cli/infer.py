@@ -186,17 +186,20 @@ def generate_response(model, tokenizer, template, instruction: str, *, input: st
 def generate_rows(model, tokenizer, prompts: list[Prompt], variants: dict[str, tuple],
                   settings: GenerationSettings, batch_size: int = 8) -> list[dict]:
     """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
-    Rows come out prompt by prompt, variants side by side in the order given."""
+    Rows come out prompt by prompt, variants side by side in the order given; each keeps the
+    exact prompt text the model saw, special tokens included."""
     answers: dict[str, list[str]] = {}
+    seen: dict[str, list[str]] = {}
     for label, (adapter, template) in variants.items():
         ids = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input) for p in prompts]
+        seen[label] = tokenizer.batch_decode(ids)
         answers[label] = []
         with using_variant(model, adapter):
             for start in range(0, len(ids), batch_size):
                 answers[label] += generate_batch(model, tokenizer, ids[start:start + batch_size], settings)
     return [{"id": i, "instruction": p.instruction, "input": p.input, "adapter": label,
-             "template": resolve_template(variants[label][1]).name, "response": answers[label][i],
-             "settings": {**settings.as_dict(), "batch_size": batch_size}}
+             "template": resolve_template(variants[label][1]).name, "prompt": seen[label][i],
+             "response": answers[label][i], "settings": {**settings.as_dict(), "batch_size": batch_size}}
             for i, p in enumerate(prompts) for label in variants]
 
 

@@ -44,6 +44,8 @@ def test_batched_equals_unbatched_greedy(adapters, prompts, tmp_path, cli):
     first = batched[0]
     assert first["instruction"] == demo_rows(1)[0]["instruction"] and first["adapter"] == "a"
     assert first["template"] == "human_assistant"
+    row = demo_rows(1)[0]
+    assert first["prompt"] == "<s>" + "\n".join(["Human: " + row["instruction"], row.get("input", "")]).strip() + "\n\nAssistant: "
     assert first["settings"] == {"max_new_tokens": 12, "temperature": 0.0, "top_p": 1.0,
                                  "repetition_penalty": 1.0, "seed": None, "batch_size": 4}
 
