@@ -278,6 +278,8 @@ class ChatSession:
             return handlers[name](arg)
         except LoraError as e:
             return f"error: {e}"
+        except OSError as e:  # /save into a folder that cannot be written: say so, keep chatting
+            return f"error: {e}"
 
     def _adapter(self, arg: str) -> str:
         if not arg:
@@ -315,8 +317,8 @@ class ChatSession:
         if path.exists():
             raise LoraError(f"{path} already exists", "choose another file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"adapters": {n: resolve_template(t).as_dict() for n, t in self.templates.items()}, "system": self.system, "settings": self.settings.as_dict(),
-                  "messages": self.transcript}
+        record = {"adapters": {n: resolve_template(t).as_dict() for n, t in self.templates.items()},
+                  "system": self.system, "settings": self.settings.as_dict(), "messages": self.transcript}
         path.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
         return f"transcript written to {path}"
 
