@@ -133,6 +133,8 @@ def test_rotation_keeps_newest_complete(tmp_path, tiny_random, cli):
     assert not list(run.glob(".trash-*")) and not (run / ckpt.STAGING).exists()
     marker = json.loads((run / "checkpoint-3" / ckpt.MARKER).read_text())
     assert marker["step"] == 3 and "adapter_model.safetensors" in marker["files"]
+    done = cli("train", recipe, "--resume")
+    assert done.code == 2 and "already finished" in done.err
 
 
 @pytest.mark.slow
