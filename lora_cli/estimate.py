@@ -321,7 +321,8 @@ def parse_count(text: str) -> int:
 def largest_rank_within(params: ParameterEstimate, budget: int) -> int:
     """The largest r with trainable(r) = full + per_rank * r <= budget."""
     if params.per_rank <= 0:
-        raise LoraError("no LoRA parameters to size: the targets match no module", "check lora.target_modules")
+        raise LoraError("--budget: this adapter has no rank-dependent parameters to size",
+                        "--budget solves for lora.r; use it with lora, dora or rslora")
     rank = (budget - params.full_params) // params.per_rank
     if rank < 1:
         raise LoraError(f"--budget {budget:,d} is below the smallest adapter: r=1 needs "

@@ -270,11 +270,12 @@ def plot_sweep(result: SweepResult, out: Path) -> Path | None:
     params = ax.twinx()
     params.plot(ranks, [r.trainable for r in runs], marker="s", linestyle="--", color="tab:gray",
                 label="trainable parameters")
+    params.set_yscale("log")  # it doubles with each doubling of r
     params.set_ylabel("trainable parameters", color="tab:gray")
     if result.knee is not None:
         ax.axvline(result.knee, color="tab:red", linestyle=":")
         ax.annotate(f"knee r={result.knee}", xy=(result.knee, max(r.loss for r in runs)), color="tab:red",
-                    xytext=(4, 0), textcoords="offset points", va="top")
+                    xytext=(-4, 0), textcoords="offset points", va="top", ha="right")
     ax.set_title("rank sweep")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
