@@ -172,6 +172,48 @@ def _setup_model(recipe: Recipe):
     return add_adapter(model, recipe)
 
 
+def _prepare_output_dir(recipe: Recipe, tokenizer, checkpoint: Path | None) -> None:
+    """Rank 0 creates (or, resuming, tidies) output_dir while the other ranks wait."""
+    import torch
+    from accelerate import PartialState
+
+    # Joins the process group under torchrun / accelerate launch (gloo on CPU, nccl on GPUs);
+    # every rank has passed its read-only checks before this rendezvous.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    output_dir = Path(recipe.output_dir)
+    if state.is_main_process:
+        if checkpoint is None:
+            replace_output_dir(output_dir)
+            # Written first so every checkpoint-N inside can be generated from or exported alone.
+            (output_dir / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
+            tokenizer.save_pretrained(output_dir)
+        else:
+            prepare_resumed_dir(output_dir, ckpt.checkpoint_step(checkpoint))
+    state.wait_for_everyone()  # no rank may write before rank 0 has prepared the folder
+
+
+def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, callbacks: list, resume_cmd: str):
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from lora_cli.data import configure_sampling, make_collator
+
+    kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
+    trainer = SafeTrainer(
+        model=model,
+        args=configure_sampling(TrainingArguments(**kwargs), recipe.data),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=make_collator(recipe.data, tokenizer),  # packed rows: position_ids, no cross-attention
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        keep_checkpoints=recipe.train.save_total_limit,
+        resume_cmd=resume_cmd,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; RichProgress shows them
+    return trainer
+
+
 def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
     t = recipe.train
     saves = planned_steps // t.save_steps if t.save_steps else math.ceil(max(t.epochs, 1))
@@ -197,7 +239,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     from transformers import set_seed
 
-    from lora_cli.data import build_sft_data, configure_sampling, describe_example, make_collator
+    from lora_cli.data import build_sft_data, describe_example
     from lora_cli.model import describe_adapted_modules, format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
@@ -223,42 +265,14 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         return result
     _check_disk(recipe, model, planned)
 
-    import torch
-    from accelerate import PartialState
-
-    # Joins the process group under torchrun / accelerate launch (gloo on CPU, nccl on GPUs).
-    state = PartialState(cpu=not torch.cuda.is_available())
-    if state.is_main_process:
-        if checkpoint is None:
-            replace_output_dir(output_dir)
-            # Written first so every checkpoint-N inside can be generated from or exported alone.
-            (output_dir / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
-            tokenizer.save_pretrained(output_dir)
-        else:
-            prepare_resumed_dir(output_dir, ckpt.checkpoint_step(checkpoint))
-    state.wait_for_everyone()  # no rank may write before rank 0 has prepared the folder
+    _prepare_output_dir(recipe, tokenizer, checkpoint)
     if checkpoint is not None:
         console.print(f"[bold]resume[/]  from {checkpoint}")
 
-    from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
     progress = RichProgress(console, output_dir / METRICS_FILE)
     guard = RunGuard(console)
-    trainer = SafeTrainer(
-        model=model,
-        args=configure_sampling(TrainingArguments(**training_arguments_kwargs(recipe, output_dir, precision, data.eval is not None)),
-                                recipe.data),
-        train_dataset=dataset,
-        eval_dataset=data.eval,
-        data_collator=make_collator(recipe.data, tokenizer),  # packed rows: position_ids, no cross-attention
-        processing_class=tokenizer,
-        callbacks=[progress, guard],
-        keep_checkpoints=recipe.train.save_total_limit,
-        resume_cmd=resume_cmd,
-    )
+    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard], resume_cmd)
     guard.trainer = trainer
-    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; RichProgress shows them
     with guard.catching_signals():
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     progress.close()
