@@ -101,8 +101,9 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
     ckpt.clear_leftovers(output_dir)
     metrics = output_dir / METRICS_FILE
     if metrics.is_file():
-        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [json.dumps(r) for r in records
+                if r.get("step", 0) <= step and "train_runtime" not in r]  # the stopped session's summary
         tmp = metrics.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, metrics)

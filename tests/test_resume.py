@@ -81,6 +81,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_random, cli, monkey
     run_a = tmp_path / "a" / "run"
     la, lb = losses(run_a), losses(run_b)
     assert sorted(lb) == [1, 2, 3, 4]  # one record per step: no duplicates from the two sessions
+    summaries = [r for r in map(json.loads, (run_b / "metrics.jsonl").read_text().splitlines()) if "train_runtime" in r]
+    assert len(summaries) == 1 and summaries[0]["step"] == 4
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
     wa, wb = adapter_weights(run_a), adapter_weights(run_b)
     assert wa.keys() == wb.keys()
