@@ -112,33 +112,41 @@ def test_regex_selects_only_the_named_layer(tmp_path, tiny_models):
     assert est.params.full_params == 2 * 320 * 64
 
 
-def test_four_bit_weights_match_bitsandbytes_storage(tmp_path, tiny_random):
-    """NF4 + double quantization: packed 4-bit weights, 8-bit absmax per 64, fp32 per 256 blocks;
-    everything else upcast to fp32 by prepare_model_for_kbit_training. Checked against the
-    bytes bitsandbytes really holds (it quantizes on CPU here)."""
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_weights_match_bitsandbytes_storage(tmp_path, tiny_random, quantization):
+    """4-bit: NF4 + double quantization, packed 4-bit weights, 8-bit absmax per 64 weights, fp32
+    absmax per 256 blocks. 8-bit: int8 weights and one fp32 scale per output row. Everything
+    else is upcast to fp32 by prepare_model_for_kbit_training. Checked against the bytes
+    bitsandbytes really holds (it quantizes on CPU here)."""
     from lora_cli.estimate import build_meta_model, weights_row
 
-    _, recipe = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj", "v_proj"]}, "bfloat16", "4bit")
+    _, recipe = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj", "v_proj"]}, "bfloat16", quantization)
     real = _real_adapter(recipe)
     measured = 0
     quantized_layers = 0
     for p in real.parameters():
         if p.requires_grad:
             continue
-        if type(p).__name__ == "Params4bit":
+        kind = type(p).__name__
+        if kind == "Params4bit":
             qs = p.quant_state
             assert qs.blocksize == 64 and qs.nested and qs.state2.blocksize == 256
             measured += p.numel() * p.element_size() + qs.absmax.numel() * qs.absmax.element_size() \
                 + qs.state2.absmax.numel() * qs.state2.absmax.element_size()
             quantized_layers += 1
+        elif kind == "Int8Params":
+            assert p.dtype.itemsize == 1
+            measured += p.numel() + p.SCB.numel() * p.SCB.element_size()
+            quantized_layers += 1
         else:
+            assert p.dtype.itemsize == 4  # upcast
             measured += p.numel() * p.element_size()
 
     model, _, quantized = build_meta_model(recipe)
     _, estimated, how = weights_row(recipe, model, quantized)
-    assert len(quantized) == quantized_layers == 14  # 2 layers x 7 projections; lm_head stays 16/32-bit
+    assert len(quantized) == quantized_layers == 14  # 2 layers x 7 projections; lm_head stays unquantized
     assert estimated == measured
-    assert "NF4" in how
+    assert ("NF4" if quantization == "4bit" else "int8") in how
 
 
 def test_memory_rows_follow_the_trainable_parameters(tmp_path, tiny_random):
