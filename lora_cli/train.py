@@ -282,10 +282,23 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     result.final_loss = progress.last_loss
     result.steps = trainer.state.global_step
     if trainer.is_world_process_zero():
-        model.save_pretrained(output_dir, safe_serialization=True)
+        save_final_adapter(model, output_dir)
         _write_plot(console, output_dir)
     console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
     return result
+
+
+def save_final_adapter(model, output_dir: Path) -> None:
+    """Write the adapter beside the staging area, then move it in with adapter_config.json last:
+    that file marks the run finished, so a kill mid-save never leaves a finished-looking run
+    with a truncated weights file."""
+    staged = ckpt.staging_dir(output_dir) / "final"
+    shutil.rmtree(staged, ignore_errors=True)
+    model.save_pretrained(staged, safe_serialization=True)
+    files = sorted(staged.iterdir(), key=lambda f: f.name == ckpt.FINAL_ADAPTER)
+    for f in files:
+        os.replace(f, output_dir / f.name)
+    shutil.rmtree(ckpt.staging_dir(output_dir), ignore_errors=True)
 
 
 def _write_plot(console: Console, output_dir: Path) -> None:
@@ -483,7 +496,7 @@ class RunGuard(TrainerCallback):
                 f"the run stopped without saving that step, and {kept}",
                 "lower train.learning_rate, keep train.max_grad_norm > 0, prefer precision bf16 or fp32 to fp16, "
                 "and check the data; then start again (--overwrite)", exit_code=EXIT_NONFINITE)
-        if self.signal_received is not None:
+        if self.signal_received is not None and self.stopped_at is not None:  # else: it came after the last step
             name = signal.Signals(self.signal_received).name
             where = f"checkpoint written: {last}" if last else "no checkpoint could be written"
             raise TrainingStopped(f"stopped by {name} after step {self.stopped_at}; {where}",
