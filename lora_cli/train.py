@@ -374,6 +374,9 @@ class SafeTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()  # every rank's RNG state is in the staging folder
             if self.args.should_save:
+                # A pickle of TrainingArguments that nothing reads (lora_recipe.yaml records the
+                # settings); dropped so no checkpoint holds a .bin that invites an unsafe load.
+                (staging / f"{ckpt.PREFIX}-{step}" / "training_args.bin").unlink(missing_ok=True)
                 ckpt.publish(staging / f"{ckpt.PREFIX}-{step}", output_dir, step)
                 ckpt.rotate(output_dir, self.keep_checkpoints)
         except (OSError, RuntimeError) as e:
