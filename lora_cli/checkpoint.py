@@ -151,7 +151,7 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
 # Keys that may change between the first run and its resumption: they steer bookkeeping,
 # not the numbers the run computes.
 RESUME_MAY_DIFFER = {"output_dir", "train.logging_steps", "train.save_steps", "train.save_total_limit",
-                     "train.eval_steps", "train.report_to"}
+                     "train.eval_steps", "train.report_to", "data.cache", "data.cache_dir"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -21,20 +21,26 @@ def private_data_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "data-cache"))
 
 
+def torchrun(cwd: Path, dump: Path, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_TEST_RANK_DUMP": str(dump), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "ddp_worker.py"), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
     import torch
     from safetensors.torch import load_file
 
-    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 3, "save_steps": 2})
+    # LoRA dropout on: the resumed run below only matches if every rank's RNG state is restored
+    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 3, "save_steps": 2},
+                         lora={"dropout": 0.1})
     dump = tmp_path / "ranks"
     dump.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_TEST_RANK_DUMP": str(dump), "OMP_NUM_THREADS": "1"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "ddp_worker.py"), "train", str(recipe)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(tmp_path, dump, "train", recipe)
 
     # both ranks trained the same weights (gradients all-reduced), and they moved
     rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
@@ -61,3 +67,17 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
     assert (ckpt / "lora_checkpoint_complete.json").is_file()
     # per-device batch 2 x 2 ranks: an epoch of 16 rows is 4 steps, so 3 steps = 0.75 epochs
     assert rows[-1]["epoch"] == pytest.approx(0.75)
+
+    # resume under torchrun from checkpoint-2: the same weights and losses as the whole run
+    import shutil
+
+    shutil.rmtree(run / "checkpoint-3")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (run / name).unlink()
+    resumed = torchrun(tmp_path, dump, "train", recipe, "--resume")
+    assert resumed.stdout.count("resume  from") == 1 and "checkpoint-2" in resumed.stdout
+    again = load_file(str(run / "adapter_model.safetensors"))
+    for name, tensor in saved.items():
+        assert torch.equal(again[name], tensor), name
+    rows_again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows_again if "loss" in r] == [(r["step"], r["loss"]) for r in rows if "loss" in r]
