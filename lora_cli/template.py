@@ -245,8 +245,9 @@ def _jinja_segments(tokenizer, messages, add_generation_prompt, supervised) -> l
 
 def _ends_turn(tokenizer, text: str) -> bool:
     """Whether the template already closes the turn with a special token (EOS, <|im_end|>, ...)."""
-    return any(t and t in text for t in [tokenizer.eos_token, *tokenizer.all_special_tokens]
-               if t not in (tokenizer.bos_token, tokenizer.pad_token) or t == tokenizer.eos_token)
+    markers = {t for t in tokenizer.all_special_tokens if t not in (tokenizer.bos_token, tokenizer.pad_token)}
+    markers.add(tokenizer.eos_token)
+    return any(m and m in text for m in markers)
 
 
 def _unstable_template() -> LoraError:
