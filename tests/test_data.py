@@ -281,6 +281,9 @@ def preview(cli, tmp_path, model, rows_text: str, suffix=".jsonl", **data):
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", "bad.jsonl, line 1: conversation has no assistant turn"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "chat", "bad.jsonl, line 1, turn 1: unknown role 'robot'"),
     ('{"conversations": "hi"}\n', "chat", "field 'conversations' must be a non-empty list"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}\n', "chat",
+     "bad.jsonl, line 1, turn 2: a system turn must come first"),
+    ('{"messages": [{"role": "user", "content": null}]}\n', "chat", "turn 1: content must be a string, got NoneType"),
     ('{"body": "x"}\n', "text", "bad.jsonl, line 1: missing field 'text'"),
     ("\n\n", "alpaca", "bad.jsonl: no rows"),
 ])
@@ -335,3 +338,15 @@ def test_batched_backend_tokenisation_equals_the_tokenizer_call(tok):
 
     texts = [r["instruction"] for r in demo_rows(20)] + ["System: 你好\n\n", "", "Human: hi\n\nAssistant: "] * 2
     assert tokenize_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_a_clear_error(tmp_path, cli, tiny_random):
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_random, model)
+    (model / "chat_template.jinja").unlink()
+    recipe = recipe_with_data(tmp_path, model, path=str(write_jsonl(tmp_path / "c.jsonl", [CHAT])),
+                              format="chat", template="chat_template", cache=False)
+    r = cli("data", "preview", recipe)
+    assert r.code == 2 and "the tokenizer has no chat template" in r.err, r
