@@ -28,7 +28,10 @@ class Source:
     lines: list[int] | None = None  # .jsonl line of each row
 
     def where(self, i: int) -> str:
-        return f"{self.name}, line {self.lines[i]}" if self.lines else f"{self.name}, row {i + 1}"
+        row = f"{self.name}, row {i + 1}"
+        if self.lines and self.lines[i] != i + 1:  # blank lines skipped: say where in the file too
+            row += f" (line {self.lines[i]})"
+        return row
 
 
 # --------------------------------------------------------------------------- reading

@@ -276,15 +276,17 @@ def preview(cli, tmp_path, model, rows_text: str, suffix=".jsonl", **data):
 
 @pytest.mark.parametrize("text, fmt, message", [
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "alpaca",
-     "bad.jsonl, line 2: missing field 'output'"),
-    ('{"instruction": "a", "output": 42}\n', "alpaca", "bad.jsonl, line 1: field 'output' must be a string, got int"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", "bad.jsonl, line 1: conversation has no assistant turn"),
-    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "chat", "bad.jsonl, line 1, turn 1: unknown role 'robot'"),
+     "bad.jsonl, row 2: missing field 'output'"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c"}\n', "alpaca",
+     "bad.jsonl, row 2 (line 3): missing field 'output'"),
+    ('{"instruction": "a", "output": 42}\n', "alpaca", "bad.jsonl, row 1: field 'output' must be a string, got int"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "chat", "bad.jsonl, row 1: conversation has no assistant turn"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}\n', "chat", "bad.jsonl, row 1, turn 1: unknown role 'robot'"),
     ('{"conversations": "hi"}\n', "chat", "field 'conversations' must be a non-empty list"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}\n', "chat",
-     "bad.jsonl, line 1, turn 2: a system turn must come first"),
+     "bad.jsonl, row 1, turn 2: a system turn must come first"),
     ('{"messages": [{"role": "user", "content": null}]}\n', "chat", "turn 1: content must be a string, got NoneType"),
-    ('{"body": "x"}\n', "text", "bad.jsonl, line 1: missing field 'text'"),
+    ('{"body": "x"}\n', "text", "bad.jsonl, row 1: missing field 'text'"),
     ("\n\n", "alpaca", "bad.jsonl: no rows"),
 ])
 def test_bad_rows_name_file_and_row(tmp_path, cli, tiny_random, text, fmt, message):
