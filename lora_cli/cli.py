@@ -18,8 +18,8 @@ from lora_cli.errors import LoraError
 
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths and messages stay on one line
+err_console = Console(stderr=True, soft_wrap=True)
 
 RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.learning_rate=3e-4 (repeatable).")]

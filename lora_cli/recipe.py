@@ -27,6 +27,9 @@ class _Required:
     def __repr__(self):
         return "required"
 
+    def __deepcopy__(self, memo):  # dataclasses.asdict copies defaults; keep the one sentinel
+        return self
+
 
 REQUIRED: Any = _Required()  # default of keys a recipe must set
 
