@@ -6,6 +6,7 @@ so `lora --help` and recipe validation answer at once."""
 from __future__ import annotations
 
 import re
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -290,52 +291,61 @@ def build_tiny(
 
 
 @app.command("recipe-keys")
-def recipe_keys():
-    """Print every recipe key with its type, default and meaning (Markdown)."""
-    from lora_cli.recipe import reference_markdown
-
-    print(reference_markdown())
-
-
-data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-@data_app.command("preview")
-def data_preview(
-    recipe: RecipePath,
-    set_: SetOption = None,
-    rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
+def recipe_keys(
+    update: Annotated[Optional[Path], typer.Option("--update", help="Rewrite the reference block of this README in place.")] = None,
 ):
-    """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
-    from lora_cli.recipe import load_recipe
+    """Print every recipe key with its type, default and meaning (Markdown)."""
+    from lora_cli.recipe import README_MARKERS, reference_markdown, with_reference
 
-    r = load_recipe(recipe, set_ or [])
-    from lora_cli.preview import preview_data
+    if update is None:
+        print(reference_markdown())
+        return
+    text = update.read_text(encoding="utf-8")
+    if not all(m in text for m in README_MARKERS):
+        raise LoraError(f"{update}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block", "add both markers where the table goes")
+    update.write_text(with_reference(text), encoding="utf-8")
+    console.print(f"{update}: recipe reference updated")
 
-    preview_data(r, rows=rows, console=console)
+
+def _click_error_types() -> tuple[type, ...]:
+    """Usage-error classes: recent typer raises those of the click copy it vendors
+    (typer._click); older typer, and plain click code, raise click's own."""
+    types_ = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types_.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
+    return tuple(types_)
+
+
+def _optional_click(name: str) -> list[type]:
+    try:
+        return [getattr(importlib.import_module("click.exceptions"), name)]
+    except ImportError:
+        return []
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""
-    import click
-
+    exit_types = tuple({typer.Exit, *_optional_click("Exit")})
+    abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:
         # without standalone mode, click returns the code of a typer.Exit instead of raising it
         code = app(args=argv, standalone_mode=False, prog_name="lora")
     except LoraError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except exit_types as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except abort_types:
         err_console.print("aborted")
         return 130
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except click.exceptions.ClickException as e:  # usage errors: unknown option, missing argument
+    except _click_error_types() as e:  # usage errors: unknown command or option, missing argument
         e.show()
         return e.exit_code
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -509,5 +509,17 @@ def reference_markdown() -> str:
         for part in dotted.split("."):
             node = node[part]
         default = "required" if node is REQUIRED else "" if node is None else yaml.safe_dump(node, default_flow_style=True).strip().removesuffix("...").strip()
-        lines.append(f"| `{dotted}` | {type_name(tp)} | `{default}` | {f.metadata['doc']} |")
+        cells = [f"`{dotted}`", type_name(tp), f"`{default}`" if default else "empty", f.metadata["doc"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->")
+
+
+def with_reference(readme: str) -> str:
+    """README text with the block between README_MARKERS replaced by reference_markdown()."""
+    start, end = README_MARKERS
+    head, _, rest = readme.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{reference_markdown()}\n{end}{tail}"

@@ -1,0 +1,39 @@
+"""The command surface: usage errors, help, and the README staying true to the schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+from lora_cli.cli import app
+from lora_cli.recipe import README_MARKERS, with_reference
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["nosuch"], "No such command 'nosuch'"),
+    (["train"], "Missing argument"),
+    (["train", "recipes/demo.yaml", "--nope"], "No such option: --nope"),
+    (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["merge", "--adapter", "x", "--out", "y", "--dtype", "int3"], "--dtype"),
+])
+def test_usage_errors_exit_2_without_traceback(cli, args, expected):
+    res = cli(*args)
+    assert res.code == 2, res
+    assert expected in res.err + res.out
+    assert "Traceback" not in res.err + res.out
+
+
+def test_every_command_has_help(cli):
+    names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"train", "generate", "chat", "merge", "save", "check", "estimate", "sweep", "analyze"} <= set(names)
+    for name in names:
+        res = cli(name, "--help")
+        assert res.code == 0 and "Usage" in res.out, name
+
+
+def test_readme_documents_every_command_and_the_current_schema():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert all(m in readme for m in README_MARKERS)
+    assert with_reference(readme) == readme, "README recipe reference is stale: run `lora recipe-keys --update README.md`"
+    for c in app.registered_commands:
+        assert f"lora {c.name or c.callback.__name__}" in readme
