@@ -137,6 +137,10 @@ def build_meta_model(recipe: Recipe):
         # Those start from an SVD / QR of the base weights, which meta tensors do not have;
         # the shapes, and so every count, are the same as with a random start.
         lora = dataclasses.replace(lora, init="gaussian")
+    if getattr(lora, "prompt_init_text", None):
+        # Text initialisation copies embeddings of real tokens, which meta tensors do not have;
+        # the virtual-token table has the same shape either way.
+        lora = dataclasses.replace(lora, prompt_init_text=None)
     counting = dataclasses.replace(recipe, lora=lora,
                                    model=dataclasses.replace(recipe.model, quantization="none"))
     with torch.device("meta"):
@@ -203,7 +207,12 @@ def adapter_file_bytes(model) -> int:
     saves (adapter name stripped), laid out as safetensors does."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    if model.active_peft_config.is_prompt_learning:
+        # peft copies the prompt table to the CPU to save it, which meta tensors cannot do;
+        # without a projection the saved table is the embedding itself (same shape, same dtype).
+        state = {"prompt_embeddings": model.prompt_encoder[model.active_adapter].embedding.weight}
+    else:
+        state = get_peft_model_state_dict(model)
     entries = sorted(((_safetensors_dtype(t.dtype), name, list(t.shape), t.numel() * t.element_size())
                       for name, t in state.items()),
                      key=lambda e: (-_SAFETENSORS_DTYPES.index(e[0]), e[1]))

@@ -6,8 +6,9 @@ import json
 import os
 
 import pytest
+import yaml
 
-from conftest import demo_rows, make_recipe, write_jsonl
+from conftest import REPO, demo_rows, make_recipe, write_jsonl
 
 
 def flat(text: str) -> str:
@@ -258,3 +259,35 @@ def test_counts_equal_peft_for_methods_and_inits(tmp_path, tiny_random, method, 
     assert (est.params.trainable, est.params.total) == real.get_nb_trainable_parameters()
     if method == "dora":
         assert est.params.full_params == sum(p.numel() for n, p in real.named_parameters() if "magnitude" in n) > 0
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("prompt_tuning", {"lora.prompt_init_text": "Answer the question."}),
+    ("prompt_tuning", {}),
+    ("prefix_tuning", {}),
+])
+def test_prompt_learning_counts_and_file_size(tmp_path, tiny_random, method, extra):
+    """Prompt-learning adapters save a virtual-token table, which peft copies off the device to
+    save; on meta tensors that copy fails, so the estimate sizes the table itself."""
+    from lora_cli.estimate import estimate_recipe
+    from lora_cli.recipe import load_recipe
+
+    data = write_jsonl(tmp_path / "data.jsonl", demo_rows(8))
+    path = make_recipe(tmp_path, tiny_random, data, lora={"method": method, "num_virtual_tokens": 6})
+    # make_recipe writes LoRA keys these methods do not read (and so refuse); drop them
+    raw = yaml.safe_load(path.read_text())
+    raw["lora"] = {"method": method, "num_virtual_tokens": 6}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path, [f"{k}={v}" for k, v in extra.items()])
+    est = estimate_recipe(recipe)
+    real = _real_adapter(recipe)
+    assert (est.params.trainable, est.params.total) == real.get_nb_trainable_parameters()
+    real.save_pretrained(tmp_path / "adapter")
+    assert est.params.adapter_bytes == os.path.getsize(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("recipe_file", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_recipe_estimates(cli, tiny_random, recipe_file):
+    res = cli("estimate", recipe_file, "--set", f"model.name_or_path={tiny_random}")
+    assert res.code == 0, res
+    assert "trainable" in res.out and "Traceback" not in res.err
