@@ -307,6 +307,25 @@ def recipe_keys(
     console.print(f"{update}: recipe reference updated")
 
 
+data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: RecipePath,
+    set_: SetOption = None,
+    rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
+):
+    """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
+    from lora_cli.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    from lora_cli.preview import preview_data
+
+    preview_data(r, rows=rows, console=console)
+
+
 def _click_error_types() -> tuple[type, ...]:
     """Usage-error classes: recent typer raises those of the click copy it vendors
     (typer._click); older typer, and plain click code, raise click's own."""

@@ -25,6 +25,8 @@ def test_usage_errors_exit_2_without_traceback(cli, args, expected):
 
 def test_every_command_has_help(cli):
     names = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert "data" in [g.name for g in app.registered_groups]
+    assert cli("data", "preview", "--help").code == 0
     assert {"train", "generate", "chat", "merge", "save", "check", "estimate", "sweep", "analyze"} <= set(names)
     for name in names:
         res = cli(name, "--help")
@@ -37,3 +39,6 @@ def test_readme_documents_every_command_and_the_current_schema():
     assert with_reference(readme) == readme, "README recipe reference is stale: run `lora recipe-keys --update README.md`"
     for c in app.registered_commands:
         assert f"lora {c.name or c.callback.__name__}" in readme
+    for group in app.registered_groups:
+        for c in group.typer_instance.registered_commands:
+            assert f"lora {group.name} {c.name}" in readme
