@@ -63,6 +63,9 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from lora_cli.model import quiet_libraries
+
+    quiet_libraries()
     out = Path(out)
     torch.manual_seed(seed)
     texts = corpus_from_rows(read_rows(data))
