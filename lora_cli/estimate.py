@@ -377,14 +377,18 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     p, m = est.params, est.memory
     lora = recipe.lora
     console.print(f"[bold]model[/]    {est.model_class} from {recipe.model.name_or_path} (config only; no weights loaded)")
-    method = f"{lora.method}: " if hasattr(lora, "method") else ""
-    console.print(f"[bold]adapter[/]  {method}r={lora.r}, alpha={lora.alpha:g}, targets {lora.target_modules!r}"
-                  + (f", modules_to_save {lora.modules_to_save}" if lora.modules_to_save else ""))
-    targets = Table("target", "modules", "in -> out", f"LoRA params at r={lora.r}", box=None, pad_edge=False)
-    for g in p.groups:
-        shapes = ", ".join(f"{i} -> {o}" for i, o in sorted(g.shapes))
-        targets.add_row(g.name, str(g.count), shapes, f"{g.lora_params:,d}")
-    console.print(targets)
+    if lora.method in ("prompt_tuning", "prefix_tuning"):
+        # r, alpha and targets mean nothing to these methods (the recipe may not even set them)
+        console.print(f"[bold]adapter[/]  {lora.method}: {lora.num_virtual_tokens} virtual tokens")
+    else:
+        console.print(f"[bold]adapter[/]  {lora.method}: r={lora.r}, alpha={lora.alpha:g}, targets {lora.target_modules!r}"
+                      + (f", modules_to_save {lora.modules_to_save}" if lora.modules_to_save else ""))
+    if p.groups:  # prompt-learning methods wrap no module
+        targets = Table("target", "modules", "in -> out", f"LoRA params at r={lora.r}", box=None, pad_edge=False)
+        for g in p.groups:
+            shapes = ", ".join(f"{i} -> {o}" for i, o in sorted(g.shapes))
+            targets.add_row(g.name, str(g.count), shapes, f"{g.lora_params:,d}")
+        console.print(targets)
     console.print(f"[bold]params[/]   trainable {p.trainable:,d} || all {p.total:,d} || trainable% "
                   f"{100 * p.trainable / p.total:.4f}   (LoRA {p.lora_params:,d} = {p.per_rank:,d} per rank; "
                   f"trained in full {p.full_params:,d})")
