@@ -34,7 +34,7 @@ def train(
     set_: SetOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Load model, data and adapter, print the plan, train nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier lora run in output_dir.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its newest complete checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its newest complete checkpoint; --resume DIR continues from that checkpoint folder.")] = False,
     resume_from: Annotated[Optional[Path], typer.Option(
         "--resume-from", metavar="CHECKPOINT", help="Continue the run from this checkpoint-N folder of output_dir.")] = None,
 ):
@@ -345,9 +345,21 @@ def _optional_click(name: str) -> list[type]:
         return []
 
 
+def with_resume_path(argv: list[str]) -> list[str]:
+    """`train ... --resume DIR` means `--resume-from DIR`. Click cannot give an option an
+    optional value, so the folder form is rewritten here. A folder is never the recipe (a
+    file), so `train --resume recipe.yaml` keeps its meaning."""
+    out = list(argv)
+    for i, word in enumerate(out[:-1]):
+        if word == "--resume" and not out[i + 1].startswith("-") and Path(out[i + 1]).is_dir():
+            out[i] = "--resume-from"
+    return out
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""
+    argv = with_resume_path(sys.argv[1:] if argv is None else argv)
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:

@@ -42,3 +42,16 @@ def test_readme_documents_every_command_and_the_current_schema():
     for group in app.registered_groups:
         for c in group.typer_instance.registered_commands:
             assert f"lora {group.name} {c.name}" in readme
+
+
+def test_resume_with_a_folder_means_resume_from(tmp_path):
+    from lora_cli.cli import with_resume_path
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()
+    ckpt = str(tmp_path / "checkpoint-4")
+    assert with_resume_path(["train", str(recipe), "--resume", ckpt]) == ["train", str(recipe), "--resume-from", ckpt]
+    # a recipe file after --resume is the recipe, and a trailing --resume stays a flag
+    assert with_resume_path(["train", "--resume", str(recipe)]) == ["train", "--resume", str(recipe)]
+    assert with_resume_path(["train", str(recipe), "--resume"]) == ["train", str(recipe), "--resume"]

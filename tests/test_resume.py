@@ -165,6 +165,8 @@ def test_resume_errors(tmp_path, tiny_random, cli):
     assert r.code == 2 and "no complete checkpoint" in r.err and "checkpoint-3" in r.err
     r = cli("train", recipe, "--resume-from", run / "checkpoint-3")
     assert r.code == 2 and "not a complete checkpoint" in r.err
+    r = cli("train", recipe, "--resume", run / "checkpoint-3")  # the spelling of the same
+    assert r.code == 2 and "not a complete checkpoint" in r.err
     r = cli("train", recipe, "--resume", "--overwrite")
     assert r.code == 2 and "cannot be combined" in r.err
 
