@@ -385,8 +385,15 @@ def configure_sampling(args, data_cfg):
     return args
 
 
-def describe_example(example: dict, tokenizer) -> tuple[str, str]:
-    """(whole sequence, supervised part) decoded, as the source workflow checks a row."""
-    whole = tokenizer.decode(example["input_ids"])
-    supervised = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
-    return whole, supervised
+def label_runs(example: dict) -> list[tuple[bool, list[int]]]:
+    """The example's ids cut into stretches that are all supervised or all masked, in order:
+    one prompt and one answer for alpaca, alternating turns for a conversation."""
+    ids, labels = example["input_ids"], example["labels"]
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(ids, labels):
+        supervised = label != IGNORE_INDEX
+        if runs and runs[-1][0] == supervised:
+            runs[-1][1].append(token)
+        else:
+            runs.append((supervised, [token]))
+    return runs

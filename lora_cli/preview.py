@@ -12,14 +12,11 @@ from lora_cli.template import IGNORE_INDEX
 
 def highlighted(example: dict, tokenizer) -> Text:
     """The decoded example, supervised stretches in green, masked ones dimmed."""
+    from lora_cli.data import label_runs
+
     text = Text()
-    ids, labels = example["input_ids"], example["labels"]
-    start = 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
-            style = "bold green" if labels[start] != IGNORE_INDEX else "dim"
-            text.append(tokenizer.decode(ids[start:i]), style=style)
-            start = i
+    for supervised, ids in label_runs(example):
+        text.append(tokenizer.decode(ids), style="bold green" if supervised else "dim")
     return text
 
 

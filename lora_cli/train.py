@@ -240,7 +240,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     from transformers import set_seed
 
-    from lora_cli.data import build_sft_data, describe_example
+    from lora_cli.data import build_sft_data
     from lora_cli.model import describe_adapted_modules, format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
@@ -257,7 +257,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
-    _print_example(console, dataset, tokenizer, describe_example)
+    _print_example(console, dataset, tokenizer)
     result = TrainResult(output_dir, trainable, total, stats.summary(), resumed_from=checkpoint)
     planned = _planned_steps(recipe, len(dataset))
     if dry_run:
@@ -322,20 +322,22 @@ def _planned_steps(recipe: Recipe, rows: int) -> int:
     return math.ceil(per_epoch * recipe.train.epochs)
 
 
-def _print_example(console: Console, dataset, tokenizer, describe) -> None:
-    """One decoded row with the masked prompt dimmed, as the source workflow checks its second row."""
+def _print_example(console: Console, dataset, tokenizer) -> None:
+    """One decoded row with the masked parts dimmed, as the source workflow checks its second
+    row; every masked and every supervised stretch (one each for alpaca, one per turn in a
+    conversation, one per row in a pack) listed apart, joined by ' … '."""
     from rich.text import Text
 
+    from lora_cli.data import label_runs
+    from lora_cli.preview import highlighted
+
     example = dataset[1 if len(dataset) > 1 else 0]
-    whole, supervised = describe(example, tokenizer)
-    prompt_len = sum(1 for t in example["labels"] if t == -100)
-    prompt_text = tokenizer.decode(example["input_ids"][:prompt_len])
-    text = Text("example ", style="bold")
-    text.append(prompt_text, style="dim")
-    text.append(tokenizer.decode(example["input_ids"][prompt_len:]), style="green")
-    console.print(text)
-    console.print(Text("masked (no loss): ", style="bold").append(repr(prompt_text)))
-    console.print(Text("supervised:       ", style="bold").append(repr(supervised)))
+    runs = label_runs(example)
+    masked = " … ".join(repr(tokenizer.decode(ids)) for supervised, ids in runs if not supervised)
+    answers = " … ".join(repr(tokenizer.decode(ids)) for supervised, ids in runs if supervised)
+    console.print(Text("example ", style="bold") + highlighted(example, tokenizer))
+    console.print(Text("masked (no loss): ", style="bold").append(masked))
+    console.print(Text("supervised:       ", style="bold").append(answers))
 
 
 # --------------------------------------------------------------------------- the trainer

@@ -204,3 +204,16 @@ def test_metrics_are_logged(trained):
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and losses[-1] < losses[0]
+
+
+def test_bundled_chat_recipe_dry_run_shows_every_turn(tiny_random, cli):
+    """recipes/chat.yaml end to end up to training: the chat data, the tokenizer's template,
+    and the dry run naming each masked prompt and each supervised answer of a conversation."""
+    res = cli("train", REPO / "recipes" / "chat.yaml", "--dry-run", "--set", f"model.name_or_path={tiny_random}",
+              "--set", "data.cache=false")
+    assert res.code == 0, res
+    masked = next(line for line in res.out.splitlines() if line.startswith("masked (no loss): "))
+    supervised = next(line for line in res.out.splitlines() if line.startswith("supervised: "))
+    assert masked.count("Human: ") == 2 and masked.count(" … ") == 1
+    assert supervised.count("</s>") == 2 and "Human:" not in supervised
+    assert "eval    6 held-out rows" in res.out
