@@ -313,11 +313,8 @@ def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: b
         toks = list(toks) + [eos] if seg.eos else list(toks)
         ids += toks
         labels += toks if seg.supervised else [IGNORE_INDEX] * len(toks)
-    if bos is None:
-        bos = adds_bos(tokenizer)
-    if bos and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE_INDEX] + labels
-    return ids, labels
+    with_start = with_bos(tokenizer, ids, bos)
+    return with_start, [IGNORE_INDEX] * (len(with_start) - len(ids)) + labels
 
 
 def prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:
@@ -335,29 +332,3 @@ def history_messages(history, instruction: str, input: str = "", system: str = "
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": instruction, "input": input})
     return messages
-
-
-class PromptText(str):
-    """Rendered prompt text that remembers its segments, so `encode_prompt` tokenises it
-    piece by piece exactly as training did (the text alone would be tokenised in one go)."""
-    segments: list[Segment]
-
-
-def render_conversation(template, turns, eos_token: str = "", instruction: str = "",
-                        input: str = "", system: str = "", tokenizer=None) -> PromptText:
-    """An optional system prompt, earlier (question, answer) turns each closed by EOS as in
-    training, then the prompt for `instruction`. Pass the result to `encode_prompt`."""
-    segments = conversation_segments(template, history_messages(turns, instruction, input, system),
-                                     tokenizer, add_generation_prompt=True)
-    text = PromptText("".join(s.text + (eos_token if s.eos else "") for s in segments))
-    text.segments = segments
-    return text
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids exactly as training builds them: piece by piece for a rendered conversation,
-    BOS at most once."""
-    segments = getattr(text, "segments", None)
-    if segments is not None:
-        return encode_segments(tokenizer, segments)[0]
-    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])

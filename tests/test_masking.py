@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_cli.data import IGNORE_INDEX, PadCollator, fit_to_length, tokenize_alpaca
-from lora_cli.template import encode_prompt, render_prompt
+from lora_cli.template import history_messages, prompt_ids, render_prompt, with_bos
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_labels_mask_prompt_and_supervise_response_and_eos(tok):
     assert tok.pad_token_id == tok.eos_token_id
     rows = [{"instruction": "用一句话解释什么是LoRA", "input": "", "output": "低秩适配。"}]
     (ex,), stats = tokenize_alpaca(rows, tok, "human_assistant", 256)
-    prompt = encode_prompt(tok, render_prompt("human_assistant", rows[0]["instruction"]))
+    prompt = prompt_ids(tok, "human_assistant", history_messages((), rows[0]["instruction"]))  # what inference sends
     response = tok("低秩适配。", add_special_tokens=False)["input_ids"]
     assert ex["input_ids"] == prompt + response + [tok.eos_token_id]
     # not shifted: label i is the token at i (the model shifts), prompt positions ignored
@@ -46,8 +46,10 @@ def test_labels_mask_prompt_and_supervise_response_and_eos(tok):
 
 
 def test_bos_never_doubled_when_text_starts_with_it(tok):
-    ids = encode_prompt(tok, tok.bos_token + "Human: hi\n\nAssistant: ")
-    assert ids.count(tok.bos_token_id) == 1
+    text_ids = tok(tok.bos_token + "Human: hi\n\nAssistant: ", add_special_tokens=False)["input_ids"]
+    assert text_ids[0] == tok.bos_token_id
+    assert with_bos(tok, text_ids).count(tok.bos_token_id) == 1
+    assert with_bos(tok, text_ids[1:]) == text_ids  # and added once where the text lacks it
 
 
 def test_truncation_cuts_prompt_first_and_keeps_supervision():
