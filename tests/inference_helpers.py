@@ -49,3 +49,11 @@ def unmerged(base: Path, adapter: Path):
     from transformers import AutoModelForCausalLM
 
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter)).eval()
+
+
+def two_random_adapters(base: Path, root: Path, seeds=(11, 12)) -> tuple[Path, Path]:
+    """Two different random adapters on one base, wide enough (attention + MLP) that they
+    answer differently: what side-by-side and switching tests compare."""
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    return tuple(random_adapter(base, root / name, seed=seed, target_modules=targets)
+                 for name, seed in zip(("one", "two"), seeds))

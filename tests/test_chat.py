@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 from conftest import REPO
-from inference_helpers import random_adapter
+from inference_helpers import two_random_adapters
 
 Q1, Q2 = "What is LoRA?", "And QLoRA?"
 MAX_NEW = 10
@@ -17,10 +17,7 @@ MAX_NEW = 10
 
 @pytest.fixture(scope="module")
 def adapters(tiny_random, tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat-adapters")
-    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    return (random_adapter(tiny_random, root / "one", seed=21, target_modules=targets),
-            random_adapter(tiny_random, root / "two", seed=22, target_modules=targets))
+    return two_random_adapters(tiny_random, tmp_path_factory.mktemp("chat-adapters"), seeds=(21, 22))
 
 
 def _alone(adapter, question, history=(), system="", base=None, max_new_tokens=MAX_NEW):

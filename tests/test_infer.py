@@ -7,17 +7,14 @@ import json
 
 import pytest
 from conftest import DEMO_DATA, demo_rows, write_jsonl
-from inference_helpers import random_adapter
+from inference_helpers import random_adapter, two_random_adapters
 
 MAX_NEW = "12"
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_random, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
-    return (random_adapter(tiny_random, root / "one", seed=11, target_modules=targets),
-            random_adapter(tiny_random, root / "two", seed=12, target_modules=targets))
+    return two_random_adapters(tiny_random, tmp_path_factory.mktemp("adapters"), seeds=(11, 12))
 
 
 @pytest.fixture
