@@ -18,12 +18,10 @@ RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adap
 # --------------------------------------------------------------------------- devices and dtypes
 
 def quiet_libraries() -> None:
-    """Keep the terminal for our own output: no per-shard progress bars, no deprecation chatter,
-    and no bitsandbytes notice about an optional hub-downloaded CPU kernel."""
-    import logging
+    """Keep the terminal for our own output: no per-shard progress bars, no deprecation chatter.
+    (bitsandbytes' import-time notice is silenced in lora_cli/__init__.py, before any import.)"""
     import warnings
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     warnings.filterwarnings("ignore", message=r".*requires_grad=True to a scalar.*")
     import transformers
