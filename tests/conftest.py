@@ -34,19 +34,41 @@ def _data_cache_in_tmp(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A pre-trained tiny Llama (knows the bundled facts as plain text, not the chat format)."""
-    from lora_cli.tiny import build_tiny_model
-
-    out = tmp_path_factory.mktemp("models") / "tiny-pretrained"
-    return build_tiny_model(out, DEMO_DATA, steps=200, log=lambda *_: None)
+    return _tiny_model(tmp_path_factory.mktemp("models") / "tiny-pretrained", steps=200)
 
 
 @pytest.fixture(scope="session")
 def tiny_random(tmp_path_factory) -> Path:
     """A random tiny Llama with the same tokenizer: for tests that need shapes, not skill."""
+    return _tiny_model(tmp_path_factory.mktemp("models") / "tiny-random", hidden=64, steps=0)
+
+
+def _tiny_model(out: Path, **kwargs) -> Path:
+    """Build a tiny model into `out`. With LORA_TEST_MODEL_CACHE set (a developer's opt-in, never
+    CI), the build is reused across pytest sessions, keyed on the builder's source, the data and
+    the arguments, and copied into `out`; the copy is still loaded through the product's code."""
+    import hashlib
+    import shutil
+
+    from lora_cli import tiny
     from lora_cli.tiny import build_tiny_model
 
-    out = tmp_path_factory.mktemp("models") / "tiny-random"
-    return build_tiny_model(out, DEMO_DATA, hidden=64, steps=0, log=lambda *_: None)
+    cache = os.environ.get("LORA_TEST_MODEL_CACHE")
+    if not cache:
+        return build_tiny_model(out, DEMO_DATA, log=lambda *_: None, **kwargs)
+    key = hashlib.sha256(Path(tiny.__file__).read_bytes() + DEMO_DATA.read_bytes()
+                         + repr(sorted(kwargs.items())).encode()).hexdigest()[:16]
+    built = Path(cache) / key
+    if not (built / "TINY_MODEL.json").exists():
+        staging = Path(cache) / f".{key}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        build_tiny_model(staging, DEMO_DATA, log=lambda *_: None, **kwargs)
+        try:
+            staging.rename(built)
+        except OSError:  # another session finished the same build first
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(built, out)
+    return out
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
