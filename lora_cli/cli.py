@@ -106,16 +106,16 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducib
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Prompt template (default: the one each adapter was trained with).")]
 
 
-def _load_variants(adapter, base, template):
-    """(model, tokenizer, infos, base template) for generate and chat."""
-    from lora_cli.model import load_for_inference
+def _load_variants(adapter, base, template, engine: str = "transformers"):
+    """(inference backend, adapter infos, base template) for generate, chat and serve."""
+    from lora_cli.backends import backend_class
     from lora_cli.template import resolve_template
 
     if template:
         resolve_template(template)  # unknown names fail before anything heavy loads
-    model, tokenizer, infos = load_for_inference(parse_adapters(adapter), base=base)
+    backend, infos = backend_class(engine).load(parse_adapters(adapter), base=base)
     default = template or next((i.template for i in infos.values()), "human_assistant")
-    return model, tokenizer, infos, default
+    return backend, infos, default
 
 
 @app.command()
@@ -151,12 +151,12 @@ def generate(
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
     from lora_cli.infer import generate_rows
 
-    model, tokenizer, infos, default_template = _load_variants(adapter, base, template)
+    backend, infos, default_template = _load_variants(adapter, base, template)
     if base_only or not infos:
         variants = {BASE: (None, default_template)}
     else:
         variants = {name: (name, template or info.template) for name, info in infos.items()}
-    rows = generate_rows(model, tokenizer, prompts, variants, settings, batch_size)
+    rows = generate_rows(backend, prompts, variants, settings, batch_size)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -186,8 +186,8 @@ def chat(
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     from lora_cli.infer import ChatSession, chat_loop
 
-    model, tokenizer, infos, default_template = _load_variants(adapter, base, template)
-    session = ChatSession(model, tokenizer, {n: template or i.template for n, i in infos.items()}, settings,
+    backend, infos, default_template = _load_variants(adapter, base, template)
+    session = ChatSession(backend, {n: template or i.template for n, i in infos.items()}, settings,
                           adapter=next(iter(infos), None), base_template=default_template, system=system)
     chat_loop(session)
 

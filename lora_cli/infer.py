@@ -7,7 +7,6 @@ switched off (peft's disable_adapter), so before/after comparisons use the very 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -137,81 +136,43 @@ def _prompt_from_row(line: str, path: Path, lineno: int) -> Prompt:
 
 # --------------------------------------------------------------------------- generation
 
-@contextmanager
-def using_variant(model, adapter: str | None):
-    """Run with one loaded adapter active, or with none (adapter=None: the base)."""
-    from peft import PeftModel
+def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings) -> list[str]:
+    """Answers for several prompts in one left-padded generate call, by the model as it stands
+    (its active adapter, or the plain model)."""
+    from lora_cli.backends import GenerationRequest, TransformersBackend
 
-    if not isinstance(model, PeftModel):
-        if adapter is not None:
-            raise LoraError(f"no adapter {adapter!r} is loaded", "pass it with --adapter NAME=DIR")
-        yield
-        return
-    if adapter is None:
-        with model.disable_adapter():
-            yield
-        return
-    if adapter not in model.peft_config:
-        raise LoraError(f"no adapter {adapter!r} is loaded", f"loaded: {', '.join(model.peft_config)}")
-    model.set_adapter(adapter)
-    yield
-
-
-def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
-                   streamer=None) -> list[str]:
-    """Answers for several prompts in one generate call. Prompts are left-padded, so every row's
-    new tokens start at the same column and the attention mask hides the padding."""
-    import torch
-
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    width = max(len(ids) for ids in prompt_ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=model.device)
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer,
-                             **settings.to_kwargs(tokenizer))
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    requests = [GenerationRequest(ids, settings) for ids in prompt_ids]
+    return [c.text for c in TransformersBackend(model, tokenizer).generate_batch(requests)]
 
 
 def generate_response(model, tokenizer, template, instruction: str, *, input: str = "",
-                      history=(), system: str = "", settings: GenerationSettings | None = None,
-                      streamer=None) -> str:
-    """The model's answer only (prompt and special tokens stripped)."""
+                      history=(), system: str = "", settings: GenerationSettings | None = None) -> str:
+    """The answer of the model as it stands (prompt and special tokens stripped)."""
     ids = build_prompt_ids(tokenizer, template, instruction, history, input, system)
-    return generate_batch(model, tokenizer, [ids], settings or GenerationSettings(), streamer)[0]
+    return generate_batch(model, tokenizer, [ids], settings or GenerationSettings())[0]
 
 
-def generate_rows(model, tokenizer, prompts: list[Prompt], variants: dict[str, tuple],
+def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
                   settings: GenerationSettings, batch_size: int = 8) -> list[dict]:
     """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
     Rows come out prompt by prompt, variants side by side in the order given; each keeps the
     exact prompt text the model saw, special tokens included."""
+    from lora_cli.backends import GenerationRequest
+
+    tokenizer = backend.tokenizer
     answers: dict[str, list[str]] = {}
     seen: dict[str, list[str]] = {}
     for label, (adapter, template) in variants.items():
         ids = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input) for p in prompts]
         seen[label] = tokenizer.batch_decode(ids)
         answers[label] = []
-        with using_variant(model, adapter):
-            for start in range(0, len(ids), batch_size):
-                answers[label] += generate_batch(model, tokenizer, ids[start:start + batch_size], settings)
+        for start in range(0, len(ids), batch_size):
+            requests = [GenerationRequest(x, settings, adapter) for x in ids[start:start + batch_size]]
+            answers[label] += [c.text for c in backend.generate(requests)]
     return [{"id": i, "instruction": p.instruction, "input": p.input, "adapter": label,
              "template": resolve_template(variants[label][1]).name, "prompt": seen[label][i],
              "response": answers[label][i], "settings": {**settings.as_dict(), "batch_size": batch_size}}
             for i, p in enumerate(prompts) for label in variants]
-
-
-def make_streamer(tokenizer, emit: Callable[[str], None]):
-    """A TextStreamer that hands finished words to `emit` instead of print."""
-    from transformers import TextStreamer
-
-    class EmitStreamer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            emit(text + ("\n" if stream_end else ""))
-
-    return EmitStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------- chat
@@ -229,8 +190,7 @@ CHAT_HELP = """commands:
 @dataclass
 class ChatSession:
     """One conversation with base + adapters; commands change it, questions extend it."""
-    model: object
-    tokenizer: object
+    backend: object                    # an inference backend (backends.py)
     templates: dict[str, object]       # adapter name -> the template (name or TemplateSpec) it was trained with
     settings: GenerationSettings
     adapter: str | None = None         # active adapter; None = base
@@ -256,10 +216,12 @@ class ChatSession:
     def label(self) -> str:
         return self.adapter or BASE
 
-    def ask(self, question: str, streamer=None) -> str:
-        with using_variant(self.model, self.adapter):
-            answer = generate_response(self.model, self.tokenizer, self.template, question, history=self.history,
-                                       system=self.system, settings=self.settings, streamer=streamer)
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
+        """The active variant's answer, streamed to `on_text` as it is generated."""
+        from lora_cli.backends import GenerationRequest
+
+        ids = build_prompt_ids(self.backend.tokenizer, self.template, question, self.history, system=self.system)
+        answer = self.backend.generate([GenerationRequest(ids, self.settings, self.adapter, on_text=on_text)])[0].text
         self.history.append((question, answer))
         for role, text in (("user", question), ("assistant", answer)):
             self.transcript.append({"conversation": self.conversation, "role": role, "content": text,
@@ -346,7 +308,8 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input,
             write(session.command(line))
             continue
         try:
-            session.ask(line, streamer=make_streamer(session.tokenizer, emit))
+            session.ask(line, on_text=emit)
+            emit("\n")
         except KeyboardInterrupt:
             # The half answer is dropped: the next turn is rendered as if it had not been asked.
             write("\n(stopped)")

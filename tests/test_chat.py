@@ -98,11 +98,12 @@ def test_system_prompt_is_rendered_by_the_template(tiny_random):
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(adapters):
+    from lora_cli.backends import TransformersBackend
     from lora_cli.infer import ChatSession, GenerationSettings, chat_loop
     from lora_cli.model import load_for_inference
 
     model, tok, infos = load_for_inference({"one": adapters[0]})
-    session = ChatSession(model, tok, {"one": infos["one"].template}, GenerationSettings(max_new_tokens=MAX_NEW),
+    session = ChatSession(TransformersBackend(model, tok), {"one": infos["one"].template}, GenerationSettings(max_new_tokens=MAX_NEW),
                           adapter="one")
     lines = iter([Q1, Q1, "/exit"])
     shown, streamed, interrupts = [], [], [1]

@@ -49,13 +49,14 @@ def test_batched_equals_unbatched_greedy(adapters, prompts, tmp_path, cli):
 
 def test_batched_answer_matches_generate_response(adapters, tiny_random):
     """The CLI path and the library path render and decode the same way."""
+    from lora_cli.backends import TransformersBackend
     from lora_cli.infer import GenerationSettings, Prompt, generate_response, generate_rows
     from lora_cli.model import load_for_inference
 
     model, tok, infos = load_for_inference({"a": adapters[0]})
     settings = GenerationSettings(max_new_tokens=10)
     prompts = [Prompt(r["instruction"], r.get("input", "")) for r in demo_rows(3)]
-    rows = generate_rows(model, tok, prompts, {"a": ("a", infos["a"].template)}, settings, batch_size=3)
+    rows = generate_rows(TransformersBackend(model, tok), prompts, {"a": ("a", infos["a"].template)}, settings, batch_size=3)
     alone = [generate_response(model, tok, infos["a"].template, p.instruction, input=p.input, settings=settings)
              for p in prompts]
     assert [r["response"] for r in rows] == alone
