@@ -192,6 +192,57 @@ def chat(
     chat_loop(session)
 
 
+ENGINES = ("transformers", "vllm")  # the in-process backends (backends.BACKENDS), and vLLM's own server
+
+
+@app.command()
+def serve(
+    adapter: AdapterOption = None,
+    base: BaseOption = None,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on; 0.0.0.0 opens the server to other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORA_API_KEY", help="Require 'Authorization: Bearer KEY' (or set LORA_API_KEY).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="transformers (this process) or vllm (vLLM's own OpenAI server, GPU).")] = "transformers",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most answers generated in one batch.")] = 16,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most requests waiting or running; beyond it, 429.")] = 64,
+):
+    """OpenAI-compatible server: /v1/models, /v1/chat/completions, /v1/completions, /health.
+    A request's `model` names an adapter, or `base` for the base with adapters off."""
+    if engine not in ENGINES:
+        raise LoraError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "vllm":
+        _serve_with_vllm(parse_adapters(adapter), base, host, port, api_key)
+        return
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LoraError("lora serve needs FastAPI and uvicorn", "pip install 'lora-cli[serve]'") from None
+    from lora_cli.serve import build_server, run_server
+
+    server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,
+                          max_batch=max_batch, max_queue=max_queue)
+    run_server(server, host, port, log=lambda line: console.print(line, highlight=False, markup=False))
+
+
+def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> None:
+    import shlex
+    import subprocess
+    import tempfile
+
+    from lora_cli.serve_vllm import missing_for_vllm, prepare_vllm
+
+    with tempfile.TemporaryDirectory(prefix="lora-vllm-") as work:
+        argv = prepare_vllm(adapters, base=base, host=host, port=port, api_key=api_key, work_dir=Path(work))
+        shown = shlex.join(a if a != api_key else "$LORA_API_KEY" for a in argv)
+        missing = missing_for_vllm()
+        if missing:
+            raise LoraError("--engine vllm cannot start here: " + "; ".join(missing),
+                            f"on a GPU machine with vLLM this runs: {shown}")
+        console.print(f"starting vLLM: {shown}", highlight=False, markup=False)
+        raise typer.Exit(subprocess.call(argv))
+
+
 @app.command()
 def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to merge.")],

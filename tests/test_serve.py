@@ -1,0 +1,304 @@
+"""`lora serve`: a real server (uvicorn on a free localhost port, in a thread) driven with the
+official openai client. Answers equal `lora generate`'s; errors come in OpenAI's shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import REPO, write_jsonl
+from inference_helpers import two_random_adapters
+
+openai = pytest.importorskip("openai")  # the `serve` extra; the test extra installs it
+
+PROMPTS = ["What is LoRA?", "Explain the rank of an adapter.", "写一首关于秋天的短诗", "hi"]
+MODELS = ("one", "two", "base")
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_random, tmp_path_factory):
+    return two_random_adapters(tiny_random, tmp_path_factory.mktemp("serve-adapters"), seeds=(41, 42))
+
+
+@pytest.fixture(scope="module")
+def generated(adapters, tmp_path_factory):
+    """What `lora generate` answers (greedy, NEW tokens): {model id: [answer per prompt]}."""
+    from lora_cli.cli import run
+
+    work = tmp_path_factory.mktemp("generated")
+    prompts = write_jsonl(work / "prompts.jsonl", [{"instruction": p} for p in PROMPTS])
+    one, two = adapters
+    common = ["generate", "-a", f"one={one}", "-a", f"two={two}", "--file", str(prompts), "--max-new-tokens", str(NEW)]
+    assert run(common + ["--out", str(work / "side.jsonl")]) == 0
+    assert run(common + ["--base-only", "--out", str(work / "base.jsonl")]) == 0
+    answers = {m: [] for m in MODELS}
+    for name in ("side", "base"):
+        for line in (work / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            answers[row["adapter"]].append(row["response"])
+    return answers
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    from lora_cli.serve import build_server
+
+    one, two = adapters
+    built = build_server({"one": one, "two": two}, max_batch=16, max_queue=64)
+    yield built
+    built.scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def running(server):
+    from lora_cli.serve import ServerThread
+
+    with ServerThread(server) as thread:
+        yield thread
+
+
+def _http(url: str, body: bytes | None = None) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of a plain HTTP call: for what the openai client cannot send."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), dict(e.headers)
+
+
+def _health(running) -> dict:
+    return _http(running.url + "/health")[1]
+
+
+def _client(running, **kwargs):
+    return openai.OpenAI(base_url=running.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+def _chat(client, model, prompt, **kwargs):
+    settings = {"temperature": 0, "max_tokens": NEW, **kwargs}
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], **settings)
+
+
+def test_models_are_listed(running):
+    ids = [m.id for m in _client(running).models.list().data]
+    assert ids == ["one", "two", "base"]
+
+
+def test_greedy_chat_and_completion_equal_lora_generate(running, generated):
+    client = _client(running)
+    for model in MODELS:
+        chat = [_chat(client, model, p).choices[0].message.content for p in PROMPTS]
+        text = [client.completions.create(model=model, prompt=p, temperature=0, max_tokens=NEW).choices[0].text
+                for p in PROMPTS]
+        assert chat == generated[model], model
+        assert text == generated[model], model
+    # each adapter answers with its own behaviour, the base with the base's
+    assert len({tuple(generated[m]) for m in MODELS}) == 3
+
+
+def test_streamed_text_equals_whole_answer_and_usage_counts(running, server):
+    from lora_cli.infer import build_prompt_ids
+
+    client = _client(running)
+    prompt = PROMPTS[1]
+    whole = _chat(client, "two", prompt)
+    chunks = list(_chat(client, "two", prompt, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len(pieces) > 2 and "".join(pieces) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    ids = build_prompt_ids(server.backend.tokenizer, server.models["two"].template, prompt)
+    assert whole.usage.prompt_tokens == len(ids)
+    assert whole.usage.completion_tokens == NEW and whole.choices[0].finish_reason == "length"
+
+    text = client.completions.create(model="one", prompt=prompt, temperature=0, max_tokens=NEW).choices[0].text
+    streamed = client.completions.create(model="one", prompt=prompt, temperature=0, max_tokens=NEW, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_settings_stop_n_seed_and_system(running, generated):
+    client = _client(running)
+    answer = generated["one"][0]
+    stop = answer[len(answer) // 2:][:2]
+    cut = _chat(client, "one", PROMPTS[0], stop=[stop])
+    assert cut.choices[0].message.content == answer[:answer.find(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+
+    two = _chat(client, "one", PROMPTS[0], n=2)
+    assert [c.message.content for c in two.choices] == [answer, answer] and [c.index for c in two.choices] == [0, 1]
+
+    def sampled():
+        return _chat(client, "one", PROMPTS[0], temperature=1.5, seed=7, n=3)
+
+    first, again = sampled(), sampled()
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in first.choices} | {answer}) > 1  # sampling really sampled
+
+    system = client.chat.completions.create(
+        model="one", temperature=0, max_tokens=NEW,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}])
+    from lora_cli.infer import build_prompt_ids
+
+    assert system.usage.prompt_tokens > _chat(client, "one", PROMPTS[0]).usage.prompt_tokens
+    assert system.usage.prompt_tokens == len(build_prompt_ids(
+        running.server.backend.tokenizer, running.server.models["one"].template, PROMPTS[0], system="Be brief."))
+
+
+def _error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    body = info.value.response.json()
+    assert set(body["error"]) >= {"message", "type", "param", "code"}, body
+    return info.value
+
+
+def test_errors_come_in_openai_shape_with_the_right_status(running):
+    client = _client(running)
+    e = _error(lambda: _chat(client, "nope", "hi"))
+    assert e.status_code == 404 and e.response.json()["error"]["code"] == "model_not_found"
+    e = _error(lambda: _chat(client, "one", "hi", temperature=5))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "temperature"
+    e = _error(lambda: client.chat.completions.create(model="one", messages=[{"role": "robot", "content": "x"}]))
+    assert e.status_code == 400 and e.response.json()["error"]["param"].startswith("messages.0")
+    e = _error(lambda: client.chat.completions.create(model="one", messages=[]))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "messages"
+    e = _error(lambda: client.chat.completions.create(
+        model="one", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]))
+    assert e.status_code == 400 and "last message" in e.message
+    e = _error(lambda: _chat(client, "one", "hi", max_tokens=None, extra_body={"max_tokens": 5000}))
+    assert e.status_code == 400 and e.response.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 1024" in e.message
+    e = _error(lambda: client.completions.create(model="one", prompt="word " * 2000, max_tokens=4))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "prompt"
+    status, body, _ = _http(running.url + "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert _http(running.url + "/v1/nothing")[0] == 404
+    assert _chat(client, "one", "still up?").choices[0].message.content  # none of that hurt the server
+
+
+def test_api_key_is_required_when_set(server):
+    from lora_cli.serve import Scheduler, Server, ServerThread
+
+    keyed = Server(server.backend, server.models, Scheduler(server.backend), api_key="s3cret")
+    try:
+        with ServerThread(keyed) as running:
+            for key in ("wrong", "s3cre"):
+                e = _error(lambda: _client(running, api_key=key).models.list())
+                assert e.status_code == 401 and e.response.json()["error"]["code"] == "invalid_api_key"
+            assert _http(running.url + "/v1/models")[0] == 401
+            assert [m.id for m in _client(running, api_key="s3cret").models.list().data] == list(MODELS)
+            assert _health(running)["status"] == "ok"
+    finally:
+        keyed.scheduler.close()
+
+
+def test_sixteen_concurrent_clients_are_batched_and_answered_correctly(running, generated):
+    client = _client(running)
+    jobs = [(MODELS[i % 3], i % len(PROMPTS)) for i in range(16)]
+    before = _health(running)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda job: _chat(client, job[0], PROMPTS[job[1]]).choices[0].message.content, jobs))
+    assert answers == [generated[model][i] for model, i in jobs]
+    after = _health(running)
+    assert after["served"] - before["served"] == 16
+    assert after["batches"] - before["batches"] < 16  # requests shared generate calls
+    assert after["largest_batch"] > 1
+
+
+def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(server):
+    from lora_cli.serve import Scheduler, Server, ServerThread
+
+    small = Server(server.backend, server.models, Scheduler(server.backend, max_queue=1))
+    try:
+        with ServerThread(small) as running:
+            client = _client(running)
+            stream = _chat(client, "one", PROMPTS[0], stream=True, max_tokens=900)
+            next(iter(stream))  # generation has started and holds the only slot
+            e = _error(lambda: _chat(client, "two", PROMPTS[1]))
+            assert e.status_code == 429 and e.response.headers["Retry-After"] == "1"
+            stream.close()  # the client goes away mid-stream
+            deadline = time.monotonic() + 30
+            while (health := _health(running))["running"] + health["queued"]:
+                assert time.monotonic() < deadline, health
+                time.sleep(0.1)
+            assert health["cancelled"] == 1  # stopped before its 900 tokens, not run out
+            assert _chat(client, "two", PROMPTS[1]).choices[0].message.content  # the slot is free again
+    finally:
+        small.scheduler.close()
+
+
+def test_a_failing_generation_gets_a_500_and_the_server_goes_on(server):
+    from lora_cli.serve import Scheduler, Server, ServerThread
+
+    class Flaky:
+        """The real backend, except that it breaks on prompts containing 'boom'."""
+        tokenizer, context_length = server.backend.tokenizer, server.backend.context_length
+
+        def generate(self, requests):
+            if any("boom" in server.backend.tokenizer.decode(r.prompt_ids) for r in requests):
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return server.backend.generate(requests)
+
+    flaky = Flaky()
+    broken = Server(flaky, server.models, Scheduler(flaky))
+    try:
+        with ServerThread(broken) as running:
+            client = _client(running)
+            e = _error(lambda: _chat(client, "one", "boom"))
+            assert e.status_code == 500 and "out of memory" in e.message
+            assert _chat(client, "one", PROMPTS[0]).choices[0].message.content
+            assert _health(running)["failed"] == 1
+    finally:
+        broken.scheduler.close()
+
+
+def test_lora_serve_command_binds_localhost_and_prints_the_curl_line(adapters, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "lora"), "serve", "-a", f"one={adapters[0]}", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**os.environ, "COLUMNS": "300"})
+    try:
+        lines = []
+        timer = threading.Timer(240, proc.kill)
+        timer.start()
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("try:"):
+                break
+        out = "".join(lines)
+        assert f"serving one, base at http://127.0.0.1:{port}/v1 (local connections only" in out, out
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in out and '"model": "one"' in out
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert _http(f"http://127.0.0.1:{port}/health")[1]["status"] == "ok"
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        timer.cancel()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def test_unknown_engine_and_reserved_name_are_refused(adapters, cli):
+    res = cli("serve", "-a", f"one={adapters[0]}", "--engine", "tgi")
+    assert res.code == 2 and "--engine 'tgi' is not one of transformers, vllm" in res.err
+    res = cli("serve", "-a", f"base={adapters[0]}", "--engine", "vllm")
+    assert res.code == 2 and "the name 'base' is taken by the base model" in res.err
