@@ -146,28 +146,29 @@ class Scheduler:
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
-            live = [job for job in batch if not job.cancelled]  # gone before their turn came
+            live = [job for job in batch if not job.cancelled]  # the others left before their turn
             rows = [r for job in live for r in job.requests]
+            outcome = {"cancelled": len(batch) - len(live), "served": 0, "failed": 0}
             try:
                 completions = self.backend.generate(rows) if rows else []
             except Exception as e:  # one bad batch must not stop the server: its clients get a 500
                 for job in live:
                     job.finish(e)
-                self._done(batch, failed=len(live))
-                continue
-            for job in live:
-                job.finish(completions[:len(job.requests)])
-                completions = completions[len(job.requests):]
-            self._done(batch, stats=(len(rows), live))
+                outcome["failed"] = len(live)
+            else:
+                for job in live:
+                    mine, completions = completions[:len(job.requests)], completions[len(job.requests):]
+                    job.finish(mine)
+                    stopped = any(c.finish_reason == "cancelled" for c in mine)
+                    outcome["cancelled" if stopped else "served"] += 1
+            self._done(outcome, len(rows))
 
-    def _done(self, batch: list[Job], failed: int = 0, stats=None) -> None:
+    def _done(self, outcome: dict, rows: int) -> None:
         with self._cond:
             self.running = []
-            self.stats["failed"] += failed
-            self.stats["cancelled"] += sum(1 for job in batch if job.cancelled)
-            if stats:
-                rows, live = stats
-                self.stats["served"] += sum(1 for job in live if not job.cancelled)
+            for key, count in outcome.items():
+                self.stats[key] += count
+            if rows:
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
             self._cond.notify_all()
@@ -238,6 +239,9 @@ class ApiError(Exception):
 def _validation_error(exc) -> ApiError:
     """FastAPI's body errors as one 400 naming the first bad field (e.g. messages.0.role)."""
     first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+                        code="invalid_json")
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     where = f"{param}: " if param else ""

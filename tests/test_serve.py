@@ -182,7 +182,7 @@ def test_errors_come_in_openai_shape_with_the_right_status(running):
     e = _error(lambda: client.completions.create(model="one", prompt="word " * 2000, max_tokens=4))
     assert e.status_code == 400 and e.response.json()["error"]["param"] == "prompt"
     status, body, _ = _http(running.url + "/v1/chat/completions", b"{not json")
-    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert status == 400 and body["error"]["code"] == "invalid_json" and "not valid JSON" in body["error"]["message"]
     assert _http(running.url + "/v1/nothing")[0] == 404
     assert _chat(client, "one", "still up?").choices[0].message.content  # none of that hurt the server
 

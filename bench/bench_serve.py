@@ -1,0 +1,128 @@
+"""`lora serve` under concurrent clients: requests/s, output tokens/s and latency for 1, 4 and 16
+clients, batched throughput against one-at-a-time, and the server's overhead for one client
+against `lora generate`'s path (the same backend, in-process, no HTTP) on the same prompts.
+
+    python bench/bench_serve.py                  (make bench runs it after `lora build-tiny`)
+    python bench/bench_serve.py --quick          (a small run that proves the script works)
+    python bench/bench_serve.py --larger --requests 4 --new-tokens 32
+
+The server is the real app on uvicorn in a thread on a free localhost port, loaded as
+`lora serve` loads it (build_server), driven by the official openai client: each of N client
+threads sends --requests chat requests one after another (greedy, --new-tokens tokens, prompts
+rotating through the list). Tokens are counted from each response's usage. --larger adds the
+random 8-layer, 512-wide Llama of bench_generate.py, where a batch's extra rows cost relatively less.
+
+Goals (issue 11): 16 clients >= 3x the one-at-a-time tokens/s; one client within 10% of `lora generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench_generate import MODEL, PROMPTS, build_larger, random_adapter  # one builder for both benchmarks
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def drive(url: str, clients: int, requests: int, new_tokens: int) -> dict:
+    """N clients, each sending `requests` chat requests in turn; returns throughput and latency."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+
+    def one_client(c: int) -> list[tuple[float, int]]:
+        done = []
+        for r in range(requests):
+            prompt = PROMPTS[(c * requests + r) % len(PROMPTS)]
+            start = time.perf_counter()
+            reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": prompt}],
+                                                   temperature=0, max_tokens=new_tokens)
+            done.append((time.perf_counter() - start, reply.usage.completion_tokens))
+        return done
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [x for per_client in pool.map(one_client, range(clients)) for x in per_client]
+    seconds = time.perf_counter() - start
+    latencies = sorted(t for t, _ in results)
+    return {"clients": clients, "requests": len(results), "seconds": seconds,
+            "req_s": len(results) / seconds, "tok_s": sum(n for _, n in results) / seconds,
+            "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def direct_seconds(server, prompts: list[str], new_tokens: int) -> float:
+    """The same prompts answered one at a time through `lora generate`'s path (generate_rows)."""
+    from lora_cli.infer import GenerationSettings, Prompt, generate_rows
+
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    for p in prompts:
+        generate_rows(server.backend, [Prompt(p)], {"a": ("a", server.models["a"].template)}, settings, batch_size=1)
+    return time.perf_counter() - start
+
+
+def bench_model(label: str, base: Path, work: Path, client_counts: list[int], requests: int, new_tokens: int) -> list[dict]:
+    from lora_cli.serve import ServerThread, build_server
+
+    adapter = random_adapter(base, work / f"adapter-{base.name}")
+    server = build_server({"a": adapter}, max_batch=max(client_counts), max_queue=4 * max(client_counts))
+    rows = []
+    try:
+        with ServerThread(server) as running:
+            drive(running.url, 1, 2, 4)  # warm-up: first calls allocate and pick kernels
+            for clients in client_counts:
+                rows.append({"model": label, **drive(running.url, clients, requests, new_tokens)})
+            one = [PROMPTS[r % len(PROMPTS)] for r in range(requests)]
+            direct = direct_seconds(server, one, new_tokens)
+            served = drive(running.url, 1, requests, new_tokens)["seconds"]
+            rows[0]["overhead"] = served / direct - 1
+    finally:
+        server.scheduler.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=8, help="requests per client")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--larger", action="store_true", help="also a random 8-layer 512-wide Llama")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests, 8 tokens")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.new_tokens, args.larger = [1, 4], 2, 8, False
+    if not (MODEL / "config.json").is_file():
+        sys.exit(f"{MODEL} is missing: run `lora build-tiny` (or make tiny) first")
+    from lora_cli.model import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows += bench_model("tiny-llama", MODEL, work, args.clients, args.requests, args.new_tokens)
+        if args.larger:
+            rows += bench_model("random-llama-8x512", build_larger(work / "larger"), work, args.clients,
+                                args.requests, args.new_tokens)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"greedy chat, {args.new_tokens} max tokens, {args.requests} requests per client, {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| model | clients | requests/s | output tokens/s | p50 s | p99 s | tokens/s vs 1 client | 1 client vs lora generate |")
+    print("| ----- | ------- | ---------- | --------------- | ----- | ----- | -------------------- | ------------------------- |")
+    for row in rows:
+        single = next(r for r in rows if r["model"] == row["model"])
+        overhead = f"{row['overhead']:+.0%}" if "overhead" in row else ""
+        print(f"| {row['model']} | {row['clients']} | {row['req_s']:.2f} | {row['tok_s']:.0f} | {row['p50']:.3f} | "
+              f"{row['p99']:.3f} | {row['tok_s'] / single['tok_s']:.2f}x | {overhead} |")
+
+
+if __name__ == "__main__":
+    main()
