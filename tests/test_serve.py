@@ -238,6 +238,28 @@ def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(server):
         small.scheduler.close()
 
 
+def test_a_client_leaving_a_plain_request_cancels_it(running):
+    """No stream: the server notices the closed connection while it waits and stops the rows."""
+    import socket
+    from urllib.parse import urlparse
+
+    before = _health(running)["cancelled"]
+    body = json.dumps({"model": "one", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 900})
+    url = urlparse(running.url)
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        conn.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body.encode())}\r\n\r\n{body}").encode())
+        deadline = time.monotonic() + 30
+        while not _health(running)["running"]:  # wait until it is being generated
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while (health := _health(running))["cancelled"] == before or health["running"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert health["cancelled"] == before + 1
+
+
 def test_a_failing_generation_gets_a_500_and_the_server_goes_on(server):
     from lora_cli.serve import Scheduler, Server, ServerThread
 
