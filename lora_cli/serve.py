@@ -71,7 +71,6 @@ class Job:
     requests: list[GenerationRequest]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    completions: list[Completion] = field(default_factory=list)
 
     def cancel(self) -> None:
         for r in self.requests:
