@@ -19,9 +19,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
 
-ADAPTER_FILE = "adapter_model.safetensors"
 FULL_SHARE = 0.75   # eff. rank (90%) at this share of r or more: the module uses its whole rank
 LOW_SHARE = 0.5     # eff. rank (99%) at this share of r or less: half the rank would do
 MAJORITY = 0.5      # share of modules that decides the verdict
@@ -81,7 +81,7 @@ def read_lora_config(path: Path) -> dict:
     from lora_cli.model import read_adapter
 
     read_adapter(path)  # the same checks and messages as every other command that takes an adapter
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     kind = str(config.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise LoraError(f"{path}: {kind} adapters have no low-rank update B·A to analyse",
@@ -92,9 +92,9 @@ def read_lora_config(path: Path) -> dict:
 def read_weights(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    file = path / ADAPTER_FILE
+    file = path / ADAPTER_WEIGHTS
     if not file.is_file():
-        raise LoraError(f"{path}: no {ADAPTER_FILE}", "pass a folder written by `lora train` or `lora save`")
+        raise LoraError(f"{path}: no {ADAPTER_WEIGHTS}", "pass a folder written by `lora train` or `lora save`")
     return load_file(str(file), device="cpu")
 
 

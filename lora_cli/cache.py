@@ -2,12 +2,15 @@
 
 The key covers everything that shapes the tokenised rows: the bytes of every data file, the
 tokenizer (vocabulary, merges, special tokens, chat template), the data settings (template,
-formats, max_length, packing, ...) and the source of the modules that do the work, so a change
-in any of them tokenises again and a stale cache is never read.
+formats, max_length, packing, ...) and the source of every module of this package that the data
+path imports (found by reading the imports, so a new module cannot be left out), so a change in
+any of them tokenises again and a stale cache is never read. This module stores datasets and a
+stats record; what they mean is data.py's business (it imports this one, never the reverse).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -16,9 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_cli.formats import data_paths, load_hub_dataset
+
 CACHE_VERSION = 1
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
-CODE = ("data.py", "formats.py", "template.py", "cache.py")  # modules whose output is cached
+DATA_PATH = "lora_cli.data"  # the module whose output is cached; what it imports shapes it too
 
 
 def cache_root(data_cfg) -> Path:
@@ -45,8 +50,6 @@ def source_fingerprint(path: str, split: str) -> str:
             h.update(str(f.relative_to(p)).encode())
             _hash_file(h, f)
     else:  # a hub id: the fingerprint datasets keeps of what it downloaded
-        from lora_cli.formats import load_hub_dataset
-
         h.update(load_hub_dataset(path, split)._fingerprint.encode())
     return h.hexdigest()
 
@@ -61,23 +64,67 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def code_fingerprint() -> str:
+def _module_file(name: str, package_dir: Path) -> Path | None:
+    """The source file of module `name` ('pkg.sub') of the package in package_dir, if it is one."""
+    package, _, rest = name.partition(".")
+    if package != package_dir.name:
+        return None
+    path = package_dir.joinpath(*rest.split(".")) if rest else package_dir
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(tree: ast.AST, module: str) -> set[str]:
+    """Every module an `import` statement anywhere in the tree names (inside functions too),
+    including `from pkg import sub` where sub may be a module."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x, from .x import y
+                parent = module.rsplit(".", node.level)[0]
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def imported_modules(entry: str, package_dir: Path | None = None) -> dict[str, Path]:
+    """`entry` and every module of its package it imports, directly or through another one,
+    at module level or inside a function: module name -> source file."""
+    package_dir = package_dir or Path(__file__).parent
+    found: dict[str, Path] = {}
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name, package_dir)
+        if path is None or name in found:
+            continue
+        found[name] = path
+        todo += _imported_names(ast.parse(path.read_text(encoding="utf-8")), name)
+    return found
+
+
+def code_fingerprint(entry: str = DATA_PATH, package_dir: Path | None = None) -> str:
+    """A digest of the source of every module the data path runs."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in CODE:
-        h.update((here / name).read_bytes())
+    for name, path in sorted(imported_modules(entry, package_dir).items()):
+        h.update(name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
 def cache_key(data_cfg, tokenizer) -> str:
-    from lora_cli.data import paths_of
-
     settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in NOT_IN_KEY}
     material = {
         "version": CACHE_VERSION,
         "settings": settings,
-        "train": [source_fingerprint(p, data_cfg.split) for p in paths_of(data_cfg.path)],
-        "eval": [source_fingerprint(p, data_cfg.split) for p in paths_of(data_cfg.val_path)],
+        "train": [source_fingerprint(p, data_cfg.split) for p in data_paths(data_cfg.path)],
+        "eval": [source_fingerprint(p, data_cfg.split) for p in data_paths(data_cfg.val_path)],
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code": code_fingerprint(),
     }
@@ -89,10 +136,9 @@ def entry_folder(data_cfg, tokenizer) -> Path:
 
 
 def load(folder: Path):
-    """The cached SFTData, or None when there is none (or it cannot be read)."""
+    """(train dataset, eval dataset or None, the stats record saved with them), or None when
+    there is no entry (or it cannot be read)."""
     from datasets import load_from_disk
-
-    from lora_cli.data import DataStats, SFTData
 
     meta_file = folder / "stats.json"
     if not meta_file.is_file():
@@ -103,13 +149,10 @@ def load(folder: Path):
         evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
     except (OSError, ValueError, KeyError):
         return None  # a damaged entry is rebuilt
-    stats = DataStats.from_dict(meta["train"])
-    stats.from_cache = True
-    eval_stats = DataStats.from_dict(meta["eval"]) if meta.get("eval") else None
-    return SFTData(train=train, eval=evaluation, stats=stats, eval_stats=eval_stats)
+    return train, evaluation, meta
 
 
-def save(folder: Path, data) -> None:
+def save(folder: Path, train, evaluation, meta: dict) -> None:
     """Write atomically (a temporary folder renamed into place), so a run killed half-way or
     two runs at once never leave a half-written entry that looks complete."""
     from datasets.utils.logging import disable_progress_bar
@@ -118,10 +161,9 @@ def save(folder: Path, data) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        data.train.save_to_disk(str(tmp / "train"))
-        if data.eval is not None:
-            data.eval.save_to_disk(str(tmp / "eval"))
-        meta = {"train": data.stats.to_dict(), "eval": data.eval_stats.to_dict() if data.eval_stats else None}
+        train.save_to_disk(str(tmp / "train"))
+        if evaluation is not None:
+            evaluation.save_to_disk(str(tmp / "eval"))
         (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp, folder)
     except OSError:

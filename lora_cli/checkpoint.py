@@ -22,13 +22,20 @@ from lora_cli.errors import LoraError
 PREFIX = "checkpoint"
 MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder
 STAGING = ".staging"                      # beside the checkpoints, so the rename stays on one filesystem
-FINAL_ADAPTER = "adapter_config.json"     # its presence in output_dir means the run finished
+ADAPTER_CONFIG = "adapter_config.json"    # the files peft saves an adapter as
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FINAL_ADAPTER = ADAPTER_CONFIG            # moved into output_dir last: its presence means the run finished
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 
 
 def checkpoint_step(path: Path) -> int | None:
     m = _STEP.match(Path(path).name)
     return int(m.group(1)) if m else None
+
+
+def run_finished(output_dir: Path) -> bool:
+    """Whether `lora train` finished in output_dir (see train.save_final_adapter)."""
+    return (Path(output_dir) / FINAL_ADAPTER).is_file()
 
 
 def is_complete(path: Path) -> bool:

@@ -5,7 +5,6 @@ so `lora --help` and recipe validation answer at once."""
 
 from __future__ import annotations
 
-import re
 import importlib
 import sys
 from pathlib import Path
@@ -254,14 +253,9 @@ def merge(
 ):
     """Fold the adapter into its base and write a full model folder (safetensors, tokenizer,
     generation config, model card) that plain transformers loads."""
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise LoraError(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
-    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?i?B", max_shard_size, re.IGNORECASE):
-        raise LoraError(f"--max-shard-size {max_shard_size!r} is not a size", "e.g. 5GB, 500MB or 100KB")
     from lora_cli.merge import merge_adapter
 
-    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size.replace(" ", ""),
-                  log=console.print)
+    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print)
 
 
 @app.command()

@@ -12,8 +12,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lora_cli import cache
 from lora_cli.errors import DataError
-from lora_cli.formats import alpaca_conversation, parse_rows, read_rows, read_source  # noqa: F401 (read_rows: tiny.py)
+from lora_cli.formats import data_paths, parse_rows, read_source
 from lora_cli.template import (IGNORE_INDEX, adds_bos, conversation_segments, encode_segments, resolve_template,
                                tokenize_texts)
 
@@ -143,12 +144,6 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, template,
     return examples, stats
 
 
-def tokenize_alpaca(rows: list[dict], tokenizer, template, max_length: int, train_on: str = "assistant"):
-    """Alpaca rows (instruction / input / output) -> (examples, stats)."""
-    conversations = [alpaca_conversation(r, f"row {i}", {}) for i, r in enumerate(rows, 1)]
-    return tokenize_conversations(conversations, tokenizer, template, max_length, train_on)
-
-
 def tokenize_documents(documents: list[str], tokenizer, max_length: int):
     """Raw text for domain training: BOS + text + EOS per document, every token supervised,
     cut into max_length chunks (the first token of a chunk has no context to be predicted from)."""
@@ -188,10 +183,6 @@ def _spec(data_cfg):
 
 # --------------------------------------------------------------------------- sources, splits, weights
 
-def paths_of(value) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
 def held_out(items: list, fraction: float, rng: random.Random) -> tuple[list, list]:
     """(train, eval): `fraction` of the items, at least one, drawn by rng; order kept."""
     if fraction <= 0 or len(items) < 2:
@@ -210,7 +201,7 @@ def weighted(items: list, weight: float, rng: random.Random) -> list:
 
 def load_items(data_cfg) -> tuple[list, list]:
     """(train items, eval items) as parsed rows, before tokenising."""
-    paths = paths_of(data_cfg.path)
+    paths = data_paths(data_cfg.path)
     weights = data_cfg.weights or [1.0] * len(paths)
     train, evaluation = [], []
     for i, (path, weight) in enumerate(zip(paths, weights)):
@@ -219,7 +210,7 @@ def load_items(data_cfg) -> tuple[list, list]:
         items, held = held_out(items, data_cfg.val_fraction, rng)
         evaluation += held
         train += weighted(items, weight, rng)
-    for path in paths_of(data_cfg.val_path):
+    for path in data_paths(data_cfg.val_path):
         evaluation += parse_rows(read_source(path, data_cfg.split), data_cfg.format, data_cfg.columns)
     return train, evaluation
 
@@ -283,24 +274,30 @@ def to_dataset(examples: list[dict]):
 def build_sft_data(data_cfg, tokenizer) -> SFTData:
     """The datasets for a recipe's data section, from the cache when nothing that shapes them
     (data files, tokenizer, template, settings, this code) has changed."""
-    from lora_cli import cache
-
     folder = cache.entry_folder(data_cfg, tokenizer) if data_cfg.cache else None
     if folder is not None:
         cached = cache.load(folder)
         if cached is not None:
-            return cached
+            return _from_cache(*cached)
     data = _build(data_cfg, tokenizer)
     if folder is not None:
-        cache.save(folder, data)
+        meta = {"train": data.stats.to_dict(), "eval": data.eval_stats.to_dict() if data.eval_stats else None}
+        cache.save(folder, data.train, data.eval, meta)
     return data
+
+
+def _from_cache(train, evaluation, meta: dict) -> SFTData:
+    stats = DataStats.from_dict(meta["train"])
+    stats.from_cache = True
+    eval_stats = DataStats.from_dict(meta["eval"]) if meta.get("eval") else None
+    return SFTData(train=train, eval=evaluation, stats=stats, eval_stats=eval_stats)
 
 
 def _build(data_cfg, tokenizer) -> SFTData:
     train_items, eval_items = load_items(data_cfg)
     examples, stats = tokenize_items(train_items, data_cfg, tokenizer)
     if not examples:
-        raise DataError(f"{', '.join(paths_of(data_cfg.path))}: every row was dropped ({stats.summary()})",
+        raise DataError(f"{', '.join(data_paths(data_cfg.path))}: every row was dropped ({stats.summary()})",
                         "raise data.max_length or check the rows' answers")
     if data_cfg.packing:
         examples = pack_examples(examples, data_cfg.max_length)

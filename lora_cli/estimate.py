@@ -28,7 +28,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from lora_cli.adapters import BASE_CHANGING_INITS, add_adapter
 from lora_cli.errors import LoraError
+from lora_cli.methods import RANKED, method_of
 from lora_cli.recipe import Recipe
 
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
@@ -120,7 +122,6 @@ def build_meta_model(recipe: Recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.model import add_adapter
 
     config = load_model_config(recipe)
     with torch.device("meta"):  # (accelerate's init_empty_weights does not tie embeddings)
@@ -133,11 +134,11 @@ def build_meta_model(recipe: Recipe):
                 p.data = p.data.float()
     # add_adapter's kbit preparation needs real quantized layers; the upcast above stands in for it.
     lora = recipe.lora
-    if hasattr(lora, "init") and lora.init in ("pissa", "olora"):
+    if lora.init in BASE_CHANGING_INITS:
         # Those start from an SVD / QR of the base weights, which meta tensors do not have;
         # the shapes, and so every count, are the same as with a random start.
         lora = dataclasses.replace(lora, init="gaussian")
-    if getattr(lora, "prompt_init_text", None):
+    if lora.prompt_init_text:
         # Text initialisation copies embeddings of real tokens, which meta tensors do not have;
         # the virtual-token table has the same shape either way.
         lora = dataclasses.replace(lora, prompt_init_text=None)
@@ -166,13 +167,12 @@ def quantized_weights(base) -> dict[int, tuple[str, int]]:
 
 # --------------------------------------------------------------------------- parameters
 
-def estimate_parameters(model, rank: int) -> ParameterEstimate:
+def estimate_parameters(model, recipe: Recipe) -> ParameterEstimate:
     from peft.tuners.lora import LoraLayer
 
     trainable, total = model.get_nb_trainable_parameters()
-    lora_params = sum(p.numel() for n, p in model.named_parameters()
-                      if p.requires_grad and (".lora_A." in n or ".lora_B." in n
-                                              or ".lora_embedding_A." in n or ".lora_embedding_B." in n))
+    lora_params = method_of(recipe).rank_parameters(model)
+    rank = recipe.lora.r
     groups: dict[str, TargetGroup] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or not module.r:
@@ -331,7 +331,7 @@ def largest_rank_within(params: ParameterEstimate, budget: int) -> int:
     """The largest r with trainable(r) = full + per_rank * r <= budget."""
     if params.per_rank <= 0:
         raise LoraError("--budget: this adapter has no rank-dependent parameters to size",
-                        "--budget solves for lora.r; use it with lora, dora or rslora")
+                        f"--budget solves for lora.r; use it with {', '.join(RANKED)}")
     rank = (budget - params.full_params) // params.per_rank
     if rank < 1:
         raise LoraError(f"--budget {budget:,d} is below the smallest adapter: r=1 needs "
@@ -355,7 +355,7 @@ class Estimate:
 
 def estimate_recipe(recipe: Recipe, budget: int | None = None) -> Estimate:
     model, config, quantized = build_meta_model(recipe)
-    params = estimate_parameters(model, recipe.lora.r)
+    params = estimate_parameters(model, recipe)
     memory = estimate_memory(recipe, model, config, quantized)
     result = Estimate(type(model.get_base_model()).__name__, params, memory)
     if budget is not None:
@@ -377,7 +377,7 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     p, m = est.params, est.memory
     lora = recipe.lora
     console.print(f"[bold]model[/]    {est.model_class} from {recipe.model.name_or_path} (config only; no weights loaded)")
-    if lora.method in ("prompt_tuning", "prefix_tuning"):
+    if method_of(recipe).learns_virtual_tokens:
         # r, alpha and targets mean nothing to these methods (the recipe may not even set them)
         console.print(f"[bold]adapter[/]  {lora.method}: {lora.num_virtual_tokens} virtual tokens")
     else:

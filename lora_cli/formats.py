@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import DataError
 
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # data files read here (and accepted by the recipe)
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "bot": "assistant", "model": "assistant"}  # OpenAI and ShareGPT names
 
@@ -34,12 +35,24 @@ class Source:
         return row
 
 
+# --------------------------------------------------------------------------- naming sources
+
+def data_paths(value) -> list[str]:
+    """data.path / data.val_path as a list: one path, several, or none."""
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """'org/name' (a model or dataset on the hub), as opposed to a relative path: no leading
+    dot, exactly one slash, and not a data file's name."""
+    return (bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", path)) and not path.startswith(".")
+            and not path.endswith(SUFFIXES))
+
+
 # --------------------------------------------------------------------------- reading
 
 def read_source(path: str, split: str = "train") -> Source:
     """Rows from .json / .jsonl / .csv / .parquet, a save_to_disk folder, or a hub dataset id."""
-    from lora_cli.recipe import looks_like_hub_id
-
     p = Path(path)
     if p.is_dir():
         source = Source(str(p), _read_saved_dataset(p, split))

@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_cli.formats import data_paths
+from lora_cli.methods import METHODS
+from lora_cli.preflight import planned_steps
 from lora_cli.recipe import Recipe
 
 # The guide's usual ranges for the peak learning rate.
@@ -59,19 +62,13 @@ def lint_recipe(recipe: Recipe) -> list[Finding]:
 # --------------------------------------------------------------------------- helpers
 
 def uses_rslora(recipe: Recipe) -> bool:
-    """rsLoRA scales by alpha / sqrt(r), so the alpha-vs-r rules do not apply. The key that
-    turns it on may not exist in this version of the schema."""
-    lora = recipe.lora
-    if hasattr(lora, "use_rslora"):
-        return bool(lora.use_rslora)
-    if hasattr(lora, "method"):
-        return "rslora" in str(lora.method).lower()
-    return False
+    """rsLoRA scales by alpha / sqrt(r), so the alpha-vs-r rules do not apply."""
+    return METHODS[recipe.lora.method].rslora_scaling
 
 
 def is_low_rank(recipe: Recipe) -> bool:
     """r and alpha mean something only for LoRA and its variants (not IA3 or prompt tuning)."""
-    return not hasattr(recipe.lora, "method") or recipe.lora.method in ("lora", "dora", "rslora")
+    return METHODS[recipe.lora.method].has_rank
 
 
 def is_four_bit(recipe: Recipe) -> bool:
@@ -146,18 +143,15 @@ def training_rows(recipe: Recipe) -> int | None:
     d = recipe.data
     if d.format == "text":
         return None
-    paths = [d.path] if isinstance(d.path, str) else list(d.path)
-    weights = [1.0] * len(paths)
-    if hasattr(d, "weights") and d.weights:  # mixing weights may not exist in this schema
-        weights = d.weights
+    paths = data_paths(d.path)
+    weights = d.weights or [1.0] * len(paths)
     total = 0.0
     for p, w in zip(paths, weights):
         n = count_rows(p)
         if n is None:
             return None
         total += n * w
-    if hasattr(d, "val_fraction"):
-        total *= 1 - d.val_fraction
+    total *= 1 - d.val_fraction
     return max(1, int(total)) if total else None
 
 
@@ -176,16 +170,6 @@ def _count_saved_rows(path: Path) -> int | None:
         with pa.memory_map(str(path / entry["filename"])) as source:
             total += pa.ipc.open_stream(source).read_all().num_rows
     return total
-
-
-def planned_steps(recipe: Recipe, rows: int) -> int:
-    """Optimizer steps the Trainer will take: max_steps, or epochs x steps per epoch, where an
-    epoch has len(dataloader) // gradient_accumulation steps (at least one)."""
-    t = recipe.train
-    if t.max_steps > 0:
-        return t.max_steps
-    per_epoch = max(1, math.ceil(rows / t.batch_size) // t.gradient_accumulation)
-    return math.ceil(per_epoch * t.epochs)
 
 
 # --------------------------------------------------------------------------- rules
@@ -255,7 +239,7 @@ def scaling_far_from_one_to_two(r: Recipe) -> Finding | None:
                    "a scaling far above 1-2 multiplies every update: training is unstable unless "
                    "the learning rate is cut to match",
                    f"lora.alpha: {2 * r.lora.r} (2 x r), or rsLoRA (alpha / sqrt(r)) for high ranks"
-                   + (" with lora.method: rslora" if hasattr(r.lora, "method") else ""))
+                   " with lora.method: rslora")
 
 
 def embedding_in_modules_to_save(r: Recipe) -> Finding | None:
@@ -292,7 +276,7 @@ def more_steps_than_data(r: Recipe) -> Finding | None:
                        "an epoch is shorter than one step: the Trainer rounds up to one step per "
                        "epoch on a partial batch, so epochs and the schedule mean less than they say",
                        f"train.gradient_accumulation: {max(1, rows // t.batch_size)} or fewer, or more data")
-    steps = planned_steps(r, rows)
+    steps = planned_steps(r.train, rows)
     passes = steps * per_step / rows
     if passes <= MAX_PASSES:
         return None
@@ -310,7 +294,7 @@ def warmup_longer_than_run(r: Recipe) -> Finding | None:
     rows = training_rows(r)
     if r.train.max_steps <= 0 and not rows:
         return None
-    steps = planned_steps(r, rows or 1)
+    steps = planned_steps(r.train, rows or 1)
     warmup = r.train.warmup_steps
     if warmup < steps:
         return None

@@ -5,16 +5,18 @@ failure leaves nothing half-written and an existing target is never touched with
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
+from lora_cli.methods import for_peft_type
 from lora_cli.model import RECIPE_FILE, find_recipe_file, read_adapter
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -42,15 +44,35 @@ def staged_output(out: Path, force: bool):
         staging.rename(out)
 
 
-# Methods that learn virtual tokens instead of weight updates: nothing to fold into the base.
-PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
-
-
 def check_mergeable(info) -> None:
-    if info.peft_type in PROMPT_LEARNING:
+    """Refuse what cannot be folded into the base: methods that learn virtual tokens instead of
+    weight updates. Ours say so in the method registry; peft knows about adapters made elsewhere."""
+    method = for_peft_type(info.peft_type)
+    if method is not None:
+        mergeable = method.merges
+    else:
+        from peft import PeftConfig
+
+        mergeable = not PeftConfig.from_pretrained(str(info.path)).is_prompt_learning
+    if not mergeable:
         raise LoraError(f"{info.path}: a {info.peft_type} adapter learns virtual tokens, not weight updates, "
                         "so it cannot be merged into the base",
                         f"use it as it is (lora generate/chat --adapter {info.path}), or export it with `lora save`")
+
+
+MERGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_merge_options(dtype: str | None, max_shard_size: str | int) -> str | int:
+    """Refuse a bad --dtype or --max-shard-size before anything loads; the size as
+    save_pretrained takes it (bytes, or text without spaces)."""
+    if dtype not in (None, *MERGE_DTYPES):
+        raise LoraError(f"--dtype {dtype!r} is not one of {', '.join(MERGE_DTYPES)}")
+    if isinstance(max_shard_size, int):
+        return max_shard_size
+    if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]?i?B", max_shard_size, re.IGNORECASE):
+        raise LoraError(f"--max-shard-size {max_shard_size!r} is not a size", "e.g. 5GB, 500MB or 100KB")
+    return max_shard_size.replace(" ", "")
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None = None,
@@ -60,6 +82,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     The base is always reloaded unquantized: merging into 4-bit weights would round the update away."""
     from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
 
+    max_shard_size = check_merge_options(dtype, max_shard_size)
     quiet_libraries()  # before torch/peft imports: bitsandbytes logs a CPU-kernel notice on import
     import torch
 
@@ -138,7 +161,8 @@ def model_card(info, base: str, *, merged: bool, dtype: str | None = None) -> st
     """README.md naming the base, the adapter and the recipe that trained it."""
     cfg = info.config
     method = info.peft_type
-    if method == "LORA":
+    registered = for_peft_type(method)
+    if registered is not None and registered.has_rank:
         method += f" (r={cfg.get('r')}, alpha={cfg.get('lora_alpha')})"
     rows = [("base model", base), ("adapter", str(info.path)), ("method", method),
             ("target modules", str(cfg.get("target_modules"))),
@@ -176,14 +200,14 @@ def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, lo
     config, tokenizer and recipe; no optimizer or scheduler state."""
     info = read_adapter(source)
     src = info.path
-    if not (src / "adapter_model.safetensors").is_file():
-        raise LoraError(f"{src}: no adapter_model.safetensors", "lora only exports safetensors adapters")
+    if not (src / ADAPTER_WEIGHTS).is_file():
+        raise LoraError(f"{src}: no {ADAPTER_WEIGHTS}", "lora only exports safetensors adapters")
     # A run keeps its tokenizer beside the adapter, a checkpoint one level up; a bare adapter
     # gets its base's, so the exported folder always carries one.
     tokenizer_dir = next((d for d in (src, src.parent, Path(info.base)) if (d / "tokenizer_config.json").is_file()), None)
     recipe_file = find_recipe_file(src)
     with staged_output(Path(out), force) as staging:
-        for name in ADAPTER_FILES:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copy2(src / name, staging / name)
         for name in TOKENIZER_FILES if tokenizer_dir else ():
             if (tokenizer_dir / name).is_file():

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from lora_cli.adapters import refuse_base_changing_with_others
+from lora_cli.checkpoint import ADAPTER_CONFIG
 from lora_cli.errors import LoraError
 
 RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
@@ -131,19 +133,7 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     return model
 
 
-# --------------------------------------------------------------------------- adapters
-
-# Building adapters (methods, inits, target presets) lives in adapters.py; these names stay
-# importable from here, the one loading path.
-from lora_cli.adapters import (  # noqa: E402
-    adapted_module_names,
-    add_adapter,
-    describe_adapted_modules,
-    linear_module_names,
-    peft_config,
-    refuse_base_changing_with_others,
-)
-
+# --------------------------------------------------------------------------- parameter counts
 
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) exactly as peft's print_trainable_parameters counts them."""
@@ -189,7 +179,7 @@ def find_recipe_file(adapter_dir: Path) -> Path | None:
 
 def read_adapter(path: str | Path) -> AdapterInfo:
     path = Path(path)
-    cfg_file = path / "adapter_config.json"
+    cfg_file = path / ADAPTER_CONFIG
     if not cfg_file.is_file():
         hint = "pass the run's output_dir or a checkpoint-N folder inside it"
         ckpts = sorted(path.glob("checkpoint-*")) if path.is_dir() else []

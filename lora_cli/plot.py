@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+METRICS_FILE = "metrics.jsonl"  # every log of `lora train` (one JSON record a line) in its output_dir
+
 
 def read_metrics(metrics_file: Path) -> list[dict]:
+    """The records of a metrics.jsonl, oldest first; none when it does not exist."""
     if not Path(metrics_file).is_file():
         return []
     return [json.loads(line) for line in Path(metrics_file).read_text(encoding="utf-8").splitlines() if line.strip()]

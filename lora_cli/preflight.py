@@ -4,6 +4,7 @@ otherwise surface after the model has loaded, or at the first checkpoint hours l
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import shutil
 import tempfile
@@ -146,3 +147,17 @@ def tokenizer_bytes(name_or_path: str) -> int:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_steps(train_cfg, rows: int, processes: int | None = None) -> int:
+    """Optimizer steps the Trainer will take on `rows` training sequences: train.max_steps, or
+    epochs x steps per epoch. Each of the processes (world size) reads its share of the batches,
+    ceil(rows / (batch_size x processes)) of them, and an epoch ends with a partial accumulation
+    step, so it has ceil(batches / gradient_accumulation) optimizer steps, at least one
+    (transformers' Trainer.set_initial_training_values)."""
+    if train_cfg.max_steps > 0:
+        return train_cfg.max_steps
+    processes = processes or world_size()
+    batches = math.ceil(rows / (train_cfg.batch_size * processes))
+    per_epoch = max(1, math.ceil(batches / train_cfg.gradient_accumulation))
+    return math.ceil(per_epoch * train_cfg.epochs)

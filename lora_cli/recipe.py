@@ -19,6 +19,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lora_cli.errors import RecipeError
+from lora_cli.formats import SUFFIXES, data_paths, looks_like_hub_id
+from lora_cli.methods import METHOD_NAMES, METHODS
+from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
 
 PATH = "path"  # metadata kind: resolved against the recipe's folder
 
@@ -53,25 +56,12 @@ class ModelConfig:
 
 
 # Presets from the hyperparameter guide, mapped to the model's own module names at load time
-# (Llama q_proj/v_proj, bloom query_key_value, gpt2 c_attn, ...) by lora_cli.adapters.
+# (Llama q_proj/v_proj, bloom query_key_value, gpt2 c_attn, ...) by lora_cli.targets.
 TARGET_PRESETS = ("attention-qv", "attention", "all-linear")
-
-# The lora.* keys each method reads. Any other lora.* key written in the recipe is an error,
-# so an option never silently does nothing.
-_LOW_RANK_KEYS = frozenset({"r", "alpha", "dropout", "init", "target_modules", "bias", "modules_to_save"})
-METHOD_KEYS = {
-    "lora": _LOW_RANK_KEYS,
-    "dora": _LOW_RANK_KEYS,
-    "rslora": _LOW_RANK_KEYS,
-    "ia3": frozenset({"target_modules", "modules_to_save"}),
-    "prompt_tuning": frozenset({"num_virtual_tokens", "prompt_init_text"}),
-    "prefix_tuning": frozenset({"num_virtual_tokens"}),
-}
-
 
 @dataclass
 class LoraConfig:
-    method: Literal["lora", "dora", "rslora", "ia3", "prompt_tuning", "prefix_tuning"] = key("lora", "PEFT method: lora; dora (magnitude + direction); rslora (scale alpha/sqrt(r)); ia3 (learned scaling vectors); prompt_tuning / prefix_tuning (learned virtual tokens).")
+    method: Literal[METHOD_NAMES] = key("lora", "PEFT method: " + "; ".join(m.doc for m in METHODS.values()) + ".")
     r: int = key(8, "Rank of the update B·A. More = more capacity and memory; 8-64 is usual.", min=1)
     alpha: float = key(16, "Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).", min=0)
     dropout: float = key(0.05, "Dropout on the LoRA input; 0.05-0.1 is usual, 0 for short runs.", min=0, max=1)
@@ -90,7 +80,7 @@ class DataConfig:
     split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
     format: Literal["alpaca", "chat", "text"] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
     columns: dict[str, str] = key(None, "Field names in your files, our name -> yours, e.g. {instruction: question, output: answer}.", factory=dict)
-    template: Literal["human_assistant", "alpaca", "chat_template", "custom"] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
+    template: Literal[TEMPLATE_NAMES] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
     prompt_format: Optional[str] = key(None, "Custom template's user turn, with {instruction} and optionally {input}, e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\".")
     system_format: Optional[str] = key(None, "How a system turn reads, with {system}; empty = \"System: {system}\\n\\n\".")
     turn_separator: Optional[str] = key(None, "Text after an assistant turn's EOS, before the next turn; empty = the template's own.")
@@ -106,19 +96,9 @@ class DataConfig:
     cache_dir: Optional[str] = key(None, "Where tokenised data is cached; empty = $LORA_CACHE_DIR or ~/.cache/lora.", kind=PATH)
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DATA_FIELDS = {"alpaca": ("instruction", "input", "output", "system"),
                "chat": ("messages", "conversations", "system"),
                "text": ("text",)}  # format -> the field names data.columns may map
-
-
-def data_paths(value) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
-def looks_like_hub_id(path: str) -> bool:
-    return (bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", path)) and not path.startswith(".")
-            and not path.endswith(DATA_SUFFIXES))
 
 
 def _data_path_problems(key_name: str, value) -> list[str]:
@@ -132,16 +112,14 @@ def _data_path_problems(key_name: str, value) -> list[str]:
             if not looks_like_hub_id(p):
                 problems.append(f"{key_name}: {p} does not exist; point it at a .json/.jsonl/.csv/.parquet file, "
                                 "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
-        elif path.is_file() and path.suffix not in DATA_SUFFIXES:
-            problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
+        elif path.is_file() and path.suffix not in SUFFIXES:
+            problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(SUFFIXES)} "
                             "or a datasets save_to_disk folder")
     return problems
 
 
 def data_problems(d: DataConfig) -> list[str]:
     """The data section's cross-field checks (part of cross_checks)."""
-    from lora_cli.template import placeholder_problems
-
     problems = _data_path_problems("data.path", d.path) + _data_path_problems("data.val_path", d.val_path)
     if d.weights is not None:
         if len(d.weights) != len(data_paths(d.path)):
@@ -357,8 +335,7 @@ def resolve_path(value: str, base_dir: Path) -> str:
     if p.is_absolute():
         return str(p)
     candidate = (base_dir / p).resolve()
-    looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", value) and not value.startswith(".")
-    if looks_like_hub_id and not candidate.exists() and not (Path.cwd() / p).exists():
+    if looks_like_hub_id(value) and not candidate.exists() and not (Path.cwd() / p).exists():
         return value
     return str(candidate)
 
@@ -476,27 +453,21 @@ def _parallel_checks(t: TrainConfig) -> list[str]:
 def lora_method_problems(r: Recipe) -> list[str]:
     """Options that the chosen lora.method (or the quantization) cannot use."""
     lora, method = r.lora, r.lora.method
-    reads = METHOD_KEYS[method]
+    reads = METHODS[method].keys
     problems = [f"lora.{k}: does not apply to lora.method {method} (it reads: {', '.join(sorted(reads))}); "
                 f"remove lora.{k} or choose a method that uses it"
                 for k in sorted(explicit_keys(lora) - reads - {"method"})]
     if lora.init == "pissa" and r.model.quantization != "none":
         problems.append(f"lora.init: pissa needs the full-precision weights (peft takes their SVD), not a "
                         f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
-    if method == "prefix_tuning" and r.train.gradient_checkpointing:
-        problems.append("lora.method: prefix_tuning cannot run with train.gradient_checkpointing (peft feeds the prefix "
-                        "in as a key/value cache, which checkpointing turns off); set train.gradient_checkpointing: "
-                        "false or use prompt_tuning")
-    if lora.prompt_init_text is not None and not lora.prompt_init_text.strip():
-        problems.append("lora.prompt_init_text: empty text; write the text to start from, or remove the key for random tokens")
-    return problems
+    return problems + METHODS[method].problems(r)
 
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, saved beside every adapter. The lora section keeps only the
     keys its method reads, so the saved recipe loads again as a recipe."""
     data = recipe.to_dict()
-    data["lora"] = {k: v for k, v in data["lora"].items() if k == "method" or k in METHOD_KEYS[recipe.lora.method]}
+    data["lora"] = {k: v for k, v in data["lora"].items() if k == "method" or k in METHODS[recipe.lora.method].keys}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -3,8 +3,8 @@
 final loss is compared to find the knee: the smallest rank after which doubling the rank no
 longer buys a meaningful improvement.
 
-A run counts as finished when its folder holds adapter_model.safetensors and the result record
-this module writes after it; an interrupted sweep keeps those, and running the same command
+A run counts as finished when `lora train` finished it (checkpoint.run_finished) and the result
+record this module writes after it is there; an interrupted sweep keeps those, and running the same command
 again skips them. A finished run made from a different recipe is never reused silently.
 """
 
@@ -18,14 +18,15 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lora_cli.checkpoint import run_finished
 from lora_cli.errors import LoraError
+from lora_cli.methods import RANKED, method_of
+from lora_cli.plot import METRICS_FILE, read_metrics
 from lora_cli.recipe import Recipe
 
 RESULT_FILE = "sweep_result.json"  # written into each rank's folder once its run has finished
 SUMMARY_FILE = "sweep.json"
 PLOT_FILE = "sweep.png"
-METRICS_FILE = "metrics.jsonl"     # what `lora train` logs every step into its output_dir
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass
@@ -69,16 +70,12 @@ def parse_ranks(text: str) -> list[int]:
 
 # --------------------------------------------------------------------------- one rank
 
-def uses_rslora(recipe: Recipe) -> bool:
-    return hasattr(recipe.lora, "method") and recipe.lora.method == "rslora"
-
-
 def rank_recipe(recipe: Recipe, rank: int) -> Recipe:
     """The recipe at `rank`: alpha keeps the recipe's alpha / r (rsLoRA already normalises by
     sqrt(r), so there alpha stays as it is); output goes to output_dir/r{rank}."""
-    alpha = recipe.lora.alpha if uses_rslora(recipe) else recipe.lora.alpha / recipe.lora.r * rank
+    alpha = recipe.lora.alpha if method_of(recipe).rslora_scaling else recipe.lora.alpha / recipe.lora.r * rank
     train = recipe.train
-    if hasattr(train, "eval_steps") and train.max_steps > 0 and not train.eval_steps:
+    if train.max_steps > 0 and not train.eval_steps:
         # Evaluate at the last step, so each rank is judged on its final adapter.
         train = dataclasses.replace(train, eval_steps=train.max_steps)
     return dataclasses.replace(recipe, lora=dataclasses.replace(recipe.lora, r=rank, alpha=alpha), train=train,
@@ -107,7 +104,7 @@ def finished_run(recipe: Recipe) -> RankRun | None:
     was trained from a different recipe: reusing it would compare unlike runs."""
     folder = Path(recipe.output_dir)
     record_file = folder / RESULT_FILE
-    if not (folder / ADAPTER_FILE).is_file() or not record_file.is_file():
+    if not run_finished(folder) or not record_file.is_file():
         return None
     record = json.loads(record_file.read_text(encoding="utf-8"))
     changed = _differences(record.get("recipe", {}), _comparable(recipe))
@@ -121,9 +118,7 @@ def finished_run(recipe: Recipe) -> RankRun | None:
 
 def final_loss(output_dir: Path) -> tuple[float | None, str]:
     """(last eval loss, 'eval') when the run evaluated, else (last training loss, 'train')."""
-    path = output_dir / METRICS_FILE
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if path.is_file() else []
+    records = read_metrics(output_dir / METRICS_FILE)
     for key, kind in (("eval_loss", "eval"), ("loss", "train")):
         values = [r[key] for r in records if key in r]
         if values:
@@ -177,8 +172,8 @@ def find_knee(runs: list[RankRun], threshold: float) -> int | None:
 def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot: Path | None = None,
               console: Console | None = None) -> SweepResult:
     console = console or Console()
-    if hasattr(recipe.lora, "method") and recipe.lora.method not in ("lora", "dora", "rslora"):
-        raise LoraError(f"lora.method {recipe.lora.method} has no rank to sweep", "sweep a lora, dora or rslora recipe")
+    if not method_of(recipe).has_rank:
+        raise LoraError(f"lora.method {recipe.lora.method} has no rank to sweep", f"sweep a {' or '.join(RANKED)} recipe")
     if not 0 < threshold < 1:
         raise LoraError(f"--threshold {threshold}: must be between 0 and 1", "e.g. 0.02 for 2% per doubling")
     plans = [rank_recipe(recipe, r) for r in ranks]

@@ -23,7 +23,7 @@ from lora_cli.errors import LoraError
 
 IGNORE_INDEX = -100  # label value the loss skips
 
-TEMPLATE_NAMES = ("human_assistant", "alpaca", "chat_template", "custom")
+TEMPLATE_NAMES = ("human_assistant", "alpaca", "chat_template", "custom")  # the recipe's data.template choices
 DEFAULT_SYSTEM_FORMAT = "System: {system}\n\n"  # no built-in template has a system slot of its own
 PLACEHOLDERS = {"prompt_format": ({"instruction"}, {"instruction", "input"}),
                 "system_format": ({"system"}, {"system"})}  # key -> (required, allowed)
@@ -153,14 +153,6 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]
     except KeyError:
         raise LoraError(f"unknown template {name!r}", f"use one of: {', '.join(TEMPLATES)}") from None
-
-
-def render_prompt(template, instruction: str, input: str = "") -> str:
-    """The text of a single-turn prompt (what `lora data preview` and logs show)."""
-    spec = resolve_template(template)
-    if spec.name == "chat_template":
-        raise LoraError("render_prompt: chat_template prompts need the tokenizer", "use conversation_segments")
-    return spec.text_template().render(instruction, input)
 
 
 # --------------------------------------------------------------------------- conversations -> segments

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_cli.data import read_rows
+from lora_cli.formats import read_rows
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 

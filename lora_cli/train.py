@@ -25,9 +25,9 @@ from lora_cli import checkpoint as ckpt
 from lora_cli import preflight
 from lora_cli.errors import LoraError
 from lora_cli.model import RECIPE_FILE
+from lora_cli.plot import METRICS_FILE, read_metrics
 from lora_cli.recipe import Recipe, dump_recipe
 
-METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 EXIT_NONFINITE = 3  # the run diverged; distinct from 2 (bad input) so scripts can tell them apart
 
@@ -89,7 +89,7 @@ def resume_point(recipe: Recipe, resume: str) -> Path:
     output_dir = Path(recipe.output_dir)
     found = ckpt.resolve_resume(output_dir, resume)
     ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
-    if (output_dir / ckpt.FINAL_ADAPTER).is_file():
+    if ckpt.run_finished(output_dir):
         raise LoraError(f"--resume: the run in {output_dir} already finished (its final adapter is there)",
                         "train further in a new run, e.g. --set output_dir=runs/next")
     return found
@@ -101,7 +101,7 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
     ckpt.clear_leftovers(output_dir)
     metrics = output_dir / METRICS_FILE
     if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_metrics(metrics)
         kept = [json.dumps(r) for r in records
                 if r.get("step", 0) <= step and "train_runtime" not in r]  # the stopped session's summary
         tmp = metrics.with_suffix(".tmp")
@@ -110,10 +110,6 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
 
 
 # --------------------------------------------------------------------------- set-up steps
-
-def _setup_precision(recipe: Recipe) -> dict:
-    return preflight.precision_flags(recipe)
-
 
 def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict, has_eval: bool) -> dict:
     """Everything TrainingArguments gets, as a dict tests can read without building it."""
@@ -166,7 +162,8 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
 
 
 def _setup_model(recipe: Recipe):
-    from lora_cli.model import add_adapter, load_base_model
+    from lora_cli.adapters import add_adapter
+    from lora_cli.model import load_base_model
 
     sharded = bool(recipe.train.fsdp or recipe.train.deepspeed)  # QLoRA + FSDP / ZeRO-3 storage dtype
     model = load_base_model(recipe.model, sharded=sharded)
@@ -241,7 +238,8 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     from transformers import set_seed
 
     from lora_cli.data import build_sft_data
-    from lora_cli.model import describe_adapted_modules, format_parameter_counts, load_tokenizer, parameter_counts
+    from lora_cli.adapters import describe_adapted_modules
+    from lora_cli.model import format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
@@ -259,7 +257,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
     _print_example(console, dataset, tokenizer)
     result = TrainResult(output_dir, trainable, total, stats.summary(), resumed_from=checkpoint)
-    planned = _planned_steps(recipe, len(dataset))
+    planned = preflight.planned_steps(recipe.train, len(dataset))
     if dry_run:
         console.print(f"[bold]plan[/]    {planned} optimizer steps; would write to {output_dir}")
         console.print("dry run: nothing trained, nothing written")
@@ -312,14 +310,6 @@ def _write_plot(console: Console, output_dir: Path) -> None:
     written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
     if written:
         console.print(f"[bold]curve[/]   {written}")
-
-
-def _planned_steps(recipe: Recipe, rows: int) -> int:
-    if recipe.train.max_steps > 0:
-        return recipe.train.max_steps
-    batches = math.ceil(rows / (recipe.train.batch_size * preflight.world_size()))
-    per_epoch = max(1, batches // recipe.train.gradient_accumulation)
-    return math.ceil(per_epoch * recipe.train.epochs)
 
 
 def _print_example(console: Console, dataset, tokenizer) -> None:

@@ -77,6 +77,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tokenize_alpaca(rows: list[dict], tokenizer, template, max_length: int, train_on: str = "assistant"):
+    """Alpaca rows through the path training takes them: checked and parsed into conversations
+    (formats.parse_rows), then tokenised and masked (data.tokenize_conversations)."""
+    from lora_cli.data import tokenize_conversations
+    from lora_cli.formats import Source, parse_rows
+
+    conversations = parse_rows(Source("rows", rows), "alpaca", {})
+    return tokenize_conversations(conversations, tokenizer, template, max_length, train_on)
+
+
 def make_recipe(tmp_path: Path, model: Path, data: Path | None = None, **sections) -> Path:
     """Write a small recipe into tmp_path; `sections` update the defaults section by section,
     e.g. make_recipe(tmp_path, base, train={"max_steps": 2})."""

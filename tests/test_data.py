@@ -266,6 +266,50 @@ def test_cache_reuses_and_invalidates(tmp_path, tok):
         tok.chat_template = original
 
 
+def test_cache_key_covers_every_module_the_data_path_imports():
+    from lora_cli.cache import imported_modules
+
+    found = imported_modules("lora_cli.data")
+    # what data.py imports at module level, inside functions, and through the modules it imports
+    assert {"lora_cli.data", "lora_cli.formats", "lora_cli.template", "lora_cli.cache", "lora_cli.errors"} <= set(found)
+    assert "lora_cli.train" not in found and "lora_cli.infer" not in found  # nothing the data path does not run
+
+
+def test_a_new_module_the_data_path_imports_changes_the_cache_key(tmp_path):
+    """A module added later (and imported lazily, inside a function) cannot be forgotten: the key
+    follows the imports, not a list someone has to keep."""
+    import shutil
+
+    import lora_cli
+    from lora_cli.cache import code_fingerprint
+
+    package = tmp_path / "lora_cli"
+    shutil.copytree(Path(lora_cli.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(package_dir=package) == code_fingerprint()
+    (package / "shaping.py").write_text("SEPARATOR = '\\n'\n")
+    template = package / "template.py"
+    template.write_text(template.read_text() + "\n\ndef separator():\n    from lora_cli.shaping import SEPARATOR\n\n"
+                        "    return SEPARATOR\n")
+    before = code_fingerprint(package_dir=package)
+    (package / "shaping.py").write_text("SEPARATOR = '\\n\\n'\n")
+    assert code_fingerprint(package_dir=package) != before
+    (package / "unrelated.py").write_text("X = 1\n")  # a module the data path does not import
+    after = code_fingerprint(package_dir=package)
+    (package / "unrelated.py").write_text("X = 2\n")
+    assert code_fingerprint(package_dir=package) == after
+
+
+def test_cache_and_data_do_not_import_each_other():
+    import ast
+
+    import lora_cli.cache
+
+    tree = ast.parse(Path(lora_cli.cache.__file__).read_text(encoding="utf-8"))
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not any(name.startswith("lora_cli.data") for name in names if name)
+
+
 # --------------------------------------------------------------------------- errors, through the CLI
 
 def preview(cli, tmp_path, model, rows_text: str, suffix=".jsonl", **data):

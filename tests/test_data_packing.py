@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from conftest import demo_rows, make_recipe, write_jsonl
-from lora_cli.data import PackedCollator, PadCollator, pack_examples, tokenize_alpaca
+from conftest import demo_rows, make_recipe, tokenize_alpaca, write_jsonl
+from lora_cli.data import PackedCollator, PadCollator, pack_examples
 from lora_cli.template import IGNORE_INDEX
 
 

@@ -79,7 +79,8 @@ def _recipe(tmp_path, folder, lora: dict, dtype: str = "float32", quantization: 
 
 def _real_adapter(recipe):
     """The adapter exactly as `lora train` builds it: real weights, the product's loading path."""
-    from lora_cli.model import add_adapter, load_base_model
+    from lora_cli.adapters import add_adapter
+    from lora_cli.model import load_base_model
 
     return add_adapter(load_base_model(recipe.model, device="cpu"), recipe)
 

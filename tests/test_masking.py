@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cli.data import IGNORE_INDEX, PadCollator, fit_to_length, tokenize_alpaca
-from lora_cli.template import history_messages, prompt_ids, render_prompt, with_bos
+from conftest import tokenize_alpaca
+from lora_cli.data import PadCollator, fit_to_length
+from lora_cli.template import IGNORE_INDEX, conversation_segments, history_messages, prompt_ids, with_bos
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +14,12 @@ def tok(tiny_random):
     from lora_cli.model import load_tokenizer
 
     return load_tokenizer(str(tiny_random))
+
+
+def render_prompt(template: str, instruction: str, input: str = "") -> str:
+    """The prompt text training and inference put before an answer (a text template's only segment)."""
+    (segment,) = conversation_segments(template, history_messages((), instruction, input), add_generation_prompt=True)
+    return segment.text
 
 
 def test_human_assistant_prompt_is_the_source_workflows():
@@ -69,6 +76,6 @@ def test_rows_without_supervised_tokens_are_dropped_and_counted(tok, monkeypatch
     rows = [{"instruction": "a" * 50, "output": "b"}, {"instruction": "c", "output": "d"}]
     # A cutting rule that leaves no response must never yield an all -100 row.
     monkeypatch.setattr(data, "fit_to_length", lambda p, r, n, keep_first=0: (p[:n], [], "response"))
-    examples, stats = data.tokenize_alpaca(rows, tok, "human_assistant", 8)
+    examples, stats = tokenize_alpaca(rows, tok, "human_assistant", 8)
     assert examples == [] and stats.dropped["no supervised token left after truncation"] == 2
     assert "0/2 rows kept" in stats.summary()

@@ -143,7 +143,8 @@ def _tiny(arch: str):
 def test_presets_map_to_the_architectures_own_modules(arch, preset, targets, wrapped_in_layer_0):
     from peft import get_peft_model
 
-    from lora_cli.adapters import adapted_module_names, peft_config, resolve_target_modules
+    from lora_cli.adapters import adapted_module_names, peft_config
+    from lora_cli.targets import resolve_target_modules
     from lora_cli.recipe import LoraConfig, ModelConfig, Recipe
 
     model = _tiny(arch)
@@ -159,7 +160,7 @@ def test_presets_map_to_the_architectures_own_modules(arch, preset, targets, wra
 def test_preset_that_finds_nothing_names_the_layers_there(tiny_random):
     import torch
 
-    from lora_cli.adapters import resolve_target_modules
+    from lora_cli.targets import resolve_target_modules
     from lora_cli.errors import LoraError
 
     model = torch.nn.Sequential()
@@ -266,7 +267,8 @@ def test_reload_reproduces_the_trained_model_even_when_init_changed_the_base(ini
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.model import add_adapter, load_base_model
+    from lora_cli.adapters import add_adapter
+    from lora_cli.model import load_base_model
 
     recipe = recipe_from_dict(raw_recipe(tmp_path, {"r": 4, "init": init, "target_modules": "all-linear"})
                               | {"model": {"name_or_path": str(tiny_random)}})

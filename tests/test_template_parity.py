@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_recipe, write_jsonl
-from lora_cli.data import _last_supervised_start, tokenize_alpaca, tokenize_conversations
+from conftest import make_recipe, tokenize_alpaca, write_jsonl
+from lora_cli.data import _last_supervised_start, tokenize_conversations
 from lora_cli.infer import build_prompt_ids
 from lora_cli.template import TemplateSpec
 
