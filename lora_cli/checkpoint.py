@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -123,16 +124,23 @@ def clear_leftovers(output_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- resuming
 
-def resolve_resume(output_dir: Path, resume: str) -> Path:
-    """The checkpoint to continue from: `resume` is 'latest' (--resume: the newest complete
-    checkpoint in output_dir) or a path (--resume-from) to output_dir or one checkpoint-N in it."""
+@dataclass(frozen=True)
+class Resume:
+    """Where `lora train` continues a run from: the newest complete checkpoint in output_dir
+    (`--resume`, folder None), or a named folder (`--resume-from DIR`, or `--resume DIR`):
+    output_dir itself or one checkpoint-N in it."""
+    folder: Path | None = None
+
+
+def resolve_resume(output_dir: Path, resume: Resume) -> Path:
+    """The checkpoint to continue from."""
     output_dir = Path(output_dir).resolve()
-    if resume == "latest":
+    if resume.folder is None:
         where = output_dir
     else:
-        where = Path(resume).expanduser().resolve()
+        where = Path(resume.folder).expanduser().resolve()
         if not where.exists():
-            raise LoraError(f"--resume-from: {resume} does not exist",
+            raise LoraError(f"--resume-from: {resume.folder} does not exist",
                             f"pass a checkpoint-N folder inside {output_dir}, or --resume for the newest")
     if where == output_dir:
         if not output_dir.is_dir():

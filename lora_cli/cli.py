@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
@@ -27,7 +28,26 @@ AdapterOption = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", h
 BaseOption = Annotated[Optional[str], typer.Option("--base", help="Base model to use instead of the one the adapter names.")]
 
 
-@app.command()
+def with_resume_path(args: list[str]) -> list[str]:
+    """`train ... --resume DIR` means `--resume-from DIR`. Click cannot give an option an
+    optional value, so the folder form is rewritten before parsing. A folder is never the
+    recipe (a file), so `train --resume recipe.yaml` keeps its meaning."""
+    out = list(args)
+    for i, word in enumerate(out[:-1]):
+        if word == "--resume" and not out[i + 1].startswith("-") and Path(out[i + 1]).is_dir():
+            out[i] = "--resume-from"
+    return out
+
+
+class ResumeWithFolder(TyperCommand):
+    """The train command, reading `--resume DIR` as `--resume-from DIR` whoever invokes it
+    (`lora`, or click's CliRunner in tests)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, with_resume_path(args))
+
+
+@app.command(cls=ResumeWithFolder)
 def train(
     recipe: RecipePath,
     set_: SetOption = None,
@@ -41,6 +61,7 @@ def train(
 
     Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 130 / 143;
     a non-finite loss stops the run with exit code 3."""
+    from lora_cli.checkpoint import Resume
     from lora_cli.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
@@ -48,7 +69,7 @@ def train(
 
     try:
         run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=console,
-                     resume=str(resume_from) if resume_from else "latest" if resume else None)
+                     resume=Resume(resume_from) if resume_from else Resume() if resume else None)
     except TrainingStopped as e:
         if e.exit_code == 2:
             raise
@@ -390,21 +411,10 @@ def _optional_click(name: str) -> list[type]:
         return []
 
 
-def with_resume_path(argv: list[str]) -> list[str]:
-    """`train ... --resume DIR` means `--resume-from DIR`. Click cannot give an option an
-    optional value, so the folder form is rewritten here. A folder is never the recipe (a
-    file), so `train --resume recipe.yaml` keeps its meaning."""
-    out = list(argv)
-    for i, word in enumerate(out[:-1]):
-        if word == "--resume" and not out[i + 1].startswith("-") and Path(out[i + 1]).is_dir():
-            out[i] = "--resume-from"
-    return out
-
-
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""
-    argv = with_resume_path(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:

@@ -84,7 +84,7 @@ def replace_output_dir(output_dir: Path) -> None:
     output_dir.mkdir(parents=True)
 
 
-def resume_point(recipe: Recipe, resume: str) -> Path:
+def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
     """The checkpoint to continue from, after checking the run is the same one and unfinished."""
     output_dir = Path(recipe.output_dir)
     found = ckpt.resolve_resume(output_dir, resume)
@@ -222,15 +222,15 @@ def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
 
 # --------------------------------------------------------------------------- the run
 
-def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: str | None = None,
+def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: ckpt.Resume | None = None,
                  recipe_path: str | Path | None = None, console: Console | None = None) -> TrainResult:
     console = (console or Console()) if is_main_process() else Console(quiet=True)
     output_dir = Path(recipe.output_dir)
     resume_cmd = f"lora train {recipe_path or '<recipe.yaml>'} --resume"
-    if resume and (overwrite or dry_run):
+    if resume is not None and (overwrite or dry_run):
         raise LoraError("--resume / --resume-from cannot be combined with --overwrite or --dry-run",
                         "--resume continues the run in output_dir; --overwrite starts it again")
-    checkpoint = resume_point(recipe, resume) if resume else None
+    checkpoint = resume_point(recipe, resume) if resume is not None else None
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
     precision = preflight.check_before_loading(recipe)  # fail in seconds, before loading anything

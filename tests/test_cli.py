@@ -44,14 +44,27 @@ def test_readme_documents_every_command_and_the_current_schema():
             assert f"lora {group.name} {c.name}" in readme
 
 
-def test_resume_with_a_folder_means_resume_from(tmp_path):
-    from lora_cli.cli import with_resume_path
+def test_resume_with_a_folder_means_resume_from(tmp_path, monkeypatch):
+    """The train command reads `--resume DIR` itself, so click's own CliRunner (which never
+    goes through cli.run) sees the same meaning as `lora`."""
+    from typer.testing import CliRunner
+
+    import lora_cli.recipe
+    import lora_cli.train
+    from lora_cli.checkpoint import Resume
+    from lora_cli.cli import app
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("{}")
     (tmp_path / "checkpoint-4").mkdir()
-    ckpt = str(tmp_path / "checkpoint-4")
-    assert with_resume_path(["train", str(recipe), "--resume", ckpt]) == ["train", str(recipe), "--resume-from", ckpt]
-    # a recipe file after --resume is the recipe, and a trailing --resume stays a flag
-    assert with_resume_path(["train", "--resume", str(recipe)]) == ["train", "--resume", str(recipe)]
-    assert with_resume_path(["train", str(recipe), "--resume"]) == ["train", str(recipe), "--resume"]
+    asked = []
+    monkeypatch.setattr(lora_cli.recipe, "load_recipe", lambda path, overrides: path)
+    monkeypatch.setattr(lora_cli.train, "run_training", lambda r, **kwargs: asked.append((r, kwargs["resume"])))
+
+    for args in (["train", str(recipe), "--resume", str(tmp_path / "checkpoint-4")],
+                 ["train", "--resume", str(recipe)],  # a recipe file after --resume is the recipe
+                 ["train", str(recipe), "--resume"],   # and a trailing --resume stays a flag
+                 ["train", str(recipe)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert asked == [(recipe, Resume(tmp_path / "checkpoint-4")), (recipe, Resume()), (recipe, Resume()), (recipe, None)]

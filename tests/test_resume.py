@@ -180,8 +180,8 @@ def test_newest_complete_ignores_incomplete(tmp_path):
     (tmp_path / "checkpoint-x").mkdir()
     assert [ckpt.checkpoint_step(p) for p in ckpt.complete_checkpoints(tmp_path)] == [2, 9, 10]
     assert ckpt.newest_complete(tmp_path).name == "checkpoint-10"
-    assert ckpt.resolve_resume(tmp_path, "latest").name == "checkpoint-10"
-    assert ckpt.resolve_resume(tmp_path, str(tmp_path / "checkpoint-9")).name == "checkpoint-9"
+    assert ckpt.resolve_resume(tmp_path, ckpt.Resume()).name == "checkpoint-10"
+    assert ckpt.resolve_resume(tmp_path, ckpt.Resume(tmp_path / "checkpoint-9")).name == "checkpoint-9"
     removed = ckpt.rotate(tmp_path, 2)
     assert [p.name for p in removed] == ["checkpoint-2"]
     assert (tmp_path / "checkpoint-12").is_dir()  # incomplete folders are never rotated or trusted
