@@ -162,25 +162,14 @@ def test_check_never_imports_torch(tmp_path, model_dir):
     assert "ok (2 warnings)" in " ".join(out.stdout.split())
 
 
-def _schema_has(section: str, name: str) -> bool:
-    from lora_cli import recipe
-
-    cls = {"lora": recipe.LoraConfig, "data": recipe.DataConfig}[section]
-    return name in cls.__dataclass_fields__
-
-
 def test_rank_rules_follow_the_method(cli, tmp_path, model_dir):
     """rsLoRA scales by alpha / sqrt(r), so alpha < r is its normal setting there."""
-    if not _schema_has("lora", "method"):
-        pytest.skip("lora.method is not in this schema")
     recipe = recipe_with(tmp_path, model_dir, lora__r=64, lora__alpha=16)
     assert "lora.alpha: alpha 16 is below rank 64" in flat(cli("check", recipe).out)
     assert cli("check", recipe, "--strict", "--set", "lora.method=rslora").code == 0
 
 
 def test_rows_add_up_over_mixed_sources_and_held_out_share(tmp_path, model_dir):
-    if not (_schema_has("data", "weights") and _schema_has("data", "val_fraction")):
-        pytest.skip("data.weights / data.val_fraction are not in this schema")
     from lora_cli.lint import training_rows
     from lora_cli.recipe import load_recipe
 
@@ -189,3 +178,54 @@ def test_rows_add_up_over_mixed_sources_and_held_out_share(tmp_path, model_dir):
     path = recipe_with(tmp_path, model_dir)
     recipe = load_recipe(path, [f"data.path=[{a}, {b}]", "data.weights=[2, 0.5]", "data.val_fraction=0.2"])
     assert training_rows(recipe) == int((10 * 2 + 30 * 0.5) * 0.8)  # 28
+
+
+# --------------------------------------------------------------------------- rules follow the schema
+
+SECTIONS = ("model", "lora", "data", "train")
+
+
+def recipe_keys_read(source: str) -> set[str]:
+    """Every dotted recipe key a module reads or names: `r.lora.alpha`, `t.max_steps` after
+    `t = r.train`, and keys written in its messages ("train.learning_rate: 2e-4")."""
+    import ast
+    import re
+
+    tree = ast.parse(source)
+    found = set()
+    for scope in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.Lambda))]:
+        aliases = {}  # local name -> section, from `t = recipe.train`
+        for node in ast.walk(scope):
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and isinstance(node.value, ast.Attribute) and node.value.attr in SECTIONS):
+                aliases[node.targets[0].id] = node.value.attr
+        called = {id(n.func) for n in ast.walk(scope) if isinstance(n, ast.Call)}  # p.data.float(): not a key
+        for node in ast.walk(scope):
+            if not isinstance(node, ast.Attribute) or id(node) in called:
+                continue
+            if isinstance(node.value, ast.Attribute) and node.value.attr in SECTIONS \
+                    and isinstance(node.value.value, ast.Name):
+                found.add(f"{node.value.attr}.{node.attr}")
+            elif isinstance(node.value, ast.Name) and node.value.id in aliases:
+                found.add(f"{aliases[node.value.id]}.{node.attr}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found |= {f"{s}.{k}" for s, k in re.findall(rf"\b({'|'.join(SECTIONS)})\.([a-z_]+)\b", node.value)}
+    return found
+
+
+@pytest.mark.parametrize("module", ["lint", "sweep", "estimate", "preflight"])
+def test_rules_read_only_keys_the_schema_has(module):
+    """Rename or drop a recipe key and this fails, instead of a rule silently never firing
+    (as one did, reading lora.use_rslora, which never existed)."""
+    import importlib
+
+    from lora_cli.recipe import iter_keys
+
+    source = Path(importlib.import_module(f"lora_cli.{module}").__file__).read_text(encoding="utf-8")
+    schema = {dotted for dotted, _, _ in iter_keys()}
+    read = recipe_keys_read(source)
+    assert read, f"{module}.py reads no recipe key: the scan is broken"
+    assert read <= schema, f"{module}.py reads keys the schema lacks: {sorted(read - schema)}"
+    assert "lora.use_rslora" in recipe_keys_read("def f(r):\n    return r.lora.use_rslora\n")
+    assert "train.max_step" in recipe_keys_read("def f(r):\n    t = r.train\n    return t.max_step\n")

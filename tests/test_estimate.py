@@ -249,10 +249,8 @@ def test_counts_equal_peft_for_methods_and_inits(tmp_path, tiny_random, method, 
     """DoRA adds a magnitude vector per module; PiSSA / OLoRA start from the base's SVD / QR,
     which meta tensors lack, yet the shapes and so the counts are the same."""
     from lora_cli.estimate import estimate_recipe
-    from lora_cli.recipe import LoraConfig, load_recipe
+    from lora_cli.recipe import load_recipe
 
-    if not {"method", "init"} <= set(LoraConfig.__dataclass_fields__):
-        pytest.skip("lora.method / lora.init are not in this schema")
     path, _ = _recipe(tmp_path, tiny_random, {"target_modules": "attention"})
     recipe = load_recipe(path, [f"lora.method={method}", f"lora.init={init}"])
     est = estimate_recipe(recipe)

@@ -69,6 +69,21 @@ def test_dtype_picks_saved_precision(tiny_random, tmp_path, cli):
     assert res.code == 2 and "--dtype 'int8'" in res.err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"dtype": "int8"}, "--dtype 'int8' is not one of float32, bfloat16, float16"),
+    ({"max_shard_size": "5 gigs"}, "--max-shard-size '5 gigs' is not a size"),
+])
+def test_merge_refuses_bad_options_itself_before_loading(tmp_path, options, message):
+    """The checks live in merge_adapter, not only in the CLI: any caller gets them, and they run
+    before the adapter is even read (this one does not exist)."""
+    from lora_cli.errors import LoraError
+    from lora_cli.merge import merge_adapter
+
+    with pytest.raises(LoraError, match=message.replace("'", ".")):
+        merge_adapter(tmp_path / "no-adapter", tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("trained", ["embed_tokens", "lm_head"])
 def test_trained_embeddings_survive_merge_of_tied_model(tiny_tied, tmp_path, cli, trained):
     """Training one side of tied embeddings unties them; saved as tied, a reload would copy one

@@ -11,6 +11,7 @@ import yaml
 
 from conftest import demo_rows, make_recipe, write_jsonl
 from lora_cli.errors import RecipeError
+from lora_cli.methods import METHODS as METHOD_REGISTRY
 from lora_cli.recipe import dump_recipe, recipe_from_dict
 
 IDS = [[1, 50, 60, 70, 80, 90, 100]]
@@ -56,6 +57,47 @@ def test_each_method_validates_and_its_saved_recipe_loads_again(tmp_path, lora):
         assert set(saved["lora"]) == {"method", "target_modules", "modules_to_save"}
     again = recipe_from_dict(saved)
     assert again.lora == r.lora
+
+
+@pytest.mark.parametrize("name", list(METHOD_REGISTRY))
+def test_every_registered_method_declares_every_capability(name, tmp_path, tiny_random):
+    """Walks the registry: a method added with a capability missing or wrong fails here, by name."""
+    import typing
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_cli.recipe import LoraConfig
+
+    method = METHOD_REGISTRY[name]
+    assert method.name == name and method.doc.startswith(name)
+    # its keys are recipe keys, it is a lora.method choice, and its flags agree with each other
+    assert method.keys <= set(LoraConfig.__dataclass_fields__) - {"method"}
+    assert name in typing.get_args(typing.get_type_hints(LoraConfig)["method"])
+    assert ({"r", "alpha"} <= method.keys) if method.has_rank else not ({"r", "alpha"} & method.keys)
+    assert method.has_rank or not method.rslora_scaling
+    recipe = recipe_from_dict(raw_recipe(tmp_path, {"method": name}))
+    assert method.problems(recipe) == []
+
+    def built(rank: int):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_random))
+        at_rank = recipe_from_dict(raw_recipe(tmp_path, {"method": name, **({"r": rank} if method.has_rank else {})}))
+        config = method.peft_config(at_rank, model)
+        return config, get_peft_model(model, config)
+
+    config, model = built(4)
+    # what peft builds is the method it says, and peft agrees on what can be merged
+    assert config.peft_type.value == method.peft_type
+    assert getattr(config, "use_rslora", False) is method.rslora_scaling
+    assert config.is_prompt_learning is (not method.merges) is method.learns_virtual_tokens
+    # the rank-dependent count is part of what trains, and grows with r exactly when there is a rank
+    trainable, _ = model.get_nb_trainable_parameters()
+    counted = method.rank_parameters(model)
+    assert 0 <= counted <= trainable and trainable > 0
+    if method.has_rank:
+        assert counted > 0 and method.rank_parameters(built(8)[1]) == 2 * counted
+    else:
+        assert counted == 0
 
 
 def test_options_a_method_does_not_read_are_errors_all_at_once(tmp_path):

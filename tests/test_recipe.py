@@ -159,3 +159,15 @@ def test_missing_data_file_named_with_fix(tmp_path, cli):
 def test_missing_recipe_file(tmp_path, cli):
     res = cli("train", tmp_path / "none.yaml")
     assert res.code == 2 and "file not found" in res.err
+
+
+def test_one_hub_id_rule_for_resolving_and_checking_paths(tmp_path):
+    """`org/name` stays a hub id; `folder/file.jsonl` that does not exist is a missing file, read
+    against the recipe's folder (and reported with its full path), never sent to the hub."""
+    from lora_cli.formats import looks_like_hub_id
+    from lora_cli.recipe import resolve_path
+
+    assert looks_like_hub_id("some-org/some-model") and resolve_path("some-org/some-model", tmp_path) == "some-org/some-model"
+    assert not looks_like_hub_id("data/train.jsonl")
+    assert resolve_path("data/train.jsonl", tmp_path) == str(tmp_path / "data" / "train.jsonl")
+    assert not looks_like_hub_id("./org/name") and not looks_like_hub_id("a/b/c")

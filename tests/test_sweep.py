@@ -14,20 +14,15 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def _has_key(section: str, name: str) -> bool:
-    from lora_cli import recipe
-
-    return name in getattr(recipe, section).__dataclass_fields__
-
-
 def test_interrupted_sweep_keeps_finished_ranks_and_resumes(cli, tmp_path, tiny_random, monkeypatch):
     import lora_cli.train
 
-    from lora_cli.sweep import ADAPTER_FILE, PLOT_FILE, RESULT_FILE, SUMMARY_FILE
+    from lora_cli.checkpoint import ADAPTER_WEIGHTS as ADAPTER_FILE
+    from lora_cli.sweep import PLOT_FILE, RESULT_FILE, SUMMARY_FILE
 
     # make_recipe: r=4, alpha=8 (alpha / r = 2), q_proj + v_proj, max_steps 2
     recipe = make_recipe(tmp_path, tiny_random)
-    extra = ["--set", "data.val_fraction=0.25"] if _has_key("DataConfig", "val_fraction") else []
+    extra = ["--set", "data.val_fraction=0.25"]
     out = tmp_path / "run"
 
     real_run_training = lora_cli.train.run_training
