@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
+from lora_cli.methods import RANKED, for_peft_type
 
 FULL_SHARE = 0.75   # eff. rank (90%) at this share of r or more: the module uses its whole rank
 LOW_SHARE = 0.5     # eff. rank (99%) at this share of r or less: half the rank would do
@@ -83,9 +84,10 @@ def read_lora_config(path: Path) -> dict:
     read_adapter(path)  # the same checks and messages as every other command that takes an adapter
     config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     kind = str(config.get("peft_type", "LORA")).upper()
-    if kind != "LORA":
+    method = for_peft_type(kind)
+    if method is None or not method.has_rank:
         raise LoraError(f"{path}: {kind} adapters have no low-rank update B·A to analyse",
-                        "lora analyze reads LoRA, DoRA and rsLoRA adapters")
+                        f"lora analyze reads adapters of the methods with a rank: {', '.join(RANKED)}")
     return config
 
 
