@@ -236,6 +236,7 @@ def text_document(row, where: str, columns: dict) -> str:
 
 
 PARSERS = {"alpaca": alpaca_conversation, "chat": chat_conversation, "text": text_document}
+FORMATS = tuple(PARSERS)  # the recipe's data.format choices
 
 
 def parse_rows(source: Source, fmt: str, columns: dict) -> list:

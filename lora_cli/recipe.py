@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lora_cli.errors import RecipeError
-from lora_cli.formats import SUFFIXES, data_paths, looks_like_hub_id
+from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.methods import METHOD_NAMES, METHODS
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
 
@@ -78,7 +78,7 @@ class DataConfig:
     path: Union[str, list[str]] = key(REQUIRED, "Training data: .json, .jsonl, .csv, .parquet, a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
     weights: Optional[list[float]] = key(None, "Sampling weight per path: 2 = every row twice, 0.5 = a random half (data.seed); empty = 1 each.")
     split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
-    format: Literal["alpaca", "chat", "text"] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
+    format: Literal[FORMATS] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
     columns: dict[str, str] = key(None, "Field names in your files, our name -> yours, e.g. {instruction: question, output: answer}.", factory=dict)
     template: Literal[TEMPLATE_NAMES] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
     prompt_format: Optional[str] = key(None, "Custom template's user turn, with {instruction} and optionally {input}, e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\".")

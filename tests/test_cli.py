@@ -44,6 +44,17 @@ def test_readme_documents_every_command_and_the_current_schema():
             assert f"lora {group.name} {c.name}" in readme
 
 
+def test_readme_layout_lists_every_module_once():
+    """The README's layout block names each module of the package on a line of its own, and
+    docs/architecture.md exists beside it."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- layout:start -->")[1].split("<!-- layout:end -->")[0]
+    listed = [line.split("`")[1] for line in block.splitlines() if line.startswith("- `")]
+    modules = sorted(p.name for p in (REPO / "lora_cli").glob("*.py") if p.name != "__init__.py")
+    assert sorted(listed) == modules, "list each lora_cli module once in the README's layout block"
+    assert (REPO / "docs" / "architecture.md").is_file()
+
+
 def test_resume_with_a_folder_means_resume_from(tmp_path, monkeypatch):
     """The train command reads `--resume DIR` itself, so click's own CliRunner (which never
     goes through cli.run) sees the same meaning as `lora`."""
