@@ -84,16 +84,14 @@ def check(
     strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors (exit 2), for CI.")] = False,
 ):
     """Validate a recipe and warn about risky hyperparameters, without loading anything heavy."""
-    from lora_cli.lint import lint_recipe
+    from lora_cli.lint import lint_recipe, refuse_if_strict, verdict
     from lora_cli.recipe import load_recipe
 
     findings = lint_recipe(load_recipe(recipe, set_ or []))
     for finding in findings:
         console.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
-    if findings and strict:
-        raise LoraError(f"{recipe}: {len(findings)} warning{'s' if len(findings) != 1 else ''} (--strict)",
-                        "change the keys named above, or drop --strict to let them pass")
-    console.print(f"{recipe}: ok" + (f" ({len(findings)} warning{'s' if len(findings) != 1 else ''})" if findings else ""))
+    refuse_if_strict(findings, recipe, strict)
+    console.print(verdict(findings, recipe))
 
 
 def parse_adapters(specs: list[str] | None) -> dict[str, str]:
@@ -361,15 +359,12 @@ def recipe_keys(
     update: Annotated[Optional[Path], typer.Option("--update", help="Rewrite the reference block of this README in place.")] = None,
 ):
     """Print every recipe key with its type, default and meaning (Markdown)."""
-    from lora_cli.recipe import README_MARKERS, reference_markdown, with_reference
+    from lora_cli.recipe import reference_markdown, update_reference
 
     if update is None:
         print(reference_markdown())
         return
-    text = update.read_text(encoding="utf-8")
-    if not all(m in text for m in README_MARKERS):
-        raise LoraError(f"{update}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block", "add both markers where the table goes")
-    update.write_text(with_reference(text), encoding="utf-8")
+    update_reference(update)
     console.print(f"{update}: recipe reference updated")
 
 

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_cli.errors import LoraError
 from lora_cli.formats import data_paths
 from lora_cli.methods import METHODS
 from lora_cli.preflight import planned_steps
@@ -57,6 +58,22 @@ def lint_recipe(recipe: Recipe) -> list[Finding]:
         if finding is not None:
             findings.append(finding)
     return findings
+
+
+def _warnings(findings: list[Finding]) -> str:
+    return f"{len(findings)} warning{'s' if len(findings) != 1 else ''}"
+
+
+def refuse_if_strict(findings: list[Finding], source, strict: bool) -> None:
+    """--strict (for CI): any warning is an error (exit 2)."""
+    if findings and strict:
+        raise LoraError(f"{source}: {_warnings(findings)} (--strict)",
+                        "change the keys named above, or drop --strict to let them pass")
+
+
+def verdict(findings: list[Finding], source) -> str:
+    """The last line of `lora check`: 'recipe.yaml: ok (2 warnings)'."""
+    return f"{source}: ok" + (f" ({_warnings(findings)})" if findings else "")
 
 
 # --------------------------------------------------------------------------- helpers

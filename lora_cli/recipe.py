@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from lora_cli.errors import RecipeError
+from lora_cli.errors import LoraError, RecipeError
 from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.methods import METHOD_NAMES, METHODS
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
@@ -486,6 +486,15 @@ def reference_markdown() -> str:
 
 
 README_MARKERS = ("<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->")
+
+
+def update_reference(readme_file: Path) -> None:
+    """Rewrite the reference block of a README in place (`lora recipe-keys --update`)."""
+    text = Path(readme_file).read_text(encoding="utf-8")
+    if not all(m in text for m in README_MARKERS):
+        raise LoraError(f"{readme_file}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block",
+                        "add both markers where the table goes")
+    Path(readme_file).write_text(with_reference(text), encoding="utf-8")
 
 
 def with_reference(readme: str) -> str:
