@@ -122,7 +122,6 @@ def build_meta_model(recipe: Recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-
     config = load_model_config(recipe)
     with torch.device("meta"):  # (accelerate's init_empty_weights does not tie embeddings)
         base = AutoModelForCausalLM.from_config(config, dtype=storage_dtype(recipe),

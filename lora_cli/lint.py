@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lora_cli.errors import LoraError
 from lora_cli.formats import data_paths
-from lora_cli.methods import METHODS
+from lora_cli.methods import method_of
 from lora_cli.preflight import planned_steps
 from lora_cli.recipe import Recipe
 
@@ -80,12 +80,12 @@ def verdict(findings: list[Finding], source) -> str:
 
 def uses_rslora(recipe: Recipe) -> bool:
     """rsLoRA scales by alpha / sqrt(r), so the alpha-vs-r rules do not apply."""
-    return METHODS[recipe.lora.method].rslora_scaling
+    return method_of(recipe).rslora_scaling
 
 
 def is_low_rank(recipe: Recipe) -> bool:
     """r and alpha mean something only for LoRA and its variants (not IA3 or prompt tuning)."""
-    return METHODS[recipe.lora.method].has_rank
+    return method_of(recipe).has_rank
 
 
 def is_four_bit(recipe: Recipe) -> bool:

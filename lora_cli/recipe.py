@@ -75,7 +75,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: Union[str, list[str]] = key(REQUIRED, "Training data: .json, .jsonl, .csv, .parquet, a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
+    path: Union[str, list[str]] = key(REQUIRED, f"Training data: {', '.join(SUFFIXES)}, a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
     weights: Optional[list[float]] = key(None, "Sampling weight per path: 2 = every row twice, 0.5 = a random half (data.seed); empty = 1 each.")
     split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
     format: Literal[FORMATS] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
@@ -110,7 +110,7 @@ def _data_path_problems(key_name: str, value) -> list[str]:
         path = Path(p)
         if not path.exists():
             if not looks_like_hub_id(p):
-                problems.append(f"{key_name}: {p} does not exist; point it at a .json/.jsonl/.csv/.parquet file, "
+                problems.append(f"{key_name}: {p} does not exist; point it at a {'/'.join(SUFFIXES)} file, "
                                 "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
         elif path.is_file() and path.suffix not in SUFFIXES:
             problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(SUFFIXES)} "

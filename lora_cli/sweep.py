@@ -4,8 +4,8 @@ final loss is compared to find the knee: the smallest rank after which doubling 
 longer buys a meaningful improvement.
 
 A run counts as finished when `lora train` finished it (checkpoint.run_finished) and the result
-record this module writes after it is there; an interrupted sweep keeps those, and running the same command
-again skips them. A finished run made from a different recipe is never reused silently.
+record this module writes after it is there; an interrupted sweep keeps those, and running the
+same command again skips them. A finished run made from a different recipe is never reused silently.
 """
 
 from __future__ import annotations
