@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_cli.atomic import staged_file
 from lora_cli.errors import LoraError
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -272,6 +273,7 @@ def plot_analysis(a: AdapterAnalysis, out: Path) -> Path | None:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with staged_file(Path(out)) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return out

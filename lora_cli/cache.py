@@ -12,9 +12,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from lora_cli.atomic import staged_folder
 
 CACHE_VERSION = 1
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
@@ -115,17 +115,12 @@ def save(folder: Path, data) -> None:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # one bar per save, for a few milliseconds of work
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        data.train.save_to_disk(str(tmp / "train"))
-        if data.eval is not None:
-            data.eval.save_to_disk(str(tmp / "eval"))
-        meta = {"train": data.stats.to_dict(), "eval": data.eval_stats.to_dict() if data.eval_stats else None}
-        (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(tmp, folder)
+        with staged_folder(folder) as tmp:
+            data.train.save_to_disk(str(tmp / "train"))
+            if data.eval is not None:
+                data.eval.save_to_disk(str(tmp / "eval"))
+            meta = {"train": data.stats.to_dict(), "eval": data.eval_stats.to_dict() if data.eval_stats else None}
+            (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
     except OSError:
         pass  # another run wrote the same entry first, or the disk is full: train without caching
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

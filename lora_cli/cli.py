@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
 
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
@@ -146,8 +147,12 @@ def generate(
     if (instruction is None) == (file is None):
         raise LoraError("give one instruction or --file PROMPTS, not both and not neither",
                         'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
-    if out is not None and out.exists() and not force:
-        raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+    if out is not None:
+        ownership.check_not_inputs(out, [("prompt file (--file)", file)], "--out")
+        if out.exists() and not force:
+            raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+        if out.is_dir():
+            raise LoraError(f"--out {out} is a folder", "give a .jsonl file name")
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
     from lora_cli.infer import generate_rows
 
@@ -158,8 +163,7 @@ def generate(
         variants = {name: (name, template or info.template) for name, info in infos.items()}
     rows = generate_rows(backend, prompts, variants, settings, batch_size)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
     elif len(rows) == 1:
         print(rows[0]["response"])
@@ -354,7 +358,7 @@ def recipe_keys(
     text = update.read_text(encoding="utf-8")
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{update}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block", "add both markers where the table goes")
-    update.write_text(with_reference(text), encoding="utf-8")
+    atomic.write_text(update, with_reference(text))
     console.print(f"{update}: recipe reference updated")
 
 

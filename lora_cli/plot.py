@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cli.atomic import staged_file
+
 
 def read_metrics(metrics_file: Path) -> list[dict]:
     if not Path(metrics_file).is_file():
@@ -41,6 +43,7 @@ def plot_losses(metrics_file: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    with staged_file(Path(out_png)) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(out_png)

@@ -98,7 +98,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_random, cli, monkey
 def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_random, cli, monkeypatch):
     from transformers import Trainer
 
-    recipe = make_recipe(tmp_path, tiny_random, train=TRAIN)
+    recipe = make_recipe(tmp_path, tiny_random, train={**TRAIN, "max_steps": 6})
     run = tmp_path / "run"
     original = Trainer._save_rng_state
 
@@ -124,15 +124,17 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_random, cli, monke
     assert resumed.code == 0, resumed
     assert (run / "adapter_model.safetensors").is_file()
     assert not (run / ckpt.STAGING).exists()
+    assert losses(run).keys() == set(range(1, 7))
 
 
 @pytest.mark.slow
 def test_rotation_keeps_newest_complete(tmp_path, tiny_random, cli):
-    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 3, "save_steps": 1, "save_total_limit": 2})
+    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 4, "save_steps": 1, "save_total_limit": 2})
     assert cli("train", recipe).code == 0
     run = tmp_path / "run"
+    # no checkpoint at the last step: the final adapter is written once, in output_dir
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
-    assert not list(run.glob(".trash-*")) and not (run / ckpt.STAGING).exists()
+    assert not list(run.glob(".lora-trash-*")) and not list(run.glob(".lora-staged-*"))
     marker = json.loads((run / "checkpoint-3" / ckpt.MARKER).read_text())
     assert marker["step"] == 3 and "adapter_model.safetensors" in marker["files"]
     done = cli("train", recipe, "--resume")
@@ -214,7 +216,8 @@ def test_sigterm_subprocess_leaves_checkpoint_and_resumes(tmp_path, tiny_random,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
     assert "SIGTERM received" in out
-    assert "stopped by SIGTERM after step" in err and f"lora train {recipe} --resume" in err
+    # the printed command resumes this very run: its own saved recipe
+    assert "stopped by SIGTERM after step" in err and f"lora train {run / 'lora_recipe.yaml'} --resume" in err
     saved = ckpt.newest_complete(run)
     assert saved is not None
     step = ckpt.checkpoint_step(saved)
