@@ -78,12 +78,14 @@ def check_replaceable(folder: Path, command: str, flag: str) -> None:
     claimed = read_claim(folder)
     if claimed is None:
         raise LoraError(f"{flag} refused: {folder} was not written by `lora {command}` (no {OWNER_FILE}), "
-                        f"so it may hold your own files: {_listing(files_in(folder))}",
+                        f"so it may hold your own files: {_listing(_top_level(folder))}",
                         "choose a new folder, or move those files away yourself")
+    foreign = foreign_files(folder, claimed)
+    extra = f"; it also holds files lora did not write: {_listing(foreign)}" if foreign else ""
     if claimed.get("command") != command:
         raise LoraError(f"{flag} refused: {folder} was written by `lora {claimed.get('command')}`, "
-                        f"not `lora {command}`", "choose a new folder, or delete it yourself if it is no longer needed")
-    foreign = foreign_files(folder, claimed)
+                        f"not `lora {command}`{extra}",
+                        "choose a new folder, or delete it yourself if it is no longer needed")
     if foreign:
         raise LoraError(f"{flag} refused: {folder} holds files `lora {command}` did not write: {_listing(foreign)}",
                         "move those files out of the folder (or choose a new one), then run the command again")
@@ -104,6 +106,10 @@ def clear_claimed(folder: Path, command: str, keep: tuple[str, ...] = ()) -> Non
             atomic.remove_tree(entry)
         else:
             entry.unlink()
+
+
+def _top_level(folder: Path) -> list[str]:
+    return sorted(e.name + ("/" if e.is_dir() else "") for e in Path(folder).iterdir())
 
 
 def _listing(files: list[str]) -> str:

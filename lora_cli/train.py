@@ -82,12 +82,15 @@ def check_inputs_apart(recipe: Recipe, recipe_path: str | Path | None) -> None:
     resume tidy-ups would delete it, and the run would write into it."""
     from lora_cli.data import paths_of
 
+    output_dir = Path(recipe.output_dir)
+    if recipe_path and Path(recipe_path).resolve() == (output_dir / RECIPE_FILE).resolve():
+        recipe_path = None  # the run's own saved recipe (the printed resume command): lora wrote it there
     inputs = [("base model (model.name_or_path)", recipe.model.name_or_path), ("recipe", recipe_path),
               ("FSDP config (train.fsdp_config)", recipe.train.fsdp_config),
               ("DeepSpeed config (train.deepspeed)", recipe.train.deepspeed)]
     inputs += [("training data (data.path)", p) for p in paths_of(recipe.data.path)]
     inputs += [("validation data (data.val_path)", p) for p in paths_of(recipe.data.val_path)]
-    ownership.check_not_inputs(Path(recipe.output_dir), inputs, "output_dir")
+    ownership.check_not_inputs(output_dir, inputs, "output_dir")
 
 
 def saved_recipe_resume_command(output_dir: Path) -> str:

@@ -44,7 +44,7 @@ def test_merged_folder_is_complete_sharded_and_equals_unmerged(tiny_random, tmp_
     assert len(shards) > 1 and "model.safetensors.index.json" in files
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "README.md"} <= files
-    assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".merged*"))  # no staging left
+    assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".lora-*"))  # no staging left
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_random}" in card and str(adapter) in card and "LORA (r=4, alpha=8)" in card
 

@@ -95,6 +95,25 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_random, cli, monkey
 
 
 @pytest.mark.slow
+def test_loss_logged_across_the_interruption_equals_uninterrupted(tmp_path, tiny_random, cli, monkeypatch):
+    """Logging every 2 steps, stopped at step 3: the window 3-4 spans the interruption. The
+    Trainer starts a resumed run with an empty window, so step 4 used to log step 4's loss
+    alone; the checkpoint now carries the unlogged loss and the resumed run logs the same mean."""
+    every2 = {**TRAIN, "logging_steps": 2}
+    whole = make_recipe(tmp_path / "a", tiny_random, train=every2, lora=LORA)
+    assert cli("train", whole).code == 0
+    cut = make_recipe(tmp_path / "b", tiny_random, train=every2, lora=LORA)
+    with monkeypatch.context() as m:
+        signal_at_step(m, 3, signal.SIGINT)
+        assert cli("train", cut).code == 130
+    assert ckpt.loss_window(tmp_path / "b" / "run" / "checkpoint-3")["since_step"] == 2
+    assert cli("train", cut, "--resume").code == 0
+    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert sorted(la) == sorted(lb) == [2, 4]
+    assert lb == la  # exactly: the same float32 sums, divided the same way
+
+
+@pytest.mark.slow
 def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_random, cli, monkeypatch):
     from transformers import Trainer
 
