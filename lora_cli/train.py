@@ -565,7 +565,8 @@ class AtomicCheckpoints(TrainerCallback):
         self.last_saved_step = -1
 
     def _skip_needless_saves(self, state, control):
-        if state.global_step >= state.max_steps or state.global_step == self.last_saved_step:
+        if (state.global_step >= state.max_steps or state.global_step == self.last_saved_step
+                or self.trainer.poisoned):  # weights that took a non-finite step are never saved
             control.should_save = False
         return control
 
