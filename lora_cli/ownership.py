@@ -52,6 +52,17 @@ def claim(folder: Path, command: str, files=()) -> None:
     atomic.write_text(folder / OWNER_FILE, json.dumps({"command": command, "files": sorted(known)}, indent=1))
 
 
+def forget(folder: Path, removed: list[str]) -> None:
+    """Drop from the claim the files under folders the command deleted (rotated checkpoints),
+    so a long run's marker does not grow without end."""
+    old = read_claim(folder)
+    if not old or not removed:
+        return
+    prefixes = tuple(name.rstrip("/") + "/" for name in removed)
+    kept = [f for f in old["files"] if not f.startswith(prefixes)]
+    atomic.write_text(Path(folder) / OWNER_FILE, json.dumps({**old, "files": kept}, indent=1))
+
+
 def claim_all(folder: Path, command: str) -> None:
     """Claim every file now in `folder` (a staged folder, just filled by `command`)."""
     claim(folder, command, [f for f in files_in(folder) if f != OWNER_FILE])

@@ -588,7 +588,8 @@ class AtomicCheckpoints(TrainerCallback):
             ownership.claim(self.output_dir, "train",
                             [f"{staged.name}/{f}" for f in ownership.files_in(staged)] + [f"{staged.name}/{ckpt.MARKER}"])
             ckpt.publish(staged, self.output_dir, step, window)
-            ckpt.rotate(self.output_dir, self.keep)
+            removed = ckpt.rotate(self.output_dir, self.keep)
+            ownership.forget(self.output_dir, [p.name for p in removed])
         self.trainer.accelerator.wait_for_everyone()
         self.last_saved_step = step
         return control

@@ -416,3 +416,20 @@ def test_printed_resume_command_keeps_the_set_overrides(world, cli, monkeypatch)
     assert resumed.code == 0, resumed
     logged = [json.loads(x) for x in (world / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(x["step"] for x in logged if "loss" in x) == [1, 2, 3, 4, 5]  # max_steps=5 kept
+
+
+def test_claim_lists_what_was_written_and_forgets_what_was_deleted(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ownership.claim(folder, "train", ["a.txt", "checkpoint-1/x", "checkpoint-2/x"])
+    for f in ("a.txt", "checkpoint-2/x"):
+        (folder / f).parent.mkdir(exist_ok=True)
+        (folder / f).write_text("1")
+    ownership.check_replaceable(folder, "train", "--overwrite")  # only its own files: allowed
+    ownership.forget(folder, ["checkpoint-1"])
+    assert ownership.read_claim(folder)["files"] == ["a.txt", "checkpoint-2/x"]
+    (folder / "checkpoint-2" / "mine.txt").write_text("2")
+    with pytest.raises(Exception, match="checkpoint-2/mine.txt"):
+        ownership.check_replaceable(folder, "train", "--overwrite")
+    with pytest.raises(Exception, match="written by `lora train`, not `lora save`"):
+        ownership.check_replaceable(folder, "save", "--force")
