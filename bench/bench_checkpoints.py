@@ -100,7 +100,7 @@ def main() -> int:
         ckpt._remove(newest)
         before = ckpt.newest_complete(tmp / "saving")
         remaining = args.steps - ckpt.checkpoint_step(before)
-        resume_wall, _, _ = run(saving, resume="latest")
+        resume_wall, _, _ = run(saving, resume=ckpt.Resume())
 
     mib = 1 << 20
     rows = [

@@ -15,11 +15,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from lora_cli.formats import data_paths, load_hub_dataset
+from lora_cli.atomic import staged_folder
 
 CACHE_VERSION = 1
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
@@ -158,16 +157,11 @@ def save(folder: Path, train, evaluation, meta: dict) -> None:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # one bar per save, for a few milliseconds of work
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        train.save_to_disk(str(tmp / "train"))
-        if evaluation is not None:
-            evaluation.save_to_disk(str(tmp / "eval"))
-        (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(tmp, folder)
+        with staged_folder(folder) as tmp:
+            train.save_to_disk(str(tmp / "train"))
+            if evaluation is not None:
+                evaluation.save_to_disk(str(tmp / "eval"))
+            (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
     except OSError:
         pass  # another run wrote the same entry first, or the disk is full: train without caching
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Checkpoints that are either whole or absent, and picking one to resume from.
 
-A checkpoint is written into output_dir/.staging/checkpoint-N, gets a completion marker, and
-only then is renamed to output_dir/checkpoint-N (a rename within one filesystem is atomic).
+The Trainer writes each checkpoint into output_dir/STAGING/checkpoint-N (its output_dir points
+there); the on_save hook gives it a completion marker and only then renames it to
+output_dir/checkpoint-N (lora_cli.atomic: a rename within one filesystem is atomic).
 A crash, a full disk or a kill at any moment therefore leaves either the previous checkpoints
 untouched or a new complete one; never a half-written folder that resume would trust.
 Nothing here imports torch, so resume checks answer before anything heavy loads."""
@@ -9,20 +10,19 @@ Nothing here imports torch, so resume checks answer before anything heavy loads.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from lora_cli import atomic
 from lora_cli.errors import LoraError
 
 PREFIX = "checkpoint"
 MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder
-STAGING = ".staging"                      # beside the checkpoints, so the rename stays on one filesystem
+STAGING = atomic.STAGED_PREFIX + "checkpoints"  # beside the checkpoints, so the rename stays on one filesystem
 ADAPTER_CONFIG = "adapter_config.json"    # the files peft saves an adapter as
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FINAL_ADAPTER = ADAPTER_CONFIG            # moved into output_dir last: its presence means the run finished
@@ -62,46 +62,30 @@ def staging_dir(output_dir: Path) -> Path:
     return Path(output_dir) / STAGING
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not sync directories; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Delete a folder so that an interruption cannot leave a half-deleted checkpoint that still
-    looks complete: rename it out of the checkpoint namespace first, then delete."""
-    trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def publish(staged: Path, output_dir: Path, step: int) -> Path:
-    """Mark the staged checkpoint complete and move it into place as checkpoint-<step>."""
-    marker = staged / MARKER
-    with marker.open("w", encoding="utf-8") as f:
-        json.dump({"step": step, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "files": sorted(p.name for p in staged.iterdir() if p.name != MARKER)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(staged)
+def publish(staged: Path, output_dir: Path, step: int, loss_window: dict | None = None) -> Path:
+    """Mark the staged checkpoint complete and move it into place as checkpoint-<step>.
+    `loss_window` (the train loss summed since the last logged step) lets a resumed run log
+    the same losses as an uninterrupted one."""
+    record = {"step": step, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "files": sorted(p.name for p in staged.iterdir() if p.name != MARKER)}
+    if loss_window is not None:
+        record["loss_window"] = loss_window
+    atomic.write_text(staged / MARKER, json.dumps(record))
     final = Path(output_dir) / f"{PREFIX}-{step}"
-    if final.exists():  # resumed from an older checkpoint: this step is being written again
-        _remove(final)
-    os.rename(staged, final)
-    _fsync_dir(Path(output_dir))
+    atomic.publish_folder(staged, final, replace=True)  # resumed from an older one: this step again
     try:
         staged.parent.rmdir()  # the staging folder is only there while a save is under way
     except OSError:
         pass
     return final
+
+
+def loss_window(checkpoint: Path) -> dict | None:
+    """What publish recorded of the unlogged train loss at this checkpoint (None for older ones)."""
+    try:
+        return json.loads((Path(checkpoint) / MARKER).read_text(encoding="utf-8")).get("loss_window")
+    except (OSError, ValueError):
+        return None
 
 
 def rotate(output_dir: Path, keep: int | None) -> list[Path]:
@@ -111,15 +95,13 @@ def rotate(output_dir: Path, keep: int | None) -> list[Path]:
     done = complete_checkpoints(output_dir)
     doomed = done[: max(0, len(done) - keep)]
     for path in doomed:
-        _remove(path)
+        atomic.remove_tree(path)
     return doomed
 
 
 def clear_leftovers(output_dir: Path) -> None:
     """Staging and trash folders left by an interrupted save: never resumable, safe to drop."""
-    for path in Path(output_dir).glob(".trash-*"):
-        shutil.rmtree(path, ignore_errors=True)
-    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+    atomic.clear_leftovers(output_dir)
 
 
 # --------------------------------------------------------------------------- resuming
@@ -198,3 +180,68 @@ def check_same_run(saved_recipe_file: Path, current: dict) -> None:
                         "continue the same way:\n    " + "\n    ".join(diffs),
                         f"resume with the saved recipe: lora train {saved_recipe_file} --resume "
                         "(or start a new run in another output_dir)")
+
+
+# --------------------------------------------------------------------------- the data a run trains on
+
+DATA_FILE = "lora_data.json"  # in output_dir: what the run's data was, so --resume can tell a change
+
+
+def examples_fingerprint(dataset) -> dict:
+    """Rows, tokens and a digest of the tokenised examples (ids, labels, positions, in order)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]  # in dataset order, selections applied
+    h = hashlib.sha256()
+    tokens = 0
+    for name in sorted({"input_ids", "labels", "position_ids"} & set(table.column_names)):
+        column = table.column(name).combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+        h.update(name.encode() + lengths.tobytes())
+        h.update(column.flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        if name == "input_ids":
+            tokens = int(lengths.sum())
+    return {"rows": table.num_rows, "tokens": tokens, "sha256": h.hexdigest()}
+
+
+def data_fingerprint(data_cfg, data) -> dict:
+    """Digests of every data source the recipe names and of the tokenised examples built from them."""
+    from lora_cli.cache import source_fingerprint
+    from lora_cli.formats import data_paths
+
+    sources = {p: source_fingerprint(p, data_cfg.split) for p in data_paths(data_cfg.path) + data_paths(data_cfg.val_path)}
+    return {"sources": sources, "train": examples_fingerprint(data.train),
+            "eval": examples_fingerprint(data.eval) if data.eval is not None else None}
+
+
+def _describe(ex: dict | None) -> str:
+    return "none" if ex is None else f"{ex['rows']} rows, {ex['tokens']} tokens"
+
+
+def data_differences(saved: dict, current: dict) -> list[str]:
+    diffs = [f"{path}: its content changed since the run started" for path, digest in saved.get("sources", {}).items()
+             if current["sources"].get(path, digest) != digest]
+    for part in ("train", "eval"):
+        old, new = saved.get(part), current.get(part)
+        if (old or {}).get("sha256") != (new or {}).get("sha256"):
+            same_size = old and new and (old["rows"], old["tokens"]) == (new["rows"], new["tokens"])
+            diffs.append(f"tokenised {part} examples: {_describe(old)} -> {_describe(new)}"
+                         + (" (same size, different tokens)" if same_size else ""))
+    return diffs
+
+
+def check_same_data(output_dir: Path, current: dict) -> None:
+    """Refuse to resume on data that is not what the run started with: the run would no longer
+    be the one its checkpoints belong to. Runs written before this check have no record."""
+    saved_file = Path(output_dir) / DATA_FILE
+    if not saved_file.is_file():
+        return
+    diffs = data_differences(json.loads(saved_file.read_text(encoding="utf-8")), current)
+    if diffs:
+        raise LoraError("--resume: the training data differs from the data this run started with, so it would "
+                        "not continue the same run:\n    " + "\n    ".join(diffs),
+                        "restore the data as it was, or start a new run on the new data "
+                        "(another output_dir, or --overwrite)")

@@ -15,6 +15,7 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
+from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
 
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
@@ -164,8 +165,12 @@ def generate(
     if (instruction is None) == (file is None):
         raise LoraError("give one instruction or --file PROMPTS, not both and not neither",
                         'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
-    if out is not None and out.exists() and not force:
-        raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+    if out is not None:
+        ownership.check_not_inputs(out, [("prompt file (--file)", file)], "--out")
+        if out.exists() and not force:
+            raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+        if out.is_dir():
+            raise LoraError(f"--out {out} is a folder", "give a .jsonl file name")
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
     from lora_cli.infer import generate_rows
 
@@ -176,8 +181,7 @@ def generate(
         variants = {name: (name, template or info.template) for name, info in infos.items()}
     rows = generate_rows(backend, prompts, variants, settings, batch_size)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
     elif len(rows) == 1:
         print(rows[0]["response"])

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
+from lora_cli import atomic
 from lora_cli.errors import DataError, LoraError
 from lora_cli.template import history_messages, prompt_ids, resolve_template
 
@@ -278,10 +279,9 @@ class ChatSession:
         path = Path(arg).expanduser()
         if path.exists():
             raise LoraError(f"{path} already exists", "choose another file name")
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"adapters": {n: resolve_template(t).as_dict() for n, t in self.templates.items()},
                   "system": self.system, "settings": self.settings.as_dict(), "messages": self.transcript}
-        path.write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
+        atomic.write_text(path, json.dumps(record, ensure_ascii=False, indent=2))
         return f"transcript written to {path}"
 
 

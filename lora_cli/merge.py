@@ -1,18 +1,20 @@
 """`lora merge` (adapter folded into a full model) and `lora save` (a clean adapter folder).
 
-Both write into a staging folder beside the target and rename it into place at the end, so a
-failure leaves nothing half-written and an existing target is never touched without --force."""
+Both write into a staging folder beside the target and rename it into place at the end
+(lora_cli.atomic), so a failure leaves nothing half-written; an existing target is replaced only
+with --force, and only when the same command wrote it and it holds nothing else
+(lora_cli.ownership). --out may not be, hold or sit inside the command's own inputs."""
 
 from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
 from lora_cli.methods import for_peft_type
 from lora_cli.model import RECIPE_FILE, find_recipe_file, read_adapter
@@ -21,27 +23,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
 
 
-@contextmanager
-def staged_output(out: Path, force: bool):
-    """Yield a staging folder; on success it replaces `out`. On error `out` is untouched."""
-    out = Path(out)
-    if out.exists() and not force:
+def check_out(out: Path, force: bool, command: str, inputs: list) -> None:
+    """Before any work: --out is not one of the inputs, and may be replaced if it exists."""
+    ownership.check_not_inputs(out, inputs, "--out")
+    if Path(out).exists() and not force:
         raise LoraError(f"{out} already exists", "choose another --out, or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+    ownership.check_replaceable(out, command, "--force")
+
+
+@contextmanager
+def staged_output(out: Path, force: bool, command: str):
+    """Yield a staging folder; on success it is claimed for `command` and replaces `out`.
+    On error `out` is untouched and the staging folder is gone."""
+    out = Path(out)
+    with atomic.staged_folder(out, replace=force) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
+        ownership.claim_all(staging, command)
+        ownership.check_replaceable(out, command, "--force")  # again: files may have appeared meanwhile
 
 
 def check_mergeable(info) -> None:
@@ -94,7 +92,10 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
         log(f"adapter was trained on a {trained_on} base; merging into {model_cfg.name_or_path} "
             "reloaded in full precision (float32), never into the quantized weights")
     save_dtype = getattr(torch, dtype) if dtype else None
-    with staged_output(Path(out), force) as staging:
+    tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
+    check_out(Path(out), force, "merge", [("adapter", info.path), ("base model", model_cfg.name_or_path),
+                                          ("tokenizer", tokenizer_src)])
+    with staged_output(Path(out), force, "merge") as staging:
         merged, was_tied = _merged_model(info, model_cfg)
         _untie_trained_embeddings(merged, was_tied, log)
         if save_dtype is not None:
@@ -102,7 +103,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
             merged.config.dtype = save_dtype
         _check_finite(merged)  # after the cast: float16 overflows to Inf above 65504
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
         load_tokenizer(str(tokenizer_src)).save_pretrained(staging)
         saved_as = str(merged.dtype).removeprefix("torch.")
         (staging / "README.md").write_text(model_card(info, model_cfg.name_or_path, merged=True, dtype=saved_as),
@@ -206,7 +206,8 @@ def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, lo
     # gets its base's, so the exported folder always carries one.
     tokenizer_dir = next((d for d in (src, src.parent, Path(info.base)) if (d / "tokenizer_config.json").is_file()), None)
     recipe_file = find_recipe_file(src)
-    with staged_output(Path(out), force) as staging:
+    check_out(Path(out), force, "save", [("adapter", src), ("tokenizer", tokenizer_dir), ("recipe", recipe_file)])
+    with staged_output(Path(out), force, "save") as staging:
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copy2(src / name, staging / name)
         for name in TOKENIZER_FILES if tokenizer_dir else ():

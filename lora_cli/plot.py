@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cli.atomic import staged_file
+
 METRICS_FILE = "metrics.jsonl"  # every log of `lora train` (one JSON record a line) in its output_dir
 
 
@@ -44,6 +46,7 @@ def plot_losses(metrics_file: Path, out_png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_png)
+    with staged_file(Path(out_png)) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(out_png)

@@ -494,7 +494,9 @@ def update_reference(readme_file: Path) -> None:
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{readme_file}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block",
                         "add both markers where the table goes")
-    Path(readme_file).write_text(with_reference(text), encoding="utf-8")
+    from lora_cli import atomic
+
+    atomic.write_text(Path(readme_file), with_reference(text))
 
 
 def with_reference(readme: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lora_cli.checkpoint import run_finished
+from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
 from lora_cli.methods import RANKED, method_of
 from lora_cli.plot import METRICS_FILE, read_metrics
@@ -135,8 +136,9 @@ def train_rank(recipe: Recipe, console: Console) -> RankRun:
                   loss, kind, result.steps)
     record = {**dataclasses.asdict(run), "recipe": _comparable(recipe)}
     record.pop("reused")
-    # Written last: its presence is what marks the run finished.
-    (Path(recipe.output_dir) / RESULT_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    # Written last: its presence is what marks the run finished; part of the run it describes.
+    ownership.claim(Path(recipe.output_dir), "train", [RESULT_FILE])
+    atomic.write_text(Path(recipe.output_dir) / RESULT_FILE, json.dumps(record, indent=2))
     return run
 
 
@@ -199,9 +201,8 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
     runs.sort(key=lambda x: x.rank)
     result = SweepResult(runs, find_knee(runs, threshold), threshold)
     out = Path(recipe.output_dir)
-    (out / SUMMARY_FILE).write_text(json.dumps(
-        {"threshold": threshold, "knee": result.knee, "runs": [dataclasses.asdict(x) for x in runs]}, indent=2),
-        encoding="utf-8")
+    atomic.write_text(out / SUMMARY_FILE, json.dumps(
+        {"threshold": threshold, "knee": result.knee, "runs": [dataclasses.asdict(x) for x in runs]}, indent=2))
     result.plot = plot_sweep(result, plot or out / PLOT_FILE)
     return result
 
@@ -274,6 +275,7 @@ def plot_sweep(result: SweepResult, out: Path) -> Path | None:
     ax.set_title("rank sweep")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    with atomic.staged_file(Path(out)) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return out

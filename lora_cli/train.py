@@ -1,6 +1,8 @@
-"""`lora train`: set up in a fixed order (resume point, preflight, seed, tokenizer, data, model,
-adapter, disk check, output folder, trainer), then hand the loop to the Hugging Face Trainer,
-subclassed so that checkpoints are atomic and a run stops cleanly on a signal or a NaN.
+"""`lora train`: set up in a fixed order (inputs apart from output_dir, resume point, preflight,
+seed, tokenizer, data, model, adapter, disk check, output folder under its lock, trainer), then
+hand the loop to the Hugging Face Trainer. Its public hooks make checkpoints atomic (it writes
+into a staging folder through TrainingArguments.output_dir; on_save publishes) and stop a run
+cleanly on a signal or a NaN.
 
 Runs unchanged under `torchrun` / `accelerate launch`: every rank trains, only rank 0 prints
 and writes (output folder, recipe, metrics, final adapter, plot)."""
@@ -21,8 +23,8 @@ from pathlib import Path
 from rich.console import Console
 from transformers import Trainer, TrainerCallback  # this module is imported only by commands that train
 
+from lora_cli import atomic, ownership, preflight
 from lora_cli import checkpoint as ckpt
-from lora_cli import preflight
 from lora_cli.errors import LoraError
 from lora_cli.model import RECIPE_FILE
 from lora_cli.plot import METRICS_FILE, read_metrics
@@ -59,29 +61,41 @@ def is_main_process() -> bool:
 # --------------------------------------------------------------------------- output folder
 
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse to write into a folder holding another run, unless told to replace it; never
-    delete a folder that is not a lora run."""
+    """Refuse to write into a folder holding another run, unless told to replace it; replace
+    only a folder `lora train` wrote that holds nothing else (lora_cli.ownership)."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise LoraError(f"output_dir: {output_dir} exists and is not a folder", "choose another output_dir")
-    if not any(output_dir.iterdir()):
+    if ownership.is_empty(output_dir):
         return
     if not overwrite:
         resumable = ckpt.newest_complete(output_dir)
         also = f", or continue it from {resumable.name} with --resume" if resumable else ""
         raise LoraError(f"output_dir: {output_dir} already holds files from another run",
                         f"set another output_dir (e.g. --set output_dir=runs/new), pass --overwrite to replace that run{also}")
-    if not (output_dir / RECIPE_FILE).is_file():
-        raise LoraError(f"output_dir: {output_dir} is not empty and was not written by `lora train`; "
-                        "--overwrite only replaces earlier lora runs",
-                        "choose an empty or new output_dir")
+    ownership.check_replaceable(output_dir, "train", "--overwrite")
 
 
-def replace_output_dir(output_dir: Path) -> None:
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
+def check_inputs_apart(recipe: Recipe, recipe_path: str | Path | None) -> None:
+    """output_dir may not be, hold, or sit inside anything the run reads: --overwrite and
+    resume tidy-ups would delete it, and the run would write into it."""
+    from lora_cli.formats import data_paths
+
+    output_dir = Path(recipe.output_dir)
+    if recipe_path and Path(recipe_path).resolve() == (output_dir / RECIPE_FILE).resolve():
+        recipe_path = None  # the run's own saved recipe (the printed resume command): lora wrote it there
+    inputs = [("base model (model.name_or_path)", recipe.model.name_or_path), ("recipe", recipe_path),
+              ("FSDP config (train.fsdp_config)", recipe.train.fsdp_config),
+              ("DeepSpeed config (train.deepspeed)", recipe.train.deepspeed)]
+    inputs += [("training data (data.path)", p) for p in data_paths(recipe.data.path)]
+    inputs += [("validation data (data.val_path)", p) for p in data_paths(recipe.data.val_path)]
+    ownership.check_not_inputs(output_dir, inputs, "output_dir")
+
+
+def saved_recipe_resume_command(output_dir: Path) -> str:
+    """The command that resumes this very run: its own saved recipe holds every --set override."""
+    return f"lora train {Path(output_dir) / RECIPE_FILE} --resume"
 
 
 def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
@@ -104,9 +118,7 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
         records = read_metrics(metrics)
         kept = [json.dumps(r) for r in records
                 if r.get("step", 0) <= step and "train_runtime" not in r]  # the stopped session's summary
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, metrics)
+        atomic.write_text(metrics, "".join(line + "\n" for line in kept))
 
 
 # --------------------------------------------------------------------------- set-up steps
@@ -130,7 +142,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     if t.deepspeed:
         parallel["deepspeed"] = t.deepspeed
     return dict(
-        output_dir=str(output_dir),
+        output_dir=str(ckpt.staging_dir(output_dir)),  # checkpoints are staged; on_save publishes them
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -170,8 +182,10 @@ def _setup_model(recipe: Recipe):
     return add_adapter(model, recipe)
 
 
-def _prepare_output_dir(recipe: Recipe, tokenizer, checkpoint: Path | None) -> None:
-    """Rank 0 creates (or, resuming, tidies) output_dir while the other ranks wait."""
+def _prepare_output_dir(recipe: Recipe, tokenizer, checkpoint: Path | None, lock: ownership.FolderLock,
+                        data_record: dict) -> None:
+    """Rank 0 takes the folder's lock, then creates (or, resuming, tidies) output_dir while the
+    other ranks wait."""
     import torch
     from accelerate import PartialState
 
@@ -180,17 +194,33 @@ def _prepare_output_dir(recipe: Recipe, tokenizer, checkpoint: Path | None) -> N
     state = PartialState(cpu=not torch.cuda.is_available())
     output_dir = Path(recipe.output_dir)
     if state.is_main_process:
+        lock.acquire()  # held until the run ends: a second run on this folder is refused
         if checkpoint is None:
-            replace_output_dir(output_dir)
+            ownership.clear_claimed(output_dir, "train", keep=(ownership.LOCK_FILE,))  # --overwrite
+            ownership.claim(output_dir, "train", [ownership.LOCK_FILE, RECIPE_FILE, METRICS_FILE, ckpt.DATA_FILE])
             # Written first so every checkpoint-N inside can be generated from or exported alone.
-            (output_dir / RECIPE_FILE).write_text(dump_recipe(recipe), encoding="utf-8")
-            tokenizer.save_pretrained(output_dir)
+            atomic.write_text(output_dir / RECIPE_FILE, dump_recipe(recipe))
+            atomic.write_text(output_dir / ckpt.DATA_FILE, json.dumps(data_record, indent=1))
+            staged = ckpt.staging_dir(output_dir) / "tokenizer"
+            tokenizer.save_pretrained(staged)
+            install_files(staged, output_dir)
         else:
             prepare_resumed_dir(output_dir, ckpt.checkpoint_step(checkpoint))
     state.wait_for_everyone()  # no rank may write before rank 0 has prepared the folder
 
 
-def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, callbacks: list, resume_cmd: str):
+def install_files(staged: Path, output_dir: Path, last: str | None = None) -> None:
+    """Claim the files of a staged folder for the run, then move them into output_dir."""
+    ownership.claim(output_dir, "train", [f.name for f in staged.iterdir()])
+    atomic.move_files_into(staged, output_dir, last=last)
+    try:
+        staged.parent.rmdir()
+    except OSError:
+        pass
+
+
+def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, callbacks: list,
+                   carried_loss: dict | None):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
@@ -205,8 +235,7 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
         data_collator=make_collator(recipe.data, tokenizer),  # packed rows: position_ids, no cross-attention
         processing_class=tokenizer,
         callbacks=callbacks,
-        keep_checkpoints=recipe.train.save_total_limit,
-        resume_cmd=resume_cmd,
+        carried_loss=carried_loss,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; RichProgress shows them
     return trainer
@@ -226,10 +255,13 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
                  recipe_path: str | Path | None = None, console: Console | None = None) -> TrainResult:
     console = (console or Console()) if is_main_process() else Console(quiet=True)
     output_dir = Path(recipe.output_dir)
-    resume_cmd = f"lora train {recipe_path or '<recipe.yaml>'} --resume"
+    resume_cmd = saved_recipe_resume_command(output_dir)
     if resume is not None and (overwrite or dry_run):
         raise LoraError("--resume / --resume-from cannot be combined with --overwrite or --dry-run",
                         "--resume continues the run in output_dir; --overwrite starts it again")
+    check_inputs_apart(recipe, recipe_path)
+    if not dry_run:
+        ownership.check_unlocked(output_dir)  # another run is writing there: say so before anything else
     checkpoint = resume_point(recipe, resume) if resume is not None else None
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
@@ -245,6 +277,9 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     data = build_sft_data(recipe.data, tokenizer)
     dataset, stats = data.train, data.stats
+    data_record = None if dry_run else ckpt.data_fingerprint(recipe.data, data)
+    if checkpoint is not None:
+        ckpt.check_same_data(output_dir, data_record)
     model = _setup_model(recipe)
     trainable, total = parameter_counts(model)
 
@@ -264,26 +299,51 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         return result
     _check_disk(recipe, model, planned)
 
-    _prepare_output_dir(recipe, tokenizer, checkpoint)
-    if checkpoint is not None:
-        console.print(f"[bold]resume[/]  from {checkpoint}")
+    lock = ownership.FolderLock(output_dir)
+    try:
+        _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
+        if checkpoint is not None:
+            console.print(f"[bold]resume[/]  from {checkpoint}")
+        _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result)
+    finally:
+        lock.release()
+    console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
+    if is_main_process():
+        _write_plot(console, output_dir)  # after the summary: matplotlib's import never delays it
+    return result
 
+
+def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: Path | None, console: Console,
+           resume_cmd: str, result: TrainResult) -> None:
+    """The loop, then the final adapter, written once (no checkpoint is taken at the last step)."""
+    output_dir = Path(recipe.output_dir)
     progress = RichProgress(console, output_dir / METRICS_FILE)
     guard = RunGuard(console)
-    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard], resume_cmd)
-    guard.trainer = trainer
-    with guard.catching_signals():
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    progress.close()
+    saver = AtomicCheckpoints(output_dir, recipe.train.save_total_limit)
+    carried = ckpt.loss_window(checkpoint) if checkpoint is not None else None
+    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard, saver], carried)
+    guard.trainer = saver.trainer = trainer
+    try:
+        with guard.catching_signals():
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (OSError, RuntimeError) as e:
+        saver.raise_if_save_failed(e, resume_cmd)
+        raise
+    finally:
+        progress.close()
     guard.raise_if_stopped(output_dir, resume_cmd)
 
     result.final_loss = progress.last_loss
     result.steps = trainer.state.global_step
     if trainer.is_world_process_zero():
-        save_final_adapter(model, output_dir)
-        _write_plot(console, output_dir)
-    console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
-    return result
+        try:
+            save_final_adapter(model, output_dir)
+        except OSError as e:
+            last = ckpt.newest_complete(output_dir)
+            raise TrainingStopped(f"could not write the final adapter to {output_dir}: {e}; nothing partial was "
+                                  f"left" + (f", and {last} is intact" if last else ""),
+                                  f"free disk space, then {resume_cmd}" if last else
+                                  "free disk space, then start again with --overwrite") from None
 
 
 def save_final_adapter(model, output_dir: Path) -> None:
@@ -292,11 +352,11 @@ def save_final_adapter(model, output_dir: Path) -> None:
     with a truncated weights file."""
     staged = ckpt.staging_dir(output_dir) / "final"
     shutil.rmtree(staged, ignore_errors=True)
-    model.save_pretrained(staged, safe_serialization=True)
-    files = sorted(staged.iterdir(), key=lambda f: f.name == ckpt.FINAL_ADAPTER)
-    for f in files:
-        os.replace(f, output_dir / f.name)
-    shutil.rmtree(ckpt.staging_dir(output_dir), ignore_errors=True)
+    try:
+        model.save_pretrained(staged, safe_serialization=True)
+        install_files(staged, output_dir, last=ckpt.FINAL_ADAPTER)
+    finally:
+        shutil.rmtree(ckpt.staging_dir(output_dir), ignore_errors=True)
 
 
 def _write_plot(console: Console, output_dir: Path) -> None:
@@ -307,6 +367,7 @@ def _write_plot(console: Console, output_dir: Path) -> None:
     except ImportError:
         console.print("loss curve skipped: matplotlib is not installed (pip install matplotlib)")
         return
+    ownership.claim(output_dir, "train", [PLOT_FILE])
     written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
     if written:
         console.print(f"[bold]curve[/]   {written}")
@@ -333,56 +394,31 @@ def _print_example(console: Console, dataset, tokenizer) -> None:
 # --------------------------------------------------------------------------- the trainer
 
 class SafeTrainer(Trainer):
-    """The Hugging Face Trainer with atomic checkpoints (staged, marked complete, renamed into
-    place, rotated over complete ones only), a per-step non-finite loss flag, supervised-token
-    throughput and perplexity in the logs."""
+    """The Hugging Face Trainer with a per-step non-finite loss flag, supervised-token
+    throughput and perplexity in the logs, and train losses that a resumed run logs exactly as
+    the uninterrupted run would have (checkpoints are made atomic by AtomicCheckpoints)."""
 
-    def __init__(self, *args, keep_checkpoints: int | None = None, resume_cmd: str = "", **kwargs):
+    def __init__(self, *args, carried_loss: dict | None = None, **kwargs):
+        import torch
+
         super().__init__(*args, **kwargs)
-        self.keep_checkpoints = keep_checkpoints
-        self.resume_cmd = resume_cmd
         self.nonfinite = None        # device tensor: a micro-batch of this step had a NaN/inf loss
         self.poisoned = False        # set once the weights took a non-finite step: never save them
-        self.last_saved_step = -1
-        self._staging_root = None
         self._supervised = 0         # device tensor: supervised tokens since the last log
         self._last_log_time = time.time()
+        # The train loss summed since the last logged step, accumulated exactly as the Trainer
+        # sums its own (float32, micro-batch by micro-batch). Saved with each checkpoint; a
+        # resumed run starts from the saved sum, so the logging window that spans the
+        # interruption averages the same steps as it would have without one.
+        carried = carried_loss or {}
+        self.loss_window = torch.tensor(float(carried.get("sum", 0.0)), device=self.args.device)
+        self.loss_window_since = carried.get("since_step")
+        self._window_carried = bool(carried)
 
-    # -- checkpoints
-
-    def _get_output_dir(self, trial) -> str:
-        if self._staging_root is not None:
-            return str(self._staging_root)
-        return super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        step = self.state.global_step
-        if self.poisoned or step == self.last_saved_step:
-            return
-        output_dir = Path(self.args.output_dir)
-        staging = ckpt.staging_dir(output_dir)
-        self._staging_root = staging  # the Trainer writes checkpoint-N there, not in output_dir
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()  # every rank's RNG state is in the staging folder
-            if self.args.should_save:
-                # A pickle of TrainingArguments that nothing reads (lora_recipe.yaml records the
-                # settings); dropped so no checkpoint holds a .bin that invites an unsafe load.
-                (staging / f"{ckpt.PREFIX}-{step}" / "training_args.bin").unlink(missing_ok=True)
-                ckpt.publish(staging / f"{ckpt.PREFIX}-{step}", output_dir, step)
-                ckpt.rotate(output_dir, self.keep_checkpoints)
-        except (OSError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and "writ" not in str(e):
-                raise
-            last = ckpt.newest_complete(output_dir)
-            kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
-            raise TrainingStopped(f"could not write the checkpoint of step {step}: {e}; {kept}",
-                                  f"free disk space or fix the folder, then {self.resume_cmd}"
-                                  if last else "free disk space or fix the folder, then start again") from None
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()
-        self.last_saved_step = step
+    def loss_window_record(self) -> dict:
+        """The unlogged loss for the checkpoint being saved (the mean over ranks, like the Trainer's)."""
+        total = self.accelerator.reduce(self.loss_window.clone(), reduction="mean")
+        return {"sum": float(total), "since_step": self.loss_window_since or 0}
 
     # -- per-step bookkeeping
 
@@ -393,6 +429,7 @@ class SafeTrainer(Trainer):
         if labels is not None:  # kept on the device: no sync per micro-batch
             self._supervised = self._supervised + (labels != -100).sum()
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.loss_window += loss.detach()
         bad = ~torch.isfinite(loss.detach())
         self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
         return loss
@@ -403,6 +440,12 @@ class SafeTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
+            if self._window_carried:  # the first log after a resume: average the whole window
+                total = self.accelerator.reduce(self.loss_window.clone(), reduction="mean")
+                logs["loss"] = float(total) / (self.state.global_step - self.loss_window_since)
+                self._window_carried = False
+            self.loss_window.zero_()
+            self.loss_window_since = self.state.global_step
             logs["supervised_tokens_per_s"] = round(self._tokens_per_second(), 1)
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 100.0))  # capped: no inf in JSON
@@ -468,7 +511,7 @@ class RunGuard(TrainerCallback):
             control.should_save = False
             control.should_evaluate = False
             control.should_training_stop = True
-        elif signalled:
+        elif signalled and state.global_step < state.max_steps:  # at the last step the run just ends
             self.signal_received = self.signal_received or signal.SIGTERM  # another rank was signalled
             self.stopped_at = state.global_step
             control.should_save = True
@@ -496,6 +539,65 @@ class RunGuard(TrainerCallback):
             where = f"checkpoint written: {last}" if last else "no checkpoint could be written"
             raise TrainingStopped(f"stopped by {name} after step {self.stopped_at}; {where}",
                                   f"continue the run with: {resume_cmd}", exit_code=128 + self.signal_received)
+
+
+class AtomicCheckpoints(TrainerCallback):
+    """Checkpoints whole or absent, through the Trainer's public hooks only: TrainingArguments
+    .output_dir points the Trainer at output_dir/STAGING, and on_save, which the Trainer calls
+    once a checkpoint is completely written, claims it for the run, marks it complete and
+    renames it into output_dir, then rotates over complete checkpoints. No checkpoint is taken
+    at the last step: the final adapter is written instead, once."""
+
+    def __init__(self, output_dir: Path, keep: int | None):
+        self.output_dir = Path(output_dir)
+        self.keep = keep
+        self.trainer: SafeTrainer | None = None
+        self.last_saved_step = -1
+
+    def _skip_needless_saves(self, state, control):
+        if (state.global_step >= state.max_steps or state.global_step == self.last_saved_step
+                or self.trainer.poisoned):  # weights that took a non-finite step are never saved
+            control.should_save = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._skip_needless_saves(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._skip_needless_saves(state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        window = self.trainer.loss_window_record()  # every rank takes part in the reduction
+        self.trainer.accelerator.wait_for_everyone()  # every rank's RNG state is in the staged folder
+        if state.is_world_process_zero:
+            staged = Path(args.output_dir) / f"{ckpt.PREFIX}-{step}"
+            # A pickle of TrainingArguments that nothing reads (lora_recipe.yaml records the
+            # settings); dropped so no checkpoint holds a .bin that invites an unsafe load.
+            (staged / "training_args.bin").unlink(missing_ok=True)
+            ownership.claim(self.output_dir, "train",
+                            [f"{staged.name}/{f}" for f in ownership.files_in(staged)] + [f"{staged.name}/{ckpt.MARKER}"])
+            ckpt.publish(staged, self.output_dir, step, window)
+            removed = ckpt.rotate(self.output_dir, self.keep)
+            ownership.forget(self.output_dir, [p.name for p in removed])
+        self.trainer.accelerator.wait_for_everyone()
+        self.last_saved_step = step
+        return control
+
+    def raise_if_save_failed(self, error: Exception, resume_cmd: str) -> None:
+        """A write error while a checkpoint was being staged (its folder is still in the staging
+        area; on_save moves it out at once otherwise): drop it and stop with exit 2."""
+        staging = ckpt.staging_dir(self.output_dir)
+        partial = [p for p in staging.glob(f"{ckpt.PREFIX}-*")] if staging.is_dir() else []
+        if not partial:
+            return
+        step = ckpt.checkpoint_step(partial[0])
+        shutil.rmtree(staging, ignore_errors=True)
+        last = ckpt.newest_complete(self.output_dir)
+        kept = f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+        raise TrainingStopped(f"could not write the checkpoint of step {step}: {error}; {kept}",
+                              f"free disk space or fix the folder, then {resume_cmd}"
+                              if last else "free disk space or fix the folder, then start again with --overwrite") from None
 
 
 class RichProgress(TrainerCallback):

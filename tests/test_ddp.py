@@ -69,9 +69,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
     assert rows[-1]["epoch"] == pytest.approx(0.75)
 
     # resume under torchrun from checkpoint-2: the same weights and losses as the whole run
-    import shutil
-
-    shutil.rmtree(run / "checkpoint-3")
+    assert not (run / "checkpoint-3").exists()  # the last step writes the final adapter only
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (run / name).unlink()
     resumed = torchrun(tmp_path, dump, "train", recipe, "--resume")

@@ -44,7 +44,7 @@ def test_merged_folder_is_complete_sharded_and_equals_unmerged(tiny_random, tmp_
     assert len(shards) > 1 and "model.safetensors.index.json" in files
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "README.md"} <= files
-    assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".merged*"))  # no staging left
+    assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".lora-*"))  # no staging left
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_random}" in card and str(adapter) in card and "LORA (r=4, alpha=8)" in card
 
@@ -146,9 +146,15 @@ def test_existing_out_is_kept_without_force(tiny_random, tmp_path, cli):
     res = cli("merge", "--adapter", adapter, "--out", out)
     assert res.code == 2 and "already exists" in res.err and "--force" in res.err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --force replaces only what `lora merge` wrote: a folder holding the user's file is kept
     res = cli("merge", "--adapter", adapter, "--out", out, "--force")
+    assert res.code == 2 and "--force refused" in res.err and "keep.txt" in res.err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli("merge", "--adapter", adapter, "--out", out, "--force").code == 0  # an empty folder is fine
+    res = cli("merge", "--adapter", adapter, "--out", out, "--force")  # and so is its own output
     assert res.code == 0, res
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_prompt_tuning_adapter_is_refused(tiny_random, tmp_path, cli):

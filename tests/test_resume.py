@@ -95,10 +95,29 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_random, cli, monkey
 
 
 @pytest.mark.slow
+def test_loss_logged_across_the_interruption_equals_uninterrupted(tmp_path, tiny_random, cli, monkeypatch):
+    """Logging every 2 steps, stopped at step 3: the window 3-4 spans the interruption. The
+    Trainer starts a resumed run with an empty window, so step 4 used to log step 4's loss
+    alone; the checkpoint now carries the unlogged loss and the resumed run logs the same mean."""
+    every2 = {**TRAIN, "logging_steps": 2}
+    whole = make_recipe(tmp_path / "a", tiny_random, train=every2, lora=LORA)
+    assert cli("train", whole).code == 0
+    cut = make_recipe(tmp_path / "b", tiny_random, train=every2, lora=LORA)
+    with monkeypatch.context() as m:
+        signal_at_step(m, 3, signal.SIGINT)
+        assert cli("train", cut).code == 130
+    assert ckpt.loss_window(tmp_path / "b" / "run" / "checkpoint-3")["since_step"] == 2
+    assert cli("train", cut, "--resume").code == 0
+    la, lb = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert sorted(la) == sorted(lb) == [2, 4]
+    assert lb == la  # exactly: the same float32 sums, divided the same way
+
+
+@pytest.mark.slow
 def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_random, cli, monkeypatch):
     from transformers import Trainer
 
-    recipe = make_recipe(tmp_path, tiny_random, train=TRAIN)
+    recipe = make_recipe(tmp_path, tiny_random, train={**TRAIN, "max_steps": 6})
     run = tmp_path / "run"
     original = Trainer._save_rng_state
 
@@ -124,15 +143,17 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, tiny_random, cli, monke
     assert resumed.code == 0, resumed
     assert (run / "adapter_model.safetensors").is_file()
     assert not (run / ckpt.STAGING).exists()
+    assert losses(run).keys() == set(range(1, 7))
 
 
 @pytest.mark.slow
 def test_rotation_keeps_newest_complete(tmp_path, tiny_random, cli):
-    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 3, "save_steps": 1, "save_total_limit": 2})
+    recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 4, "save_steps": 1, "save_total_limit": 2})
     assert cli("train", recipe).code == 0
     run = tmp_path / "run"
+    # no checkpoint at the last step: the final adapter is written once, in output_dir
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
-    assert not list(run.glob(".trash-*")) and not (run / ckpt.STAGING).exists()
+    assert not list(run.glob(".lora-trash-*")) and not list(run.glob(".lora-staged-*"))
     marker = json.loads((run / "checkpoint-3" / ckpt.MARKER).read_text())
     assert marker["step"] == 3 and "adapter_model.safetensors" in marker["files"]
     done = cli("train", recipe, "--resume")
@@ -214,7 +235,8 @@ def test_sigterm_subprocess_leaves_checkpoint_and_resumes(tmp_path, tiny_random,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
     assert "SIGTERM received" in out
-    assert "stopped by SIGTERM after step" in err and f"lora train {recipe} --resume" in err
+    # the printed command resumes this very run: its own saved recipe
+    assert "stopped by SIGTERM after step" in err and f"lora train {run / 'lora_recipe.yaml'} --resume" in err
     saved = ckpt.newest_complete(run)
     assert saved is not None
     step = ckpt.checkpoint_step(saved)

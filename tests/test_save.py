@@ -35,7 +35,8 @@ def test_clean_folder_from_run_or_checkpoint(run, tiny_random, tmp_path, cli, so
     assert res.code == 0, res
     files = {p.name for p in (tmp_path / "clean").iterdir()}
     assert files == {"adapter_config.json", "adapter_model.safetensors", "lora_recipe.yaml", "README.md",
-                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+                     "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     ".lora-owner.json"}  # which command wrote the folder, and which files: --force reads it
     card = (tmp_path / "clean" / "README.md").read_text()
     assert f"base_model: {tiny_random}" in card and "library_name: peft" in card
     assert "## Recipe" in card and "max_steps: 2" in card
