@@ -41,7 +41,7 @@ def recipe_dict(out: Path, steps: int, save_steps: int, cache: Path) -> dict:
     }
 
 
-def run(recipe_raw: dict, resume: str | None = None):
+def run(recipe_raw: dict, resume: "ckpt.Resume | None" = None):
     from rich.console import Console
 
     from lora_cli import train as train_module
