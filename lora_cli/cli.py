@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lora_cli.errors import LoraError
+from lora_cli.inputs import check_adapter_name
 
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -83,6 +84,7 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name or "adapter", spec
+        check_adapter_name(name, f"--adapter {spec}")
         if name in adapters:
             raise LoraError(f"--adapter: name {name!r} given twice", "name them: --adapter a=DIR1 --adapter b=DIR2")
         adapters[name] = path
@@ -351,7 +353,9 @@ def recipe_keys(
     if update is None:
         print(reference_markdown())
         return
-    text = update.read_text(encoding="utf-8")
+    from lora_cli.inputs import read_text
+
+    text = read_text(update, "--update")
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{update}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block", "add both markers where the table goes")
     update.write_text(with_reference(text), encoding="utf-8")

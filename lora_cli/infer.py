@@ -7,11 +7,14 @@ switched off (peft's disable_adapter), so before/after comparisons use the very 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from lora_cli.errors import DataError, LoraError
+from lora_cli.inputs import read_text
+from lora_cli.recipe import SEED_MAX
 from lora_cli.template import history_messages, prompt_ids, resolve_template
 
 BASE = "base"  # the label rows and transcripts give the base with adapters switched off
@@ -31,6 +34,9 @@ class GenerationSettings:
         self.check()
 
     def check(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise LoraError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise LoraError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -39,6 +45,8 @@ class GenerationSettings:
             raise LoraError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise LoraError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "1 leaves logits alone")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise LoraError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
 
     def updated(self, assignments: list[str]) -> "GenerationSettings":
         """A copy with 'key=value' assignments applied (chat's /params), checked as a whole."""
@@ -104,9 +112,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a .txt file (one per non-empty line) or a .jsonl file (rows with
     'instruction' and optional 'input')."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--file {path}: no such file", "give a .jsonl or .txt file of prompts")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "--file").splitlines()  # missing, a folder, unreadable, not UTF-8: named
     if path.suffix == ".txt":
         prompts = [Prompt(line.strip()) for line in lines if line.strip()]
     elif path.suffix == ".jsonl":

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lora_cli.errors import LoraError
-from lora_cli.model import RECIPE_FILE, find_recipe_file, read_adapter
+from lora_cli.inputs import verify_adapter
+from lora_cli.model import RECIPE_FILE, find_recipe_file
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -29,6 +30,10 @@ def staged_output(out: Path, force: bool):
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     try:
         yield staging
+    except OSError as e:  # a full disk, a quota, a folder that went away: a user's problem, not a crash
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LoraError(f"writing {out} failed: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                        "nothing was written", "free space (or choose another --out) and run the command again") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -63,7 +68,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     quiet_libraries()  # before torch/peft imports: bitsandbytes logs a CPU-kernel notice on import
     import torch
 
-    info = read_adapter(adapter_dir)
+    info = verify_adapter(adapter_dir)
     check_mergeable(info)
     model_cfg = inference_model_config(info, base, quantization="none")
     trained_on = info.model_section.get("quantization", "none")
@@ -174,10 +179,8 @@ def model_card(info, base: str, *, merged: bool, dtype: str | None = None) -> st
 def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, log=print) -> Path:
     """Copy an adapter (a run or a checkpoint-N) into a clean folder: adapter weights and
     config, tokenizer and recipe; no optimizer or scheduler state."""
-    info = read_adapter(source)
+    info = verify_adapter(source)
     src = info.path
-    if not (src / "adapter_model.safetensors").is_file():
-        raise LoraError(f"{src}: no adapter_model.safetensors", "lora only exports safetensors adapters")
     # A run keeps its tokenizer beside the adapter, a checkpoint one level up; a bare adapter
     # gets its base's, so the exported folder always carries one.
     tokenizer_dir = next((d for d in (src, src.parent, Path(info.base)) if (d / "tokenizer_config.json").is_file()), None)

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from lora_cli.errors import LoraError
+from lora_cli.inputs import MAX_YAML_BYTES, read_text, safe_yaml
 
 RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
 
@@ -115,6 +116,9 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     }
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    from lora_cli.inputs import refuse_pickle_weights
+
+    refuse_pickle_weights(model_cfg.name_or_path, "model.name_or_path")  # before transformers would unpickle them
     qconfig = quantization_config(model_cfg, sharded) if quantize else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -197,16 +201,21 @@ def read_adapter(path: str | Path) -> AdapterInfo:
             hint = f"this folder has checkpoints but no final adapter; try {ckpts[-1]}"
         raise LoraError(f"{path}: no adapter_config.json, so this is not an adapter folder", hint)
     try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        config = json.loads(read_text(cfg_file, max_bytes=MAX_YAML_BYTES))
     except json.JSONDecodeError as e:
         raise LoraError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})",
                         "the adapter folder is damaged; export it again with `lora save`") from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not base:
+    if not base or not isinstance(base, str):
         raise LoraError(f"{cfg_file}: no base_model_name_or_path, so the base model is unknown",
                         "pass --base MODEL, or add base_model_name_or_path to adapter_config.json")
     recipe_file = find_recipe_file(path)
-    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file else None
+    try:
+        recipe = safe_yaml(read_text(recipe_file, max_bytes=MAX_YAML_BYTES), str(recipe_file)) if recipe_file else None
+    except yaml.YAMLError as e:
+        raise LoraError(f"{recipe_file}: not valid YAML ({_first_line(e)})", "remove it or export the adapter again") from None
+    if recipe is not None and not isinstance(recipe, dict):
+        raise LoraError(f"{recipe_file}: not a recipe (a mapping of sections)", "remove it or export the adapter again")
     return AdapterInfo(path=path, base=base, recipe=recipe, config=config)
 
 
@@ -230,7 +239,9 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
 
     from lora_cli.recipe import ModelConfig
 
-    infos = {name: read_adapter(p) for name, p in adapters.items()}
+    from lora_cli.inputs import verify_adapter
+
+    infos = {name: verify_adapter(p) for name, p in adapters.items()}
     first = next(iter(infos.values()), None)
     if first is None:
         if not base:
