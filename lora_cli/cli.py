@@ -148,6 +148,8 @@ def generate(
     if (instruction is None) == (file is None):
         raise LoraError("give one instruction or --file PROMPTS, not both and not neither",
                         'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
+    if out is not None and out.is_dir():
+        raise LoraError(f"--out {out} is a folder", "give a file name, e.g. --out answers.jsonl")
     if out is not None and out.exists() and not force:
         raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]

@@ -306,6 +306,10 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input,
         except KeyboardInterrupt:
             write("\n(Ctrl-C: /exit or Ctrl-D leaves)")
             continue
+        except UnicodeDecodeError as e:  # a terminal or pipe in another encoding: say so, keep chatting
+            write(f"error: that line is not UTF-8 text (byte {e.object[e.start]:#04x}); "
+                  "set your terminal to UTF-8, or pipe UTF-8 text in")
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):

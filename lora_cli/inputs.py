@@ -166,6 +166,17 @@ def refuse_pickle_weights(folder: str | Path, what: str) -> None:
                         "save_pretrained(..., safe_serialization=True)")
 
 
+def verify_model_folder(path: str, what: str = "model.name_or_path") -> None:
+    """A local base model folder, before transformers loads it: weights are safetensors, and
+    each file's header is whole (a truncated shard is named instead of failing deep inside)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id, or a path transformers reports itself
+    refuse_pickle_weights(folder, what)
+    for file in sorted(folder.glob("*.safetensors")):
+        safetensors_shapes(file)
+
+
 def safetensors_shapes(file: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from a safetensors file's header, after checking that the header
     parses and the data it describes is all there (a truncated copy fails here)."""
@@ -201,6 +212,10 @@ def verify_adapter(path: str | Path):
     from lora_cli.model import read_adapter
 
     info = read_adapter(path)
+    problems = adapter_config_problems(info.config)
+    if problems:
+        raise LoraError(f"{info.path / 'adapter_config.json'}: {'; '.join(problems)}",
+                        "the file was edited or damaged; export the adapter again with `lora save`")
     refuse_pickle_weights(info.path, "adapter")
     weights = info.path / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -216,6 +231,46 @@ def verify_adapter(path: str | Path):
             raise LoraError(f"{weights} does not match {info.path / 'adapter_config.json'}: {problems[0]}{more}",
                             "the two files come from different adapters or were edited; export the adapter again")
     return info
+
+
+LORA_KINDS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")  # what `lora train` writes
+
+
+def _known_peft_type(kind: str) -> bool:
+    if kind in LORA_KINDS:
+        return True
+    from peft import PeftType  # only for adapters another tool wrote: peft imports torch
+
+    return kind in PeftType.__members__
+
+
+def adapter_config_problems(config: dict) -> list[str]:
+    """Values in adapter_config.json that peft would trip over with a traceback."""
+    kind = config.get("peft_type", "LORA")
+    if not isinstance(kind, str) or not _known_peft_type(kind.upper()):
+        return [f"peft_type {shorten(kind)} is not a peft adapter kind"]
+    if kind.upper() != "LORA":
+        return []
+    problems = []
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"r {shorten(r)} is not a positive integer")
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        problems.append(f"lora_alpha {shorten(alpha)} is not a number")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        problems.append(f"target_modules {shorten(targets)} is not a module name, a list of them or a regex")
+    elif isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            problems.append(f"target_modules {shorten(targets)} is not a valid regex ({e})")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            problems.append(f"{name} {shorten(config.get(name))} is not a mapping")
+    return problems
 
 
 def _rank_of(config: dict, module: str) -> int | None:

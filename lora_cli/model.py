@@ -116,9 +116,9 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     }
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    from lora_cli.inputs import refuse_pickle_weights
+    from lora_cli.inputs import verify_model_folder
 
-    refuse_pickle_weights(model_cfg.name_or_path, "model.name_or_path")  # before transformers would unpickle them
+    verify_model_folder(model_cfg.name_or_path)  # pickles refused, truncated shards named, before loading
     qconfig = quantization_config(model_cfg, sharded) if quantize else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

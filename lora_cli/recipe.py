@@ -284,8 +284,10 @@ def _coerce(value, tp):
         raise ValueError("integer")
     if tp is float:
         number = _as_float(value)
-        if number is None or not math.isfinite(number):  # .nan / .inf are never a setting
-            raise ValueError("finite number")
+        if number is None:
+            raise ValueError("number")
+        if not math.isfinite(number):  # .nan / .inf are never a setting
+            raise ValueError("a finite number (not .nan or .inf)")
         return number
     if tp is str:
         if isinstance(value, str):

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,12 @@ def _recipe_symlink_loop(ctx):
 
 def _data_path_too_long(ctx):
     return ["check", ctx.recipe(data={"path": "d" * 5000 + ".jsonl"})]
+
+
+def _set_alias_bomb(ctx):
+    bomb = "{a0: &a0 [l, l, l, l, l, l, l, l, l], " + ", ".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)) + "}"
+    return ["check", ctx.recipe(), "--set", f"data.columns={bomb}"]
 
 
 def _set_override(text: str):
@@ -280,6 +287,37 @@ def _resume_truncated_checkpoint(ctx):
     return ["train", recipe, "--resume-from", checkpoint]
 
 
+def _config_value(**values):
+    def damage(ctx):
+        a = ctx.adapter()
+        cfg = json.loads((a / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg.update(values)
+        (a / "adapter_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+        return a
+    return damage
+
+
+def _chat_stdin_not_utf8(ctx):
+    """A terminal in another encoding: the line is refused and the session goes on (exit 0)."""
+    import io
+
+    ctx.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(GBK + b"\n/exit\n"), encoding="utf-8"))
+    return ["chat", "--adapter", ctx.adapter()]
+
+
+def _generate_out_folder(ctx):
+    (ctx.root / "answers").mkdir()
+    (ctx.root / "answers" / "mine.txt").write_text("keep me", encoding="utf-8")
+    return ["generate", "--adapter", ctx.adapter(), "--out", ctx.root / "answers", "--force", "hello"]
+
+
+def _truncated_base(ctx):
+    base = _base_copy(ctx)
+    for f in base.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:1000])
+    return ["generate", "--base", base, "hello"]
+
+
 def _base_copy(ctx) -> Path:
     base = ctx.root / "base"
     shutil.copytree(ctx.base, base)
@@ -367,6 +405,7 @@ CASES = [
     Case("set-empty-key-part", _set_override("train..epochs=1"), "--set"),
     Case("set-without-equals", _set_override("train.epochs"), "expected KEY=VALUE"),
     Case("set-nan", _set_override("train.learning_rate=.nan"), "train.learning_rate"),
+    Case("set-alias-bomb", _set_alias_bomb, "--set columns: its aliases"),
     # data and prompt files
     Case("data-jsonl-not-utf8", _gbk_jsonl, "data.jsonl, line 3"),
     Case("data-csv-not-utf8", _gbk_csv, "data.csv, line 3"),
@@ -376,11 +415,13 @@ CASES = [
     Case("prompts-not-utf8", _gbk_prompts, "prompts.txt, line 2"),
     Case("prompts-file-is-a-folder", _prompts_folder, "is a folder"),
     Case("readme-not-utf8", _gbk_readme, "README.md, line 2"),
+    Case("chat-input-not-utf8", _chat_stdin_not_utf8, "that line is not UTF-8", code=0),
     # flags and adapter names
     Case("max-new-tokens-zero", _generate_flag("--max-new-tokens", "0"), "--max-new-tokens"),
     Case("max-new-tokens-negative", _generate_flag("--max-new-tokens", "-1"), "--max-new-tokens"),
     Case("sampling-seed-too-big", _generate_flag("--seed", str(2**64)), "--seed"),
-    Case("top-p-nan", _generate_flag("--top-p", "nan"), "finite"),
+    Case("top-p-nan", _generate_flag("--top-p", "nan"), "--top-p must be a finite number"),
+    Case("generate-out-is-a-folder", _generate_out_folder, "is a folder"),
     Case("adapter-name-with-dot", _named_adapter("v1.2={dir}"), "'v1.2'"),
     Case("adapter-folder-name-with-dot", _named_adapter("{dir}"), "'v1.2'"),
     Case("adapter-name-empty", _named_adapter("={dir}"), "adapter name ''"),
@@ -397,7 +438,11 @@ CASES = [
     Case("adapter-rank-mismatch", _with_adapter(_generate, _rank_edited), "do not have rank r=16"),
     Case("adapter-targets-mismatch", _with_adapter(_merge, _targets_edited), "is not among target_modules"),
     Case("adapter-config-not-utf8", _with_adapter(_analyze, _config_not_utf8), "adapter_config.json, line 1"),
+    Case("adapter-config-r-not-a-number", _with_adapter(_generate, _config_value(r="x")), "r 'x' is not a positive integer"),
+    Case("adapter-config-unknown-kind", _with_adapter(_generate, _config_value(peft_type="FOO")), "peft_type 'FOO'"),
+    Case("adapter-config-targets-not-names", _with_adapter(_merge, _config_value(target_modules=5)), "target_modules 5"),
     Case("pickle-base-model", _pickle_base, "pytorch_model.bin"),
+    Case("truncated-base-weights", _truncated_base, "model.safetensors: not a complete safetensors file"),
     Case("base-without-config", _base_without_config, "base"),
     Case("base-without-tokenizer", _base_without_tokenizer, "tokenizer"),
     Case("estimate-base-without-config", _estimate_without_config, "config.json"),
