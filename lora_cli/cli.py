@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lora_cli.errors import LoraError
-from lora_cli.inputs import check_adapter_name
+from lora_cli.inputs import check_adapter_name, clip_lines
 
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -423,7 +423,7 @@ def run(argv: list[str] | None = None) -> int:
         # without standalone mode, click returns the code of a typer.Exit instead of raising it
         code = app(args=argv, standalone_mode=False, prog_name="lora")
     except LoraError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(clip_lines(str(e)))}", highlight=False)
         return e.exit_code
     except exit_types as e:
         return e.exit_code

@@ -36,6 +36,12 @@ def clip(text: str, limit: int = 2 * MAX_QUOTED_CHARS, length: int | None = None
     return f"{text[:limit - 20]}... ({length or len(text):,} characters)"
 
 
+def clip_lines(message: str, limit: int = 2000) -> str:
+    """Every line of an error message cut to `limit`: the last guard against echoing a huge
+    value some message quoted whole."""
+    return "\n".join(clip(line, limit) for line in message.splitlines())
+
+
 # --------------------------------------------------------------------------- text files
 
 UTF8_HINT = "save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out, or 'Save as UTF-8' in your editor)"

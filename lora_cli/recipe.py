@@ -140,7 +140,7 @@ def _data_path_problems(key_name: str, value) -> list[str]:
                 problems.append(f"{key_name}: {clip(p)} does not exist; point it at a .json/.jsonl/.csv/.parquet file, "
                                 "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
         elif os.path.isfile(path) and path.suffix not in DATA_SUFFIXES:
-            problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
+            problems.append(f"{key_name}: {clip(p)} has suffix {shorten(path.suffix)}; use {', '.join(DATA_SUFFIXES)} "
                             "or a datasets save_to_disk folder")
     return problems
 
@@ -155,10 +155,10 @@ def data_problems(d: DataConfig) -> list[str]:
             problems.append(f"data.weights: {len(d.weights)} weights for {len(data_paths(d.path))} paths; "
                             "give one weight per entry of data.path")
         if any(w <= 0 for w in d.weights):
-            problems.append(f"data.weights: {d.weights} has a weight <= 0; drop that path instead")
+            problems.append(f"data.weights: {shorten(d.weights)} has a weight <= 0; drop that path instead")
     for ours in d.columns:
         if ours not in DATA_FIELDS[d.format]:
-            problems.append(f"data.columns: {ours!r} is not a field of format {d.format}{_did_you_mean(ours, DATA_FIELDS[d.format])}; "
+            problems.append(f"data.columns: {shorten(ours)} is not a field of format {d.format}{_did_you_mean(ours, DATA_FIELDS[d.format])}; "
                             f"map one of: {', '.join(DATA_FIELDS[d.format])} (our name -> yours)")
     if d.template == "custom" and not d.prompt_format:
         problems.append("data.prompt_format: required by template: custom; e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\"")
@@ -397,7 +397,7 @@ def resolve_path(value: str, base_dir: Path) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.learning_rate=3e-4' -> (['train', 'learning_rate'], 0.0003), typed by YAML."""
     if "=" not in text:
-        raise RecipeError("--set", [f"{text!r}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
+        raise RecipeError("--set", [f"{shorten(text)}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
     dotted, _, raw_value = text.partition("=")
     parts = dotted.strip().split(".")
     if not all(re.fullmatch(r"\w+", part) for part in parts):
@@ -474,7 +474,7 @@ def cross_checks(r: Recipe) -> list[str]:
         try:
             re.compile(tm)
         except re.error as e:
-            problems.append(f"lora.target_modules: {tm!r} is not a valid regex ({e}); use a list of names, "
+            problems.append(f"lora.target_modules: {shorten(tm)} is not a valid regex ({e}); use a list of names, "
                             f"a preset ({', '.join(TARGET_PRESETS)}), or a valid regex")
     problems += lora_method_problems(r)
     problems += data_problems(r.data)

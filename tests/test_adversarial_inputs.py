@@ -318,6 +318,17 @@ def _truncated_base(ctx):
     return ["generate", "--base", base, "hello"]
 
 
+def _sweep_record_damaged(ctx):
+    """A rank folder whose sweep record was cut off: the rerun refuses instead of crashing."""
+    from lora_cli.sweep import ADAPTER_FILE, RESULT_FILE
+
+    rank_dir = ctx.root / "sweep" / "r2"
+    rank_dir.mkdir(parents=True)
+    (rank_dir / ADAPTER_FILE).write_bytes(b"weights")
+    (rank_dir / RESULT_FILE).write_text('{"rank": 2, "loss', encoding="utf-8")
+    return ["sweep", ctx.recipe(output_dir=str(ctx.root / "sweep")), "--ranks", "2"]
+
+
 def _base_copy(ctx) -> Path:
     base = ctx.root / "base"
     shutil.copytree(ctx.base, base)
@@ -395,6 +406,8 @@ CASES = [
     Case("yaml-over-size-limit", _oversized_recipe, "bytes, over the 1,048,576"),
     Case("yaml-deep-nesting", _deep_nesting, "nested too deeply"),
     Case("long-value-quoted-short", _long_value, "500,010 characters"),
+    Case("long-invalid-regex-quoted-short", _set_key("lora", "target_modules", "(" + "q" * 300_000),
+         "is not a valid regex"),
     Case("recipe-is-a-list", _recipe_is_list, "expected a mapping of sections"),
     Case("recipe-binary-garbage", _binary_recipe, "line 3"),
     Case("recipe-is-a-folder", _recipe_is_folder, "a folder, not a file"),
@@ -446,6 +459,7 @@ CASES = [
     Case("base-without-config", _base_without_config, "base"),
     Case("base-without-tokenizer", _base_without_tokenizer, "tokenizer"),
     Case("estimate-base-without-config", _estimate_without_config, "config.json"),
+    Case("sweep-record-damaged", _sweep_record_damaged, "sweep_result.json: not valid JSON"),
     # runtime faults
     Case("merge-disk-full", _merge_disk_full, "No space left on device"),
     Case("save-disk-full", _save_disk_full, "No space left on device"),
