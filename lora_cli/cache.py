@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_cli.errors import DataError
+
 CACHE_VERSION = 1
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
 CODE = ("data.py", "formats.py", "template.py", "cache.py")  # modules whose output is cached
@@ -28,9 +30,12 @@ def cache_root(data_cfg) -> Path:
 
 
 def _hash_file(h, path: Path) -> None:
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:  # unreadable data is the user's to fix: name it, no traceback
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})", "check the path and its permissions") from None
 
 
 def source_fingerprint(path: str, split: str) -> str:

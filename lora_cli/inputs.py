@@ -83,7 +83,12 @@ def utf8_lines(path: str | Path, what: str = ""):
     is not UTF-8 raises a DataError naming the file, the line and the byte offset in the file."""
     path = Path(path)
     offset = 0
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        label = f"{what} {path}" if what else str(path)
+        raise DataError(f"{label}: cannot be read ({e.strerror or e})", "check the path and its permissions") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -178,9 +183,24 @@ def verify_model_folder(path: str, what: str = "model.name_or_path") -> None:
     folder = Path(path)
     if not folder.is_dir():
         return  # a hub id, or a path transformers reports itself
+    if not (folder / "config.json").is_file():
+        raise LoraError(f"{what} {folder}: no config.json, so this is not a model folder",
+                        "point it at the folder save_pretrained wrote (config.json, *.safetensors, tokenizer)")
     refuse_pickle_weights(folder, what)
     for file in sorted(folder.glob("*.safetensors")):
         safetensors_shapes(file)
+
+
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def verify_tokenizer_folder(path: str) -> None:
+    """A local folder given as a tokenizer holds a vocabulary file (else transformers fails
+    with a message that does not say what is missing)."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise LoraError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)})",
+                        "copy the tokenizer next to the model (tokenizer.save_pretrained(folder))")
 
 
 def safetensors_shapes(file: Path) -> dict[str, list[int]]:

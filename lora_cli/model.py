@@ -58,6 +58,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     quiet_libraries()
     from transformers import AutoTokenizer
 
+    from lora_cli.inputs import verify_tokenizer_folder
+
+    verify_tokenizer_folder(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -33,7 +33,7 @@ def snapshot_tree(root: Path) -> dict[str, tuple]:
 
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:  # builtin open: cases may patch Path.open to simulate EACCES
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -129,6 +129,29 @@ def _recipe_unreadable(ctx):
     return ["check", path]
 
 
+def _permission_denied(ctx, path: Path):
+    """Reading `path` fails as a file without read permission does (also when tests run as root)."""
+    real_open = Path.open
+
+    def denied_open(self, *args, **kwargs):
+        if Path(self) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_open(self, *args, **kwargs)
+    ctx.monkeypatch.setattr(Path, "open", denied_open)
+
+
+def _recipe_permission_denied(ctx):
+    path = ctx.recipe()
+    _permission_denied(ctx, path)
+    return ["check", path]
+
+
+def _data_permission_denied(ctx):
+    recipe = ctx.recipe()
+    _permission_denied(ctx, ctx.root / "data.jsonl")
+    return ["data", "preview", recipe]
+
+
 def _recipe_symlink_loop(ctx):
     (ctx.root / "loop.yaml").symlink_to(ctx.root / "loop.yaml")
     return ["check", ctx.root / "loop.yaml"]
@@ -411,6 +434,7 @@ CASES = [
     Case("recipe-is-a-list", _recipe_is_list, "expected a mapping of sections"),
     Case("recipe-binary-garbage", _binary_recipe, "line 3"),
     Case("recipe-is-a-folder", _recipe_is_folder, "a folder, not a file"),
+    Case("recipe-permission-denied", _recipe_permission_denied, "Permission denied"),
     Case("recipe-symlink-loop", _recipe_symlink_loop, "loop.yaml"),
     Case("section-is-a-list", lambda ctx: ["check", ctx.recipe(train=[1, 2])], "train: expected a section"),
     Case("key-wrong-type", _set_key("lora", "r", "eight"), "lora.r: expected integer"),
@@ -423,6 +447,7 @@ CASES = [
     Case("data-jsonl-not-utf8", _gbk_jsonl, "data.jsonl, line 3"),
     Case("data-csv-not-utf8", _gbk_csv, "data.csv, line 3"),
     Case("data-json-not-utf8", _gbk_json, "data.json, line 1"),
+    Case("data-permission-denied", _data_permission_denied, "data.jsonl: cannot be read (Permission denied)"),
     Case("data-file-empty", _empty_data, "no rows"),
     Case("data-file-is-a-folder", _data_file_is_folder, "rows.jsonl"),
     Case("prompts-not-utf8", _gbk_prompts, "prompts.txt, line 2"),
@@ -456,8 +481,8 @@ CASES = [
     Case("adapter-config-targets-not-names", _with_adapter(_merge, _config_value(target_modules=5)), "target_modules 5"),
     Case("pickle-base-model", _pickle_base, "pytorch_model.bin"),
     Case("truncated-base-weights", _truncated_base, "model.safetensors: not a complete safetensors file"),
-    Case("base-without-config", _base_without_config, "base"),
-    Case("base-without-tokenizer", _base_without_tokenizer, "tokenizer"),
+    Case("base-without-config", _base_without_config, "no config.json, so this is not a model folder"),
+    Case("base-without-tokenizer", _base_without_tokenizer, "no tokenizer files"),
     Case("estimate-base-without-config", _estimate_without_config, "config.json"),
     Case("sweep-record-damaged", _sweep_record_damaged, "sweep_result.json: not valid JSON"),
     # runtime faults
