@@ -102,11 +102,6 @@ def utf8_lines(path: str | Path, what: str = ""):
 
 # --------------------------------------------------------------------------- YAML
 
-class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader that counts the nodes a document expands to, aliases included, and stops
-    past MAX_YAML_NODES: an alias bomb is refused after composing, before anything expands."""
-
-
 def _expanded_size(node, sizes: dict) -> int:
     """Nodes in `node` with every alias expanded, memoised per node (so computing it is linear
     in the document, not in its expansion)."""
@@ -125,11 +120,13 @@ def _expanded_size(node, sizes: dict) -> int:
 
 def safe_yaml(text: str, source: str):
     """yaml.safe_load with bounds: refuses a text over MAX_YAML_BYTES, nesting deeper than
-    Python can follow, and documents whose aliases expand past MAX_YAML_NODES."""
+    Python can follow, and documents whose aliases expand past MAX_YAML_NODES. The document is
+    composed into nodes first (aliases stay shared references, so this is cheap) and sized
+    before anything expands it into Python objects: an alias bomb is refused in milliseconds."""
     if len(text) > MAX_YAML_BYTES:
         raise LoraError(f"{source}: {len(text):,} characters, over the {MAX_YAML_BYTES:,} YAML may have here",
                         "a recipe names files; put data in a data file, not in the YAML")
-    loader = _BoundedLoader(text)
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -302,8 +299,11 @@ def adapter_config_problems(config: dict) -> list[str]:
 def _rank_of(config: dict, module: str) -> int | None:
     """peft's rank for a module: a rank_pattern key matching the module's name, else r."""
     for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module):
-            return rank
+        try:
+            if re.match(rf"(.*\.)?{pattern}$", module):
+                return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+        except re.error:
+            return None  # a pattern peft cannot use either; the shapes are not checked against it
     r = config.get("r")
     return r if isinstance(r, int) and not isinstance(r, bool) else None
 
