@@ -161,8 +161,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def refuse_pickle_weights(folder: str | Path, what: str) -> None:
-    """A local model or adapter folder whose weights are only pickles: refused, because loading
-    a pickle runs whatever code it holds. lora reads safetensors only."""
+    """An adapter folder whose weights are only pickles: refused, because loading a pickle can
+    run whatever code it holds, and its shapes cannot be checked without loading it."""
     folder = Path(folder)
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
@@ -175,15 +175,16 @@ def refuse_pickle_weights(folder: str | Path, what: str) -> None:
 
 
 def verify_model_folder(path: str, what: str = "model.name_or_path") -> None:
-    """A local base model folder, before transformers loads it: weights are safetensors, and
-    each file's header is whole (a truncated shard is named instead of failing deep inside)."""
+    """A local base model folder, before transformers loads it: it has a config.json, and each
+    safetensors file's header is whole (a truncated shard is named instead of failing deep
+    inside). Pickle-only (*.bin) bases are left to transformers' torch.load(weights_only=True),
+    which loads plain tensors and refuses anything else (load_base_model turns that into exit 2)."""
     folder = Path(path)
     if not folder.is_dir():
         return  # a hub id, or a path transformers reports itself
     if not (folder / "config.json").is_file():
         raise LoraError(f"{what} {folder}: no config.json, so this is not a model folder",
                         "point it at the folder save_pretrained wrote (config.json, *.safetensors, tokenizer)")
-    refuse_pickle_weights(folder, what)
     for file in sorted(folder.glob("*.safetensors")):
         safetensors_shapes(file)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,11 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
             kwargs["device_map"] = {"": device or local_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensors
+        raise LoraError(f"model.name_or_path {model_cfg.name_or_path!r}: its pickle weights (*.bin) do not load as "
+                        f"plain tensors, and lora never runs code from a pickle ({_first_line(e)[:200]})",
+                        "use a copy of the model saved as safetensors (save_pretrained(..., safe_serialization=True), "
+                        "in an environment you trust)") from None
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load model.name_or_path {model_cfg.name_or_path!r}: {_first_line(e)}",
                         "give a local folder with config.json and weights, or a hub id "

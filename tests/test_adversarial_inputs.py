@@ -358,10 +358,25 @@ def _base_copy(ctx) -> Path:
     return base
 
 
+class _RunsCode:
+    """Unpickling this creates a file: code from a pickle ran (the tree snapshot would show it)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def _pickle_base(ctx):
+    """A base whose pytorch_model.bin carries code: refused (weights_only), exit 2, nothing ran."""
+    import torch
+    from safetensors.torch import load_file
+
     base = _base_copy(ctx)
-    for f in base.glob("*.safetensors"):
-        f.rename(f.with_name("pytorch_model.bin"))
+    state = load_file(str(base / "model.safetensors"))
+    (base / "model.safetensors").unlink()
+    torch.save({**state, "payload": _RunsCode(ctx.root / "code-ran")}, base / "pytorch_model.bin")
     return ["generate", "--base", base, "hello"]
 
 
@@ -479,7 +494,7 @@ CASES = [
     Case("adapter-config-r-not-a-number", _with_adapter(_generate, _config_value(r="x")), "r 'x' is not a positive integer"),
     Case("adapter-config-unknown-kind", _with_adapter(_generate, _config_value(peft_type="FOO")), "peft_type 'FOO'"),
     Case("adapter-config-targets-not-names", _with_adapter(_merge, _config_value(target_modules=5)), "target_modules 5"),
-    Case("pickle-base-model", _pickle_base, "pytorch_model.bin"),
+    Case("pickle-base-with-code", _pickle_base, "never runs code from a pickle"),
     Case("truncated-base-weights", _truncated_base, "model.safetensors: not a complete safetensors file"),
     Case("base-without-config", _base_without_config, "no config.json, so this is not a model folder"),
     Case("base-without-tokenizer", _base_without_tokenizer, "no tokenizer files"),
