@@ -252,6 +252,14 @@ def _save(a, ctx):
     return ["save", a, "--out", ctx.root / "exported"]
 
 
+def _serve(a, ctx):
+    return ["serve", "--adapter", a, "--port", "8765"]
+
+
+def _serve_vllm(a, ctx):
+    return ["serve", "--engine", "vllm", "--adapter", a]
+
+
 def _analyze(a, ctx):
     return ["analyze", a, "--no-base"]
 
@@ -483,6 +491,8 @@ CASES = [
     Case("truncated-adapter-chat", _with_adapter(_chat, _truncated), "not a complete safetensors file"),
     Case("truncated-adapter-merge", _with_adapter(_merge, _truncated), "not a complete safetensors file"),
     Case("truncated-adapter-save", _with_adapter(_save, _truncated), "not a complete safetensors file"),
+    Case("truncated-adapter-serve", _with_adapter(_serve, _truncated), "not a complete safetensors file"),
+    Case("truncated-adapter-serve-vllm", _with_adapter(_serve_vllm, _truncated), "not a complete safetensors file"),
     Case("truncated-adapter-analyze", _with_adapter(_analyze, _truncated), "not a complete safetensors file"),
     Case("truncated-checkpoint-resume", _resume_truncated_checkpoint, "not a complete safetensors file"),
     Case("empty-adapter-weights", _with_adapter(_generate, _empty_weights), "adapter_model.safetensors"),
