@@ -80,9 +80,9 @@ class AdapterAnalysis:
 # --------------------------------------------------------------------------- reading
 
 def read_lora_config(path: Path) -> dict:
-    from lora_cli.model import read_adapter
+    from lora_cli.inputs import verify_adapter
 
-    read_adapter(path)  # the same checks and messages as every other command that takes an adapter
+    verify_adapter(path)  # the same checks and messages as every other command that takes an adapter
     config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     kind = str(config.get("peft_type", "LORA")).upper()
     method = for_peft_type(kind)

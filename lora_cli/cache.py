@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lora_cli.formats import data_paths, load_hub_dataset
 from lora_cli.atomic import staged_folder
+from lora_cli.errors import DataError
 
 CACHE_VERSION = 1
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
@@ -32,9 +33,12 @@ def cache_root(data_cfg) -> Path:
 
 
 def _hash_file(h, path: Path) -> None:
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:  # unreadable data is the user's to fix: name it, no traceback
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})", "check the path and its permissions") from None
 
 
 def source_fingerprint(path: str, split: str) -> str:

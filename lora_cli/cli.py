@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
+from lora_cli.inputs import check_adapter_name, clip_lines
 
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -102,6 +103,7 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name or "adapter", spec
+        check_adapter_name(name, f"--adapter {spec}")
         if name in adapters:
             raise LoraError(f"--adapter: name {name!r} given twice", "name them: --adapter a=DIR1 --adapter b=DIR2")
         adapters[name] = path
@@ -167,10 +169,10 @@ def generate(
                         'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
     if out is not None:
         ownership.check_not_inputs(out, [("prompt file (--file)", file)], "--out")
+        if out.is_dir():
+            raise LoraError(f"--out {out} is a folder", "give a file name, e.g. --out answers.jsonl")
         if out.exists() and not force:
             raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
-        if out.is_dir():
-            raise LoraError(f"--out {out} is a folder", "give a .jsonl file name")
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
     from lora_cli.infer import generate_rows
 
@@ -420,7 +422,7 @@ def run(argv: list[str] | None = None) -> int:
         # without standalone mode, click returns the code of a typer.Exit instead of raising it
         code = app(args=argv, standalone_mode=False, prog_name="lora")
     except LoraError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(clip_lines(str(e)))}", highlight=False)
         return e.exit_code
     except exit_types as e:
         return e.exit_code

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import DataError
+from lora_cli.inputs import read_text, utf8_lines
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # data files read here (and accepted by the recipe)
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
@@ -77,8 +78,8 @@ def _read_file(path: Path) -> Source:
     if path.suffix == ".json":
         return Source(str(path), _read_json(path))
     if path.suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: Excel's byte-order mark
-            return Source(str(path), list(csv.DictReader(f)))
+        # utf8_lines drops Excel's byte-order mark and names the line of a byte that is not UTF-8
+        return Source(str(path), list(csv.DictReader(line for _, line in utf8_lines(path))))
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -92,21 +93,20 @@ def _read_file(path: Path) -> Source:
 
 def _read_jsonl(path: Path) -> Source:
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})",
-                                "each line of a .jsonl file must be one JSON object") from None
-            lines.append(lineno)
+    for lineno, line in utf8_lines(path):  # a byte that is not UTF-8 is reported with its line
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})",
+                            "each line of a .jsonl file must be one JSON object") from None
+        lines.append(lineno)
     return Source(str(path), rows, lines)
 
 
 def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.strip():
         return []
     try:

@@ -7,12 +7,15 @@ switched off (peft's disable_adapter), so before/after comparisons use the very 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from lora_cli import atomic
 from lora_cli.errors import DataError, LoraError
+from lora_cli.inputs import read_text
+from lora_cli.recipe import SEED_MAX
 from lora_cli.template import history_messages, prompt_ids, resolve_template
 
 BASE = "base"  # the label rows and transcripts give the base with adapters switched off
@@ -32,6 +35,9 @@ class GenerationSettings:
         self.check()
 
     def check(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise LoraError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise LoraError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -40,6 +46,8 @@ class GenerationSettings:
             raise LoraError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise LoraError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "1 leaves logits alone")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise LoraError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
 
     def updated(self, assignments: list[str]) -> "GenerationSettings":
         """A copy with 'key=value' assignments applied (chat's /params), checked as a whole."""
@@ -105,9 +113,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a .txt file (one per non-empty line) or a .jsonl file (rows with
     'instruction' and optional 'input')."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"--file {path}: no such file", "give a .jsonl or .txt file of prompts")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "--file").splitlines()  # missing, a folder, unreadable, not UTF-8: named
     if path.suffix == ".txt":
         prompts = [Prompt(line.strip()) for line in lines if line.strip()]
     elif path.suffix == ".jsonl":
@@ -299,6 +305,10 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input,
             break
         except KeyboardInterrupt:
             write("\n(Ctrl-C: /exit or Ctrl-D leaves)")
+            continue
+        except UnicodeDecodeError as e:  # a terminal or pipe in another encoding: say so, keep chatting
+            write(f"error: that line is not UTF-8 text (byte {e.object[e.start]:#04x}); "
+                  "set your terminal to UTF-8, or pipe UTF-8 text in")
             continue
         if not line:
             continue

@@ -13,9 +13,10 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli import atomic, ownership
+from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
+from lora_cli.inputs import verify_adapter
 from lora_cli.methods import for_peft_type
 from lora_cli.model import RECIPE_FILE, find_recipe_file, read_adapter
 
@@ -34,12 +35,17 @@ def check_out(out: Path, force: bool, command: str, inputs: list) -> None:
 @contextmanager
 def staged_output(out: Path, force: bool, command: str):
     """Yield a staging folder; on success it is claimed for `command` and replaces `out`.
-    On error `out` is untouched and the staging folder is gone."""
+    On error `out` is untouched and the staging folder is gone. A full disk, a quota or a
+    folder that went away while writing is the user's to fix: exit 2, not a crash."""
     out = Path(out)
-    with atomic.staged_folder(out, replace=force) as staging:
-        yield staging
-        ownership.claim_all(staging, command)
-        ownership.check_replaceable(out, command, "--force")  # again: files may have appeared meanwhile
+    try:
+        with atomic.staged_folder(out, replace=force) as staging:
+            yield staging
+            ownership.claim_all(staging, command)
+            ownership.check_replaceable(out, command, "--force")  # again: files may have appeared meanwhile
+    except OSError as e:
+        raise LoraError(f"writing {out} failed: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
+                        "nothing was written", "free space (or choose another --out) and run the command again") from None
 
 
 def check_mergeable(info) -> None:
@@ -84,7 +90,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     quiet_libraries()  # before torch/peft imports: bitsandbytes logs a CPU-kernel notice on import
     import torch
 
-    info = read_adapter(adapter_dir)
+    info = verify_adapter(adapter_dir)
     check_mergeable(info)
     model_cfg = inference_model_config(info, base, quantization="none")
     trained_on = info.model_section.get("quantization", "none")
@@ -198,7 +204,7 @@ def model_card(info, base: str, *, merged: bool, dtype: str | None = None) -> st
 def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, log=print) -> Path:
     """Copy an adapter (a run or a checkpoint-N) into a clean folder: adapter weights and
     config, tokenizer and recipe; no optimizer or scheduler state."""
-    info = read_adapter(source)
+    info = verify_adapter(source)
     src = info.path
     if not (src / ADAPTER_WEIGHTS).is_file():
         raise LoraError(f"{src}: no {ADAPTER_WEIGHTS}", "lora only exports safetensors adapters")

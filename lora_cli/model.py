@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from lora_cli.adapters import refuse_base_changing_with_others
 from lora_cli.checkpoint import ADAPTER_CONFIG
 from lora_cli.errors import LoraError
+from lora_cli.inputs import MAX_YAML_BYTES, read_text, safe_yaml
 
 RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
 
@@ -59,6 +61,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     quiet_libraries()
     from transformers import AutoTokenizer
 
+    from lora_cli.inputs import verify_tokenizer_folder
+
+    verify_tokenizer_folder(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -117,6 +122,9 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     }
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    from lora_cli.inputs import verify_model_folder
+
+    verify_model_folder(model_cfg.name_or_path)  # pickles refused, truncated shards named, before loading
     qconfig = quantization_config(model_cfg, sharded) if quantize else None
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -124,6 +132,11 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
             kwargs["device_map"] = {"": device or local_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensors
+        raise LoraError(f"model.name_or_path {model_cfg.name_or_path!r}: its pickle weights (*.bin) do not load as "
+                        f"plain tensors, and lora never runs code from a pickle ({_first_line(e)[:200]})",
+                        "use a copy of the model saved as safetensors (save_pretrained(..., safe_serialization=True), "
+                        "in an environment you trust)") from None
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load model.name_or_path {model_cfg.name_or_path!r}: {_first_line(e)}",
                         "give a local folder with config.json and weights, or a hub id "
@@ -187,16 +200,21 @@ def read_adapter(path: str | Path) -> AdapterInfo:
             hint = f"this folder has checkpoints but no final adapter; try {ckpts[-1]}"
         raise LoraError(f"{path}: no adapter_config.json, so this is not an adapter folder", hint)
     try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        config = json.loads(read_text(cfg_file, max_bytes=MAX_YAML_BYTES))
     except json.JSONDecodeError as e:
         raise LoraError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})",
                         "the adapter folder is damaged; export it again with `lora save`") from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not base:
+    if not base or not isinstance(base, str):
         raise LoraError(f"{cfg_file}: no base_model_name_or_path, so the base model is unknown",
                         "pass --base MODEL, or add base_model_name_or_path to adapter_config.json")
     recipe_file = find_recipe_file(path)
-    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) if recipe_file else None
+    try:
+        recipe = safe_yaml(read_text(recipe_file, max_bytes=MAX_YAML_BYTES), str(recipe_file)) if recipe_file else None
+    except yaml.YAMLError as e:
+        raise LoraError(f"{recipe_file}: not valid YAML ({_first_line(e)})", "remove it or export the adapter again") from None
+    if recipe is not None and not isinstance(recipe, dict):
+        raise LoraError(f"{recipe_file}: not a recipe (a mapping of sections)", "remove it or export the adapter again")
     return AdapterInfo(path=path, base=base, recipe=recipe, config=config)
 
 
@@ -220,7 +238,9 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
 
     from lora_cli.recipe import ModelConfig
 
-    infos = {name: read_adapter(p) for name, p in adapters.items()}
+    from lora_cli.inputs import verify_adapter
+
+    infos = {name: verify_adapter(p) for name, p in adapters.items()}
     first = next(iter(infos.values()), None)
     if first is None:
         if not base:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
 import types
 import typing
@@ -20,6 +22,7 @@ import yaml
 
 from lora_cli.errors import LoraError, RecipeError
 from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
+from lora_cli.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten
 from lora_cli.methods import METHOD_NAMES, METHODS
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
 
@@ -37,10 +40,14 @@ class _Required:
 REQUIRED: Any = _Required()  # default of keys a recipe must set
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range (transformers' set_seed seeds numpy too)
+
+
 def key(default, doc: str, *, kind: str | None = None, min: float | None = None,
-        max: float | None = None, factory=None):
-    """Declare one recipe key. `doc` is the one line the README and errors show."""
-    meta = {"doc": doc, "kind": kind, "min": min, "max": max}
+        max: float | None = None, below: float | None = None, factory=None):
+    """Declare one recipe key. `doc` is the one line the README and errors show; min / max
+    bound a number inclusively, below exclusively (dropout < 1)."""
+    meta = {"doc": doc, "kind": kind, "min": min, "max": max, "below": below}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,7 +71,7 @@ class LoraConfig:
     method: Literal[METHOD_NAMES] = key("lora", "PEFT method: " + "; ".join(m.doc for m in METHODS.values()) + ".")
     r: int = key(8, "Rank of the update B·A. More = more capacity and memory; 8-64 is usual.", min=1)
     alpha: float = key(16, "Scaling numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).", min=0)
-    dropout: float = key(0.05, "Dropout on the LoRA input; 0.05-0.1 is usual, 0 for short runs.", min=0, max=1)
+    dropout: float = key(0.05, "Dropout on the LoRA input; 0.05-0.1 is usual, 0 for short runs.", min=0, below=1)
     init: Literal["gaussian", "kaiming", "pissa", "olora"] = key("gaussian", "Start of A and B: gaussian = A ~ N(0, 1/r), B = 0 (the source article's LoRA); kaiming = peft's default (Kaiming-uniform A, B = 0); pissa / olora start from the base weights' SVD / QR (and change the base; redone at every load).")
     target_modules: Union[list[str], str] = key(None, "Modules to adapt: 'attention-qv', 'attention', 'all-linear' (presets for any architecture), a list of names, or a regex on full module names.", factory=lambda: ["q_proj", "v_proj"])
     bias: Literal["none", "all", "lora_only"] = key("none", "Which biases train too: none, all, or those of adapted modules.")
@@ -89,7 +96,7 @@ class DataConfig:
     max_length: int = key(256, "Tokens per example after truncation (prompt side is cut first); text documents are chunked to it.", min=8)
     val_path: Optional[Union[str, list[str]]] = key(None, "Held-out data for evaluation (same formats as path).", kind=PATH)
     val_fraction: float = key(0.0, "Share of each training source held out for evaluation when val_path is empty (fixed by data.seed).", min=0, max=0.5)
-    seed: int = key(42, "Seed for the validation split and weighted sampling.")
+    seed: int = key(42, "Seed for the validation split and weighted sampling.", min=0, max=SEED_MAX)
     packing: bool = key(False, "Pack several examples into each max_length sequence (no cross-attention, positions restart): fewer pad tokens, faster.")
     group_by_length: bool = key(False, "Batch examples of similar length together: less padding when batch_size > 1.")
     cache: bool = key(True, "Reuse tokenised data from an earlier run with the same data, tokenizer, template and settings.")
@@ -108,12 +115,12 @@ def _data_path_problems(key_name: str, value) -> list[str]:
         problems.append("data.path: empty list; name at least one data file")
     for p in paths:
         path = Path(p)
-        if not path.exists():
+        if not os.path.exists(path):  # os.path: False (not an error) for a name too long
             if not looks_like_hub_id(p):
-                problems.append(f"{key_name}: {p} does not exist; point it at a {'/'.join(SUFFIXES)} file, "
+                problems.append(f"{key_name}: {clip(p)} does not exist; point it at a {'/'.join(SUFFIXES)} file, "
                                 "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
-        elif path.is_file() and path.suffix not in SUFFIXES:
-            problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(SUFFIXES)} "
+        elif os.path.isfile(path) and path.suffix not in SUFFIXES:
+            problems.append(f"{key_name}: {clip(p)} has suffix {shorten(path.suffix)}; use {', '.join(SUFFIXES)} "
                             "or a datasets save_to_disk folder")
     return problems
 
@@ -126,10 +133,10 @@ def data_problems(d: DataConfig) -> list[str]:
             problems.append(f"data.weights: {len(d.weights)} weights for {len(data_paths(d.path))} paths; "
                             "give one weight per entry of data.path")
         if any(w <= 0 for w in d.weights):
-            problems.append(f"data.weights: {d.weights} has a weight <= 0; drop that path instead")
+            problems.append(f"data.weights: {shorten(d.weights)} has a weight <= 0; drop that path instead")
     for ours in d.columns:
         if ours not in DATA_FIELDS[d.format]:
-            problems.append(f"data.columns: {ours!r} is not a field of format {d.format}{_did_you_mean(ours, DATA_FIELDS[d.format])}; "
+            problems.append(f"data.columns: {shorten(ours)} is not a field of format {d.format}{_did_you_mean(ours, DATA_FIELDS[d.format])}; "
                             f"map one of: {', '.join(DATA_FIELDS[d.format])} (our name -> yours)")
     if d.template == "custom" and not d.prompt_format:
         problems.append("data.prompt_format: required by template: custom; e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\"")
@@ -148,7 +155,7 @@ def data_problems(d: DataConfig) -> list[str]:
 @dataclass
 class TrainConfig:
     epochs: float = key(1, "Passes over the data (ignored when max_steps > 0).", min=0)
-    max_steps: int = key(-1, "Stop after this many optimizer steps; -1 = run all epochs.")
+    max_steps: int = key(-1, "Stop after this many optimizer steps; -1 = run all epochs.", min=-1)
     learning_rate: float = key(1.0e-4, "Peak learning rate. LoRA: 1e-4 to 5e-4; QLoRA: 5e-5 to 2e-4.", min=0)
     batch_size: int = key(1, "Examples per device per forward pass.", min=1)
     gradient_accumulation: int = key(8, "Forward passes per optimizer step; effective batch = batch_size x this x devices.", min=1)
@@ -161,7 +168,7 @@ class TrainConfig:
     save_total_limit: Optional[int] = key(3, "Keep at most this many checkpoints (oldest removed); empty = keep all.", min=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "Mixed precision; auto = bf16 on a GPU that has it, fp32 on CPU.")
     gradient_checkpointing: bool = key(False, "Recompute activations in backward: much less memory, ~30% slower.")
-    seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.")
+    seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.", min=0, max=SEED_MAX)
     eval_steps: int = key(0, "Evaluate on the eval split (data.val_path / val_fraction) every N optimizer steps; 0 = once per epoch.", min=0)
     report_to: list[Literal["tensorboard", "wandb"]] = key(None, "Also log to these trackers (each must be installed): tensorboard, wandb.", factory=list)
     fsdp: str = key("", "FSDP sharding for multi-GPU runs, as TrainingArguments.fsdp: e.g. 'full_shard auto_wrap'; empty = DDP.")
@@ -254,14 +261,12 @@ def _coerce(value, tp):
             return int(value)
         raise ValueError("integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError("number")
+        number = _as_float(value)
+        if number is None:
+            raise ValueError("number")
+        if not math.isfinite(number):  # .nan / .inf are never a setting
+            raise ValueError("a finite number (not .nan or .inf)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -269,6 +274,33 @@ def _coerce(value, tp):
             return str(value)
         raise ValueError("string")
     raise ValueError(type_name(tp))
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int too big for a float
+            return None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _range_problem(dotted: str, value, meta) -> str | None:
+    """The key's declared bounds (key(min=, max=, below=)) applied to a number."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if meta.get("min") is not None and value < meta["min"]:
+        return f"{dotted}: must be at least {meta['min']}, got {shorten(value)}"
+    if meta.get("max") is not None and value > meta["max"]:
+        return f"{dotted}: must be at most {meta['max']}, got {shorten(value)}"
+    if meta.get("below") is not None and value >= meta["below"]:
+        return f"{dotted}: must be below {meta['below']}, got {shorten(value)}"
+    return None
 
 
 def _did_you_mean(name: str, choices) -> str:
@@ -283,7 +315,7 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
     values = {}
     for k in raw:
         if k not in names:
-            problems.append(f"{prefix}{k}: unknown key{_did_you_mean(str(k), names)}; "
+            problems.append(f"{prefix}{shorten(k) if not isinstance(k, str) or len(k) > 60 else k}: unknown key{_did_you_mean(str(k)[:200], names)}; "
                             f"valid keys here: {', '.join(names)}")
     for name, f in names.items():
         dotted = f"{prefix}{name}"
@@ -291,7 +323,7 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
         if dataclasses.is_dataclass(tp):
             value = raw.get(name) or {}
             if not isinstance(value, dict):
-                problems.append(f"{dotted}: expected a section (mapping of keys), got {value!r}")
+                problems.append(f"{dotted}: expected a section (mapping of keys), got {shorten(value)}")
                 continue
             values[name] = _build(tp, value, f"{dotted}.", problems, base_dir, cli_paths)
             continue
@@ -303,16 +335,13 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
         try:
             value = _coerce(value, tp)
         except ValueError as e:
-            problems.append(f"{dotted}: expected {e}, got {value!r}")
+            problems.append(f"{dotted}: expected {e}, got {shorten(value)}")
             continue
         meta = f.metadata
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if meta.get("min") is not None and value < meta["min"]:
-                problems.append(f"{dotted}: must be at least {meta['min']}, got {value!r}")
-                continue
-            if meta.get("max") is not None and value > meta["max"]:
-                problems.append(f"{dotted}: must be at most {meta['max']}, got {value!r}")
-                continue
+        out_of_range = _range_problem(dotted, value, meta)
+        if out_of_range:
+            problems.append(out_of_range)
+            continue
         if meta.get("kind") == PATH and isinstance(value, str):
             value = resolve_path(value, Path.cwd() if dotted in cli_paths else base_dir)
         elif meta.get("kind") == PATH and isinstance(value, list):  # several paths (data.path)
@@ -335,7 +364,7 @@ def resolve_path(value: str, base_dir: Path) -> str:
     if p.is_absolute():
         return str(p)
     candidate = (base_dir / p).resolve()
-    if looks_like_hub_id(value) and not candidate.exists() and not (Path.cwd() / p).exists():
+    if looks_like_hub_id(value) and not os.path.exists(candidate) and not os.path.exists(Path.cwd() / p):
         return value
     return str(candidate)
 
@@ -345,13 +374,17 @@ def resolve_path(value: str, base_dir: Path) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.learning_rate=3e-4' -> (['train', 'learning_rate'], 0.0003), typed by YAML."""
     if "=" not in text:
-        raise RecipeError("--set", [f"{text!r}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
+        raise RecipeError("--set", [f"{shorten(text)}: expected KEY=VALUE, e.g. train.learning_rate=3e-4"])
     dotted, _, raw_value = text.partition("=")
+    parts = dotted.strip().split(".")
+    if not all(re.fullmatch(r"\w+", part) for part in parts):
+        raise RecipeError("--set", [f"{shorten(text)}: {shorten(dotted)} is not a recipe key; "
+                                    "write section.key=value, e.g. train.learning_rate=3e-4 (see lora recipe-keys)"])
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+        value = safe_yaml(raw_value, f"--set {parts[-1]}") if raw_value.strip() else ""
     except yaml.YAMLError:
         value = raw_value
-    return dotted.strip().split("."), value
+    return parts, value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
@@ -372,10 +405,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
 # --------------------------------------------------------------------------- loading
 
 def load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise RecipeError(str(path), ["file not found; give the path to a recipe .yaml (see recipes/)"])
+    if not os.path.isfile(path):
+        what = "a folder, not a file" if os.path.isdir(path) else "file not found"
+        raise RecipeError(str(path), [f"{what}; give the path to a recipe .yaml (see recipes/)"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = safe_yaml(read_text(path, max_bytes=MAX_YAML_BYTES), str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
@@ -417,7 +451,7 @@ def cross_checks(r: Recipe) -> list[str]:
         try:
             re.compile(tm)
         except re.error as e:
-            problems.append(f"lora.target_modules: {tm!r} is not a valid regex ({e}); use a list of names, "
+            problems.append(f"lora.target_modules: {shorten(tm)} is not a valid regex ({e}); use a list of names, "
                             f"a preset ({', '.join(TARGET_PRESETS)}), or a valid regex")
     problems += lora_method_problems(r)
     problems += data_problems(r.data)
@@ -445,7 +479,7 @@ def _parallel_checks(t: TrainConfig) -> list[str]:
         problems.append("train.fsdp_config is set but train.fsdp is empty; set train.fsdp (e.g. 'full_shard auto_wrap')")
     for name in ("fsdp_config", "deepspeed"):
         value = getattr(t, name)
-        if value and not Path(value).is_file():
+        if value and not os.path.isfile(value):
             problems.append(f"train.{name}: {value} does not exist; give a JSON file (relative to the recipe's folder)")
     return problems
 
@@ -490,7 +524,7 @@ README_MARKERS = ("<!-- recipe-keys:start -->", "<!-- recipe-keys:end -->")
 
 def update_reference(readme_file: Path) -> None:
     """Rewrite the reference block of a README in place (`lora recipe-keys --update`)."""
-    text = Path(readme_file).read_text(encoding="utf-8")
+    text = read_text(Path(readme_file), "--update")
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{readme_file}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block",
                         "add both markers where the table goes")

@@ -109,9 +109,10 @@ def missing_for_vllm() -> list[str]:
 def prepare_vllm(adapters: dict, *, base: str | None, host: str, port: int, api_key: str | None,
                  work_dir: Path) -> list[str]:
     """Read the adapters, write the chat template into work_dir, return vLLM's command line."""
-    from lora_cli.model import load_tokenizer, read_adapter
+    from lora_cli.inputs import verify_adapter
+    from lora_cli.model import load_tokenizer
 
-    infos = {name: read_adapter(path) for name, path in adapters.items()}
+    infos = {name: verify_adapter(path) for name, path in adapters.items()}  # vLLM gets only whole adapters
     if BASE in infos:
         raise LoraError(f"--adapter: the name {BASE!r} is taken by the base model", "give that adapter another NAME=DIR")
     first = next(iter(infos.values()), None)

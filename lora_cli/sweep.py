@@ -23,6 +23,7 @@ from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
 from lora_cli.methods import RANKED, method_of
 from lora_cli.plot import METRICS_FILE, read_metrics
+from lora_cli.inputs import read_json
 from lora_cli.recipe import Recipe
 
 RESULT_FILE = "sweep_result.json"  # written into each rank's folder once its run has finished
@@ -107,7 +108,9 @@ def finished_run(recipe: Recipe) -> RankRun | None:
     record_file = folder / RESULT_FILE
     if not run_finished(folder) or not record_file.is_file():
         return None
-    record = json.loads(record_file.read_text(encoding="utf-8"))
+    record = read_json(record_file, "sweep record")
+    if not isinstance(record, dict):
+        raise LoraError(f"sweep record {record_file}: not a JSON object", "delete that folder to train that rank again")
     changed = _differences(record.get("recipe", {}), _comparable(recipe))
     if changed:
         raise LoraError(f"{folder} holds a finished run made with a different recipe (changed: {', '.join(changed)})",

@@ -89,9 +89,11 @@ def placeholder_problems(key: str, fmt: str) -> list[str]:
     unknown one (usually a typo). Used by the recipe checks, before anything loads."""
     required, allowed = PLACEHOLDERS[key]
     found = set(re.findall(r"\{(\w+)\}", fmt))
-    problems = [f"data.{key}: {fmt!r} has no {{{name}}} placeholder; add it where the "
+    from lora_cli.inputs import shorten
+
+    problems = [f"data.{key}: {shorten(fmt)} has no {{{name}}} placeholder; add it where the "
                 f"{name} text goes" for name in sorted(required - found)]
-    problems += [f"data.{key}: unknown placeholder {{{name}}} in {fmt!r}; "
+    problems += [f"data.{key}: unknown placeholder {{{name}}} in {shorten(fmt)}; "
                  f"allowed: {', '.join('{' + a + '}' for a in sorted(allowed))}" for name in sorted(found - allowed)]
     return problems
 

@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback  # this module is imported onl
 from lora_cli import atomic, ownership, preflight
 from lora_cli import checkpoint as ckpt
 from lora_cli.errors import LoraError
+from lora_cli.inputs import verify_adapter
 from lora_cli.model import RECIPE_FILE
 from lora_cli.plot import METRICS_FILE, read_metrics
 from lora_cli.recipe import Recipe, dump_recipe
@@ -102,6 +103,7 @@ def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
     """The checkpoint to continue from, after checking the run is the same one and unfinished."""
     output_dir = Path(recipe.output_dir)
     found = ckpt.resolve_resume(output_dir, resume)
+    verify_adapter(found)  # a damaged checkpoint is refused before anything loads it
     ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
     if ckpt.run_finished(output_dir):
         raise LoraError(f"--resume: the run in {output_dir} already finished (its final adapter is there)",
