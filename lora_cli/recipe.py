@@ -85,10 +85,11 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: Union[str, list[str]] = key(REQUIRED, "Training data: .json, .jsonl, .csv, .parquet, a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
+    path: Union[str, list[str]] = key(REQUIRED, "Training data: .json, .jsonl, .csv, .parquet, .txt / .md documents (or a folder of them), a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
     weights: Optional[list[float]] = key(None, "Sampling weight per path: 2 = every row twice, 0.5 = a random half (data.seed); empty = 1 each.")
     split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
-    format: Literal["alpaca", "chat", "text"] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
+    format: Literal["auto", "alpaca", "chat", "text"] = key("auto", "Row shape: alpaca = instruction/input/output; chat = messages (role/content, tool_calls, tools) or ShareGPT conversations (from/value, function_call, observation); text = raw documents, chunked to max_length; auto = detected from each file's first rows (and said).")
+    document_split: Literal["file", "blank_lines"] = key("file", ".txt / .md documents: one per file, or one per blank-line-separated paragraph.")
     columns: dict[str, str] = key(None, "Field names in your files, our name -> yours, e.g. {instruction: question, output: answer}.", factory=dict)
     template: Literal["human_assistant", "alpaca", "chat_template", "custom"] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
     prompt_format: Optional[str] = key(None, "Custom template's user turn, with {instruction} and optionally {input}, e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\".")
@@ -106,10 +107,12 @@ class DataConfig:
     cache_dir: Optional[str] = key(None, "Where tokenised data is cached; empty = $LORA_CACHE_DIR or ~/.cache/lora.", kind=PATH)
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md")  # documents, read as format text
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet") + TEXT_SUFFIXES
 DATA_FIELDS = {"alpaca": ("instruction", "input", "output", "system"),
-               "chat": ("messages", "conversations", "system"),
+               "chat": ("messages", "conversations", "system", "tools"),
                "text": ("text",)}  # format -> the field names data.columns may map
+DATA_FIELDS["auto"] = tuple(dict.fromkeys(f for fields in list(DATA_FIELDS.values()) for f in fields))
 
 
 def data_paths(value) -> list[str]:
@@ -130,7 +133,7 @@ def _data_path_problems(key_name: str, value) -> list[str]:
         path = Path(p)
         if not path.exists():
             if not looks_like_hub_id(p):
-                problems.append(f"{key_name}: {p} does not exist; point it at a .json/.jsonl/.csv/.parquet file, "
+                problems.append(f"{key_name}: {p} does not exist; point it at a .json/.jsonl/.csv/.parquet/.txt/.md file, "
                                 "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
         elif path.is_file() and path.suffix not in DATA_SUFFIXES:
             problems.append(f"{key_name}: {p} has suffix {path.suffix!r}; use {', '.join(DATA_SUFFIXES)} "
