@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one Arrow file per split (memory-mapped), no save_to_disk copy
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
 CODE = ("data.py", "formats.py", "template.py", "cache.py")  # modules whose output is cached
 
@@ -88,44 +88,56 @@ def entry_folder(data_cfg, tokenizer) -> Path:
     return cache_root(data_cfg) / f"sft-{cache_key(data_cfg, tokenizer)[:24]}"
 
 
+TRAIN_FILE, EVAL_FILE, STATS_FILE = "train.arrow", "eval.arrow", "stats.json"
+
+
 def load(folder: Path):
-    """The cached SFTData, or None when there is none (or it cannot be read)."""
-    from datasets import load_from_disk
+    """The cached SFTData, or None when there is none (or it cannot be read). The Arrow files
+    are memory-mapped, not read into memory."""
+    from datasets import Dataset
 
     from lora_cli.data import DataStats, SFTData
 
-    meta_file = folder / "stats.json"
+    meta_file = folder / STATS_FILE
     if not meta_file.is_file():
         return None
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        train = load_from_disk(str(folder / "train"))
-        evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-    except (OSError, ValueError, KeyError):
+        train = Dataset.from_file(str(folder / TRAIN_FILE))
+        evaluation = Dataset.from_file(str(folder / EVAL_FILE)) if (folder / EVAL_FILE).is_file() else None
+        stats = DataStats.from_dict(meta["train"])
+        eval_stats = DataStats.from_dict(meta["eval"]) if meta.get("eval") else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged entry is rebuilt
-    stats = DataStats.from_dict(meta["train"])
     stats.from_cache = True
-    eval_stats = DataStats.from_dict(meta["eval"]) if meta.get("eval") else None
     return SFTData(train=train, eval=evaluation, stats=stats, eval_stats=eval_stats)
 
 
-def save(folder: Path, data) -> None:
-    """Write atomically (a temporary folder renamed into place), so a run killed half-way or
-    two runs at once never leave a half-written entry that looks complete."""
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # one bar per save, for a few milliseconds of work
+def save(folder: Path, data) -> bool:
+    """Move the datasets' Arrow files (this process's own work files, see data.work_file) into
+    a temporary folder beside the entry, add the stats, and rename the folder into place: a
+    run killed half-way, or two runs at once, never leave a half-written entry that looks
+    complete, and nothing is copied or read back into memory. False when it could not be
+    written (another run wrote it first, the disk is full): training goes on without caching."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        data.train.save_to_disk(str(tmp / "train"))
+        _move_arrow(data.train, tmp / TRAIN_FILE)
         if data.eval is not None:
-            data.eval.save_to_disk(str(tmp / "eval"))
+            _move_arrow(data.eval, tmp / EVAL_FILE)
         meta = {"train": data.stats.to_dict(), "eval": data.eval_stats.to_dict() if data.eval_stats else None}
-        (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
+        (tmp / STATS_FILE).write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp, folder)
+        return True
     except OSError:
-        pass  # another run wrote the same entry first, or the disk is full: train without caching
+        return False
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_arrow(dataset, target: Path) -> None:
+    """The one Arrow file behind a dataset built by data.write_examples, moved (a rename when
+    both sit on one file system, else a streamed copy)."""
+    (source,) = [f["filename"] for f in dataset.cache_files]
+    shutil.move(source, target)

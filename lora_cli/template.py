@@ -369,22 +369,37 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [by_text[t] for t in texts]
 
 
-def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: bool | None = None):
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids encoding needs, looked up once: a tokenizer's bos_token_id / eos_token_id are
+    computed on every access (tens of microseconds each), which per row adds up."""
+    bos: int | None  # prefixed to every sequence; None when the tokenizer adds no BOS
+    eos: int
+
+    @classmethod
+    def of(cls, tokenizer, bos: bool | None = None) -> SpecialIds:
+        if bos is None:
+            bos = adds_bos(tokenizer)
+        return cls(tokenizer.bos_token_id if bos else None, tokenizer.eos_token_id)
+
+
+def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: bool | None = None,
+                    special: SpecialIds | None = None):
     """(input_ids, labels) of segments: labels copy the ids of supervised pieces and are
     IGNORE_INDEX elsewhere (not shifted: the model shifts). token_lists are the pieces' ids
     when the caller tokenised many conversations in one batched call."""
     if token_lists is None:
-        texts = [s.text for s in segments]
-        token_lists = tokenize_texts(tokenizer, texts)
-    eos = tokenizer.eos_token_id
+        token_lists = tokenize_texts(tokenizer, [s.text for s in segments])
+    special = special or SpecialIds.of(tokenizer, bos)
     ids: list[int] = []
     labels: list[int] = []
     for seg, toks in zip(segments, token_lists):
-        toks = list(toks) + [eos] if seg.eos else list(toks)
+        toks = [*toks, special.eos] if seg.eos else toks
         ids += toks
         labels += toks if seg.supervised else [IGNORE_INDEX] * len(toks)
-    with_start = with_bos(tokenizer, ids, bos)
-    return with_start, [IGNORE_INDEX] * (len(with_start) - len(ids)) + labels
+    if special.bos is not None and (not ids or ids[0] != special.bos):  # BOS once, never twice
+        return [special.bos] + ids, [IGNORE_INDEX] + labels
+    return ids, labels
 
 
 def prompt_ids(tokenizer, template, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -248,7 +248,8 @@ def test_cache_reuses_and_invalidates(tmp_path, tok):
     assert not first.stats.from_cache and second.stats.from_cache
     assert second.train["input_ids"] == first.train["input_ids"] and second.stats.kept == 3
     assert "from cache" in second.stats.summary()
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # not the work folder
+    assert len(entries) == 1 and sorted(f.name for f in entries[0].iterdir()) == ["stats.json", "train.arrow"]
     # a change in the template, a setting, or the data re-tokenises
     assert not build(tmp_path, tok, **settings, template="alpaca").stats.from_cache
     assert not build(tmp_path, tok, **settings, max_length=64).stats.from_cache
