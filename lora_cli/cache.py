@@ -118,26 +118,25 @@ def save(folder: Path, data) -> bool:
     a temporary folder beside the entry, add the stats, and rename the folder into place: a
     run killed half-way, or two runs at once, never leave a half-written entry that looks
     complete, and nothing is copied or read back into memory. False when it could not be
-    written (another run wrote it first, the disk is full): training goes on without caching."""
+    written (another run wrote it first, the disk is full): the files go back where they were
+    and training goes on without caching."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    moved: list[tuple[str, Path]] = []
     try:
-        _move_arrow(data.train, tmp / TRAIN_FILE)
-        if data.eval is not None:
-            _move_arrow(data.eval, tmp / EVAL_FILE)
+        for dataset, name in ((data.train, TRAIN_FILE), (data.eval, EVAL_FILE)):
+            if dataset is not None:
+                (source,) = [f["filename"] for f in dataset.cache_files]  # the one file data.write_examples wrote
+                shutil.move(source, tmp / name)
+                moved.append((source, tmp / name))
         meta = {"train": data.stats.to_dict(), "eval": data.eval_stats.to_dict() if data.eval_stats else None}
         (tmp / STATS_FILE).write_text(json.dumps(meta), encoding="utf-8")
         os.replace(tmp, folder)
         return True
     except OSError:
+        for source, target in moved:
+            shutil.move(target, source)
         return False
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_arrow(dataset, target: Path) -> None:
-    """The one Arrow file behind a dataset built by data.write_examples, moved (a rename when
-    both sit on one file system, else a streamed copy)."""
-    (source,) = [f["filename"] for f in dataset.cache_files]
-    shutil.move(source, target)

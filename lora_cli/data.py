@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import atexit
 import gc
-import os
 import json
+import os
 import random
 import shutil
 import tempfile
