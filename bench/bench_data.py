@@ -235,21 +235,22 @@ def print_memory(results: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20000, help="rows for the preprocessing measurement")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs over the 240 demo rows")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs over the demo rows")
+    parser.add_argument("--train-rows", type=int, default=240, help="demo rows trained on (240 = all)")
     parser.add_argument("--repeat", type=int, default=3, help="preprocessing runs per workflow (best is reported)")
     parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[42, 1, 2],
                         help="training seeds, comma-separated (best speed and mean loss are reported)")
     parser.add_argument("--memory-sizes", type=lambda t: [float(x) for x in t.split(",") if x], default=[20, 200, 1000],
                         help="JSONL sizes in MB for the memory measurement, comma-separated (empty: skip it)")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes (2000 rows, 1 epoch, 1 seed, 2 and 8 MB files): proves the bench runs end to end")
+                        help="small sizes (2000 rows, 32 rows x 1 epoch, 1 seed, 2 and 8 MB files): proves the bench runs end to end")
     parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.cache_dir)
     if args.quick:
-        args.rows, args.epochs, args.repeat, args.seeds, args.memory_sizes = 2000, 1, 1, [42], [2, 8]
+        args.rows, args.train_rows, args.epochs, args.repeat, args.seeds, args.memory_sizes = 2000, 32, 1, 1, [42], [2, 8]
     if not (MODEL / "config.json").is_file():
         print(f"{MODEL} is missing; build it with `lora build-tiny` (make bench does)", file=sys.stderr)
         return 1
@@ -286,8 +287,11 @@ def main() -> int:
 
     # --- training: the 240 demo rows, same model, LoRA, learning rate, epochs, rows per step;
     # every seed trains both workflows back to back, so a busy machine slows both alike
-    source_ds = source_preprocess(demo, tokenizer)
-    unpacked = build_sft_data(lora_recipe(DATA, work / "x", 1, work / "cache").data, tokenizer).train
+    train_rows = demo[:args.train_rows]
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows), encoding="utf-8")
+    source_ds = source_preprocess(train_rows, tokenizer)
+    unpacked = build_sft_data(lora_recipe(train_file, work / "x", 1, work / "cache").data, tokenizer).train
     sup_source = supervised_tokens(source_ds) * args.epochs
     sup_lora = supervised_tokens(unpacked) * args.epochs
     # The source trains without BOS but its generate code tokenises the prompt with BOS
@@ -300,7 +304,7 @@ def main() -> int:
         source_model, runtime = source_train(source_ds, tokenizer, work / f"source-{seed}", args.epochs, seed)
         runs["source"].append((sup_source / runtime, mean_supervised_loss(source_model, list(source_ds), tokenizer.pad_token_id)))
         as_asked.append(mean_supervised_loss(source_model, source_as_asked, tokenizer.pad_token_id))
-        recipe = lora_recipe(DATA, work / f"lora-{seed}", args.epochs, work / "cache", packing=True)
+        recipe = lora_recipe(train_file, work / f"lora-{seed}", args.epochs, work / "cache", packing=True)
         recipe.train.seed = seed
         _, runtime = lora_train(recipe)
         model = trained_adapter(work / f"lora-{seed}")
@@ -316,7 +320,7 @@ def main() -> int:
         ("lora train (batched tokenisation; packing, 2 packs/step)", args.rows / t_lora, lora_tps, lora_loss),
         ("lora train, second run (tokenised data from cache)", args.rows / t_cached, None, None),
     ]
-    print(f"tiny-llama, {len(demo)} demo rows x {args.epochs} epochs for training (seeds {args.seeds}: best speed, "
+    print(f"tiny-llama, {len(train_rows)} demo rows x {args.epochs} epochs for training (seeds {args.seeds}: best speed, "
           f"mean loss), "
           f"{args.rows} distinct rows for preprocessing (best of {args.repeat}), {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -241,7 +241,8 @@ def _needs(fmt: str) -> str:
 
 def _check_object(row, where: str, fmt: str) -> None:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with {_needs(fmt)}, got {type(row).__name__}")
+        raise DataError(f"{where}: expected an object with {_needs(fmt)}, got {type(row).__name__}",
+                        "each row must be one JSON object, e.g. " + SHAPES[fmt].example)
 
 
 # --------------------------------------------------------------------------- alpaca
@@ -270,7 +271,8 @@ def chat_conversation(row, where: str, columns: dict):
     turns = row[name]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field {name!r} must be a non-empty list of turns, got {type(turns).__name__}"
-                        + (" (empty)" if isinstance(turns, list) else ""))
+                        + (" (empty)" if isinstance(turns, list) else ""),
+                        "give the turns in order, e.g. " + SHAPES["chat"].example)
     messages = []
     system = _field(row, "system", columns, where, "chat", required=False)
     if system:
@@ -292,7 +294,8 @@ def chat_conversation(row, where: str, columns: dict):
 def chat_message(turn, here: str) -> dict:
     """One checked message from an OpenAI or ShareGPT turn."""
     if not isinstance(turn, dict):
-        raise DataError(f"{here}: expected an object with role/content (or from/value), got {type(turn).__name__}")
+        raise DataError(f"{here}: expected an object with role/content (or from/value), got {type(turn).__name__}",
+                        'write the turn as {"role": "user", "content": "..."} or {"from": "human", "value": "..."}')
     raw_role = turn.get("role", turn.get("from"))
     if raw_role not in ROLES:
         raise DataError(f"{here}: unknown role {raw_role!r}", f"use one of: {', '.join(ROLES)}")
@@ -446,6 +449,7 @@ class Shape:
     kind: str  # "conversation" | "document"
     signatures: tuple[tuple[str, ...], ...]
     needs: str
+    example: str  # one row, for hints
 
     def matches(self, row: dict, columns: dict) -> bool:
         return any(all(row.get(columns.get(f, f)) is not None for f in group) for group in self.signatures)
@@ -453,10 +457,12 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {s.name: s for s in (
     Shape("alpaca", alpaca_conversation, "conversation", (("instruction", "output"),),
-          "'instruction' and 'output' ('input' and 'system' optional)"),
+          "'instruction' and 'output' ('input' and 'system' optional)",
+          '{"instruction": "...", "input": "", "output": "..."}'),
     Shape("chat", chat_conversation, "conversation", (("messages",), ("conversations",)),
-          "'messages' (role/content) or 'conversations' (from/value)"),
-    Shape("text", text_document, "document", (("text",),), "'text'"),
+          "'messages' (role/content) or 'conversations' (from/value)",
+          '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
+    Shape("text", text_document, "document", (("text",),), "'text'", '{"text": "..."}'),
 )}
 PARSERS = {name: shape.parse for name, shape in SHAPES.items()}
 
