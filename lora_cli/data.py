@@ -464,10 +464,16 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     return [_join([examples[i] for i in members]) for members in bins]
 
 
+def lengths_of(dataset) -> list[int]:
+    """The length column as a Python list, read in one go (a datasets Column looks values up
+    one at a time)."""
+    return dataset.with_format("arrow")["length"].to_pylist()
+
+
 def pack_dataset(dataset, max_length: int, work: str | None = None):
     """pack_examples for a dataset on disk: bins from the length column, packs written a few
     hundred at a time."""
-    bins = pack_bins(dataset["length"], max_length)
+    bins = pack_bins(lengths_of(dataset), max_length)
 
     def packs():
         for group in batched(bins, 256):

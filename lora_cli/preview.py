@@ -38,7 +38,7 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     """Print decoded rows with the supervised part highlighted, the length histogram, the share
     of supervised tokens and the counts kept / truncated / dropped."""
     console = console or Console()
-    from lora_cli.data import build_sft_data, pack_bins
+    from lora_cli.data import build_sft_data, lengths_of, pack_bins
     from lora_cli.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
@@ -53,7 +53,7 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
         console.print(Text(f"── example {i + 1} ", style="bold").append("(green = supervised, dim = masked)", style="dim"))
         console.print(highlighted(train[i], tokenizer))
     console.print("[bold]lengths[/]   (tokens per sequence)")
-    for line in length_histogram(train["length"], data_cfg.max_length):
+    for line in length_histogram(lengths_of(train), data_cfg.max_length):
         console.print("  " + line, highlight=False)
     share = stats.supervised_tokens / stats.total_tokens if stats.total_tokens else 0.0
     console.print(f"[bold]supervised[/] {stats.supervised_tokens}/{stats.total_tokens} tokens ({100 * share:.1f}%)")
@@ -71,7 +71,7 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     if data.eval is not None:
         console.print(f"[bold]eval[/]      {len(data.eval)} held-out examples")
     if data_cfg.packing:
-        lengths = train["length"]
+        lengths = lengths_of(train)
         packs = pack_bins(lengths, data_cfg.max_length)
         fill = sum(lengths) / (len(packs) * data_cfg.max_length)
         console.print(f"[bold]packing[/]   {len(lengths)} examples -> {len(packs)} sequences "
