@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from functools import cache
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
@@ -59,7 +60,7 @@ def read_source(path: str, split: str = "train", document_split: str = "file") -
     elif p.is_file():
         source = _read_file(p, document_split)
     elif looks_like_hub_id(path):
-        source = _arrow_source(path, lambda: load_hub_dataset(path, split))
+        source = _arrow_source(path, cache(lambda: load_hub_dataset(path, split)))
     else:
         raise DataError(f"{path}: no such file", "check data.path in the recipe")
     if next(source.stream(), None) is None:
@@ -76,7 +77,8 @@ def _read_file(path: Path, document_split: str = "file") -> Source:
     if path.suffix == ".jsonl":
         return Source(name, lambda: _jsonl_rows(path))
     if path.suffix == ".json":
-        return Source(name, lambda: ((f"{name}, row {i}", row) for i, row in enumerate(_read_json(path), 1)))
+        rows = cache(lambda: _read_json(path))  # one list: parsed once, not per pass over it
+        return Source(name, lambda: ((f"{name}, row {i}", row) for i, row in enumerate(rows(), 1)))
     if path.suffix == ".csv":
         return Source(name, lambda: _csv_rows(path))
     if path.suffix == ".parquet":
@@ -146,7 +148,7 @@ def _read_folder(path: Path, split: str, document_split: str) -> Source:
     """A save_to_disk folder (it holds dataset_info.json / dataset_dict.json / state.json), or
     a folder of .txt / .md documents (read in name order, subfolders too)."""
     if any((path / marker).is_file() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
-        return _arrow_source(str(path), lambda: _load_saved_dataset(path, split))
+        return _arrow_source(str(path), cache(lambda: _load_saved_dataset(path, split)))
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
     if not files:
         raise DataError(f"{path}: a folder with no .txt / .md files, and not a dataset folder written by save_to_disk",
