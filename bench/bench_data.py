@@ -1,8 +1,10 @@
-"""Data path speed: `lora train` against the source workflow done by hand, on the same tiny
-model, data and LoRA settings, measured in one run.
+"""Data path speed and memory: `lora train` against the source workflow done by hand, on the
+same tiny model, data and LoRA settings, measured in one run; then the peak memory of the
+data path against the size of the JSONL it reads.
 
     python bench/bench_data.py            (make bench runs it after `lora build-tiny`)
-    python bench/bench_data.py --rows 4800 --epochs 3
+    python bench/bench_data.py --rows 20000 --epochs 3 --memory-sizes 20,200,1000
+    python bench/bench_data.py --quick    (small sizes, one seed: proves it runs end to end)
 
 The source workflow (seed article 002): rows tokenised one at a time by a per-row function
 through Dataset.map (prompt and answer + EOS tokenised separately, cut at 256 tokens), then
@@ -10,10 +12,17 @@ the Hugging Face Trainer with DataCollatorForSeq2Seq, batch 1 x gradient accumul
 `lora train`: batched tokenisation (plus its on-disk cache on a second run), then packed
 sequences (2 packs of <= 256 tokens per step, about 8 rows, as many as the baseline's step).
 
-Printed: preprocessing rows/s (best of --repeat), training supervised tokens/s (supervised
-tokens the optimizer saw / Trainer train_runtime, best over the seeds; both workflows train back
-to back for every seed) and the final loss: mean cross-entropy over every row's supervised
-tokens, computed the same way for both trained adapters after training, averaged over seeds.
+Printed: preprocessing rows/s (best of --repeat; the two workflows alternate, so a busy
+machine slows both alike), training supervised tokens/s (supervised tokens the optimizer saw /
+Trainer train_runtime, best over the seeds; both workflows train back to back for every seed)
+and the final loss: mean cross-entropy over every row's supervised tokens, computed the same
+way for both trained adapters after training, averaged over seeds.
+
+Memory: for each size in --memory-sizes (MB), a JSONL of distinct alpaca rows is written to a
+temporary folder and a fresh process builds the training data from it as `lora train` does
+(format detected, cache written); it reports its peak resident memory (VmHWM, which counts
+memory-mapped file pages it touched) and, apart, the resident memory it had before reading
+any data (Python, tokenizer, libraries), so that growth with the file shows.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -156,14 +166,91 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+# --------------------------------------------------------------------------- memory
+
+def vm_status(field: str) -> float:
+    """A field of /proc/self/status (VmHWM: peak resident memory, VmRSS: now), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_jsonl_of_size(path: Path, megabytes: float, demo: list[dict]) -> int:
+    """Distinct alpaca rows (numbered instructions) until the file holds `megabytes`; rows written."""
+    target, written, i = megabytes * 1e6, 0, 0
+    with path.open("w", encoding="utf-8") as f:
+        while written < target:
+            row = demo[i % len(demo)]
+            line = json.dumps(dict(row, instruction=f"{row['instruction']} (#{i})"), ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            i += 1
+    return i
+
+
+def memory_child(path: Path, cache_dir: Path) -> int:
+    """Run in a fresh process: build the data for `path` and print what it cost, as JSON."""
+    from datasets.utils.logging import disable_progress_bar
+
+    from lora_cli.data import build_sft_data
+    from lora_cli.model import load_tokenizer, quiet_libraries
+
+    quiet_libraries()
+    disable_progress_bar()
+    tokenizer = load_tokenizer(str(MODEL))
+    recipe = lora_recipe(path, cache_dir / "unused", 1, cache_dir)
+    recipe.data.format = "auto"
+    before = vm_status("VmRSS")
+    start = time.perf_counter()
+    data = build_sft_data(recipe.data, tokenizer)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"rows": data.stats.rows, "seconds": seconds, "before_mb": before, "peak_mb": vm_status("VmHWM"),
+                      "summary": data.stats.summary()}))
+    return 0
+
+
+def measure_memory(sizes: list[float], demo: list[dict], work: Path) -> list[dict]:
+    results = []
+    for megabytes in sizes:
+        path = work / f"mem-{megabytes:g}MB.jsonl"
+        rows = write_jsonl_of_size(path, megabytes, demo)
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(path), "--cache-dir", str(work / f"memcache-{megabytes:g}")],
+                             capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append({"file_mb": path.stat().st_size / 1e6, "rows": rows, **result})
+        path.unlink()
+    return results
+
+
+def print_memory(results: list[dict]) -> None:
+    print("| JSONL size | rows | peak RSS | RSS before reading data | peak / file size | growth over before / file size | rows/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['file_mb']:,.0f} MB | {r['rows']:,} | {r['peak_mb']:,.0f} MB | {r['before_mb']:,.0f} MB | "
+              f"{r['peak_mb'] / r['file_mb']:.2f}x | {(r['peak_mb'] - r['before_mb']) / r['file_mb']:.2f}x | "
+              f"{r['rows'] / r['seconds']:,.0f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4800, help="rows for the preprocessing measurement")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs over the 240 demo rows")
+    parser.add_argument("--rows", type=int, default=20000, help="rows for the preprocessing measurement")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs over the demo rows")
+    parser.add_argument("--train-rows", type=int, default=240, help="demo rows trained on (240 = all)")
     parser.add_argument("--repeat", type=int, default=3, help="preprocessing runs per workflow (best is reported)")
     parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[42, 1, 2],
                         help="training seeds, comma-separated (best speed and mean loss are reported)")
+    parser.add_argument("--memory-sizes", type=lambda t: [float(x) for x in t.split(",") if x], default=[20, 200, 1000],
+                        help="JSONL sizes in MB for the memory measurement, comma-separated (empty: skip it)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes (2000 rows, 32 rows x 1 epoch, 1 seed, 2 and 8 MB files): proves the bench runs end to end")
+    parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.cache_dir)
+    if args.quick:
+        args.rows, args.train_rows, args.epochs, args.repeat, args.seeds, args.memory_sizes = 2000, 32, 1, 1, [42], [2, 8]
     if not (MODEL / "config.json").is_file():
         print(f"{MODEL} is missing; build it with `lora build-tiny` (make bench does)", file=sys.stderr)
         return 1
@@ -188,17 +275,23 @@ def main() -> int:
     # arrow), then the best of --repeat runs, since other work on a shared machine only adds time
     source_preprocess(demo[:16], tokenizer)
     build_sft_data(lora_recipe(DATA, work / "unused", 1, work / "warm", cache=False).data, tokenizer)
-    t_source = min(timed(lambda: source_preprocess(read_jsonl(big), tokenizer))[1] for _ in range(args.repeat))
-    t_lora = min(timed(build_sft_data, lora_recipe(big, work / "unused", 1, work / f"cache{i}").data, tokenizer)[1]
-                 for i in range(args.repeat))  # a fresh cache folder each time: a cold run, cache written
+    times = {"source": [], "lora": []}
+    for i in range(args.repeat):  # alternating, so load from other work falls on both
+        times["source"].append(timed(lambda: source_preprocess(read_jsonl(big), tokenizer))[1])
+        # a fresh cache folder each time: a cold run, cache written
+        times["lora"].append(timed(build_sft_data, lora_recipe(big, work / "unused", 1, work / f"cache{i}").data, tokenizer)[1])
+    t_source, t_lora = min(times["source"]), min(times["lora"])
     cached = lora_recipe(big, work / "unused", 1, work / "cache0").data
     t_cached = min(timed(build_sft_data, cached, tokenizer)[1] for _ in range(args.repeat))
     assert build_sft_data(cached, tokenizer).stats.from_cache
 
     # --- training: the 240 demo rows, same model, LoRA, learning rate, epochs, rows per step;
     # every seed trains both workflows back to back, so a busy machine slows both alike
-    source_ds = source_preprocess(demo, tokenizer)
-    unpacked = build_sft_data(lora_recipe(DATA, work / "x", 1, work / "cache").data, tokenizer).train
+    train_rows = demo[:args.train_rows]
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows), encoding="utf-8")
+    source_ds = source_preprocess(train_rows, tokenizer)
+    unpacked = build_sft_data(lora_recipe(train_file, work / "x", 1, work / "cache").data, tokenizer).train
     sup_source = supervised_tokens(source_ds) * args.epochs
     sup_lora = supervised_tokens(unpacked) * args.epochs
     # The source trains without BOS but its generate code tokenises the prompt with BOS
@@ -211,7 +304,7 @@ def main() -> int:
         source_model, runtime = source_train(source_ds, tokenizer, work / f"source-{seed}", args.epochs, seed)
         runs["source"].append((sup_source / runtime, mean_supervised_loss(source_model, list(source_ds), tokenizer.pad_token_id)))
         as_asked.append(mean_supervised_loss(source_model, source_as_asked, tokenizer.pad_token_id))
-        recipe = lora_recipe(DATA, work / f"lora-{seed}", args.epochs, work / "cache", packing=True)
+        recipe = lora_recipe(train_file, work / f"lora-{seed}", args.epochs, work / "cache", packing=True)
         recipe.train.seed = seed
         _, runtime = lora_train(recipe)
         model = trained_adapter(work / f"lora-{seed}")
@@ -227,7 +320,7 @@ def main() -> int:
         ("lora train (batched tokenisation; packing, 2 packs/step)", args.rows / t_lora, lora_tps, lora_loss),
         ("lora train, second run (tokenised data from cache)", args.rows / t_cached, None, None),
     ]
-    print(f"tiny-llama, {len(demo)} demo rows x {args.epochs} epochs for training (seeds {args.seeds}: best speed, "
+    print(f"tiny-llama, {len(train_rows)} demo rows x {args.epochs} epochs for training (seeds {args.seeds}: best speed, "
           f"mean loss), "
           f"{args.rows} distinct rows for preprocessing (best of {args.repeat}), {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -241,6 +334,10 @@ def main() -> int:
     print(f"preprocessing speed-up {t_source / t_lora:.1f}x cold, {t_source / t_cached:.0f}x cached (target >= 5x); "
           f"training speed-up {lora_tps / src_tps:.2f}x (target >= 1.3x); final loss {lora_loss:.4f} vs {source_loss:.4f} "
           f"({per_seed})")
+    if args.memory_sizes:
+        print(f"data path memory ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; goal: peak <= 2x the file "
+              "at 200 MB and flat beyond)")
+        print_memory(measure_memory(args.memory_sizes, demo, work))
     return 0
 
 

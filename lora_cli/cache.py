@@ -15,13 +15,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+from lora_cli import atomic
 from lora_cli.formats import data_paths, load_hub_dataset
-from lora_cli.atomic import staged_folder
 from lora_cli.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: one Arrow file per split (memory-mapped), no save_to_disk copy
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
 DATA_PATH = "lora_cli.data"  # the module whose output is cached; what it imports shapes it too
 
@@ -138,34 +140,50 @@ def entry_folder(data_cfg, tokenizer) -> Path:
     return cache_root(data_cfg) / f"sft-{cache_key(data_cfg, tokenizer)[:24]}"
 
 
+TRAIN_FILE, EVAL_FILE, STATS_FILE = "train.arrow", "eval.arrow", "stats.json"
+
+
 def load(folder: Path):
     """(train dataset, eval dataset or None, the stats record saved with them), or None when
-    there is no entry (or it cannot be read)."""
-    from datasets import load_from_disk
+    there is no entry (or it cannot be read). The Arrow files are memory-mapped, not read."""
+    from datasets import Dataset
 
-    meta_file = folder / "stats.json"
+    meta_file = folder / STATS_FILE
     if not meta_file.is_file():
         return None
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        train = load_from_disk(str(folder / "train"))
-        evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-    except (OSError, ValueError, KeyError):
+        train = Dataset.from_file(str(folder / TRAIN_FILE))
+        evaluation = Dataset.from_file(str(folder / EVAL_FILE)) if (folder / EVAL_FILE).is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # a damaged entry is rebuilt
     return train, evaluation, meta
 
 
-def save(folder: Path, train, evaluation, meta: dict) -> None:
-    """Write atomically (a temporary folder renamed into place), so a run killed half-way or
-    two runs at once never leave a half-written entry that looks complete."""
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()  # one bar per save, for a few milliseconds of work
+def save(folder: Path, train, evaluation, meta: dict) -> bool:
+    """Move the datasets' Arrow files (this process's own work files, see data.work_file) into
+    a staging folder beside the entry, add the stats, and publish it with atomic.publish_folder:
+    a run killed half-way, or two runs at once, never leave a half-written entry that looks
+    complete, and nothing is copied or read back into memory. False when it could not be
+    written (another run wrote it first, the disk is full): the files go back where they were
+    and training goes on without caching. (Not atomic.staged_folder: its clean-up would delete
+    the moved files, which back the live datasets.)"""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=atomic.STAGED_PREFIX + folder.name + ".", dir=folder.parent))
+    moved: list[tuple[str, Path]] = []
     try:
-        with staged_folder(folder) as tmp:
-            train.save_to_disk(str(tmp / "train"))
-            if evaluation is not None:
-                evaluation.save_to_disk(str(tmp / "eval"))
-            (tmp / "stats.json").write_text(json.dumps(meta), encoding="utf-8")
+        for dataset, name in ((train, TRAIN_FILE), (evaluation, EVAL_FILE)):
+            if dataset is not None:
+                (source,) = [f["filename"] for f in dataset.cache_files]  # the one file data wrote
+                shutil.move(source, tmp / name)
+                moved.append((source, tmp / name))
+        (tmp / STATS_FILE).write_text(json.dumps(meta), encoding="utf-8")
+        atomic.publish_folder(tmp, folder)
+        return True
     except OSError:
-        pass  # another run wrote the same entry first, or the disk is full: train without caching
+        for source, target in moved:
+            shutil.move(target, source)
+        return False
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

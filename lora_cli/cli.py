@@ -125,6 +125,7 @@ TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (wit
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Prompt template (default: the one each adapter was trained with).")]
+ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list of function schemas offered to the model, rendered as training rendered a row's tools.")]
 
 
 def _load_variants(adapter, base, template, engine: str = "transformers"):
@@ -151,6 +152,7 @@ def generate(
     base_only: Annotated[bool, typer.Option("--base-only", help="Answer with the base alone (adapters off): the 'before' of a before/after.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per generate call (left-padded).")] = 8,
     template: TemplateOption = None,
+    tools: ToolsOption = None,
     max_new_tokens: MaxNew = 128,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -161,9 +163,10 @@ def generate(
     Several --adapter answer the same prompts side by side."""
     import json
 
-    from lora_cli.infer import BASE, Prompt, read_prompts
+    from lora_cli.infer import BASE, Prompt, read_prompts, read_tools
 
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    tool_schemas = read_tools(tools) if tools else None
     if (instruction is None) == (file is None):
         raise LoraError("give one instruction or --file PROMPTS, not both and not neither",
                         'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
@@ -181,7 +184,7 @@ def generate(
         variants = {BASE: (None, default_template)}
     else:
         variants = {name: (name, template or info.template) for name, info in infos.items()}
-    rows = generate_rows(backend, prompts, variants, settings, batch_size)
+    rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
     if out is not None:
         atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
@@ -199,6 +202,7 @@ def chat(
     base: BaseOption = None,
     template: TemplateOption = None,
     system: Annotated[str, typer.Option("--system", help="System prompt to start with (/system changes it).")] = "",
+    tools: ToolsOption = None,
     max_new_tokens: MaxNew = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -208,11 +212,13 @@ def chat(
     """Talk to the base with one or more adapters; /adapter NAME switches, /help lists commands.
     Answers stream as they are generated; Ctrl-C stops one, /exit leaves."""
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-    from lora_cli.infer import ChatSession, chat_loop
+    from lora_cli.infer import ChatSession, chat_loop, read_tools
 
+    tool_schemas = read_tools(tools) if tools else []
     backend, infos, default_template = _load_variants(adapter, base, template)
     session = ChatSession(backend, {n: template or i.template for n, i in infos.items()}, settings,
-                          adapter=next(iter(infos), None), base_template=default_template, system=system)
+                          adapter=next(iter(infos), None), base_template=default_template, system=system,
+                          tools=tool_schemas)
     chat_loop(session)
 
 

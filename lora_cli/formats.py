@@ -1,9 +1,15 @@
 """Reading data sources and checking their rows: files, folders and hub datasets in, checked
-conversations (alpaca / chat) or documents (text) out. Every problem names the file and row.
+conversations (alpaca / chat) or documents (text) out. Every problem names the file and row
+(and turn), and how to fix it.
 
-A conversation is a list of messages {"role": system|user|assistant, "content": str}; an alpaca
-row becomes one user turn that also carries its "input", so templates with an input slot
-(alpaca) can use it.
+Rows are read as a stream (one JSONL line, CSV record, Parquet or Arrow batch at a time), so
+memory does not grow with the file; only a .json file (one list) is read whole.
+
+A conversation is a list of messages {"role": system|user|assistant|tool, "content": str}, plus
+optional "tool_calls" ([{"name", "arguments"}], assistant only), "train" (a per-message loss
+flag that overrides data.train_on) and "input" (an alpaca row's input, on its user turn). A
+conversation whose row declares tools is {"messages": [...], "tools": [...]} instead, the tools
+in the OpenAI shape ({"type": "function", "function": {name, description, parameters}}).
 """
 
 from __future__ import annotations
@@ -12,28 +18,35 @@ import csv
 import json
 import re
 from dataclasses import dataclass
+from functools import cache
+from itertools import islice
 from pathlib import Path
+from typing import Callable, Iterator
 
 from lora_cli.errors import DataError
 from lora_cli.inputs import read_text, utf8_lines
 
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # data files read here (and accepted by the recipe)
+TEXT_SUFFIXES = (".txt", ".md")  # documents, read as format text
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet") + TEXT_SUFFIXES  # files read here (and accepted by the recipe)
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
-         "gpt": "assistant", "bot": "assistant", "model": "assistant"}  # OpenAI and ShareGPT names
+         "gpt": "assistant", "bot": "assistant", "model": "assistant",
+         "tool": "tool", "function": "tool", "observation": "tool",  # OpenAI / ShareGPT tool results
+         "function_call": "assistant"}  # ShareGPT: a turn whose value is the assistant's tool call
+LOSS_FLAGS = ("weight", "loss_weight", "train")  # per-message "supervise this turn or not"
+DETECT_ROWS = 20  # rows looked at to detect a file's format
 
 
 @dataclass
 class Source:
-    """Rows of one data source, and where each came from (for error messages)."""
+    """One data source: its name and a way to stream its rows as (where, row) pairs; `where`
+    is what error messages call the row ("data.jsonl, row 7 (line 9)")."""
     name: str
-    rows: list
-    lines: list[int] | None = None  # .jsonl line of each row
+    stream: Callable[[], Iterator[tuple[str, object]]]
+    shape: str | None = None  # a source that can only hold one shape (.txt / .md: text)
 
-    def where(self, i: int) -> str:
-        row = f"{self.name}, row {i + 1}"
-        if self.lines and self.lines[i] != i + 1:  # blank lines skipped: say where in the file too
-            row += f" (line {self.lines[i]})"
-        return row
+    @property
+    def rows(self) -> list:
+        return [row for _, row in self.stream()]
 
 
 # --------------------------------------------------------------------------- naming sources
@@ -52,18 +65,19 @@ def looks_like_hub_id(path: str) -> bool:
 
 # --------------------------------------------------------------------------- reading
 
-def read_source(path: str, split: str = "train") -> Source:
-    """Rows from .json / .jsonl / .csv / .parquet, a save_to_disk folder, or a hub dataset id."""
+def read_source(path: str, split: str = "train", document_split: str = "file") -> Source:
+    """A streamed source: .json / .jsonl / .csv / .parquet / .txt / .md, a save_to_disk folder,
+    a folder of .txt / .md documents, or a hub dataset id."""
     p = Path(path)
     if p.is_dir():
-        source = Source(str(p), _read_saved_dataset(p, split))
+        source = _read_folder(p, split, document_split)
     elif p.is_file():
-        source = _read_file(p)
+        source = _read_file(p, document_split)
     elif looks_like_hub_id(path):
-        source = Source(path, load_hub_dataset(path, split).to_list())
+        source = _arrow_source(path, cache(lambda: load_hub_dataset(path, split)))
     else:
         raise DataError(f"{path}: no such file", "check data.path in the recipe")
-    if not source.rows:
+    if next(source.stream(), None) is None:
         raise DataError(f"{source.name}: no rows", "the data is empty; add at least one example")
     return source
 
@@ -72,37 +86,58 @@ def read_rows(path: str | Path) -> list[dict]:
     return read_source(str(path)).rows
 
 
-def _read_file(path: Path) -> Source:
+def _read_file(path: Path, document_split: str = "file") -> Source:
+    name = str(path)
     if path.suffix == ".jsonl":
-        return _read_jsonl(path)
+        return Source(name, lambda: _jsonl_rows(path))
     if path.suffix == ".json":
-        return Source(str(path), _read_json(path))
+        rows = cache(lambda: _read_json(path))  # one list: parsed once, not per pass over it
+        return Source(name, lambda: ((f"{name}, row {i}", row) for i, row in enumerate(rows(), 1)))
     if path.suffix == ".csv":
-        # utf8_lines drops Excel's byte-order mark and names the line of a byte that is not UTF-8
-        return Source(str(path), list(csv.DictReader(line for _, line in utf8_lines(path))))
+        return Source(name, lambda: _csv_rows(path))
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return Source(str(path), pq.read_table(path).to_pylist())
-        except Exception as e:  # pyarrow raises several types for a damaged file
-            raise DataError(f"{path}: not a readable parquet file ({e})", "rewrite it, e.g. with pandas.DataFrame.to_parquet") from None
+        return Source(name, lambda: _parquet_rows(path))
+    if path.suffix in TEXT_SUFFIXES:
+        return Source(name, lambda: _document_rows([path], document_split, name), shape="text")
     raise DataError(f"{path}: unsupported file type {path.suffix!r}",
-                    f"use {', '.join(SUFFIXES)}, or a datasets save_to_disk folder")
+                    f"use {', '.join(SUFFIXES)}, a folder of .txt / .md files, or a datasets save_to_disk folder")
 
 
-def _read_jsonl(path: Path) -> Source:
-    rows, lines = [], []
+def _jsonl_rows(path: Path):
+    row = 0
     for lineno, line in utf8_lines(path):  # a byte that is not UTF-8 is reported with its line
         if not line.strip():
             continue
+        row += 1
         try:
-            rows.append(json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})",
                             "each line of a .jsonl file must be one JSON object") from None
-        lines.append(lineno)
-    return Source(str(path), rows, lines)
+        # blank lines skipped: say where in the file too
+        yield (f"{path}, row {row}" if row == lineno else f"{path}, row {row} (line {lineno})"), value
+
+
+def _csv_rows(path: Path):
+    # utf8_lines drops Excel's byte-order mark and names the line of a byte that is not UTF-8
+    for i, row in enumerate(csv.DictReader(line for _, line in utf8_lines(path)), 1):
+        yield f"{path}, row {i}", row
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                i += 1
+                yield f"{path}, row {i}", row
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable parquet file ({e})", "rewrite it, e.g. with pandas.DataFrame.to_parquet") from None
 
 
 def _read_json(path: Path) -> list:
@@ -122,7 +157,50 @@ def _read_json(path: Path) -> list:
     return rows
 
 
-def _read_saved_dataset(path: Path, split: str) -> list[dict]:
+def _read_folder(path: Path, split: str, document_split: str) -> Source:
+    """A save_to_disk folder (it holds dataset_info.json / dataset_dict.json / state.json), or
+    a folder of .txt / .md documents (read in name order, subfolders too)."""
+    if any((path / marker).is_file() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        return _arrow_source(str(path), cache(lambda: _load_saved_dataset(path, split)))
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: a folder with no .txt / .md files, and not a dataset folder written by save_to_disk",
+                        "point data.path at a data file, a folder of .txt / .md documents, or a save_to_disk folder")
+    return Source(str(path), lambda: _document_rows(files, document_split, None), shape="text")
+
+
+def _document_rows(files: list[Path], document_split: str, name: str | None):
+    """One {"text"} row per file, or per blank-line-separated paragraph (document_split:
+    blank_lines), read line by line; a line that is not UTF-8 is named."""
+    for f in files:
+        if document_split == "file":
+            yield f"{f}", {"text": read_text(f)}
+            continue
+        lines, n = [], 0
+        for _, line in utf8_lines(f):
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                n += 1
+                yield f"{f}, paragraph {n}", {"text": "".join(lines).rstrip("\n")}
+                lines = []
+        if lines:
+            yield f"{f}, paragraph {n + 1}", {"text": "".join(lines).rstrip("\n")}
+
+
+def _arrow_source(name: str, load) -> Source:
+    """A datasets Dataset (memory-mapped Arrow), streamed in batches."""
+    def stream():
+        i = 0
+        for batch in load().iter(batch_size=1024):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns)):
+                i += 1
+                yield f"{name}, row {i}", dict(zip(columns, values))
+    return Source(name, stream)
+
+
+def _load_saved_dataset(path: Path, split: str):
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -135,7 +213,7 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict]:
             raise DataError(f"{path}: dataset has splits {list(ds)} but no {split!r}",
                             f"set data.split to one of: {', '.join(ds)}")
         ds = ds[split]
-    return ds.to_list()
+    return ds
 
 
 def load_hub_dataset(name: str, split: str):
@@ -152,7 +230,7 @@ def load_hub_dataset(name: str, split: str):
     return ds
 
 
-# --------------------------------------------------------------------------- checking rows
+# --------------------------------------------------------------------------- checking fields
 
 def _field(row: dict, ours: str, columns: dict, where: str, fmt: str, *, required: bool):
     """The string in `row` that plays our field `ours` (renamed by data.columns), or None."""
@@ -172,15 +250,16 @@ def _field(row: dict, ours: str, columns: dict, where: str, fmt: str, *, require
 
 
 def _needs(fmt: str) -> str:
-    return {"alpaca": "'instruction' and 'output' ('input' and 'system' optional)",
-            "chat": "'messages' (role/content) or 'conversations' (from/value)",
-            "text": "'text'"}[fmt]
+    return SHAPES[fmt].needs
 
 
 def _check_object(row, where: str, fmt: str) -> None:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with {_needs(fmt)}, got {type(row).__name__}")
+        raise DataError(f"{where}: expected an object with {_needs(fmt)}, got {type(row).__name__}",
+                        "each row must be one JSON object, e.g. " + SHAPES[fmt].example)
 
+
+# --------------------------------------------------------------------------- alpaca
 
 def alpaca_conversation(row, where: str, columns: dict) -> list[dict]:
     _check_object(row, where, "alpaca")
@@ -193,8 +272,11 @@ def alpaca_conversation(row, where: str, columns: dict) -> list[dict]:
                        {"role": "assistant", "content": output}]
 
 
-def chat_conversation(row, where: str, columns: dict) -> list[dict]:
-    """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value)."""
+# --------------------------------------------------------------------------- chat (with tools)
+
+def chat_conversation(row, where: str, columns: dict):
+    """OpenAI `messages` (role/content, tool_calls, tool results) or ShareGPT `conversations`
+    (from/value, function_call and observation turns), with an optional `tools` list."""
     _check_object(row, where, "chat")
     name = next((columns.get(k, k) for k in ("messages", "conversations") if row.get(columns.get(k, k)) is not None), None)
     if name is None:
@@ -203,43 +285,236 @@ def chat_conversation(row, where: str, columns: dict) -> list[dict]:
     turns = row[name]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field {name!r} must be a non-empty list of turns, got {type(turns).__name__}"
-                        + (" (empty)" if isinstance(turns, list) else ""))
+                        + (" (empty)" if isinstance(turns, list) else ""),
+                        "give the turns in order, e.g. " + SHAPES["chat"].example)
     messages = []
     system = _field(row, "system", columns, where, "chat", required=False)
     if system:
         messages.append({"role": "system", "content": system})
     for j, turn in enumerate(turns, 1):
-        here = f"{where}, turn {j}"
-        if not isinstance(turn, dict):
-            raise DataError(f"{here}: expected an object with role/content (or from/value), got {type(turn).__name__}")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if role not in ROLES:
-            raise DataError(f"{here}: unknown role {role!r}", f"use one of: {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{here}: content must be a string, got {type(content).__name__}")
-        role = ROLES[role]
-        if role == "system" and messages:
-            raise DataError(f"{here}: a system turn must come first", "move it to the start of the conversation")
-        messages.append({"role": role, "content": content})
+        message = chat_message(turn, f"{where}, turn {j}")
+        if message["role"] == "system" and messages:
+            raise DataError(f"{where}, turn {j}: a system turn must come first", "move it to the start of the conversation")
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: conversation has no assistant turn, so there is nothing to learn",
                         "add the assistant's answer (role 'assistant', or from 'gpt'), or remove the row")
     while messages[-1]["role"] != "assistant":  # trailing questions have no answer to learn
         messages.pop()
-    return messages
+    tools = parse_tools(row.get(columns.get("tools", "tools")), f"{where}, field 'tools'")
+    return {"messages": messages, "tools": tools} if tools else messages
 
+
+def chat_message(turn, here: str) -> dict:
+    """One checked message from an OpenAI or ShareGPT turn."""
+    if not isinstance(turn, dict):
+        raise DataError(f"{here}: expected an object with role/content (or from/value), got {type(turn).__name__}",
+                        'write the turn as {"role": "user", "content": "..."} or {"from": "human", "value": "..."}')
+    raw_role = turn.get("role", turn.get("from"))
+    if raw_role not in ROLES:
+        raise DataError(f"{here}: unknown role {raw_role!r}", f"use one of: {', '.join(ROLES)}")
+    role = ROLES[raw_role]
+    raw = turn.get("content", turn.get("value"))
+    if raw_role == "function_call":  # ShareGPT: the value is the call, as JSON
+        message = {"role": "assistant", "content": "", "tool_calls": _sharegpt_calls(raw, here)}
+    else:
+        calls = _openai_calls(turn, here)
+        if calls and role != "assistant":
+            raise DataError(f"{here}: a {raw_role!r} turn carries tool calls", "only assistant turns call tools")
+        content = content_text(raw, here, optional=bool(calls))
+        message = {"role": role, "content": content, **({"tool_calls": calls} if calls else {})}
+    flag = loss_flag(turn, here)
+    if flag is not None:
+        message["train"] = flag
+    return message
+
+
+def content_text(content, here: str, *, optional: bool = False) -> str:
+    """A message's text: a string, or a list of text parts ([{"type": "text", "text": ...}])
+    joined in order. Other parts (images, audio) are refused until they are supported."""
+    if content is None and optional:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content, 1):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{here}, content part {k}: type {kind!r} is not text; only text parts are read "
+                                "(images and other media are not supported yet)",
+                                "remove the non-text parts from this message, or remove the row")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"{here}: content must be a string or a list of text parts, got {type(content).__name__}",
+                    'write "content": "..." or "content": [{"type": "text", "text": "..."}]')
+
+
+def loss_flag(turn: dict, here: str) -> bool | None:
+    """The turn's own "supervise me or not" (weight / loss_weight: 0 or 1; train: true or
+    false); None when it has none. Two flags that disagree are refused."""
+    found = {}
+    for key in LOSS_FLAGS:
+        value = turn.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            found[key] = bool(value)
+        else:
+            raise DataError(f"{here}: {key} must be 0 or 1 (or true / false), got {value!r}",
+                            "per-message loss is all or nothing: 1 supervises the turn, 0 masks it")
+    if len(set(found.values())) > 1:
+        raise DataError(f"{here}: loss flags disagree ({', '.join(f'{k}={v}' for k, v in found.items())})",
+                        "keep one of weight / loss_weight / train per message")
+    return next(iter(found.values()), None)
+
+
+def _openai_calls(turn: dict, here: str) -> list[dict]:
+    """OpenAI `tool_calls` ([{"type": "function", "function": {name, arguments}}]) or the older
+    `function_call` ({name, arguments}) of a message, as [{"name", "arguments": dict}]."""
+    calls = turn.get("tool_calls")
+    if calls is None and isinstance(turn.get("function_call"), dict):
+        calls = [turn["function_call"]]
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise DataError(f"{here}: tool_calls must be a list, got {type(calls).__name__}",
+                        '"tool_calls": [{"type": "function", "function": {"name": ..., "arguments": ...}}]')
+    return [tool_call(c.get("function", c) if isinstance(c, dict) else c, f"{here}, tool call {k}")
+            for k, c in enumerate(calls, 1)]
+
+
+def _sharegpt_calls(value, here: str) -> list[dict]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{here}: function_call value is not valid JSON ({e.msg})",
+                            'write the call as JSON: {"name": "get_weather", "arguments": {"city": "Paris"}}') from None
+    calls = value if isinstance(value, list) else [value]
+    return [tool_call(c, f"{here}, tool call {k}") for k, c in enumerate(calls, 1)]
+
+
+def tool_call(call, here: str) -> dict:
+    """{"name": str, "arguments": dict}; arguments given as a JSON string are decoded."""
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        raise DataError(f"{here}: a tool call needs a 'name' (got {str(call)[:60]!r})",
+                        '{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    arguments = call.get("arguments", call.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise DataError(f"{here}: arguments of {call['name']!r} are not valid JSON ({e.msg})",
+                            "arguments must be a JSON object (or a string holding one)") from None
+    if not isinstance(arguments, dict):
+        raise DataError(f"{here}: arguments of {call['name']!r} must be a JSON object, got {type(arguments).__name__}",
+                        'e.g. "arguments": {"city": "Paris"}')
+    return {"name": call["name"], "arguments": arguments}
+
+
+def parse_tools(value, where: str) -> list[dict]:
+    """Tool schemas (a list, or a JSON string of one, as ShareGPT dumps keep them) in the
+    OpenAI shape {"type": "function", "function": {...}}; [] when there are none."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})", "tools must be a JSON list of function schemas") from None
+    if isinstance(value, dict) and isinstance(value.get("tools"), list):
+        value = value["tools"]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: expected a list of function schemas, got {type(value).__name__}",
+                        '[{"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}]')
+    tools = []
+    for k, tool in enumerate(value, 1):
+        schema = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str):
+            raise DataError(f"{where}, tool {k}: a function schema needs a 'name'",
+                            '{"name": "get_weather", "description": "...", "parameters": {"type": "object", ...}}')
+        tools.append({"type": "function", "function": schema})
+    return tools
+
+
+def split_conversation(item) -> tuple[list[dict], list[dict]]:
+    """(messages, tools) of a parsed conversation (a list, or {"messages", "tools"})."""
+    if isinstance(item, dict):
+        return item["messages"], item.get("tools") or []
+    return item, []
+
+
+# --------------------------------------------------------------------------- text
 
 def text_document(row, where: str, columns: dict) -> str:
     _check_object(row, where, "text")
     return _field(row, "text", columns, where, "text", required=True)
 
 
-PARSERS = {"alpaca": alpaca_conversation, "chat": chat_conversation, "text": text_document}
-FORMATS = tuple(PARSERS)  # the recipe's data.format choices
+# --------------------------------------------------------------------------- shapes
+
+@dataclass(frozen=True)
+class Shape:
+    """A row shape: how it is parsed, whether it is a conversation or a document, and the
+    fields that identify it when data.format is left out (any one group present)."""
+    name: str
+    parse: Callable
+    kind: str  # "conversation" | "document"
+    signatures: tuple[tuple[str, ...], ...]
+    needs: str
+    example: str  # one row, for hints
+
+    def matches(self, row: dict, columns: dict) -> bool:
+        return any(all(row.get(columns.get(f, f)) is not None for f in group) for group in self.signatures)
+
+
+SHAPES: dict[str, Shape] = {s.name: s for s in (
+    Shape("alpaca", alpaca_conversation, "conversation", (("instruction", "output"),),
+          "'instruction' and 'output' ('input' and 'system' optional)",
+          '{"instruction": "...", "input": "", "output": "..."}'),
+    Shape("chat", chat_conversation, "conversation", (("messages",), ("conversations",)),
+          "'messages' (role/content) or 'conversations' (from/value)",
+          '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
+    Shape("text", text_document, "document", (("text",),), "'text'", '{"text": "..."}'),
+)}
+PARSERS = {name: shape.parse for name, shape in SHAPES.items()}
+FORMATS = ("auto", *SHAPES)  # the recipe's data.format choices: a shape, or detected
+
+
+def detect_format(source: Source, columns: dict) -> str:
+    """The shape of a source's first rows when data.format is left out. A row that fits two
+    shapes, fits none, or differs from the rows before it is refused, naming the row."""
+    if source.shape:
+        return source.shape
+    found: str | None = None
+    first_where = None
+    for where, row in islice(source.stream(), DETECT_ROWS):
+        fits = [s.name for s in SHAPES.values() if isinstance(row, dict) and s.matches(row, columns)]
+        if len(fits) > 1:
+            raise DataError(f"{where}: the format is ambiguous, the row fits {' and '.join(fits)} "
+                            f"(fields: {', '.join(map(str, row))})",
+                            f"set data.format to one of {', '.join(fits)}, or remove the extra fields")
+        if not fits:
+            have = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: cannot tell the format; the row has: {have or 'nothing'}",
+                            "rows need " + "; or ".join(f"{s.needs} ({s.name})" for s in SHAPES.values())
+                            + "; map your names with data.columns, or set data.format")
+        if found is None:
+            found, first_where = fits[0], where
+        elif fits[0] != found:
+            raise DataError(f"{where}: this row is {fits[0]} but {first_where} is {found}; one file holds one format",
+                            "split the file by format (data.path takes a list), or set data.format and fix the odd rows")
+    return found
+
+
+def parse_stream(source: Source, fmt: str, columns: dict):
+    """Every row of `source` as a conversation (alpaca, chat) or a document (text), streamed."""
+    parse = SHAPES[fmt].parse
+    columns = {} if source.shape else columns  # documents from .txt / .md have no columns to map
+    for where, row in source.stream():
+        yield parse(row, where, columns)
 
 
 def parse_rows(source: Source, fmt: str, columns: dict) -> list:
-    """Every row of `source` as a conversation (alpaca, chat) or a document (text)."""
-    parse = PARSERS[fmt]
-    return [parse(row, source.where(i), columns) for i, row in enumerate(source.rows)]
+    return list(parse_stream(source, fmt, columns))

@@ -16,6 +16,7 @@ from lora_cli import atomic
 from lora_cli.errors import DataError, LoraError
 from lora_cli.inputs import read_text
 from lora_cli.recipe import SEED_MAX
+from lora_cli.formats import parse_tools
 from lora_cli.template import history_messages, prompt_ids, resolve_template
 
 BASE = "base"  # the label rows and transcripts give the base with adapters switched off
@@ -103,10 +104,20 @@ class Prompt:
 
 
 def build_prompt_ids(tokenizer, template, instruction: str, history=(), input: str = "",
-                     system: str = "") -> list[int]:
+                     system: str = "", tools: list[dict] | None = None) -> list[int]:
     """Ids of the prompt for `instruction` after earlier (question, answer) turns, built by the
-    same template code and BOS rule as training. `template`: a name or a TemplateSpec."""
-    return prompt_ids(tokenizer, template, history_messages(history, instruction, input, system))
+    same template code and BOS rule as training (tool schemas rendered as training rendered
+    them). `template`: a name or a TemplateSpec."""
+    return prompt_ids(tokenizer, template, history_messages(history, instruction, input, system), tools)
+
+
+def read_tools(path: str | Path) -> list[dict]:
+    """--tools FILE: a JSON list of function schemas (OpenAI or bare), checked like a data
+    row's `tools` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--tools {path}: no such file", "give a .json file holding a list of function schemas")
+    return parse_tools(path.read_text(encoding="utf-8"), f"--tools {path}")
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -153,14 +164,15 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], settings: Gene
 
 
 def generate_response(model, tokenizer, template, instruction: str, *, input: str = "",
-                      history=(), system: str = "", settings: GenerationSettings | None = None) -> str:
+                      history=(), system: str = "", settings: GenerationSettings | None = None,
+                      tools: list[dict] | None = None) -> str:
     """The answer of the model as it stands (prompt and special tokens stripped)."""
-    ids = build_prompt_ids(tokenizer, template, instruction, history, input, system)
+    ids = build_prompt_ids(tokenizer, template, instruction, history, input, system, tools)
     return generate_batch(model, tokenizer, [ids], settings or GenerationSettings())[0]
 
 
 def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
-                  settings: GenerationSettings, batch_size: int = 8) -> list[dict]:
+                  settings: GenerationSettings, batch_size: int = 8, tools: list[dict] | None = None) -> list[dict]:
     """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
     Rows come out prompt by prompt, variants side by side in the order given; each keeps the
     exact prompt text the model saw, special tokens included."""
@@ -170,7 +182,7 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
     answers: dict[str, list[str]] = {}
     seen: dict[str, list[str]] = {}
     for label, (adapter, template) in variants.items():
-        ids = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input) for p in prompts]
+        ids = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input, tools=tools) for p in prompts]
         seen[label] = tokenizer.batch_decode(ids)
         answers[label] = []
         for start in range(0, len(ids), batch_size):
@@ -206,6 +218,7 @@ class ChatSession:
     history: list[tuple[str, str]] = field(default_factory=list)
     transcript: list[dict] = field(default_factory=list)
     conversation: int = 1              # counts /reset, so the transcript shows where each began
+    tools: list[dict] = field(default_factory=list)  # function schemas offered in every prompt (--tools)
 
     def __post_init__(self):
         if self.system:
@@ -227,7 +240,8 @@ class ChatSession:
         """The active variant's answer, streamed to `on_text` as it is generated."""
         from lora_cli.backends import GenerationRequest
 
-        ids = build_prompt_ids(self.backend.tokenizer, self.template, question, self.history, system=self.system)
+        ids = build_prompt_ids(self.backend.tokenizer, self.template, question, self.history, system=self.system,
+                               tools=self.tools)
         answer = self.backend.generate([GenerationRequest(ids, self.settings, self.adapter, on_text=on_text)])[0].text
         self.history.append((question, answer))
         for role, text in (("user", question), ("assistant", answer)):

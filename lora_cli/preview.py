@@ -38,7 +38,7 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     """Print decoded rows with the supervised part highlighted, the length histogram, the share
     of supervised tokens and the counts kept / truncated / dropped."""
     console = console or Console()
-    from lora_cli.data import build_sft_data, pack_examples
+    from lora_cli.data import build_sft_data, lengths_of, pack_bins
     from lora_cli.model import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
@@ -46,13 +46,14 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     # Rows are shown one by one even when training packs them; packing is summarised below.
     data = build_sft_data(replace(data_cfg, packing=False), tokenizer)
     train, stats = data.train, data.stats
-    console.print(f"[bold]data[/]      {data_cfg.path} (format {data_cfg.format}, template {data_cfg.template}, "
+    formats = ", ".join(sorted(set(stats.formats.values()))) or data_cfg.format
+    console.print(f"[bold]data[/]      {data_cfg.path} (format {formats}, template {data_cfg.template}, "
                   f"train_on {data_cfg.train_on}, max_length {data_cfg.max_length})")
     for i in range(min(rows, len(train))):
         console.print(Text(f"── example {i + 1} ", style="bold").append("(green = supervised, dim = masked)", style="dim"))
         console.print(highlighted(train[i], tokenizer))
     console.print("[bold]lengths[/]   (tokens per sequence)")
-    for line in length_histogram(train["length"], data_cfg.max_length):
+    for line in length_histogram(lengths_of(train), data_cfg.max_length):
         console.print("  " + line, highlight=False)
     share = stats.supervised_tokens / stats.total_tokens if stats.total_tokens else 0.0
     console.print(f"[bold]supervised[/] {stats.supervised_tokens}/{stats.total_tokens} tokens ({100 * share:.1f}%)")
@@ -62,13 +63,16 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
         console.print(f"  truncated ({reason}): {n}")
     for reason, n in sorted(stats.dropped.items()):
         console.print(f"  dropped ({reason}): {n}")
+    if stats.turn_flags:
+        console.print("[bold]per-turn[/]  " + ", ".join(f"{n} turns {how}" for how, n in sorted(stats.turn_flags.items()))
+                      + " by their own weight / loss_weight / train flag (overriding train_on)")
     if stats.from_cache:
         console.print("[bold]cache[/]     tokenised data reused (same files, tokenizer, template and settings)")
     if data.eval is not None:
         console.print(f"[bold]eval[/]      {len(data.eval)} held-out examples")
     if data_cfg.packing:
-        examples = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in train]
-        packs = pack_examples(examples, data_cfg.max_length)
-        fill = sum(len(p["input_ids"]) for p in packs) / (len(packs) * data_cfg.max_length)
-        console.print(f"[bold]packing[/]   {len(examples)} examples -> {len(packs)} sequences "
+        lengths = lengths_of(train)
+        packs = pack_bins(lengths, data_cfg.max_length)
+        fill = sum(lengths) / (len(packs) * data_cfg.max_length)
+        console.print(f"[bold]packing[/]   {len(lengths)} examples -> {len(packs)} sequences "
                       f"of <= {data_cfg.max_length} tokens ({100 * fill:.0f}% filled)")

@@ -82,10 +82,11 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: Union[str, list[str]] = key(REQUIRED, f"Training data: {', '.join(SUFFIXES)}, a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
+    path: Union[str, list[str]] = key(REQUIRED, f"Training data: {', '.join(SUFFIXES)} (.txt / .md are documents; a folder of them too), a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
     weights: Optional[list[float]] = key(None, "Sampling weight per path: 2 = every row twice, 0.5 = a random half (data.seed); empty = 1 each.")
     split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
-    format: Literal[FORMATS] = key("alpaca", "Row shape: alpaca = instruction/input/output; chat = messages (role/content) or ShareGPT conversations (from/value); text = raw documents, chunked to max_length.")
+    format: Literal[FORMATS] = key("auto", "Row shape: alpaca = instruction/input/output; chat = messages (role/content, tool_calls, tools) or ShareGPT conversations (from/value, function_call, observation); text = raw documents, chunked to max_length; auto = detected from each file's first rows (and said).")
+    document_split: Literal["file", "blank_lines"] = key("file", ".txt / .md documents: one per file, or one per blank-line-separated paragraph.")
     columns: dict[str, str] = key(None, "Field names in your files, our name -> yours, e.g. {instruction: question, output: answer}.", factory=dict)
     template: Literal[TEMPLATE_NAMES] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
     prompt_format: Optional[str] = key(None, "Custom template's user turn, with {instruction} and optionally {input}, e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\".")
@@ -104,8 +105,9 @@ class DataConfig:
 
 
 DATA_FIELDS = {"alpaca": ("instruction", "input", "output", "system"),
-               "chat": ("messages", "conversations", "system"),
+               "chat": ("messages", "conversations", "system", "tools"),
                "text": ("text",)}  # format -> the field names data.columns may map
+DATA_FIELDS["auto"] = tuple(dict.fromkeys(f for fields in list(DATA_FIELDS.values()) for f in fields))
 
 
 def _data_path_problems(key_name: str, value) -> list[str]:

@@ -15,6 +15,7 @@ tokenised together, so a prompt encoded in one go would differ from the one trai
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -171,33 +172,78 @@ def with_system(spec: TemplateSpec, messages: list[dict]) -> list[dict]:
     return list(messages)
 
 
-def conversation_segments(template, messages: list[dict], tokenizer=None, *,
+TOOLS_HEADER = "Tools (to call one, answer with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>):\n"
+
+
+def tools_text(tools: list[dict]) -> str:
+    """Plain rendering of tool schemas for the built-in templates: one JSON schema a line after
+    a header, masked like a system turn."""
+    return TOOLS_HEADER + "".join(json.dumps(t["function"], ensure_ascii=False) + "\n" for t in tools) + "\n"
+
+
+def tool_calls_text(calls: list[dict]) -> str:
+    """Plain rendering of an assistant's tool calls (supervised): one <tool_call> block each."""
+    return "\n".join("<tool_call>" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)
+                     + "</tool_call>" for c in calls)
+
+
+def tool_results_text(results: list[str]) -> str:
+    """Plain rendering of tool results (context, masked): read as a user turn holding one
+    <tool_response> block per result, so the template's next prompt asks for the answer."""
+    return "\n".join(f"<tool_response>{r}</tool_response>" for r in results)
+
+
+def conversation_segments(template, messages, tokenizer=None, *, tools=None,
                           add_generation_prompt: bool = False, train_on: str = "assistant") -> list[Segment]:
-    """The pieces of a conversation. train_on: "assistant" supervises every assistant turn,
-    "last" only the final one, "all" every piece. add_generation_prompt ends with the prompt
-    for the next assistant turn (inference)."""
+    """The pieces of a conversation (a list of messages, or {"messages", "tools"}). train_on:
+    "assistant" supervises every assistant turn, "last" only the final one, "all" every piece;
+    a message's own "train" flag overrides it. Tool results are context (masked).
+    add_generation_prompt ends with the prompt for the next assistant turn (inference)."""
+    if isinstance(messages, dict):
+        messages, tools = messages["messages"], tools or messages.get("tools")
     spec = resolve_template(template)
     messages = with_system(spec, messages)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
 
     def supervised(i: int, role: str) -> bool:
+        if 0 <= i < len(messages) and role != "separator" and messages[i].get("train") is not None:
+            return messages[i]["train"]
         if train_on == "all":
             return True
         return role == "assistant" and (train_on == "assistant" or i == last)
 
     if spec.name == "chat_template":
-        return _jinja_segments(tokenizer, messages, add_generation_prompt, supervised)
-    tpl = _text_template(spec)
+        return _jinja_segments(tokenizer, messages, tools or [], add_generation_prompt, supervised)
+    return _text_segments(_text_template(spec), messages, tools or [], add_generation_prompt, supervised)
+
+
+def _text_segments(tpl: Template, messages, tools, add_generation_prompt, supervised) -> list[Segment]:
     segments = []
-    for i, m in enumerate(messages):
+    if tools and not (messages and messages[0]["role"] == "system"):
+        segments.append(Segment(tools_text(tools), supervised(-1, "system")))
+    i = 0
+    while i < len(messages):
+        m = messages[i]
         if m["role"] == "system":
-            segments.append(Segment(tpl.render_system(m["content"]), supervised(i, "system")))
+            segments.append(Segment(tpl.render_system(m["content"]) + (tools_text(tools) if tools else ""),
+                                    supervised(i, "system")))
         elif m["role"] == "user":
             segments.append(Segment(tpl.render(m["content"], m.get("input") or ""), supervised(i, "user")))
+        elif m["role"] == "tool":  # consecutive results (parallel calls) share one turn
+            j = i
+            while j + 1 < len(messages) and messages[j + 1]["role"] == "tool":
+                j += 1
+            results = [messages[k]["content"] for k in range(i, j + 1)]
+            segments.append(Segment(tpl.render(tool_results_text(results)), supervised(i, "tool")))
+            i = j
         else:
-            segments.append(Segment(m["content"], supervised(i, "assistant"), eos=True))
+            text = m["content"]
+            if m.get("tool_calls"):
+                text += ("\n" if text else "") + tool_calls_text(m["tool_calls"])
+            segments.append(Segment(text, supervised(i, "assistant"), eos=True))
             if tpl.turn_separator and (i < len(messages) - 1 or add_generation_prompt):
                 segments.append(Segment(tpl.turn_separator, supervised(i, "separator")))
+        i += 1
     return segments
 
 
@@ -206,17 +252,41 @@ def _text_template(spec: TemplateSpec) -> Template:
     return spec.text_template()  # once per spec, not once per row
 
 
-def _jinja_segments(tokenizer, messages, add_generation_prompt, supervised) -> list[Segment]:
+def _jinja_message(m: dict) -> dict:
+    """A message as Hugging Face chat templates take it (tool calls in the OpenAI shape)."""
+    out = {"role": m["role"], "content": user_content(m) if m["role"] == "user" else m["content"]}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                             for c in m["tool_calls"]]
+    return out
+
+
+def check_tools_support(tokenizer, messages: list[dict], tools: list[dict]) -> None:
+    """A chat template that never mentions tools would drop them silently: refuse instead."""
+    source = tokenizer.chat_template
+    needs = {"tools": bool(tools), "tool_calls": any(m.get("tool_calls") for m in messages),
+             "tool": any(m["role"] == "tool" for m in messages)}
+    missing = [what for what, used in needs.items() if used and what not in source]
+    if missing:
+        raise LoraError(f"data.template: chat_template, but the tokenizer's chat template has no support for "
+                        f"{', '.join(missing)} (it never mentions them), so tool use would be dropped",
+                        "use template: human_assistant, alpaca or custom (tools rendered as plain text, see README), "
+                        "or a model whose chat template supports tools")
+
+
+def _jinja_segments(tokenizer, messages, tools, add_generation_prompt, supervised) -> list[Segment]:
     """Segments from the tokenizer's own chat template, found by rendering growing prefixes:
     the text a prefix adds with the generation prompt is prompt, the rest of the next assistant
     turn (including its end-of-turn marker) is answer."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise LoraError("data.template: chat_template, but the tokenizer has no chat template",
                         "use template: human_assistant, alpaca or custom, or a model whose tokenizer has one")
-    msgs = [{"role": m["role"], "content": user_content(m) if m["role"] == "user" else m["content"]} for m in messages]
+    check_tools_support(tokenizer, messages, tools)
+    msgs = [_jinja_message(m) for m in messages]
+    extra = {"tools": tools} if tools else {}
 
     def render(upto: int, gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen, **extra)
 
     segments, done = [], ""
     ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"] + ([len(msgs)] if add_generation_prompt else [])
@@ -293,28 +363,43 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [by_text[t] for t in texts]
 
 
-def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: bool | None = None):
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids encoding needs, looked up once: a tokenizer's bos_token_id / eos_token_id are
+    computed on every access (tens of microseconds each), which per row adds up."""
+    bos: int | None  # prefixed to every sequence; None when the tokenizer adds no BOS
+    eos: int
+
+    @classmethod
+    def of(cls, tokenizer, bos: bool | None = None) -> SpecialIds:
+        if bos is None:
+            bos = adds_bos(tokenizer)
+        return cls(tokenizer.bos_token_id if bos else None, tokenizer.eos_token_id)
+
+
+def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: bool | None = None,
+                    special: SpecialIds | None = None):
     """(input_ids, labels) of segments: labels copy the ids of supervised pieces and are
     IGNORE_INDEX elsewhere (not shifted: the model shifts). token_lists are the pieces' ids
     when the caller tokenised many conversations in one batched call."""
     if token_lists is None:
-        texts = [s.text for s in segments]
-        token_lists = tokenize_texts(tokenizer, texts)
-    eos = tokenizer.eos_token_id
+        token_lists = tokenize_texts(tokenizer, [s.text for s in segments])
+    special = special or SpecialIds.of(tokenizer, bos)
     ids: list[int] = []
     labels: list[int] = []
     for seg, toks in zip(segments, token_lists):
-        toks = list(toks) + [eos] if seg.eos else list(toks)
+        toks = [*toks, special.eos] if seg.eos else toks
         ids += toks
         labels += toks if seg.supervised else [IGNORE_INDEX] * len(toks)
-    with_start = with_bos(tokenizer, ids, bos)
-    return with_start, [IGNORE_INDEX] * (len(with_start) - len(ids)) + labels
+    if special.bos is not None and (not ids or ids[0] != special.bos):  # BOS once, never twice
+        return [special.bos] + ids, [IGNORE_INDEX] + labels
+    return ids, labels
 
 
-def prompt_ids(tokenizer, template, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer, template, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Ids of a conversation (ending in a user turn) plus the prompt for the next answer:
-    exactly the ids training built in front of that answer."""
-    ids, _ = encode_segments(tokenizer, conversation_segments(template, messages, tokenizer,
+    exactly the ids training built in front of that answer, tool schemas included."""
+    ids, _ = encode_segments(tokenizer, conversation_segments(template, messages, tokenizer, tools=tools,
                                                               add_generation_prompt=True))
     return ids
 

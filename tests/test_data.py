@@ -248,7 +248,8 @@ def test_cache_reuses_and_invalidates(tmp_path, tok):
     assert not first.stats.from_cache and second.stats.from_cache
     assert second.train["input_ids"] == first.train["input_ids"] and second.stats.kept == 3
     assert "from cache" in second.stats.summary()
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]  # not the work folder
+    assert len(entries) == 1 and sorted(f.name for f in entries[0].iterdir()) == ["stats.json", "train.arrow"]
     # a change in the template, a setting, or the data re-tokenises
     assert not build(tmp_path, tok, **settings, template="alpaca").stats.from_cache
     assert not build(tmp_path, tok, **settings, max_length=64).stats.from_cache
@@ -329,7 +330,7 @@ def preview(cli, tmp_path, model, rows_text: str, suffix=".jsonl", **data):
     ('{"conversations": "hi"}\n', "chat", "field 'conversations' must be a non-empty list"),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}\n', "chat",
      "bad.jsonl, row 1, turn 2: a system turn must come first"),
-    ('{"messages": [{"role": "user", "content": null}]}\n', "chat", "turn 1: content must be a string, got NoneType"),
+    ('{"messages": [{"role": "user", "content": null}]}\n', "chat", "turn 1: content must be a string or a list of text parts, got NoneType"),
     ('{"body": "x"}\n', "text", "bad.jsonl, row 1: missing field 'text'"),
     ("\n\n", "alpaca", "bad.jsonl: no rows"),
 ])
@@ -347,8 +348,11 @@ def test_bad_csv_row_and_empty_csv(tmp_path, cli, tiny_random):
 
 
 def test_missing_field_hints_at_column_mapping(tmp_path, cli, tiny_random):
-    r = preview(cli, tmp_path, tiny_random, '{"question": "a", "answer": "b"}\n')
+    r = preview(cli, tmp_path, tiny_random, '{"question": "a", "answer": "b"}\n', format="alpaca")
     assert r.code == 2 and "missing field 'instruction'" in r.err and "data.columns" in r.err, r
+    r = preview(cli, tmp_path, tiny_random, '{"question": "a", "answer": "b"}\n')  # format left out
+    assert r.code == 2 and "row 1: cannot tell the format; the row has: question, answer" in r.err, r
+    assert "data.columns" in r.err and "data.format" in r.err, r
 
 
 @pytest.mark.parametrize("data, message", [
