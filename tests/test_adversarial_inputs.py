@@ -351,11 +351,12 @@ def _truncated_base(ctx):
 
 def _sweep_record_damaged(ctx):
     """A rank folder whose sweep record was cut off: the rerun refuses instead of crashing."""
-    from lora_cli.sweep import ADAPTER_FILE, RESULT_FILE
+    from lora_cli.checkpoint import FINAL_ADAPTER
+    from lora_cli.sweep import RESULT_FILE
 
     rank_dir = ctx.root / "sweep" / "r2"
     rank_dir.mkdir(parents=True)
-    (rank_dir / ADAPTER_FILE).write_bytes(b"weights")
+    (rank_dir / FINAL_ADAPTER).write_text("{}", encoding="utf-8")  # the run-finished marker
     (rank_dir / RESULT_FILE).write_text('{"rank": 2, "loss', encoding="utf-8")
     return ["sweep", ctx.recipe(output_dir=str(ctx.root / "sweep")), "--ranks", "2"]
 
