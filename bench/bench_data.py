@@ -64,24 +64,24 @@ def source_preprocess(rows: list[dict], tokenizer):
     return ds.map(process_func, remove_columns=ds.column_names, desc=None)
 
 
-def lora_model():
+def lora_model(base: Path = MODEL):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                      target_modules=LORA["target_modules"])
     return get_peft_model(model, cfg)
 
 
-def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int):
+def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path = MODEL, max_steps: int = -1):
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
-    model = lora_model()
+    model = lora_model(base)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=8,
-                             num_train_epochs=epochs, learning_rate=LR, warmup_steps=5, logging_steps=10,
+                             num_train_epochs=epochs, max_steps=max_steps, learning_rate=LR, warmup_steps=5, logging_steps=10,
                              save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
@@ -114,13 +114,13 @@ def lora_train(recipe):
     return result, next(r["train_runtime"] for r in records if "train_runtime" in r)
 
 
-def trained_adapter(run_dir: Path):
+def trained_adapter(run_dir: Path, base: Path = MODEL):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(run_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(run_dir))
 
 
 # --------------------------------------------------------------------------- measuring
