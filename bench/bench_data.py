@@ -45,7 +45,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- the source workflow
 
-def source_preprocess(rows: list[dict], tokenizer):
+def source_preprocess(rows: list[dict], tokenizer, max_length: int = MAX_LENGTH):
     """Seed 002's process_func, applied row by row with Dataset.map."""
     from datasets import Dataset
 
@@ -56,33 +56,36 @@ def source_preprocess(rows: list[dict], tokenizer):
         input_ids = instruction["input_ids"] + response["input_ids"]
         attention_mask = instruction["attention_mask"] + response["attention_mask"]
         labels = [-100] * len(instruction["input_ids"]) + response["input_ids"]
-        if len(input_ids) > MAX_LENGTH:
-            input_ids, attention_mask, labels = input_ids[:MAX_LENGTH], attention_mask[:MAX_LENGTH], labels[:MAX_LENGTH]
+        if len(input_ids) > max_length:
+            input_ids, attention_mask, labels = input_ids[:max_length], attention_mask[:max_length], labels[:max_length]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     ds = Dataset.from_list(rows)
     return ds.map(process_func, remove_columns=ds.column_names, desc=None)
 
 
-def lora_model(base: Path = MODEL):
+def lora_model(base: Path = MODEL, dtype: str = "float32"):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype))
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                      target_modules=LORA["target_modules"])
     return get_peft_model(model, cfg)
 
 
-def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path = MODEL, max_steps: int = -1):
+def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path = MODEL, max_steps: int = -1,
+                 dtype: str = "float32", **arguments):
+    """Returns (model, Trainer train_runtime). `arguments` add to TrainingArguments (bf16 on a GPU)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
-    model = lora_model(base)
+    model = lora_model(base, dtype)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=8,
                              num_train_epochs=epochs, max_steps=max_steps, learning_rate=LR, warmup_steps=5, logging_steps=10,
-                             save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed)
+                             save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
+                             **arguments)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
     output = trainer.train()
