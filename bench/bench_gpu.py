@@ -341,7 +341,9 @@ def warm_up(tokenizer, args) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="llama3-8b,llama-1b", help=f"comma-separated, of: {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma-separated, of: {', '.join(SHAPES)}; default llama3-8b,llama-1b on a GPU, "
+                             "toy on a CPU (where `make bench` must not build an 8B model)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--seq", type=int, default=4096, help="data.max_length; rows are seq/4 to seq tokens")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per variant (x 8 rows)")
@@ -351,6 +353,14 @@ def parse_args(argv=None):
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed toy-size warm-up run")
     parser.add_argument("--out", type=Path, default=Path("bench-gpu-results"), help="where the JSON and markdown go")
     args = parser.parse_args(argv)
+    if args.shapes is None:
+        import torch
+
+        if torch.cuda.is_available():
+            args.shapes = "llama3-8b,llama-1b"
+        else:
+            print("no CUDA GPU: toy shape, sequence 64, 2 steps (pass --shapes to insist)")
+            args.shapes, args.seq, args.steps = "toy", 64, 2
     args.shapes = args.shapes.split(",")
     args.variants = args.variants.split(",")
     unknown = [s for s in args.shapes if s not in SHAPES] + [v for v in args.variants if v not in VARIANTS]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lora_cli.methods import method_of
+
 # Rows per optimizer step when the recipe sets neither batch_size nor gradient_accumulation:
 # the source workflow's batch 1 x accumulation 8, so the default optimises the same objective
 # at the same step size and only the shape of the work changes.
@@ -58,10 +60,15 @@ def batch_shape(train_cfg, max_length: int) -> BatchShape:
                       accumulation if accumulation is not None else OLD_ACCUMULATION, chosen=False)
 
 
-def batch_layout(data_cfg, attn_implementation: str | None) -> str:
+def batch_layout(recipe, attn_implementation: str | None) -> str:
     """FLATTENED, PACKED or PADDED for this recipe and the attention kernel the model runs.
     Variable-length kernels flatten packs too: they read restarted positions only in a batch of
     one row, so packs side by side in a batch would attend across their examples."""
+    data_cfg = recipe.data
+    if method_of(recipe).learns_virtual_tokens:
+        # peft drops position_ids for methods that put virtual tokens before the input, so examples
+        # sharing a row would attend to each other (packing: true is refused for them in recipe.py)
+        return PADDED
     if attn_implementation in VARLEN_ATTENTION and data_cfg.packing is not False:
         return FLATTENED
     if data_cfg.packing:

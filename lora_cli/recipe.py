@@ -462,6 +462,10 @@ def lora_method_problems(r: Recipe) -> list[str]:
     if lora.init == "pissa" and r.model.quantization != "none":
         problems.append(f"lora.init: pissa needs the full-precision weights (peft takes their SVD), not a "
                         f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
+    if METHODS[method].learns_virtual_tokens and r.data.packing:
+        problems.append(f"data.packing: true cannot train lora.method {method}: peft ignores position_ids for "
+                        "virtual-token methods, so packed examples would attend to each other; remove data.packing "
+                        "(or set it to false)")
     return problems + METHODS[method].problems(r)
 
 

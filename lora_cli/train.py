@@ -222,7 +222,7 @@ def _setup_batching(recipe: Recipe, model) -> tuple[str, bool]:
     from lora_cli.batching import batch_layout, batch_shape, groups_by_length
     from lora_cli.model import attention_in_use
 
-    layout = batch_layout(recipe.data, attention_in_use(model))
+    layout = batch_layout(recipe, attention_in_use(model))
     return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length))
 
 

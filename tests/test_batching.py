@@ -57,7 +57,18 @@ def test_a_written_shape_is_obeyed_and_the_other_key_keeps_its_old_default(tmp_p
     (False, "sdpa", PADDED),
 ])
 def test_layout_follows_the_attention_kernel(tmp_path, packing, attn, layout):
-    assert batch_layout(recipe(tmp_path, data={"packing": packing}).data, attn) == layout
+    assert batch_layout(recipe(tmp_path, data={"packing": packing}), attn) == layout
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_token_methods_get_one_example_per_row(tmp_path, method):
+    """peft drops position_ids for them, so examples sharing a row would see each other."""
+    from lora_cli.errors import RecipeError
+
+    assert batch_layout(recipe(tmp_path, lora={"method": method}), "flash_attention_2") == PADDED
+    with pytest.raises(RecipeError) as e:
+        recipe(tmp_path, lora={"method": method}, data={"packing": True})
+    assert any(p.startswith("data.packing: true cannot train lora.method") for p in e.value.problems)
 
 
 def test_length_grouping_only_by_default_and_where_it_saves_padding(tmp_path):
