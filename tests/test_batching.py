@@ -166,26 +166,40 @@ def losses(run_dir) -> list[float]:
 
 
 @pytest.mark.slow
-def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_random):
+def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_random, monkeypatch):
     """Batch 8 x 1 and batch 1 x 8 see the same rows per step (same sampler, same seed) and the
-    Trainer averages over the step's supervised tokens either way, so the losses agree; a
-    different seed (the control) moves them."""
+    Trainer averages over the step's supervised tokens either way, so the losses agree. So does
+    the padding-free layout flash attention gets: the Trainer, peft and the flattening collator
+    run for real, told the model runs flash_attention_2 while it runs sdpa, which reads the same
+    restarted positions (the kernel itself needs a GPU). A different seed (the control) moves
+    the losses."""
+    from lora_cli import model as model_module
+
     data = write_jsonl(tmp_path / "d.jsonl", demo_rows(32))
     common = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "learning_rate": 1e-2}
+    chosen = {"batch_size": None, "gradient_accumulation": None}
     runs = {}
-    for name, train in [("default", {"batch_size": None, "gradient_accumulation": None}),
+    for name, train in [("default", chosen), ("flattened", chosen),
                         ("old", {"batch_size": 1, "gradient_accumulation": 8}),
                         ("control", {"batch_size": 1, "gradient_accumulation": 8, "seed": 7})]:
         folder = tmp_path / name
         folder.mkdir()
         rec = edited(make_recipe(folder, tiny_random, data=data, train={**common, **train}), "data", group_by_length=False)
-        r = cli("train", rec)
+        with monkeypatch.context() as m:
+            if name == "flattened":
+                real = model_module.attention_in_use
+                m.setattr(model_module, "attention_in_use",
+                          lambda model: "flash_attention_2" if real(model) == "sdpa" else real(model))
+            r = cli("train", rec)
         assert r.code == 0, r
         runs[name] = losses(folder / "run")
         if name == "default":
             assert "batch 8 x accumulation 1 (from train.tokens_per_batch), padded rows, attention sdpa" in r.out
+        if name == "flattened":
+            assert "flattened rows, attention flash_attention_2" in r.out
     assert len(runs["default"]) == 2
     assert runs["default"] == pytest.approx(runs["old"], rel=1e-4)
+    assert runs["flattened"] == pytest.approx(runs["old"], rel=1e-4)
     assert runs["control"] != pytest.approx(runs["old"], rel=1e-4)
 
 
