@@ -55,7 +55,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- the source workflow
 
-def source_preprocess(rows: list[dict], tokenizer):
+def source_preprocess(rows: list[dict], tokenizer, max_length: int = MAX_LENGTH):
     """Seed 002's process_func, applied row by row with Dataset.map."""
     from datasets import Dataset
 
@@ -66,33 +66,36 @@ def source_preprocess(rows: list[dict], tokenizer):
         input_ids = instruction["input_ids"] + response["input_ids"]
         attention_mask = instruction["attention_mask"] + response["attention_mask"]
         labels = [-100] * len(instruction["input_ids"]) + response["input_ids"]
-        if len(input_ids) > MAX_LENGTH:
-            input_ids, attention_mask, labels = input_ids[:MAX_LENGTH], attention_mask[:MAX_LENGTH], labels[:MAX_LENGTH]
+        if len(input_ids) > max_length:
+            input_ids, attention_mask, labels = input_ids[:max_length], attention_mask[:max_length], labels[:max_length]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     ds = Dataset.from_list(rows)
     return ds.map(process_func, remove_columns=ds.column_names, desc=None)
 
 
-def lora_model():
+def lora_model(base: Path = MODEL, dtype: str = "float32"):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype))
     cfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                      target_modules=LORA["target_modules"])
     return get_peft_model(model, cfg)
 
 
-def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int):
+def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path = MODEL, max_steps: int = -1,
+                 dtype: str = "float32", **arguments):
+    """Returns (model, Trainer train_runtime). `arguments` add to TrainingArguments (bf16 on a GPU)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
-    model = lora_model()
+    model = lora_model(base, dtype)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=8,
-                             num_train_epochs=epochs, learning_rate=LR, warmup_steps=5, logging_steps=10,
-                             save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed)
+                             num_train_epochs=epochs, max_steps=max_steps, learning_rate=LR, warmup_steps=5, logging_steps=10,
+                             save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
+                             **arguments)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
     output = trainer.train()
@@ -124,13 +127,13 @@ def lora_train(recipe):
     return result, next(r["train_runtime"] for r in records if "train_runtime" in r)
 
 
-def trained_adapter(run_dir: Path):
+def trained_adapter(run_dir: Path, base: Path = MODEL):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(run_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(run_dir))
 
 
 # --------------------------------------------------------------------------- measuring

@@ -565,9 +565,11 @@ class PadCollator:
 
 
 class PackedCollator:
-    """Batches of packed sequences: no attention_mask but position_ids that restart for every
-    example. transformers then builds a block-diagonal causal mask (SDPA / eager) or takes the
-    variable-length flash-attention path, so examples in one pack never attend to each other.
+    """Batches of packed sequences for sdpa / eager: no attention_mask but position_ids that
+    restart for every example, from which transformers builds a block-diagonal causal mask, so
+    examples in one pack never attend to each other. Not for flash attention: it reads restarted
+    position_ids only in a batch of one row and otherwise attends across the whole row, which is
+    why flash attention gets FlattenedCollator.
     It does so only without a KV cache, and a model whose config says use_cache=True makes one
     even in training, silently mixing the examples: hence use_cache=False in every batch.
     Padding becomes one more sequence of its own, with labels -100. Unpacked rows (the eval
@@ -590,16 +592,50 @@ class PackedCollator:
         return {**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}, "use_cache": False}
 
 
-def make_collator(data_cfg, tokenizer):
-    if data_cfg.packing:
+class FlattenedCollator:
+    """Padding-free batches for variable-length attention (flash_attention_2/3): the whole batch
+    becomes one row, position_ids restart for every example and cu_seq_lens mark where each
+    begins, so the kernel attends within examples only, with no padding and no dense mask.
+    transformers' DataCollatorWithFlattening does the flattening; packed rows are first split
+    back into their examples (at each position 0), or a pack would be one long sequence.
+    use_cache=False for the reason PackedCollator gives."""
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+
+    def __call__(self, features: list[dict]):
+        examples = [piece for f in features for piece in split_pack(f)]
+        return {**self.flatten(examples, return_tensors="pt"), "use_cache": False}
+
+
+def split_pack(feature: dict) -> list[dict]:
+    """A packed row's examples (input_ids and labels), cut where position_ids restart; an
+    unpacked row is returned as it is."""
+    if "position_ids" not in feature:
+        return [{"input_ids": feature["input_ids"], "labels": feature["labels"]}]
+    positions = list(feature["position_ids"])
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    return [{"input_ids": list(feature["input_ids"][a:b]), "labels": list(feature["labels"][a:b])}
+            for a, b in zip(starts, starts[1:])]
+
+
+def make_collator(layout: str, tokenizer):
+    """The collator for a batch layout (lora_cli.batching.batch_layout)."""
+    from lora_cli.batching import FLATTENED, PACKED
+
+    if layout == FLATTENED:
+        return FlattenedCollator()
+    if layout == PACKED:
         return PackedCollator(tokenizer.pad_token_id)
     return PadCollator(tokenizer.pad_token_id)
 
 
-def configure_sampling(args, data_cfg):
-    """TrainingArguments with the recipe's batching: length-grouped batches when asked
-    (lengths read from the dataset's `length` column, not recomputed)."""
-    if data_cfg.group_by_length:
+def configure_sampling(args, group_by_length: bool):
+    """TrainingArguments with length-grouped batches when asked (lengths read from the
+    dataset's `length` column, not recomputed)."""
+    if group_by_length:
         args.train_sampling_strategy = "group_by_length"
         args.length_column_name = "length"
     return args

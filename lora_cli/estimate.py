@@ -11,7 +11,8 @@ itself and the counts equal what `lora train` prints. Memory is arithmetic over 
   prepare_model_for_kbit_training upcasts those to fp32.
 - LoRA weights (fp32: peft upcasts adapters of 16-bit bases), their gradients and AdamW's two
   moments in the same dtype.
-- activations of one forward pass for train.batch_size x data.max_length tokens: per layer and
+- activations of one forward pass of batch_size x data.max_length tokens (the batch shape of
+  lora_cli.batching, chosen from train.tokens_per_batch when empty): per layer and
   token the tensors autograd keeps for backward in a Llama-style block with fused (SDPA/flash)
   attention, 2h + 3q + 3kv for attention and 2h + 4i (gated MLP) or 2h + 2i, plus LoRA dropout
   copies, plus the logits in compute dtype and fp32 for the loss. With gradient checkpointing
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from lora_cli.adapters import BASE_CHANGING_INITS, add_adapter
 from lora_cli.errors import LoraError
 from lora_cli.methods import RANKED, method_of
+from lora_cli.batching import batch_shape
 from lora_cli.recipe import Recipe
 
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
@@ -297,13 +299,14 @@ def activations(recipe: Recipe, model, config) -> tuple[int, int]:
 
     arch = _architecture(config)
     a = _activation_bytes(recipe)
-    tokens = recipe.train.batch_size * recipe.data.max_length
+    rows = batch_shape(recipe.train, recipe.data.max_length).batch_size
+    tokens = rows * recipe.data.max_length
     h, q, kv, inter = arch["h"], arch["q"], arch["kv"], arch["inter"]
     attention = 2 * h + 3 * q + 3 * kv  # norm in/out, q k v, rotated q k, attention output
     mlp = 2 * h + (4 * inter if _is_gated_mlp(model) else 2 * inter)
     per_layer = tokens * a * (attention + mlp)
     if getattr(config, "_attn_implementation", None) == "eager" or recipe.model.attn_implementation == "eager":
-        per_layer += recipe.train.batch_size * arch["heads"] * recipe.data.max_length ** 2 * 2 * a
+        per_layer += rows * arch["heads"] * recipe.data.max_length ** 2 * 2 * a
     lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer) and m.r]
     lora_extra = tokens * sum(a * next(iter(m.r.values())) for m in lora_layers)  # A's output
     if recipe.lora.dropout > 0:  # dropout keeps its output and a 1-byte mask per adapted input
@@ -392,7 +395,8 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
                   f"{100 * p.trainable / p.total:.4f}   (LoRA {p.lora_params:,d} = {p.per_rank:,d} per rank; "
                   f"trained in full {p.full_params:,d})")
     console.print(f"[bold]file[/]     adapter_model.safetensors {format_bytes(p.adapter_bytes)} ({p.adapter_bytes:,d} bytes)")
-    table = Table(title=f"training memory on one GPU (batch {recipe.train.batch_size} x {recipe.data.max_length} tokens)",
+    table = Table(title=f"training memory on one GPU (batch {batch_shape(recipe.train, recipe.data.max_length).batch_size} "
+                        f"x {recipe.data.max_length} tokens)",
                   title_justify="left")
     table.add_column("component")
     table.add_column("size", justify="right")

@@ -19,6 +19,7 @@ from lora_cli.errors import LoraError
 from lora_cli.formats import data_paths
 from lora_cli.methods import method_of
 from lora_cli.preflight import planned_steps
+from lora_cli.batching import batch_shape
 from lora_cli.recipe import Recipe
 
 # The guide's usual ranges for the peak learning rate.
@@ -285,15 +286,16 @@ def more_steps_than_data(r: Recipe) -> Finding | None:
     if not rows:
         return None
     t = r.train
-    per_step = t.batch_size * t.gradient_accumulation
+    shape = batch_shape(t, r.data.max_length)
+    per_step = shape.rows_per_step
     if per_step > rows:
         return Finding("train.gradient_accumulation",
-                       f"one optimizer step needs {per_step} examples (batch_size {t.batch_size} x "
-                       f"gradient_accumulation {t.gradient_accumulation}) but the data has {rows} rows",
+                       f"one optimizer step needs {per_step} examples (batch_size {shape.batch_size} x "
+                       f"gradient_accumulation {shape.gradient_accumulation}) but the data has {rows} rows",
                        "an epoch is shorter than one step: the Trainer rounds up to one step per "
                        "epoch on a partial batch, so epochs and the schedule mean less than they say",
-                       f"train.gradient_accumulation: {max(1, rows // t.batch_size)} or fewer, or more data")
-    steps = planned_steps(r.train, rows)
+                       f"train.gradient_accumulation: {max(1, rows // shape.batch_size)} or fewer, or more data")
+    steps = planned_steps(r, rows)
     passes = steps * per_step / rows
     if passes <= MAX_PASSES:
         return None
@@ -311,7 +313,7 @@ def warmup_longer_than_run(r: Recipe) -> Finding | None:
     rows = training_rows(r)
     if r.train.max_steps <= 0 and not rows:
         return None
-    steps = planned_steps(r.train, rows or 1)
+    steps = planned_steps(r, rows or 1)
     warmup = r.train.warmup_steps
     if warmup < steps:
         return None

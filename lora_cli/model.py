@@ -120,8 +120,9 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
         "dtype": dtype or resolve_dtype(model_cfg.dtype),
         "trust_remote_code": model_cfg.trust_remote_code,
     }
-    if model_cfg.attn_implementation:
-        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    attn = resolve_attn_implementation(model_cfg)
+    if attn:
+        kwargs["attn_implementation"] = attn
     from lora_cli.inputs import verify_model_folder
 
     verify_model_folder(model_cfg.name_or_path)  # pickles refused, truncated shards named, before loading
@@ -144,6 +145,46 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     if device and qconfig is None:
         model.to(device)
     return model
+
+
+def resolve_attn_implementation(model_cfg) -> str | None:
+    """The attention kernel to ask transformers for: the recipe's, or for auto the fastest one
+    installed that the model supports: flash_attention_2 (variable-length, so batches need no
+    padding) on a CUDA GPU with flash-attn, for a model class that has it, in half precision;
+    otherwise None, with which transformers takes sdpa where the model has it, else eager."""
+    if model_cfg.attn_implementation not in (None, "auto"):
+        return model_cfg.attn_implementation
+    return "flash_attention_2" if flash_attention_fits(model_cfg) else None
+
+
+def flash_attention_fits(model_cfg) -> bool:
+    import torch
+    from transformers.utils import is_flash_attn_2_available
+
+    if not (torch.cuda.is_available() and is_flash_attn_2_available()):
+        return False
+    if resolve_dtype(model_cfg.dtype) not in (torch.bfloat16, torch.float16):
+        return False  # flash attention computes in half precision only
+    return getattr(causal_lm_class(model_cfg), "_supports_flash_attn", False)
+
+
+def causal_lm_class(model_cfg):
+    """The transformers class AutoModelForCausalLM would build, read from config.json alone;
+    None for remote code or an unknown architecture."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def attention_in_use(model) -> str | None:
+    """The attention kernel a loaded model runs (sdpa, eager, flash_attention_2, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None)
 
 
 # --------------------------------------------------------------------------- parameter counts

@@ -76,6 +76,12 @@ def check_packages(recipe) -> list[str]:
         if not _importable(*REPORTERS[name]):
             problems.append(f"train.report_to: {name} is not installed; pip install {name}, "
                             f"or remove it from train.report_to")
+    if recipe.train.kernels == "liger" and not _importable("liger_kernel"):
+        problems.append("train.kernels: liger needs the liger-kernel package, which is not installed; "
+                        "pip install 'lora-cli[liger]' (or liger-kernel), or set train.kernels: none")
+    if recipe.model.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
+        problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+                        "installed; pip install flash-attn, or set model.attn_implementation: auto")
     if recipe.train.deepspeed and not _importable("deepspeed"):
         problems.append("train.deepspeed: the deepspeed package is not installed; pip install deepspeed, "
                         "or remove train.deepspeed")
@@ -88,7 +94,22 @@ def check_before_loading(recipe) -> dict:
     problems = check_packages(recipe)
     if problems:
         raise LoraError("this recipe needs packages that are missing:\n    " + "\n    ".join(problems))
+    check_gpu_kernels(recipe)
     return precision_flags(recipe)
+
+
+def check_gpu_kernels(recipe) -> None:
+    """Kernels that exist only for CUDA GPUs, refused on a machine without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if recipe.train.kernels == "liger":
+        raise LoraError("train.kernels: liger runs Triton kernels on a CUDA GPU; this machine has none",
+                        "set train.kernels: none on CPU")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        raise LoraError("model.attn_implementation: flash_attention_2 needs a CUDA GPU; this machine has none",
+                        "set model.attn_implementation: auto (sdpa on CPU)")
 
 
 # --------------------------------------------------------------------------- disk
@@ -149,15 +170,19 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def planned_steps(train_cfg, rows: int, processes: int | None = None) -> int:
+def planned_steps(recipe, rows: int, processes: int | None = None) -> int:
     """Optimizer steps the Trainer will take on `rows` training sequences: train.max_steps, or
     epochs x steps per epoch. Each of the processes (world size) reads its share of the batches,
     ceil(rows / (batch_size x processes)) of them, and an epoch ends with a partial accumulation
     step, so it has ceil(batches / gradient_accumulation) optimizer steps, at least one
-    (transformers' Trainer.set_initial_training_values)."""
+    (transformers' Trainer.set_initial_training_values). The batch shape is lora_cli.batching's."""
+    from lora_cli.batching import batch_shape
+
+    train_cfg = recipe.train
     if train_cfg.max_steps > 0:
         return train_cfg.max_steps
+    shape = batch_shape(train_cfg, recipe.data.max_length)
     processes = processes or world_size()
-    batches = math.ceil(rows / (train_cfg.batch_size * processes))
-    per_epoch = max(1, math.ceil(batches / train_cfg.gradient_accumulation))
+    batches = math.ceil(rows / (shape.batch_size * processes))
+    per_epoch = max(1, math.ceil(batches / shape.gradient_accumulation))
     return math.ceil(per_epoch * train_cfg.epochs)

@@ -59,7 +59,7 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = key("auto", "Weights' dtype when loaded; auto = bfloat16 on a GPU that has it, else float32.")
     quantization: Literal["none", "8bit", "4bit"] = key("none", "none, 8bit (LLM.int8) or 4bit (NF4 + double quantization = QLoRA). Needs bitsandbytes.")
     trust_remote_code: bool = key(False, "Run code shipped with the model. Off unless you trust its author.")
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = key(None, "Attention kernel; empty lets transformers choose (sdpa where it can).")
+    attn_implementation: Optional[Literal["auto", "sdpa", "flash_attention_2", "eager"]] = key("auto", "Attention kernel; auto (or empty) = flash_attention_2 on a GPU where flash-attn is installed and the model supports it, else sdpa where the model has it, else eager.")
 
 
 # Presets from the hyperparameter guide, mapped to the model's own module names at load time
@@ -98,8 +98,8 @@ class DataConfig:
     val_path: Optional[Union[str, list[str]]] = key(None, "Held-out data for evaluation (same formats as path).", kind=PATH)
     val_fraction: float = key(0.0, "Share of each training source held out for evaluation when val_path is empty (fixed by data.seed).", min=0, max=0.5)
     seed: int = key(42, "Seed for the validation split and weighted sampling.", min=0, max=SEED_MAX)
-    packing: bool = key(False, "Pack several examples into each max_length sequence (no cross-attention, positions restart): fewer pad tokens, faster.")
-    group_by_length: bool = key(False, "Batch examples of similar length together: less padding when batch_size > 1.")
+    packing: Optional[bool] = key(None, "true = best-fit examples into max_length sequences (positions restart, no cross-attention); false = one example per row; empty = padding-free batches (flattened, variable-length attention) where the attention kernel has them (flash_attention_2), else off.")
+    group_by_length: Optional[bool] = key(None, "Batch examples of similar length together (less padding); empty = on when batches hold several padded rows.")
     cache: bool = key(True, "Reuse tokenised data from an earlier run with the same data, tokenizer, template and settings.")
     cache_dir: Optional[str] = key(None, "Where tokenised data is cached; empty = $LORA_CACHE_DIR or ~/.cache/lora.", kind=PATH)
 
@@ -159,8 +159,9 @@ class TrainConfig:
     epochs: float = key(1, "Passes over the data (ignored when max_steps > 0).", min=0)
     max_steps: int = key(-1, "Stop after this many optimizer steps; -1 = run all epochs.", min=-1)
     learning_rate: float = key(1.0e-4, "Peak learning rate. LoRA: 1e-4 to 5e-4; QLoRA: 5e-5 to 2e-4.", min=0)
-    batch_size: int = key(1, "Examples per device per forward pass.", min=1)
-    gradient_accumulation: int = key(8, "Forward passes per optimizer step; effective batch = batch_size x this x devices.", min=1)
+    batch_size: Optional[int] = key(None, "Examples (or packs) per device per forward pass; empty = as many as train.tokens_per_batch holds, up to 8 (with gradient_accumulation set: 1).", min=1)
+    gradient_accumulation: Optional[int] = key(None, "Forward passes per optimizer step; effective batch = batch_size x this x devices; empty = what makes 8 examples per step (with batch_size set: 8).", min=1)
+    tokens_per_batch: int = key(4096, "Token budget of one forward pass when batch_size and gradient_accumulation are empty: batch_size = this / data.max_length (a power of two, 1 to 8). Lower it if a run runs out of memory.", min=1)
     warmup_steps: int = key(100, "Linear warm-up steps for the learning rate.", min=0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = key("linear", "Learning-rate schedule after warm-up.")
     weight_decay: float = key(0.0, "AdamW weight decay on trainable parameters.", min=0)
@@ -170,6 +171,7 @@ class TrainConfig:
     save_total_limit: Optional[int] = key(3, "Keep at most this many checkpoints (oldest removed); empty = keep all.", min=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "Mixed precision; auto = bf16 on a GPU that has it, fp32 on CPU.")
     gradient_checkpointing: bool = key(False, "Recompute activations in backward: much less memory, ~30% slower.")
+    kernels: Literal["none", "liger"] = key("none", "Fused training kernels: liger = Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) via the Trainer's use_liger_kernel; needs a CUDA GPU and `pip install 'lora-cli[liger]'`.")
     seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.", min=0, max=SEED_MAX)
     eval_steps: int = key(0, "Evaluate on the eval split (data.val_path / val_fraction) every N optimizer steps; 0 = once per epoch.", min=0)
     report_to: list[Literal["tensorboard", "wandb"]] = key(None, "Also log to these trackers (each must be installed): tensorboard, wandb.", factory=list)
@@ -496,6 +498,10 @@ def lora_method_problems(r: Recipe) -> list[str]:
     if lora.init == "pissa" and r.model.quantization != "none":
         problems.append(f"lora.init: pissa needs the full-precision weights (peft takes their SVD), not a "
                         f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
+    if METHODS[method].learns_virtual_tokens and r.data.packing:
+        problems.append(f"data.packing: true cannot train lora.method {method}: peft ignores position_ids for "
+                        "virtual-token methods, so packed examples would attend to each other; remove data.packing "
+                        "(or set it to false)")
     return problems + METHODS[method].problems(r)
 
 

@@ -129,12 +129,15 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     """Everything TrainingArguments gets, as a dict tests can read without building it."""
     import torch
 
+    from lora_cli.batching import batch_shape
+
     t = recipe.train
+    shape = batch_shape(t, recipe.data.max_length)
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
     evaluate = {"eval_strategy": "no"}
     if has_eval:
         evaluate = ({"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "epoch"})
-        evaluate.update(per_device_eval_batch_size=t.batch_size,
+        evaluate.update(per_device_eval_batch_size=shape.batch_size,
                         prediction_loss_only=True)  # eval loss only: no vocab-sized logits gathered
     parallel = {}
     if t.fsdp:
@@ -147,8 +150,8 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         output_dir=str(ckpt.staging_dir(output_dir)),  # checkpoints are staged; on_save publishes them
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
+        per_device_train_batch_size=shape.batch_size,
+        gradient_accumulation_steps=shape.gradient_accumulation,
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler,
@@ -159,6 +162,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         save_total_limit=None,  # rotation is ours: it must count complete checkpoints only
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        use_liger_kernel=t.kernels == "liger",  # the Trainer patches the model with Liger's kernels
         ddp_find_unused_parameters=False,  # frozen base weights get no gradient by design
         seed=t.seed,
         data_seed=t.seed,
@@ -229,18 +233,38 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     from lora_cli.data import configure_sampling, make_collator
 
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
+    layout, grouped = _setup_batching(recipe, model)
     trainer = SafeTrainer(
         model=model,
-        args=configure_sampling(TrainingArguments(**kwargs), recipe.data),
+        args=configure_sampling(TrainingArguments(**kwargs), grouped),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=make_collator(recipe.data, tokenizer),  # packed rows: position_ids, no cross-attention
+        data_collator=make_collator(layout, tokenizer),  # flattened / packed rows: no cross-attention
         processing_class=tokenizer,
         callbacks=callbacks,
         carried_loss=carried_loss,
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; RichProgress shows them
     return trainer
+
+
+def _setup_batching(recipe: Recipe, model) -> tuple[str, bool]:
+    """(batch layout, length-grouped?) for the attention kernel the loaded model runs."""
+    from lora_cli.batching import batch_layout, batch_shape, groups_by_length
+    from lora_cli.model import attention_in_use
+
+    layout = batch_layout(recipe, attention_in_use(model))
+    return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length))
+
+
+def describe_batching(recipe: Recipe, model) -> str:
+    from lora_cli.batching import batch_shape
+    from lora_cli.model import attention_in_use
+
+    layout, grouped = _setup_batching(recipe, model)
+    shape = batch_shape(recipe.train, recipe.data.max_length)
+    return (f"{shape.describe()}, {layout} rows{', length-grouped' if grouped else ''}, "
+            f"attention {attention_in_use(model)}")
 
 
 def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
@@ -290,11 +314,12 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]adapter[/] {format_parameter_counts(trainable, total)}")
     console.print(f"[bold]wrapped[/] {describe_adapted_modules(model)}")
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
+    console.print(f"[bold]batches[/] {describe_batching(recipe, model)}")
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
     _print_example(console, dataset, tokenizer)
     result = TrainResult(output_dir, trainable, total, stats.summary(), resumed_from=checkpoint)
-    planned = preflight.planned_steps(recipe.train, len(dataset))
+    planned = preflight.planned_steps(recipe, len(dataset))
     if dry_run:
         console.print(f"[bold]plan[/]    {planned} optimizer steps; would write to {output_dir}")
         console.print("dry run: nothing trained, nothing written")

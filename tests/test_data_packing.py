@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from conftest import demo_rows, make_recipe, tokenize_alpaca, write_jsonl
-from lora_cli.data import PackedCollator, PadCollator, pack_examples
+from lora_cli.data import FlattenedCollator, PackedCollator, PadCollator, pack_examples, split_pack
 from lora_cli.template import IGNORE_INDEX
 
 
@@ -70,6 +70,57 @@ def test_packed_and_unpacked_losses_agree(tiny_random, tok, examples, attn):
         loss_crossed = model(**crossed).loss.item()
     assert loss_packed == pytest.approx(loss_unpacked, abs=1e-5)
     assert abs(loss_crossed - loss_unpacked) > 1e-3
+
+
+@pytest.mark.parametrize("source", ["examples", "packs"])
+def test_flattened_batches_lose_nothing_and_mix_nothing(tiny_random, tok, examples, source):
+    """The padding-free layout (the default with flash attention): one row per batch, positions
+    restarting per example, cu_seq_lens at the boundaries. Flash attention cannot run on CPU, but
+    sdpa reads the same restarted positions (as a block-diagonal mask), so the loss must equal the
+    unpacked loss; the control, positions running on, lets examples see each other."""
+    import torch
+
+    model = load_model(tiny_random, "sdpa")
+    rows = examples if source == "examples" else pack_examples(examples, 256)
+    flat = FlattenedCollator()(rows)
+    unpacked = PadCollator(tok.pad_token_id)(examples)
+    assert flat["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))  # no padding at all
+    assert "attention_mask" not in flat and flat["use_cache"] is False
+    bounds = [0]
+    for e in (piece for row in rows for piece in split_pack(row)):
+        bounds.append(bounds[-1] + len(e["input_ids"]))
+    assert flat["cu_seq_lens_q"].tolist() == bounds == flat["cu_seq_lens_k"].tolist()
+    assert (flat["labels"] != IGNORE_INDEX).sum() == (unpacked["labels"] != IGNORE_INDEX).sum()
+    with torch.no_grad():
+        loss_unpacked = model(**unpacked).loss.item()
+        loss_flat = model(**flat).loss.item()
+        crossed = {k: flat[k] for k in ("input_ids", "labels")}
+        crossed["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
+        loss_crossed = model(**crossed).loss.item()
+    assert loss_flat == pytest.approx(loss_unpacked, abs=1e-5)
+    assert abs(loss_crossed - loss_unpacked) > 1e-3
+
+
+def test_padded_length_grouped_batches_lose_nothing(tiny_random, tok, examples):
+    """The default layout on CPU (sdpa): examples of similar length padded into one batch. Its
+    loss equals the examples' loss one at a time; the control, padding that counts as labels,
+    moves it."""
+    import torch
+
+    model = load_model(tiny_random, "sdpa")
+    batch = PadCollator(tok.pad_token_id)(sorted(examples, key=lambda e: len(e["input_ids"])))
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for e in examples:
+            one = PadCollator(tok.pad_token_id)([e])
+            n = int((one["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += model(**one).loss.item() * n
+            count += n
+        loss_batched = model(**batch).loss.item()
+        leaky = dict(batch, labels=torch.where(batch["attention_mask"] == 0, tok.pad_token_id, batch["labels"]))
+        loss_leaky = model(**leaky).loss.item()
+    assert loss_batched == pytest.approx(total / count, abs=1e-5)
+    assert abs(loss_leaky - total / count) > 1e-3
 
 
 def test_packed_logits_equal_each_examples_own(tiny_random, tok, examples):

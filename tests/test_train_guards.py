@@ -39,12 +39,12 @@ def test_planned_steps_are_the_steps_the_trainer_takes(tmp_path, tiny_random, mo
     data = write_jsonl(tmp_path / "d.jsonl", demo_rows(10))
     recipe = load_recipe(make_recipe(tmp_path, tiny_random, data, train={
         "max_steps": -1, "epochs": 1, "batch_size": 2, "gradient_accumulation": 3, "save_steps": 0}))
-    assert planned_steps(recipe.train, 10) == 2
+    assert planned_steps(recipe, 10) == 2
     assert run_training(recipe).steps == 2
     # each of 2 processes reads half the batches: 3 batches, one optimizer step
-    assert planned_steps(recipe.train, 10, processes=2) == 1
+    assert planned_steps(recipe, 10, processes=2) == 1
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert planned_steps(recipe.train, 10) == 1
+    assert planned_steps(recipe, 10) == 1
 
 
 def test_unwritable_output_dir_fails_before_loading(tmp_path, tiny_random, cli):

@@ -1,0 +1,155 @@
+"""Training speed with no knob set: `lora train` with its default batching against the source
+workflow done by hand, on the tiny model and a larger random one, interleaved in one run.
+
+    python bench/bench_train.py            (make bench runs it after `lora build-tiny`)
+    python bench/bench_train.py --quick    (a few steps per run: proves the script works, measures nothing)
+
+The source workflow is bench_data.py's (seed article 002): rows tokenised one at a time through
+Dataset.map, then the Hugging Face Trainer with DataCollatorForSeq2Seq, batch 1 x gradient
+accumulation 8. `lora train` gets the same model, rows, LoRA settings, learning rate, epochs and
+seed, and nothing about batching: data.packing, data.group_by_length, train.batch_size and
+train.gradient_accumulation are left empty, so lora_cli.batching chooses (on CPU: sdpa, 8 rows
+per forward pass, length-grouped, 8 rows per optimizer step like the baseline).
+
+Models: models/tiny-llama (0.9M parameters) and a random 8-layer, 512-wide Llama (25.7M, built
+by bench_generate.build_larger with the tiny tokenizer). For each model and seed both workflows
+train back to back, in alternating order, so a busy machine slows both alike.
+
+Printed per model: supervised tokens/s (supervised tokens the optimizer saw / Trainer
+train_runtime; best over seeds, median beside it), the ratio (goal >= 1.5x), and the final loss
+(mean cross-entropy over every row's supervised tokens after training, computed by the same
+function for both adapters; mean over seeds, each seed listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
+
+import bench_data  # noqa: E402  (the source workflow and the loss measurement live there)
+from bench_generate import build_larger  # noqa: E402
+
+GOAL = 1.5
+
+
+def default_recipe(base: Path, data_path: Path, out: Path, epochs: float, cache_dir: Path, seed: int,
+                   max_steps: int):
+    """The bench's recipe with every batching key left empty (the defaults under test)."""
+    recipe = bench_data.lora_recipe(data_path, out, epochs, cache_dir)
+    recipe.model.name_or_path = str(base)
+    recipe.train.batch_size = recipe.train.gradient_accumulation = None
+    recipe.train.seed, recipe.train.max_steps = seed, max_steps
+    return recipe
+
+
+def measure(name: str, base: Path, rows: list[dict], args, work: Path) -> dict:
+    from lora_cli.data import build_sft_data
+    from lora_cli.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base))
+    data_path = work / f"{name}.jsonl"
+    bench_data_rows(rows, data_path)
+    source_ds = bench_data.source_preprocess(rows, tokenizer)
+    ours = build_sft_data(default_recipe(base, data_path, work / "x", 1, work / "cache", 0, -1).data, tokenizer).train
+    steps = args.max_steps
+    rows_seen = steps * 8 if steps > 0 else None  # 8 rows per step on both sides
+    sup_source = _supervised(source_ds, args.epochs, rows_seen)
+    sup_lora = _supervised(ours, args.epochs, rows_seen)
+    runs = {"source": [], "lora": []}
+    for i, seed in enumerate(args.seeds):
+        order = ("source", "lora") if i % 2 == 0 else ("lora", "source")
+        for side in order:
+            out = work / f"{name}-{side}-{seed}"
+            if side == "source":
+                model, runtime = bench_data.source_train(source_ds, tokenizer, out, args.epochs, seed, base, steps)
+                loss = bench_data.mean_supervised_loss(model, list(source_ds), tokenizer.pad_token_id)
+                runs["source"].append((sup_source / runtime, loss))
+            else:
+                recipe = default_recipe(base, data_path, out, args.epochs, work / "cache", seed, steps)
+                _, runtime = bench_data.lora_train(recipe)
+                model = bench_data.trained_adapter(out, base)
+                loss = bench_data.mean_supervised_loss(model, list(ours), tokenizer.pad_token_id)
+                runs["lora"].append((sup_lora / runtime, loss))
+    return runs
+
+
+def bench_data_rows(rows: list[dict], path: Path) -> None:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _supervised(dataset, epochs: float, rows_seen: int | None) -> float:
+    """Supervised tokens the optimizer sees: every row x epochs, or (quick run) the first
+    rows_seen rows' share of it, counted at the mean per row."""
+    per_epoch = bench_data.supervised_tokens(dataset)
+    if rows_seen is None:
+        return per_epoch * epochs
+    return per_epoch / len(dataset) * rows_seen
+
+
+def report(name: str, params: str, runs: dict, seeds: list[int]) -> float:
+    (best_src, med_src), (best_lora, med_lora) = (
+        (max(t for t, _ in runs[k]), statistics.median(t for t, _ in runs[k])) for k in ("source", "lora"))
+    loss_src = statistics.mean(loss for _, loss in runs["source"])
+    loss_lora = statistics.mean(loss for _, loss in runs["lora"])
+    per_seed = "; ".join(f"seed {s}: {a[1]:.4f} vs {b[1]:.4f}" for s, a, b in zip(seeds, runs["lora"], runs["source"]))
+    print(f"| {name} ({params}) | source workflow, batch 1 x accum 8 | {best_src:,.0f} | {med_src:,.0f} | 1.00x | {loss_src:.4f} |")
+    print(f"| {name} ({params}) | lora train, defaults | {best_lora:,.0f} | {med_lora:,.0f} | "
+          f"{best_lora / best_src:.2f}x | {loss_lora:.4f} |")
+    print(f"  {name}: speed-up {best_lora / best_src:.2f}x (goal >= {GOAL}x); final loss lora vs source: {per_seed}")
+    return best_lora / best_src
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 steps per run, one seed, 48 rows: proves it runs")
+    parser.add_argument("--epochs", type=float, default=3, help="epochs over the 240 demo rows (tiny model)")
+    parser.add_argument("--larger-epochs", type=float, default=1, help="epochs for the 25.7M model")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[42, 1, 2])
+    parser.add_argument("--no-larger", action="store_true", help="the tiny model only")
+    args = parser.parse_args()
+    args.max_steps = 3 if args.quick else -1
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    if not (bench_data.MODEL / "config.json").is_file():
+        print(f"{bench_data.MODEL} is missing; build it with `lora build-tiny` (make bench does)", file=sys.stderr)
+        return 1
+
+    from datasets.utils.logging import disable_progress_bar
+
+    from lora_cli.model import quiet_libraries
+
+    quiet_libraries()
+    disable_progress_bar()
+    rows = bench_data.read_jsonl(bench_data.DATA)
+    if args.quick:
+        rows = rows[:48]
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    models = [("tiny-llama", bench_data.MODEL, "0.9M", args.epochs)]
+    if not args.no_larger:
+        models.append(("random Llama 8 x 512", build_larger(work / "larger"), "25.7M", args.larger_epochs))
+    print(f"{len(rows)} demo rows, seeds {args.seeds}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+          + ("; QUICK RUN: 3 steps per run, figures mean nothing" if args.quick else ""))
+    print("| model | workflow | supervised tokens/s (best) | median | vs source | final loss (mean) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, base, params, epochs in models:
+        args.epochs = epochs
+        report(name, params, measure(name, base, rows, args, work), args.seeds)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

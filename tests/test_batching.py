@@ -1,0 +1,213 @@
+"""Fast defaults: the batch shape chosen from train.tokens_per_batch, the batch layout chosen
+from the attention kernel, and a recipe that writes the old settings getting exactly them."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import demo_rows, make_recipe, write_jsonl
+from lora_cli.batching import (FLATTENED, PACKED, PADDED, BatchShape, batch_layout, batch_shape,
+                               groups_by_length)
+from lora_cli.recipe import load_recipe, recipe_from_dict
+
+OLD_WAY = {"data": {"packing": False}, "train": {"batch_size": 1, "gradient_accumulation": 8}}
+
+
+def recipe(tmp_path, **sections):
+    raw = {"model": {"name_or_path": "some-org/some-model"},
+           "data": {"path": str(write_jsonl(tmp_path / "d.jsonl", demo_rows(4)))},
+           "output_dir": str(tmp_path / "out")}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return recipe_from_dict(raw)
+
+
+@pytest.mark.parametrize("max_length, budget, expected", [
+    (256, 4096, (8, 1)),    # 16 rows would fit; a step stays 8 rows
+    (1024, 4096, (4, 2)),
+    (2048, 4096, (2, 4)),
+    (4096, 4096, (1, 8)),
+    (3000, 4096, (1, 8)),   # not a power of two: round down, never exceed the budget
+    (256, 100, (1, 8)),     # a budget below one row still trains, one row at a time
+])
+def test_shape_from_the_token_budget_keeps_eight_rows_per_step(tmp_path, max_length, budget, expected):
+    r = recipe(tmp_path, data={"max_length": max_length}, train={"tokens_per_batch": budget})
+    shape = batch_shape(r.train, r.data.max_length)
+    assert (shape.batch_size, shape.gradient_accumulation) == expected
+    assert shape.rows_per_step == 8 and shape.chosen
+    assert shape.batch_size * max_length <= max(budget, max_length)
+
+
+def test_a_written_shape_is_obeyed_and_the_other_key_keeps_its_old_default(tmp_path):
+    assert batch_shape(recipe(tmp_path, **OLD_WAY).train, 256) == BatchShape(1, 8, chosen=False)
+    assert batch_shape(recipe(tmp_path, train={"batch_size": 4}).train, 256) == BatchShape(4, 8, chosen=False)
+    assert batch_shape(recipe(tmp_path, train={"gradient_accumulation": 2}).train, 256) == BatchShape(1, 2, chosen=False)
+
+
+@pytest.mark.parametrize("packing, attn, layout", [
+    (None, "flash_attention_2", FLATTENED),  # the default on a GPU with flash-attn: padding-free
+    (None, "sdpa", PADDED),
+    (None, "eager", PADDED),
+    (True, "sdpa", PACKED),
+    (True, "flash_attention_2", FLATTENED),  # packs side by side would attend across examples
+    (False, "flash_attention_2", PADDED),
+    (False, "sdpa", PADDED),
+])
+def test_layout_follows_the_attention_kernel(tmp_path, packing, attn, layout):
+    assert batch_layout(recipe(tmp_path, data={"packing": packing}), attn) == layout
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_token_methods_get_one_example_per_row(tmp_path, method):
+    """peft drops position_ids for them, so examples sharing a row would see each other."""
+    from lora_cli.errors import RecipeError
+
+    assert batch_layout(recipe(tmp_path, lora={"method": method}), "flash_attention_2") == PADDED
+    with pytest.raises(RecipeError) as e:
+        recipe(tmp_path, lora={"method": method}, data={"packing": True})
+    assert any(p.startswith("data.packing: true cannot train lora.method") for p in e.value.problems)
+
+
+def test_length_grouping_only_by_default_and_where_it_saves_padding(tmp_path):
+    default = recipe(tmp_path)
+    shape = batch_shape(default.train, default.data.max_length)
+    assert groups_by_length(default.data, PADDED, shape)
+    assert not groups_by_length(default.data, FLATTENED, shape)  # no padding to save
+    old = recipe(tmp_path, **OLD_WAY)
+    assert not groups_by_length(old.data, PADDED, batch_shape(old.train, 256))  # old order kept exactly
+    written = recipe(tmp_path, data={"group_by_length": False})
+    assert not groups_by_length(written.data, PADDED, shape)
+
+
+def fake_model(attn: str):
+    return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+
+
+def test_trainer_settings_default_and_old_way(tmp_path):
+    from lora_cli.train import _setup_batching, training_arguments_kwargs
+
+    flags = {"bf16": False, "fp16": False}
+    default = recipe(tmp_path)
+    kw = training_arguments_kwargs(default, tmp_path, flags, has_eval=False)
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (8, 1)
+    assert kw["use_liger_kernel"] is False
+    assert _setup_batching(default, fake_model("sdpa")) == (PADDED, True)
+    assert _setup_batching(default, fake_model("flash_attention_2")) == (FLATTENED, False)
+    old = recipe(tmp_path, **OLD_WAY)
+    kw = training_arguments_kwargs(old, tmp_path, flags, has_eval=False)
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (1, 8)
+    assert _setup_batching(old, fake_model("sdpa")) == (PADDED, False)
+    assert _setup_batching(old, fake_model("flash_attention_2")) == (PADDED, False)
+    liger = recipe(tmp_path, train={"kernels": "liger"})
+    assert training_arguments_kwargs(liger, tmp_path, flags, has_eval=False)["use_liger_kernel"] is True
+
+
+def test_saved_recipe_of_a_default_run_loads_as_a_default_run(tmp_path):
+    """lora_recipe.yaml writes empty keys as empty: reloading it must not turn the chosen shape
+    into an explicit batch 1 x 8."""
+    from lora_cli.recipe import dump_recipe
+
+    (tmp_path / "saved.yaml").write_text(dump_recipe(recipe(tmp_path)), encoding="utf-8")
+    again = load_recipe(tmp_path / "saved.yaml")
+    assert batch_shape(again.train, again.data.max_length).chosen and again.data.packing is None
+
+
+# --------------------------------------------------------------------------- attention and kernels
+
+def test_auto_attention_is_sdpa_on_cpu_and_flash_where_it_fits(tmp_path, tiny_random, monkeypatch):
+    import torch
+
+    from lora_cli import model as model_module
+    from lora_cli.model import attention_in_use, load_base_model, resolve_attn_implementation
+
+    cfg = recipe(tmp_path, model={"name_or_path": str(tiny_random)}).model
+    assert resolve_attn_implementation(cfg) is None  # transformers' own choice: sdpa
+    assert attention_in_use(load_base_model(cfg)) == "sdpa"
+    eager = recipe(tmp_path, model={"name_or_path": str(tiny_random), "attn_implementation": "eager"}).model
+    assert attention_in_use(load_base_model(eager)) == "eager"
+
+    # on a GPU with flash-attn installed, auto takes flash_attention_2 for a model class that has it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("transformers.utils.is_flash_attn_2_available", lambda: True)
+    bf16 = recipe(tmp_path, model={"name_or_path": str(tiny_random), "dtype": "bfloat16"}).model
+    assert resolve_attn_implementation(bf16) == "flash_attention_2"
+    fp32 = recipe(tmp_path, model={"name_or_path": str(tiny_random), "dtype": "float32"}).model
+    assert resolve_attn_implementation(fp32) is None  # flash attention has no fp32 kernel
+    unknown = recipe(tmp_path, model={"name_or_path": str(tmp_path / "nowhere"), "dtype": "bfloat16"}).model
+    assert model_module.causal_lm_class(unknown) is None and resolve_attn_implementation(unknown) is None
+
+
+def edited(recipe_path, section: str, **keys):
+    import yaml
+
+    raw = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    raw[section].update(keys)
+    recipe_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return recipe_path
+
+
+@pytest.mark.parametrize("section, key, value", [("train", "kernels", "liger"),
+                                                 ("model", "attn_implementation", "flash_attention_2")])
+def test_gpu_only_kernels_are_refused_before_loading(tmp_path, cli, tiny_random, section, key, value):
+    r = cli("train", edited(make_recipe(tmp_path, tiny_random), section, **{key: value}))
+    assert r.code == 2, r
+    assert f"{section}.{key}" in r.err + r.out and "Traceback" not in r.err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- training
+
+def losses(run_dir) -> list[float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_random, monkeypatch):
+    """Batch 8 x 1 and batch 1 x 8 see the same rows per step (same sampler, same seed) and the
+    Trainer averages over the step's supervised tokens either way, so the losses agree. So does
+    the padding-free layout flash attention gets: the Trainer, peft and the flattening collator
+    run for real, told the model runs flash_attention_2 while it runs sdpa, which reads the same
+    restarted positions (the kernel itself needs a GPU). A different seed (the control) moves
+    the losses."""
+    from lora_cli import model as model_module
+
+    data = write_jsonl(tmp_path / "d.jsonl", demo_rows(32))
+    common = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "learning_rate": 1e-2}
+    chosen = {"batch_size": None, "gradient_accumulation": None}
+    runs = {}
+    for name, train in [("default", chosen), ("flattened", chosen),
+                        ("old", {"batch_size": 1, "gradient_accumulation": 8}),
+                        ("control", {"batch_size": 1, "gradient_accumulation": 8, "seed": 7})]:
+        folder = tmp_path / name
+        folder.mkdir()
+        rec = edited(make_recipe(folder, tiny_random, data=data, train={**common, **train}), "data", group_by_length=False)
+        with monkeypatch.context() as m:
+            if name == "flattened":
+                real = model_module.attention_in_use
+                m.setattr(model_module, "attention_in_use",
+                          lambda model: "flash_attention_2" if real(model) == "sdpa" else real(model))
+            r = cli("train", rec)
+        assert r.code == 0, r
+        runs[name] = losses(folder / "run")
+        if name == "default":
+            assert "batch 8 x accumulation 1 (from train.tokens_per_batch), padded rows, attention sdpa" in r.out
+        if name == "flattened":
+            assert "flattened rows, attention flash_attention_2" in r.out
+    assert len(runs["default"]) == 2
+    assert runs["default"] == pytest.approx(runs["old"], rel=1e-4)
+    assert runs["flattened"] == pytest.approx(runs["old"], rel=1e-4)
+    assert runs["control"] != pytest.approx(runs["old"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_default_recipe_trains_length_grouped(tmp_path, cli, tiny_random):
+    rec = make_recipe(tmp_path, tiny_random, data=write_jsonl(tmp_path / "d.jsonl", demo_rows(24)),
+                      train={"batch_size": None, "gradient_accumulation": None})
+    r = cli("train", rec)
+    assert r.code == 0, r
+    assert "(from train.tokens_per_batch), padded rows, length-grouped, attention sdpa" in r.out
+    assert all(0 < x < 20 for x in losses(tmp_path / "run"))
