@@ -52,7 +52,8 @@ def model_for(arch: str, tokenizer, *, hidden: int, layers: int, heads: int):
     if arch == "bert":
         return BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                     num_attention_heads=heads, intermediate_size=hidden * 2,
-                                    max_position_embeddings=512, **ids))
+                                    max_position_embeddings=512, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, **ids))  # tiny and short runs: no dropout
     if arch == "t5":
         return T5ForConditionalGeneration(T5Config(
             vocab_size=vocab, d_model=hidden, d_kv=hidden // heads, d_ff=hidden * 2, num_layers=layers,
