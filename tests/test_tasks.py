@@ -323,3 +323,15 @@ def test_lint_names_the_model_kinds_attention_layers(tiny_bert, tmp_path, cli):
     res = cli("check", recipe)
     assert "lora.target_modules: ['q_proj', 'v_proj'] on a bert model" in res.out
     assert "attention-qv (here: query, value)" in res.out
+
+
+def test_sweep_trains_a_classifier_and_reuses_it(tiny_bert, tmp_path, cli):
+    recipe = classify_recipe(tmp_path, tiny_bert, train={"max_steps": 2, "batch_size": 4})
+    res = cli("sweep", recipe, "--ranks", "2,4")
+    assert res.code == 0, res
+    for rank in (2, 4):
+        config = json.loads((tmp_path / "run" / f"r{rank}" / "adapter_config.json").read_text())
+        assert config["r"] == rank and config["task_type"] == "SEQ_CLS"
+    again = cli("sweep", recipe, "--ranks", "2,4")
+    assert again.code == 0, again  # the finished ranks are reused, not refused as changed
+    assert again.out.count("reused") == 2, again.out
