@@ -441,6 +441,9 @@ def data_preview(
     from lora_cli.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    if r.model.task != "causal_lm":
+        raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
+                        f"lora train {recipe} --dry-run shows this task's rows, labels and one decoded example")
     from lora_cli.preview import preview_data
 
     preview_data(r, rows=rows, console=console)

@@ -16,10 +16,12 @@ switching on a string. Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from dataclasses import dataclass
 
+from lora_cli.data import DataStats
 from lora_cli.errors import DataError, LoraError
 
 TASK_NAMES = ("causal_lm", "classification", "seq2seq")
@@ -236,9 +238,7 @@ def prepare_recipe(recipe) -> None:
 def tokenize_labeled(rows: list[LabeledRow], names: list[str], tokenizer, max_length: int):
     """(examples, stats): input_ids (text, and text_pair when given, as the tokenizer joins a
     pair) cut to max_length, and the label id."""
-    from lora_cli.data import DataStats
-
-    stats = DataStats(rows=len(rows))
+    stats = ClassificationStats(rows=len(rows))
     label_ids = [label_id(r.label, names, r.where) for r in rows]
     examples: list[dict | None] = [None] * len(rows)
     for with_pair in (False, True):
@@ -256,6 +256,14 @@ def tokenize_labeled(rows: list[LabeledRow], names: list[str], tokenizer, max_le
             stats.total_tokens += len(ids)
     stats.kept = stats.sequences = len(rows)
     return examples, stats
+
+
+class ClassificationStats(DataStats):
+    """Rows and tokens; a classifier supervises one label per row, not tokens."""
+
+    def summary(self) -> str:
+        tokens = dataclasses.replace(self, supervised_tokens=0, total_tokens=0)
+        return f"{DataStats.summary(tokens)}; {self.total_tokens} tokens"
 
 
 @dataclass
