@@ -224,8 +224,8 @@ def test_imbalance_is_reported_in_the_dry_run(tiny_random, tmp_path, cli):
 def test_bundled_seq2seq_recipe_learns_its_targets_where_the_base_does_not(tiny_t5, tmp_path, cli):
     import torch
 
+    from lora_cli.backends import TransformersBackend
     from lora_cli.infer import BASE, GenerationSettings, Prompt, generate_rows
-    from lora_cli.model import load_for_inference
 
     run_dir = tmp_path / "run"
     res = cli("train", REPO / "recipes" / "seq2seq.yaml", "--set", f"model.name_or_path={tiny_t5}",
@@ -233,10 +233,11 @@ def test_bundled_seq2seq_recipe_learns_its_targets_where_the_base_does_not(tiny_
     assert res.code == 0, res
     assert "encoder input:     '<s>Human: What is the capital of" in res.out
     rows = seq2seq_rows()
-    model, tokenizer, infos = load_for_inference({"s2s": run_dir}, device="cpu")
+    backend, infos = TransformersBackend.load({"s2s": run_dir}, device="cpu")
+    model, tokenizer = backend.model, backend.tokenizer
     prompts = [Prompt(r["source"]) for r in rows]
-    out = generate_rows(model, tokenizer, prompts, {"s2s": ("s2s", infos["s2s"].template),
-                                                   BASE: (None, infos["s2s"].template)},
+    out = generate_rows(backend, prompts, {"s2s": ("s2s", infos["s2s"].template),
+                                           BASE: (None, infos["s2s"].template)},
                         GenerationSettings(max_new_tokens=24), batch_size=8)
     adapted = [r["response"] for r in out if r["adapter"] == "s2s"]
     base = [r["response"] for r in out if r["adapter"] == BASE]
@@ -249,7 +250,7 @@ def test_bundled_seq2seq_recipe_learns_its_targets_where_the_base_does_not(tiny_
     assert res.code == 0 and res.out.strip() == rows[0]["target"], res
     from lora_cli.infer import ChatSession
 
-    session = ChatSession(model, tokenizer, {"s2s": infos["s2s"].template}, GenerationSettings(max_new_tokens=24), adapter="s2s")
+    session = ChatSession(backend, {"s2s": infos["s2s"].template}, GenerationSettings(max_new_tokens=24), adapter="s2s")
     assert session.ask(rows[1]["source"]) == rows[1]["target"]
 
     # merged equals unmerged (B is non-zero after training)
