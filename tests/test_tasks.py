@@ -171,6 +171,11 @@ def test_predict_writes_label_and_probabilities(decoder_classifier, tmp_path, cl
     assert res.code == 2 and "bad.jsonl, row 1" in res.err and not (tmp_path / "p2.jsonl").exists()
     res = cli("generate", "--adapter", run_dir, "hello")
     assert res.code == 2 and "lora predict" in res.err
+    from lora_cli.errors import LoraError
+    from lora_cli.serve import build_server
+
+    with pytest.raises(LoraError, match="lora serve: adapter .* model.task classification"):
+        build_server({"cls": str(run_dir)})
 
 
 def test_merged_classifier_equals_adapter_and_loads_in_plain_transformers(decoder_classifier, tmp_path, cli):
