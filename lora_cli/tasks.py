@@ -298,20 +298,34 @@ def _counts_line(names: list[str], counts: Counter) -> str:
     return ", ".join(f"{n} {counts.get(i, 0)} ({100 * counts.get(i, 0) / total:.0f}%)" for i, n in enumerate(names))
 
 
+def split_items(d, read) -> tuple[list, list]:
+    """(train, eval) items of a data section, `read(path)` giving one source's items: held out
+    by data.val_fraction (fixed by data.seed) or read from data.val_path, weighted by
+    data.weights; the rule data.load_items applies to causal-LM rows."""
+    from lora_cli.data import held_out, paths_of, weighted
+
+    paths = paths_of(d.path)
+    train, evaluation = [], []
+    for i, (path, weight) in enumerate(zip(paths, d.weights or [1.0] * len(paths))):
+        rng = random.Random(d.seed * 1000 + i)
+        items, held = held_out(read(path), d.val_fraction, rng)
+        evaluation += held
+        train += weighted(items, weight, rng)
+    for path in paths_of(d.val_path):
+        evaluation += read(path)
+    return train, evaluation
+
+
+def labeled_items(recipe) -> tuple[list[LabeledRow], list[LabeledRow]]:
+    d = recipe.data
+    return split_items(d, lambda path: read_labeled_rows(path, d.split, d.columns))
+
+
 def build_classification_data(recipe, tokenizer) -> ClassificationData:
-    from lora_cli.data import held_out, paths_of, to_dataset, weighted
+    from lora_cli.data import to_dataset
 
     d, names = recipe.data, resolve_labels(recipe)
-    weights = d.weights or [1.0] * len(paths_of(d.path))
-    train, evaluation = [], []
-    for i, (path, weight) in enumerate(zip(paths_of(d.path), weights)):
-        rows = read_labeled_rows(path, d.split, d.columns)
-        rng = random.Random(d.seed * 1000 + i)
-        rows, held = held_out(rows, d.val_fraction, rng)
-        evaluation += held
-        train += weighted(rows, weight, rng)
-    for path in paths_of(d.val_path):
-        evaluation += read_labeled_rows(path, d.split, d.columns)
+    train, evaluation = labeled_items(recipe)
     examples, stats = tokenize_labeled(train, names, tokenizer, d.max_length)
     data = ClassificationData(to_dataset(examples), None, stats, names, Counter(e["labels"] for e in examples))
     if evaluation:
@@ -433,16 +447,8 @@ def evaluate_rows(model, tokenizer, rows: list[LabeledRow], labels: list[str], m
 
 
 def eval_rows(recipe) -> list[LabeledRow]:
-    """The held-out rows of a classification recipe, as read (same split as build_classification_data)."""
-    from lora_cli.data import held_out, paths_of
-
-    d, rows = recipe.data, []
-    for i, path in enumerate(paths_of(d.path)):
-        _, held = held_out(read_labeled_rows(path, d.split, d.columns), d.val_fraction, random.Random(d.seed * 1000 + i))
-        rows += held
-    for path in paths_of(d.val_path):
-        rows += read_labeled_rows(path, d.split, d.columns)
-    return rows
+    """The held-out rows of a classification recipe, as read (the split training uses)."""
+    return labeled_items(recipe)[1]
 
 
 # --------------------------------------------------------------------------- `lora predict`
@@ -517,7 +523,7 @@ def tokenize_seq2seq(pairs: list[tuple[list[dict], str]], tokenizer, template, m
 
 
 def build_seq2seq_data(recipe, tokenizer):
-    from lora_cli.data import SFTData, held_out, paths_of, to_dataset, weighted
+    from lora_cli.data import SFTData, to_dataset
     from lora_cli.formats import read_source
     from lora_cli.template import TemplateSpec
 
@@ -528,15 +534,7 @@ def build_seq2seq_data(recipe, tokenizer):
         source = read_source(path, d.split)
         return [seq2seq_pair(row, source.where(i), d.columns) for i, row in enumerate(source.rows)]
 
-    weights = d.weights or [1.0] * len(paths_of(d.path))
-    train, evaluation = [], []
-    for i, (path, weight) in enumerate(zip(paths_of(d.path), weights)):
-        rng = random.Random(d.seed * 1000 + i)
-        items, held = held_out(pairs_of(path), d.val_fraction, rng)
-        evaluation += held
-        train += weighted(items, weight, rng)
-    for path in paths_of(d.val_path):
-        evaluation += pairs_of(path)
+    train, evaluation = split_items(d, pairs_of)
     examples, stats = tokenize_seq2seq(train, tokenizer, spec, d.max_length)
     data = SFTData(train=to_dataset(examples), eval=None, stats=stats)
     if evaluation:
