@@ -219,7 +219,7 @@ def label_id(label, names: list[str], where: str) -> int:
 
 def resolve_labels(recipe) -> list[str]:
     """model.labels, or the set read from the training data when the recipe declares none."""
-    from lora_cli.data import paths_of
+    from lora_cli.formats import data_paths as paths_of
 
     if recipe.model.labels:
         return list(recipe.model.labels)
@@ -302,7 +302,8 @@ def split_items(d, read) -> tuple[list, list]:
     """(train, eval) items of a data section, `read(path)` giving one source's items: held out
     by data.val_fraction (fixed by data.seed) or read from data.val_path, weighted by
     data.weights; the rule data.load_items applies to causal-LM rows."""
-    from lora_cli.data import held_out, paths_of, weighted
+    from lora_cli.data import held_out, weighted
+    from lora_cli.formats import data_paths as paths_of
 
     paths = paths_of(d.path)
     train, evaluation = [], []

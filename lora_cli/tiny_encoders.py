@@ -72,7 +72,7 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
                              log=print) -> Path:
     import torch
 
-    from lora_cli.data import read_rows
+    from lora_cli.formats import read_rows
     from lora_cli.model import quiet_libraries
 
     quiet_libraries()

@@ -308,9 +308,10 @@ def test_bart_shape_trains_generates_and_merges(tiny_bart, tmp_path, cli):
 def test_presets_estimate_and_peft_agree_per_model_kind(kind, qv, request, tmp_path):
     """attention-qv names each kind's own query/value layers; the estimate's trainable count
     (head included) equals the peft model `lora train` builds."""
-    from lora_cli.adapters import resolve_target_modules
+    from lora_cli.adapters import add_adapter
     from lora_cli.estimate import estimate_recipe
-    from lora_cli.model import add_adapter, load_base_model
+    from lora_cli.model import load_base_model
+    from lora_cli.targets import resolve_target_modules
     from lora_cli.tasks import prepare_recipe
 
     base = request.getfixturevalue(kind)
