@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 
 tiny: setup
 	$(VENV)/bin/lora build-tiny --out $(TINY) --data data/demo.jsonl
+	$(VENV)/bin/lora build-tiny --arch bert --out models/tiny-bert --data data/classify_demo.jsonl
+	$(VENV)/bin/lora build-tiny --arch t5 --out models/tiny-t5 --data data/seq2seq_demo.jsonl
 
 demo: setup
 	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny

@@ -87,8 +87,11 @@ class TransformersBackend:
         return results
 
     def generate_batch(self, requests: list[GenerationRequest]) -> list[Completion]:
-        """One generate call with the variant already active. Prompts are left-padded, so every
-        row's new tokens start at the same column and the attention mask hides the padding."""
+        """One generate call with the variant already active. A decoder's prompts are left-padded,
+        so every row's new tokens start at the same column and the attention mask hides the
+        padding. An encoder-decoder (model.task seq2seq) reads the prompt in its encoder,
+        right-padded as in training (BART's positions count from the left); its decoder starts
+        fresh, so the watcher sees only new tokens either way."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -99,8 +102,12 @@ class TransformersBackend:
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         device = self.model.device
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        if getattr(self.model.config, "is_encoder_decoder", False):
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        else:
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         watcher = RowWatcher(self.tokenizer, requests)
         kwargs = settings.to_kwargs(self.tokenizer)
         kwargs["max_new_tokens"] = max(r.settings.max_new_tokens for r in requests)

@@ -135,7 +135,11 @@ def _load_variants(adapter, base, template, engine: str = "transformers"):
 
     if template:
         resolve_template(template)  # unknown names fail before anything heavy loads
-    backend, infos = backend_class(engine).load(parse_adapters(adapter), base=base)
+    from lora_cli.tasks import refuse_unless
+
+    adapters = parse_adapters(adapter)
+    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter DIR --file rows.jsonl")
+    backend, infos = backend_class(engine).load(adapters, base=base)
     default = template or next((i.template for i in infos.values()), "human_assistant")
     return backend, infos, default
 
@@ -274,6 +278,39 @@ def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> Non
 
 
 @app.command()
+def predict(
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="A classification adapter folder.")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="Rows to label: .jsonl / .json / .csv with text (and text_pair; a label is compared).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Write each row's label and probabilities as .jsonl.")],
+    base: BaseOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+):
+    """Label rows with a classification adapter: predicted label and every label's probability
+    per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
+    import json
+
+    from lora_cli.tasks import refuse_unless
+
+    if out.exists() and not force:
+        raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+    refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", "use lora generate --adapter DIR")
+    from lora_cli.model import load_for_inference
+    from lora_cli.tasks import predict_file
+
+    model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base)
+    info = infos["adapter"]
+    labels = list(info.model_section["labels"])
+    rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(out)  # whole or not at all
+    console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
+    for line in report.lines() if report else []:
+        console.print("  " + line, highlight=False, markup=False)
+
+
+@app.command()
 def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to merge.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
@@ -359,11 +396,21 @@ def build_tiny(
     data: Annotated[Path, typer.Option("--data", help="Text to train tokenizer and base on.")] = Path("data/demo.jsonl"),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Pre-training steps.")] = 300,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    arch: Annotated[str, typer.Option("--arch", help="llama (causal_lm), bert (classification), t5 or bart (seq2seq).")] = "llama",
 ):
-    """Build the tiny offline Llama base the demo and tests use."""
-    from lora_cli.tiny import build_tiny_model
+    """Build a tiny offline base: the Llama the demo and tests use, or a BERT, T5 or BART shape."""
+    from lora_cli.tiny_encoders import ARCHS
 
-    build_tiny_model(out, data, steps=steps, seed=seed, log=console.print)
+    if arch not in ARCHS:
+        raise LoraError(f"--arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if arch == "llama":
+        from lora_cli.tiny import build_tiny_model
+
+        build_tiny_model(out, data, steps=steps, seed=seed, log=console.print)
+        return
+    from lora_cli.tiny_encoders import build_tiny_encoder_model
+
+    build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, log=console.print)
 
 
 @app.command("recipe-keys")
@@ -394,6 +441,9 @@ def data_preview(
     from lora_cli.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    if r.model.task != "causal_lm":
+        raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
+                        f"lora train {recipe} --dry-run shows this task's rows, labels and one decoded example")
     from lora_cli.preview import preview_data
 
     preview_data(r, rows=rows, console=console)

@@ -122,12 +122,17 @@ def load_model_config(recipe: Recipe):
 def build_meta_model(recipe: Recipe):
     """(peft model on the meta device, its config, ids of the weights bitsandbytes would quantize)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from lora_cli import tasks
 
     config = load_model_config(recipe)
+    tasks.prepare_recipe(recipe)  # a classifier's label count sizes its head
+    tasks.check_model_can(recipe.model)
+    for name, value in tasks.load_kwargs(recipe.model).items():
+        setattr(config, name, value)
     with torch.device("meta"):  # (accelerate's init_empty_weights does not tie embeddings)
-        base = AutoModelForCausalLM.from_config(config, dtype=storage_dtype(recipe),
-                                                trust_remote_code=recipe.model.trust_remote_code)
+        base = tasks.get_task(recipe.model.task).model_class().from_config(
+            config, dtype=storage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code)
     quantized = quantized_weights(base) if recipe.model.quantization != "none" else {}
     if quantized:  # what prepare_model_for_kbit_training does to everything bitsandbytes left alone
         for p in base.parameters():
@@ -237,8 +242,12 @@ def _architecture(config) -> dict:
     head_dim = getattr(cfg, "head_dim", None) or h // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     inter = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
-             or getattr(cfg, "ffn_hidden_size", None) or 4 * h)
-    return {"h": h, "layers": cfg.num_hidden_layers, "heads": heads, "q": heads * head_dim,
+             or getattr(cfg, "ffn_hidden_size", None) or getattr(cfg, "d_ff", None)  # T5
+             or getattr(cfg, "encoder_ffn_dim", None) or 4 * h)  # BART
+    layers = cfg.num_hidden_layers
+    if getattr(cfg, "is_encoder_decoder", False):  # T5 / BART: the decoder's layers hold activations too
+        layers += getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "decoder_layers", None) or layers
+    return {"h": h, "layers": layers, "heads": heads, "q": heads * head_dim,
             "kv": kv_heads * head_dim, "inter": inter, "vocab": cfg.vocab_size}
 
 
@@ -312,6 +321,8 @@ def activations(recipe: Recipe, model, config) -> tuple[int, int]:
     if recipe.lora.dropout > 0:  # dropout keeps its output and a 1-byte mask per adapted input
         lora_extra += tokens * sum((a + 1) * m.in_features for m in lora_layers)
     logits = tokens * arch["vocab"] * (a + 4 + 4)  # logits, fp32 copy for the loss, its gradient
+    if recipe.model.task == "classification":  # one row of num_labels per sequence, not per token
+        logits = recipe.train.batch_size * len(recipe.model.labels) * (a + 4 + 4)
     layers = arch["layers"]
     full = layers * per_layer + lora_extra + logits
     checkpointed = layers * tokens * h * a + per_layer + lora_extra // max(1, layers) + logits

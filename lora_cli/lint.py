@@ -323,6 +323,38 @@ def warmup_longer_than_run(r: Recipe) -> Finding | None:
                    f"train.warmup_steps: {max(1, steps // 10)} (about 10% of the run)")
 
 
+def classifier_without_eval(r: Recipe) -> Finding | None:
+    if r.model.task != "classification" or r.data.val_path or r.data.val_fraction > 0:
+        return None
+    return Finding("data.val_fraction", "a classifier trained with no held-out rows",
+                   "accuracy, macro-F1 and the confusion matrix are measured on held-out rows; without "
+                   "them a head that memorised its training rows looks as good as one that learned",
+                   "data.val_fraction: 0.2, or data.val_path: a labelled file")
+
+
+# The attention projections of the model kinds model.task reaches beyond Llama-style decoders,
+# by config model_type: what a hand-written target list must name on them.
+ATTENTION_NAMES = {"bert": ("query", "key", "value"), "roberta": ("query", "key", "value"),
+                   "distilbert": ("q_lin", "k_lin", "v_lin"), "t5": ("q", "k", "v", "o"),
+                   "mt5": ("q", "k", "v", "o"), "bart": ("q_proj", "k_proj", "v_proj", "out_proj"),
+                   "mbart": ("q_proj", "k_proj", "v_proj", "out_proj")}
+
+
+def targets_foreign_to_model_kind(r: Recipe) -> Finding | None:
+    targets = r.lora.target_modules
+    if not isinstance(targets, list) or r.lora.method in ("prompt_tuning", "prefix_tuning"):
+        return None
+    config = read_model_config(r.model.name_or_path) or {}
+    names = ATTENTION_NAMES.get(config.get("model_type"))
+    if names is None or any(t.rsplit(".", 1)[-1] in names for t in targets):
+        return None
+    return Finding("lora.target_modules", f"{targets} on a {config['model_type']} model, whose attention "
+                                          f"projections are {', '.join(names)}",
+                   "peft matches target names against the model's own module names; these match none "
+                   "of its attention layers, so training stops at the start (or adapts something else)",
+                   f"lora.target_modules: attention-qv (here: {names[0]}, {names[2]}), or [{names[0]}, {names[2]}]")
+
+
 LOW_RANK_RULES = {"rank_with_heavy_dropout", "alpha_below_rank", "scaling_far_from_one_to_two", "all_modules_low_rank"}
 
 RULES = [
@@ -335,4 +367,6 @@ RULES = [
     lr_outside_usual_range,
     more_steps_than_data,
     warmup_longer_than_run,
+    classifier_without_eval,
+    targets_foreign_to_model_kind,
 ]

@@ -101,15 +101,16 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
     check_out(Path(out), force, "merge", [("adapter", info.path), ("base model", model_cfg.name_or_path),
                                           ("tokenizer", tokenizer_src)])
+    tokenizer = load_tokenizer(str(tokenizer_src))
     with staged_output(Path(out), force, "merge") as staging:
-        merged, was_tied = _merged_model(info, model_cfg)
+        merged, was_tied = _merged_model(info, model_cfg, tokenizer)
         _untie_trained_embeddings(merged, was_tied, log)
         if save_dtype is not None:
             merged = merged.to(save_dtype)
             merged.config.dtype = save_dtype
         _check_finite(merged)  # after the cast: float16 overflows to Inf above 65504
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
-        load_tokenizer(str(tokenizer_src)).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         saved_as = str(merged.dtype).removeprefix("torch.")
         (staging / "README.md").write_text(model_card(info, model_cfg.name_or_path, merged=True, dtype=saved_as),
                                            encoding="utf-8")
@@ -117,15 +118,18 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     return Path(out)
 
 
-def _merged_model(info, model_cfg):
+def _merged_model(info, model_cfg, tokenizer):
     """Base in float32 on the CPU (accurate, and no GPU needed) with the adapter folded in;
-    also whether the base tied its input and output embeddings."""
+    also whether the base tied its input and output embeddings. A classifier's trained head
+    (saved whole by peft) replaces the base's and its label names are in the saved config."""
     import torch
     from peft import PeftModel
 
     from lora_cli.model import load_base_model
+    from lora_cli.tasks import bind_tokenizer
 
     model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
+    bind_tokenizer(model, tokenizer)
     was_tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     model = PeftModel.from_pretrained(model, str(info.path))
     try:
@@ -181,10 +185,13 @@ def model_card(info, base: str, *, merged: bool, dtype: str | None = None) -> st
         rows.append(("saved dtype", dtype))
     what = ("The adapter folded into its base with `lora merge`: a plain transformers model, no peft needed."
             if merged else "A LoRA-family adapter exported with `lora save`; load it on its base with peft.")
-    load = ("from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"<this folder>\")"
+    from lora_cli.tasks import get_task
+
+    auto = get_task(info.model_section.get("task")).auto_class
+    load = (f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"<this folder>\")"
             if merged else
-            f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-            f"base = AutoModelForCausalLM.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, \"<this folder>\")")
+            f"from peft import PeftModel\nfrom transformers import {auto}\n"
+            f"base = {auto}.from_pretrained({base!r})\nmodel = PeftModel.from_pretrained(base, \"<this folder>\")")
     lines = ["---", f"base_model: {base}", f"library_name: {'transformers' if merged else 'peft'}",
              "tags: [lora, lora-cli" + (", merged" if merged else "") + "]", "---", "",
              f"# {'Merged model' if merged else 'Adapter'}", "", what, "", "| | |", "| --- | --- |"]

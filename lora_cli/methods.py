@@ -48,10 +48,13 @@ class Method:
 
 # --------------------------------------------------------------------------- peft configs
 
-def _task_type():
+def _task_type(recipe):
+    """peft's task type for model.task (SEQ_CLS also trains and saves the classification head whole)."""
     from peft import TaskType
 
-    return TaskType.CAUSAL_LM
+    from lora_cli.tasks import get_task
+
+    return TaskType[get_task(recipe.model.task).peft_task_type]
 
 
 def _lora_config(recipe, model):
@@ -59,7 +62,7 @@ def _lora_config(recipe, model):
 
     lora = recipe.lora
     return LoraConfig(
-        task_type=_task_type(),
+        task_type=_task_type(recipe),
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -76,7 +79,7 @@ def _ia3_config(recipe, model):
     from peft import IA3Config
 
     targets = resolve_target_modules(model, recipe.lora.target_modules)
-    return IA3Config(task_type=_task_type(), target_modules=targets,
+    return IA3Config(task_type=_task_type(recipe), target_modules=targets,
                      feedforward_modules=ia3_feedforward(model, targets),
                      modules_to_save=recipe.lora.modules_to_save or None)
 
@@ -87,13 +90,13 @@ def _prompt_tuning_config(recipe, model):
     lora = recipe.lora
     text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": lora.prompt_init_text,
             "tokenizer_name_or_path": recipe.model.name_or_path} if lora.prompt_init_text else {}
-    return PromptTuningConfig(task_type=_task_type(), num_virtual_tokens=lora.num_virtual_tokens, **text)
+    return PromptTuningConfig(task_type=_task_type(recipe), num_virtual_tokens=lora.num_virtual_tokens, **text)
 
 
 def _prefix_tuning_config(recipe, model):
     from peft import PrefixTuningConfig
 
-    return PrefixTuningConfig(task_type=_task_type(), num_virtual_tokens=recipe.lora.num_virtual_tokens)
+    return PrefixTuningConfig(task_type=_task_type(recipe), num_virtual_tokens=recipe.lora.num_virtual_tokens)
 
 
 # --------------------------------------------------------------------------- counting and checks

@@ -111,14 +111,17 @@ def quantization_config(model_cfg, sharded: bool = False):
 
 def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str | None = None,
                     sharded: bool = False):
-    """AutoModelForCausalLM from a folder or hub id. quantize=False reloads a QLoRA base in full
-    precision (what merging needs). sharded: FSDP / ZeRO-3 will place the weights, so no device_map."""
+    """The model.task's Auto class (AutoModelForCausalLM by default) from a folder or hub id.
+    quantize=False reloads a QLoRA base in full precision (what merging needs). sharded: FSDP /
+    ZeRO-3 will place the weights, so no device_map."""
     quiet_libraries()
-    from transformers import AutoModelForCausalLM
+    from lora_cli.tasks import check_model_can, get_task, load_kwargs
 
+    check_model_can(model_cfg)
     kwargs = {
         "dtype": dtype or resolve_dtype(model_cfg.dtype),
         "trust_remote_code": model_cfg.trust_remote_code,
+        **load_kwargs(model_cfg),
     }
     attn = resolve_attn_implementation(model_cfg)
     if attn:
@@ -132,7 +135,7 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
         if not sharded:
             kwargs["device_map"] = {"": device or local_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+        model = get_task(model_cfg.task).model_class().from_pretrained(model_cfg.name_or_path, **kwargs)
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met more than tensors
         raise LoraError(f"model.name_or_path {model_cfg.name_or_path!r}: its pickle weights (*.bin) do not load as "
                         f"plain tensors, and lora never runs code from a pickle ({_first_line(e)[:200]})",
@@ -278,6 +281,7 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
     from peft import PeftModel
 
     from lora_cli.recipe import ModelConfig
+    from lora_cli.tasks import bind_tokenizer
 
     from lora_cli.inputs import verify_adapter
 
@@ -295,6 +299,7 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
     tokenizer_source = str(first.path) if first and (first.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
     tokenizer = load_tokenizer(tokenizer_source, model_cfg.trust_remote_code)
     model = load_base_model(model_cfg, device=device)
+    bind_tokenizer(model, tokenizer)
     for i, (name, info) in enumerate(infos.items()):
         if i == 0:
             model = PeftModel.from_pretrained(model, str(info.path), adapter_name=name)
@@ -310,6 +315,11 @@ def _check_same_base(infos: dict[str, AdapterInfo]) -> None:
         listing = ", ".join(f"{n} -> {infos[n].base}" for n in bases)
         raise LoraError(f"adapters were trained on different base models ({listing})",
                         "load adapters of one base together; run the others in a separate session")
+    tasks = {name: i.model_section.get("task") or "causal_lm" for name, i in infos.items()}
+    if len(set(tasks.values())) > 1:  # each task loads its own model class and head
+        listing = ", ".join(f"{n} -> {t}" for n, t in tasks.items())
+        raise LoraError(f"adapters of different model.task cannot share one model ({listing})",
+                        "load adapters of one task together")
     types = {name: i.peft_type for name, i in infos.items()}
     if len(set(types.values())) > 1:  # peft keeps one tuner type per model
         listing = ", ".join(f"{n} -> {t}" for n, t in types.items())

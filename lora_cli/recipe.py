@@ -60,6 +60,8 @@ class ModelConfig:
     quantization: Literal["none", "8bit", "4bit"] = key("none", "none, 8bit (LLM.int8) or 4bit (NF4 + double quantization = QLoRA). Needs bitsandbytes.")
     trust_remote_code: bool = key(False, "Run code shipped with the model. Off unless you trust its author.")
     attn_implementation: Optional[Literal["auto", "sdpa", "flash_attention_2", "eager"]] = key("auto", "Attention kernel; auto (or empty) = flash_attention_2 on a GPU where flash-attn is installed and the model supports it, else sdpa where the model has it, else eager.")
+    task: Literal["causal_lm", "classification", "seq2seq"] = key("causal_lm", "What the model learns: causal_lm (prompt -> answer, decoder-only), classification (text -> label; BERT-like or decoder + head), seq2seq (source -> target; T5, BART).")
+    labels: Optional[list[str]] = key(None, "classification: label names in id order (rows' label: a name or an id into this list); empty = read from the training data, sorted, and saved with the adapter.")
 
 
 # Presets from the hyperparameter guide, mapped to the model's own module names at load time
@@ -127,8 +129,9 @@ def _data_path_problems(key_name: str, value) -> list[str]:
     return problems
 
 
-def data_problems(d: DataConfig) -> list[str]:
-    """The data section's cross-field checks (part of cross_checks)."""
+def data_problems(d: DataConfig, task_fields: tuple | None = None) -> list[str]:
+    """The data section's cross-field checks (part of cross_checks); task_fields: the row fields
+    of a non-causal model.task (lora_cli.tasks), which data.columns may map instead."""
     problems = _data_path_problems("data.path", d.path) + _data_path_problems("data.val_path", d.val_path)
     if d.weights is not None:
         if len(d.weights) != len(data_paths(d.path)):
@@ -136,10 +139,11 @@ def data_problems(d: DataConfig) -> list[str]:
                             "give one weight per entry of data.path")
         if any(w <= 0 for w in d.weights):
             problems.append(f"data.weights: {shorten(d.weights)} has a weight <= 0; drop that path instead")
+    fields = task_fields or DATA_FIELDS[d.format]
     for ours in d.columns:
-        if ours not in DATA_FIELDS[d.format]:
-            problems.append(f"data.columns: {shorten(ours)} is not a field of format {d.format}{_did_you_mean(ours, DATA_FIELDS[d.format])}; "
-                            f"map one of: {', '.join(DATA_FIELDS[d.format])} (our name -> yours)")
+        if ours not in fields:
+            problems.append(f"data.columns: {shorten(ours)} is not a field of {'this task' if task_fields else 'format ' + d.format}"
+                            f"{_did_you_mean(ours, fields)}; map one of: {', '.join(fields)} (our name -> yours)")
     if d.template == "custom" and not d.prompt_format:
         problems.append("data.prompt_format: required by template: custom; e.g. \"<|user|>\\n{instruction}\\n<|assistant|>\\n\"")
     if d.prompt_format is not None:
@@ -458,7 +462,10 @@ def cross_checks(r: Recipe) -> list[str]:
             problems.append(f"lora.target_modules: {shorten(tm)} is not a valid regex ({e}); use a list of names, "
                             f"a preset ({', '.join(TARGET_PRESETS)}), or a valid regex")
     problems += lora_method_problems(r)
-    problems += data_problems(r.data)
+    from lora_cli.tasks import column_fields, recipe_problems
+
+    problems += data_problems(r.data, column_fields(r))
+    problems += recipe_problems(r)
     if r.train.max_steps == 0:
         problems.append("train.max_steps: 0 would train nothing; use -1 to run all epochs or a positive number")
     if r.train.max_steps < 0 and r.train.epochs == 0:

@@ -39,7 +39,17 @@ def linear_modules(model) -> list[str]:
     """Full names of the linear layers an adapter could wrap, the output head excluded
     (peft's 'all-linear' rule: the head maps to the vocabulary and is left alone)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, m in model.named_modules() if _is_linear(m) and m is not head]
+    return [name for name, m in model.named_modules()
+            if _is_linear(m) and m is not head and not _in_classifier_head(name)]
+
+
+# A classification head (BERT's classifier, a decoder's score, BART's classification_head) is
+# new and trained whole by peft's SEQ_CLS task type (its modules_to_save), never LoRA-wrapped.
+CLASSIFIER_HEADS = ("classifier", "score", "classification_head")
+
+
+def _in_classifier_head(full_name: str) -> bool:
+    return any(part in CLASSIFIER_HEADS for part in full_name.split("."))
 
 
 def linear_module_names(model) -> list[str]:

@@ -137,8 +137,12 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     evaluate = {"eval_strategy": "no"}
     if has_eval:
         evaluate = ({"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "epoch"})
+        from lora_cli.tasks import eval_gathers_predictions
+
+        # A causal LM's eval is its loss only (no vocab-sized logits gathered); a classifier's
+        # logits are small and give accuracy and macro-F1.
         evaluate.update(per_device_eval_batch_size=shape.batch_size,
-                        prediction_loss_only=True)  # eval loss only: no vocab-sized logits gathered
+                        prediction_loss_only=not eval_gathers_predictions(recipe))
     parallel = {}
     if t.fsdp:
         parallel["fsdp"] = t.fsdp
@@ -179,12 +183,14 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     )
 
 
-def _setup_model(recipe: Recipe):
+def _setup_model(recipe: Recipe, tokenizer):
     from lora_cli.adapters import add_adapter
     from lora_cli.model import load_base_model
+    from lora_cli.tasks import bind_tokenizer
 
     sharded = bool(recipe.train.fsdp or recipe.train.deepspeed)  # QLoRA + FSDP / ZeRO-3 storage dtype
     model = load_base_model(recipe.model, sharded=sharded)
+    bind_tokenizer(model, tokenizer)
     return add_adapter(model, recipe)
 
 
@@ -230,7 +236,8 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from lora_cli.data import configure_sampling, make_collator
+    from lora_cli.data import configure_sampling
+    from lora_cli.tasks import make_collator, trainer_kwargs
 
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
     layout, grouped = _setup_batching(recipe, model)
@@ -239,10 +246,11 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
         args=configure_sampling(TrainingArguments(**kwargs), grouped),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=make_collator(layout, tokenizer),  # flattened / packed rows: no cross-attention
+        data_collator=make_collator(recipe, layout, tokenizer),  # flattened / packed rows: no cross-attention
         processing_class=tokenizer,
         callbacks=callbacks,
         carried_loss=carried_loss,
+        **trainer_kwargs(recipe, data),  # classification: accuracy and macro-F1 at every eval
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; RichProgress shows them
     return trainer
@@ -280,6 +288,9 @@ def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
 def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: ckpt.Resume | None = None,
                  recipe_path: str | Path | None = None, console: Console | None = None) -> TrainResult:
     console = (console or Console()) if is_main_process() else Console(quiet=True)
+    from lora_cli.tasks import prepare_recipe
+
+    prepare_recipe(recipe)  # e.g. the label set read from the data: saved with the run, compared on resume
     output_dir = Path(recipe.output_dir)
     resume_cmd = saved_recipe_resume_command(output_dir)
     if resume is not None and (overwrite or dry_run):
@@ -295,18 +306,18 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     from transformers import set_seed
 
-    from lora_cli.data import build_sft_data
+    from lora_cli import tasks
     from lora_cli.adapters import describe_adapted_modules
     from lora_cli.model import format_parameter_counts, load_tokenizer, parameter_counts
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    data = build_sft_data(recipe.data, tokenizer)
+    data = tasks.build_data(recipe, tokenizer)
     dataset, stats = data.train, data.stats
     data_record = None if dry_run else ckpt.data_fingerprint(recipe.data, data)
     if checkpoint is not None:
         ckpt.check_same_data(output_dir, data_record)
-    model = _setup_model(recipe)
+    model = _setup_model(recipe, tokenizer)
     trainable, total = parameter_counts(model)
 
     console.print(f"[bold]base[/]    {recipe.model.name_or_path} (quantization: {recipe.model.quantization}, "
@@ -317,10 +328,17 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]batches[/] {describe_batching(recipe, model)}")
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
-    _print_example(console, dataset, tokenizer)
+    for line in tasks.data_report_lines(recipe, data):  # classification: class balance
+        console.print(line, highlight=False, markup=False)
+    example = tasks.example_lines(recipe, dataset, tokenizer)
+    if example is None:
+        _print_example(console, dataset, tokenizer)
+    for line in example or []:
+        console.print(line, highlight=False, markup=False)
     result = TrainResult(output_dir, trainable, total, stats.summary(), resumed_from=checkpoint)
     planned = preflight.planned_steps(recipe, len(dataset))
     if dry_run:
+        tasks.report_held_out(recipe, model, tokenizer, console, "base on the eval split (before training)")
         console.print(f"[bold]plan[/]    {planned} optimizer steps; would write to {output_dir}")
         console.print("dry run: nothing trained, nothing written")
         return result
@@ -343,6 +361,8 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: Path | None, console: Console,
            resume_cmd: str, result: TrainResult) -> None:
     """The loop, then the final adapter, written once (no checkpoint is taken at the last step)."""
+    from lora_cli import tasks
+
     output_dir = Path(recipe.output_dir)
     progress = RichProgress(console, output_dir / METRICS_FILE)
     guard = RunGuard(console)
@@ -363,6 +383,8 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     result.final_loss = progress.last_loss
     result.steps = trainer.state.global_step
     if trainer.is_world_process_zero():
+        tasks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
+                              output_file=output_dir / tasks.EVAL_REPORT_FILE)
         try:
             save_final_adapter(model, output_dir)
         except OSError as e:
@@ -666,6 +688,8 @@ class RichProgress(TrainerCallback):
                 self.info["tok"] = f"{logs['supervised_tokens_per_s']:,.0f} sup tok/s"
         if "eval_loss" in logs:
             self.info["eval"] = f"eval {logs['eval_loss']:.4f} (ppl {logs.get('eval_perplexity', float('nan')):.2f})"
+        if "eval_accuracy" in logs:
+            self.info["eval"] = f"eval acc {logs['eval_accuracy']:.3f} macro-F1 {logs['eval_macro_f1']:.3f}"
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with self.metrics_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

@@ -71,6 +71,60 @@ def _tiny_model(out: Path, **kwargs) -> Path:
     return out
 
 
+CLASSIFY_DATA = REPO / "data" / "classify_demo.jsonl"
+SEQ2SEQ_DATA = REPO / "data" / "seq2seq_demo.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random tiny BERT (encoder) and its tokenizer, trained on the bundled classification texts."""
+    return _tiny_kind(tmp_path_factory.mktemp("models") / "tiny-bert", "bert", CLASSIFY_DATA)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A tiny T5 pre-trained (copying and completing the bundled seq2seq documents)."""
+    return _tiny_kind(tmp_path_factory.mktemp("models") / "tiny-t5", "t5", SEQ2SEQ_DATA)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory) -> Path:
+    """A random tiny BART: for tests that need the shape, not skill."""
+    return _tiny_kind(tmp_path_factory.mktemp("models") / "tiny-bart", "bart", SEQ2SEQ_DATA, steps=0)
+
+
+def _tiny_kind(out: Path, arch: str, data: Path, **kwargs) -> Path:
+    """build-tiny --arch ARCH into `out`, reused across sessions like _tiny_model."""
+    from lora_cli import tiny, tiny_encoders
+    from lora_cli.tiny_encoders import build_tiny_encoder_model
+
+    def build(folder: Path) -> Path:
+        return build_tiny_encoder_model(folder, data, arch, log=lambda *_: None, **kwargs)
+
+    source = Path(tiny.__file__).read_bytes() + Path(tiny_encoders.__file__).read_bytes() + data.read_bytes()
+    return _cached_build(out, source + repr((arch, sorted(kwargs.items()))).encode(), build)
+
+
+def _cached_build(out: Path, key_source: bytes, build) -> Path:
+    import hashlib
+    import shutil
+
+    cache = os.environ.get("LORA_TEST_MODEL_CACHE")
+    if not cache:
+        return build(out)
+    built = Path(cache) / hashlib.sha256(key_source).hexdigest()[:16]
+    if not (built / "TINY_MODEL.json").exists():
+        staging = Path(cache) / f".{built.name}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        build(staging)
+        try:
+            staging.rename(built)
+        except OSError:  # another session finished the same build first
+            shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(built, out)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
