@@ -93,17 +93,12 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     info = verify_adapter(adapter_dir)
     check_mergeable(info)
     model_cfg = inference_model_config(info, base, quantization="none")
-    trained_on = info.model_section.get("quantization", "none")
-    if trained_on != "none":
-        log(f"adapter was trained on a {trained_on} base; merging into {model_cfg.name_or_path} "
-            "reloaded in full precision (float32), never into the quantized weights")
     save_dtype = getattr(torch, dtype) if dtype else None
     tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
     check_out(Path(out), force, "merge", [("adapter", info.path), ("base model", model_cfg.name_or_path),
                                           ("tokenizer", tokenizer_src)])
     with staged_output(Path(out), force, "merge") as staging:
-        merged, was_tied = _merged_model(info, model_cfg)
-        _untie_trained_embeddings(merged, was_tied, log)
+        merged = _merge_into_full_precision(info, model_cfg, log)
         if save_dtype is not None:
             merged = merged.to(save_dtype)
             merged.config.dtype = save_dtype
@@ -115,6 +110,30 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
                                            encoding="utf-8")
     log(f"merged model ({saved_as}) written to {out}")
     return Path(out)
+
+
+def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print):
+    """(info, merged float32 model, model config): the merge `lora merge` saves, in memory, for
+    writers of other formats (`lora export`)."""
+    from lora_cli.model import inference_model_config, quiet_libraries
+
+    quiet_libraries()
+    info = verify_adapter(adapter_dir)
+    check_mergeable(info)
+    model_cfg = inference_model_config(info, base, quantization="none")
+    merged = _merge_into_full_precision(info, model_cfg, log)
+    _check_finite(merged)
+    return info, merged, model_cfg
+
+
+def _merge_into_full_precision(info, model_cfg, log):
+    trained_on = info.model_section.get("quantization", "none")
+    if trained_on != "none":
+        log(f"adapter was trained on a {trained_on} base; merging into {model_cfg.name_or_path} "
+            "reloaded in full precision (float32), never into the quantized weights")
+    merged, was_tied = _merged_model(info, model_cfg)
+    _untie_trained_embeddings(merged, was_tied, log)
+    return merged
 
 
 def _merged_model(info, model_cfg):

@@ -39,34 +39,36 @@ class Segment:
 
 @dataclass(frozen=True)
 class Template:
-    """A text template: how a user turn (with an optional input) and a system turn read."""
+    """A text template: how a user turn (with an optional input) and a system turn read.
+    Declarative on purpose: the same fields render prompts here and generate the Jinja and
+    Ollama templates `lora export` embeds (export.py), so the two cannot drift."""
     name: str
     with_input: str     # uses {instruction} and {input}
     without_input: str  # uses {instruction}
     turn_separator: str = ""  # between a finished turn (ending in EOS) and the next prompt
     system_format: str = DEFAULT_SYSTEM_FORMAT
+    trim: bool = False     # strip whitespace around the filled user text (before answer_cue)
+    answer_cue: str = ""   # appended after the (trimmed) user text: what opens the answer
 
     def render(self, instruction: str, input: str = "") -> str:
         if input and input.strip():
-            return fill(self.with_input, instruction=instruction, input=input)
-        return fill(self.without_input, instruction=instruction)
+            text = fill(self.with_input, instruction=instruction, input=input)
+        else:
+            text = fill(self.without_input, instruction=instruction)
+        return (text.strip() if self.trim else text) + self.answer_cue
 
     def render_system(self, system: str) -> str:
         return fill(self.system_format, system=system)
-
-
-class _HumanAssistant(Template):
-    # Exactly the source workflow's prompt:
-    #   "\n".join(["Human: " + instruction, input]).strip() + "\n\nAssistant: "
-    def render(self, instruction: str, input: str = "") -> str:
-        return "\n".join(["Human: " + instruction, input or ""]).strip() + "\n\nAssistant: "
 
 
 _ALPACA_INTRO = ("Below is an instruction that describes a task{extra}. "
                  "Write a response that appropriately completes the request.\n\n")
 
 TEMPLATES: dict[str, Template] = {
-    "human_assistant": _HumanAssistant("human_assistant", "", ""),
+    # Exactly the source workflow's prompt:
+    #   "\n".join(["Human: " + instruction, input]).strip() + "\n\nAssistant: "
+    "human_assistant": Template("human_assistant", with_input="Human: {instruction}\n{input}",
+                                without_input="Human: {instruction}", trim=True, answer_cue="\n\nAssistant: "),
     "alpaca": Template(
         "alpaca",
         with_input=_ALPACA_INTRO.replace("{extra}", ", paired with an input that provides further context")
@@ -80,9 +82,8 @@ TEMPLATES: dict[str, Template] = {
 def fill(fmt: str, **values: str) -> str:
     """Put values into {name} placeholders. Not str.format: literal braces in a prompt (JSON
     examples) must survive."""
-    for name, value in values.items():
-        fmt = fmt.replace("{" + name + "}", value)
-    return fmt
+    # One pass, so an instruction that happens to contain "{input}" is not filled in turn.
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), fmt)
 
 
 def placeholder_problems(key: str, fmt: str) -> list[str]:
