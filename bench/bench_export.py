@@ -27,11 +27,11 @@ MODEL = REPO / "models" / "tiny-llama"
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_larger(out: Path) -> Path:
+def build_larger(out: Path, tiny: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(MODEL)
+    tok = AutoTokenizer.from_pretrained(tiny)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
@@ -61,9 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-llama, f16 and q8_0 only")
     parser.add_argument("--larger", action="store_true", help="also a random ~30M-parameter Llama")
+    parser.add_argument("--model", type=Path, default=MODEL, help="the tiny base (default: models/tiny-llama)")
     args = parser.parse_args()
-    if not (MODEL / "config.json").is_file():
-        sys.exit(f"{MODEL} is missing: run `make tiny` first")
+    if not (args.model / "config.json").is_file():
+        sys.exit(f"{args.model} is missing: run `make tiny` first")
     from lora_cli.export import export
 
     runs = [("gguf", d) for d in (("f16", "q8_0") if args.quick else ("f32", "f16", "bf16", "q8_0"))]
@@ -71,9 +72,9 @@ def main() -> None:
         runs += [("gguf-adapter", "f32"), ("gguf-adapter", "f16"), ("ollama", "f16")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {"tiny-llama": MODEL}
+        models = {"tiny-llama": args.model}
         if args.larger:
-            models["llama-8x512"] = build_larger(tmp / "larger")
+            models["llama-8x512"] = build_larger(tmp / "larger", args.model)
         print("| model | format | dtype | export wall s | file size |")
         print("| --- | --- | --- | --- | --- |")
         for label, base in models.items():

@@ -274,6 +274,12 @@ def add_tokenizer(writer, tokenizer, tokenizer_dir: Path, n_vocab: int, chat_tem
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer_pre(tokenizer_json))
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    beyond = sorted(t for i, t in by_id.items() if i >= n_vocab)
+    if beyond:
+        raise LoraError(f"the tokenizer in {tokenizer_dir} has tokens the model has no embedding for "
+                        f"({', '.join(beyond[:5])}; the model's vocab_size is {n_vocab})",
+                        "resize the model's embeddings to the tokenizer (training does not add tokens by itself), "
+                        "or export with the tokenizer the base was trained with")
     special = set(tokenizer.all_special_ids)
     added = {i for i, t in tokenizer.added_tokens_decoder.items() if not t.special}
     tokens, types = [], []
@@ -406,10 +412,14 @@ def _finish(writer) -> None:
 # --------------------------------------------------------------------------- the formats
 
 def _merged(adapter_dir, base, log):
-    """(info, merged float32 model, tokenizer, tokenizer folder): the merge `lora merge` does."""
-    from lora_cli.merge import merged_model
-    from lora_cli.model import load_tokenizer
+    """(info, merged float32 model, tokenizer, tokenizer folder): the merge `lora merge` does.
+    The adapter and the base's architecture are checked first, before the slow part."""
+    from lora_cli.merge import check_mergeable, merged_model
+    from lora_cli.model import load_tokenizer, read_adapter
 
+    info = read_adapter(adapter_dir)
+    check_mergeable(info)
+    _base_config(info, base)
     info, model, model_cfg = merged_model(adapter_dir, base=base, log=log)
     tokenizer_dir = info.path if (info.path / "tokenizer_config.json").is_file() else Path(model_cfg.name_or_path)
     return info, model, load_tokenizer(str(tokenizer_dir)), tokenizer_dir

@@ -21,10 +21,13 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # q and k: the rotary row order matters
 # f32 GGUF vs the float32 torch model: the same weights, summed in another order.
-F32_ATOL = 1e-3
-# f16 weights: relative rounding 2**-11 per weight; on these logits (|x| up to ~10) that is below 0.05.
-F16_ATOL = 5e-2
+F32_ATOL = 1e-4
+# f16 weights: relative rounding 2**-11 per weight; measured 7e-3 (Llama), 6e-4 (Qwen2) here.
+F16_ATOL = 2e-2
 GREEDY_TOKENS = 12
+PAD = "<|endoftext|>"
+GGML_F32 = 0  # ggml_type of float32
+Q8_TIE = 0.1  # a top-2 logit margin below this is a near tie q8_0 rounding may flip
 
 
 # --------------------------------------------------------------------------- models and exports
@@ -47,9 +50,11 @@ def tiny_qwen2(tmp_path_factory) -> Path:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts + ["Human: \n\nAssistant: "], trainer=trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=[UNK, BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=1024, special_tokens=[UNK, BOS, EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    # Qwen2's tokenizer class pads with <|endoftext|>, so the vocabulary has it (as Qwen2's does).
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+                                        pad_token=PAD)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -137,6 +142,15 @@ def _greedy(llm, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def _top2_margin(llm, ids: list[int]) -> float:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    top = np.sort(np.asarray(llm.scores[llm.n_tokens - 1]))[-2:]
+    return float(top[1] - top[0])
+
+
 def _hf_greedy(model, tokenizer, ids: list[int], n: int) -> list[int]:
     """The ids `lora generate` produces (its own generation settings, greedy)."""
     import torch
@@ -203,7 +217,8 @@ def test_logits_match_the_merged_model(exports, references, model, dtype, atol):
         with peft_model.disable_adapter():
             base = peft_model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(reference - base).max() > 0.5  # the adapter matters: a base-only export would fail here
-    llm = _llama(exports(model, dtype), logits_all=True)
+    # An f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-2.
+    llm = _llama(exports(model, dtype), logits_all=True, type_k=GGML_F32, type_v=GGML_F32)
     llm.reset()
     llm.eval(ids)
     got = np.array(llm.scores[:len(ids)])
@@ -280,10 +295,18 @@ def test_q8_0_answers_like_f32_and_is_smaller(exports, references, capsys):
 
     _, tokenizer = references("llama")
     f32, q8 = _llama(exports("llama", "f32"), logits_all=True), _llama(exports("llama", "q8_0"), logits_all=True)
-    prompts = [r["instruction"] for r in demo_rows(4)]
+    prompts = [r["instruction"] for r in demo_rows(6)]
+    agree = 0
     for prompt in prompts:
         ids = build_prompt_ids(tokenizer, "human_assistant", prompt)
-        assert _greedy(q8, ids, GREEDY_TOKENS) == _greedy(f32, ids, GREEDY_TOKENS), prompt
+        want, got = _greedy(f32, ids, GREEDY_TOKENS), _greedy(q8, ids, GREEDY_TOKENS)
+        agree += got == want
+        if got != want:  # allowed only where f32 itself nearly tied: 8-bit rounding may flip a tie
+            k = next(i for i, (a, b) in enumerate(zip(want + [-1], got + [-1])) if a != b)
+            margin = _top2_margin(f32, ids + want[:k])
+            print(f"q8_0 differs from f32 at token {k} of {prompt!r}; f32 top-2 margin there {margin:.3f}")
+            assert margin < Q8_TIE, prompt
+    assert agree >= len(prompts) // 2  # random-adapter logits are flat: near ties do occur (printed)
     sizes = {d: exports("llama", d).stat().st_size for d in ("f32", "f16", "q8_0")}
     with capsys.disabled():
         print(f"\ntiny Llama GGUF sizes (bytes): {sizes}")
@@ -348,7 +371,8 @@ def test_ollama_folder_has_gguf_and_modelfile_reproducing_the_template(tiny_rand
     before, after = tpl.without_input.split("{instruction}")
     for piece in (before, after, tpl.turn_separator):
         assert json.dumps(piece, ensure_ascii=False) in template
-    assert template.index(json.dumps(before)) < template.index("{{ $m.Content }}") < template.index(json.dumps(after))
+    user_turn = template.index(json.dumps(before))
+    assert template.index(json.dumps(after), template.index("{{ $m.Content }}", user_turn)) > user_turn
     llm = _llama(out / "model.gguf", vocab_only=True)
     assert llm.metadata["general.type"] == "model"
 
@@ -443,3 +467,23 @@ def test_bad_format_and_dtype(tiny_random, tmp_path, cli):
     assert res.code == 2 and "f32, f16, bf16, q8_0" in res.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
+
+
+def test_adapter_trained_on_4bit_base_is_merged_into_the_full_precision_base(tiny_random, tmp_path, cli):
+    """The recipe says 4bit: export reloads the base unquantized (as `lora merge` does), so the
+    file equals the export of the same adapter marked as trained in full precision."""
+    import gguf
+    import numpy as np
+
+    adapter = random_adapter(tiny_random, tmp_path / "adapter", seed=12)
+    recipe = {"model": {"name_or_path": str(tiny_random), "quantization": "4bit"}, "data": {"template": "human_assistant"}}
+    (adapter / "lora_recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    res = cli("export", "--adapter", adapter, "--format", "gguf", "--dtype", "f32", "--out", tmp_path / "q.gguf")
+    assert res.code == 0, res
+    assert "4bit base" in res.out and "full precision" in res.out
+    recipe["model"]["quantization"] = "none"
+    (adapter / "lora_recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    assert cli("export", "--adapter", adapter, "--format", "gguf", "--dtype", "f32", "--out", tmp_path / "f.gguf").code == 0
+    a, b = (gguf.GGUFReader(str(tmp_path / n)).tensors for n in ("q.gguf", "f.gguf"))
+    assert [t.name for t in a] == [t.name for t in b]
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a, b))
