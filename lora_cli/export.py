@@ -361,9 +361,10 @@ def _merged(adapter_dir, base, log):
     """(info, merged float32 model, tokenizer, tokenizer folder): the merge `lora merge` does.
     The adapter and the base's architecture are checked first, before the slow part."""
     from lora_cli.merge import check_mergeable, merged_model
-    from lora_cli.model import load_tokenizer, read_adapter
+    from lora_cli.inputs import verify_adapter
+    from lora_cli.model import load_tokenizer
 
-    info = read_adapter(adapter_dir)
+    info = verify_adapter(adapter_dir)
     check_mergeable(info)
     _base_config(info, base)
     info, model, model_cfg = merged_model(adapter_dir, base=base, log=log)
@@ -431,13 +432,13 @@ def export_gguf_adapter(adapter_dir, out, *, dtype: str = "f32", force: bool = F
     """The LoRA adapter alone as a GGUF LoRA file (general.type=adapter, adapter.type=lora,
     adapter.lora.alpha; tensors <base tensor>.lora_a / .lora_b), for a GGUF base of the same model."""
     from lora_cli.merge import check_mergeable
-    from lora_cli.model import read_adapter
+    from lora_cli.inputs import verify_adapter
 
     out = Path(out)
     _check_dtype(dtype)
     if dtype == "q8_0":
         raise LoraError("--format gguf-adapter: --dtype q8_0 is not offered for adapters", "use f32, f16 or bf16")
-    info = read_adapter(adapter_dir)
+    info = verify_adapter(adapter_dir)
     check_mergeable(info)
     alpha = _plain_lora_alpha(info)
     config = _base_config(info, base)

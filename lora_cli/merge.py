@@ -18,7 +18,7 @@ from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
 from lora_cli.inputs import verify_adapter
 from lora_cli.methods import for_peft_type
-from lora_cli.model import RECIPE_FILE, find_recipe_file, read_adapter
+from lora_cli.model import RECIPE_FILE, find_recipe_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
