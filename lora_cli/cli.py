@@ -327,6 +327,22 @@ def merge(
 
 
 @app.command()
+def export(
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to export.")],
+    format: Annotated[str, typer.Option("--format", help="gguf (merged model), gguf-adapter (the LoRA alone) or ollama (folder: GGUF + Modelfile).")],
+    out: Annotated[Path, typer.Option("--out", help="The .gguf file (gguf, gguf-adapter) or folder (ollama) to write.")],
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="f16 (default), bf16, f32 or q8_0; gguf-adapter: f32 (default), f16, bf16.")] = None,
+    base: BaseOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out, if an earlier `lora export` wrote it.")] = False,
+):
+    """Write the adapter for llama.cpp / Ollama: merged into its base as GGUF (tokenizer and the
+    training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
+    from lora_cli.export import export as run_export
+
+    run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
+
+
+@app.command()
 def save(
     source: Annotated[Path, typer.Argument(help="A run's output_dir or one of its checkpoint-N folders.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the clean adapter.")],

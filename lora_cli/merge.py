@@ -18,7 +18,7 @@ from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
 from lora_cli.inputs import verify_adapter
 from lora_cli.methods import for_peft_type
-from lora_cli.model import RECIPE_FILE, find_recipe_file, read_adapter
+from lora_cli.model import RECIPE_FILE, find_recipe_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
@@ -93,18 +93,13 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     info = verify_adapter(adapter_dir)
     check_mergeable(info)
     model_cfg = inference_model_config(info, base, quantization="none")
-    trained_on = info.model_section.get("quantization", "none")
-    if trained_on != "none":
-        log(f"adapter was trained on a {trained_on} base; merging into {model_cfg.name_or_path} "
-            "reloaded in full precision (float32), never into the quantized weights")
     save_dtype = getattr(torch, dtype) if dtype else None
     tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
     check_out(Path(out), force, "merge", [("adapter", info.path), ("base model", model_cfg.name_or_path),
                                           ("tokenizer", tokenizer_src)])
     tokenizer = load_tokenizer(str(tokenizer_src))
     with staged_output(Path(out), force, "merge") as staging:
-        merged, was_tied = _merged_model(info, model_cfg, tokenizer)
-        _untie_trained_embeddings(merged, was_tied, log)
+        merged = _merge_into_full_precision(info, model_cfg, tokenizer, log)
         if save_dtype is not None:
             merged = merged.to(save_dtype)
             merged.config.dtype = save_dtype
@@ -116,6 +111,31 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
                                            encoding="utf-8")
     log(f"merged model ({saved_as}) written to {out}")
     return Path(out)
+
+
+def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print):
+    """(info, merged float32 model, model config): the merge `lora merge` saves, in memory, for
+    writers of other formats (`lora export`)."""
+    from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
+
+    quiet_libraries()
+    info = verify_adapter(adapter_dir)
+    check_mergeable(info)
+    model_cfg = inference_model_config(info, base, quantization="none")
+    tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
+    merged = _merge_into_full_precision(info, model_cfg, load_tokenizer(str(tokenizer_src)), log)
+    _check_finite(merged)
+    return info, merged, model_cfg
+
+
+def _merge_into_full_precision(info, model_cfg, tokenizer, log):
+    trained_on = info.model_section.get("quantization", "none")
+    if trained_on != "none":
+        log(f"adapter was trained on a {trained_on} base; merging into {model_cfg.name_or_path} "
+            "reloaded in full precision (float32), never into the quantized weights")
+    merged, was_tied = _merged_model(info, model_cfg, tokenizer)
+    _untie_trained_embeddings(merged, was_tied, log)
+    return merged
 
 
 def _merged_model(info, model_cfg, tokenizer):

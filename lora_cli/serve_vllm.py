@@ -2,60 +2,21 @@
 client code works against it as against `lora serve`: the base served as `base`, every adapter
 as a LoRA module under its name, and a chat template that renders conversations as training did.
 
-The chat template is Jinja built from the adapter's TemplateSpec: the same format strings, the
-same placeholder filling (Jinja's `replace` is Python's str.replace, as template.fill), EOS after
-each answer, the turn separator and default system prompt. A test renders it with the
-tokenizer and compares the text with template.prompt_ids'."""
+The chat template is template.jinja_chat_template (the one generator `lora export` uses too),
+with bos_token in front: vLLM tokenises the rendered text without adding special tokens. A test
+renders it with the tokenizer and compares the text with template.prompt_ids'."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from pathlib import Path
 
 from lora_cli.errors import LoraError
 from lora_cli.infer import BASE
-from lora_cli.template import TemplateSpec, adds_bos, resolve_template
+from lora_cli.template import TemplateSpec, jinja_chat_template
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
-
-
-def _literal(text: str) -> str:
-    """A Jinja string literal (JSON's escaping is a subset Jinja reads)."""
-    return json.dumps(text)
-
-
-def jinja_chat_template(template, tokenizer) -> str:
-    """A Jinja chat template that renders a conversation as template.conversation_segments does
-    (text templates; chat_template returns the tokenizer's own)."""
-    spec = resolve_template(template)
-    if spec.name == "chat_template":
-        if not getattr(tokenizer, "chat_template", None):
-            raise LoraError("the adapters were trained with the tokenizer's chat template, but it has none")
-        return tokenizer.chat_template
-    tpl = spec.text_template()
-    if spec.name == "human_assistant":  # "\n".join(["Human: " + instruction, ""]).strip() + "\n\nAssistant: "
-        user = "{{ ('Human: ' + message['content']) | trim }}{{ '\\n\\nAssistant: ' }}"
-    else:
-        user = "{{ " + _literal(tpl.without_input) + " | replace('{instruction}', message['content']) }}"
-    system = "{{ " + _literal(tpl.system_format) + " | replace('{system}', message['content']) }}"
-    default_system = ""
-    if spec.system_prompt:
-        default_system = ("{%- if messages[0]['role'] != 'system' -%}{{ "
-                          + _literal(tpl.system_format.replace("{system}", spec.system_prompt)) + " }}{%- endif -%}")
-    separator = ("{%- if not loop.last or add_generation_prompt -%}{{ " + _literal(tpl.turn_separator)
-                 + " }}{%- endif -%}") if tpl.turn_separator else ""
-    return "".join([
-        "{{ bos_token }}" if adds_bos(tokenizer) else "",
-        default_system,
-        "{%- for message in messages -%}",
-        "{%- if message['role'] == 'system' -%}", system,
-        "{%- elif message['role'] == 'user' -%}", user,
-        "{%- else -%}{{ message['content'] + eos_token }}", separator,
-        "{%- endif -%}",
-        "{%- endfor -%}",
-    ])
 
 
 def max_lora_rank(infos: dict) -> int:
@@ -120,7 +81,7 @@ def prepare_vllm(adapters: dict, *, base: str | None, host: str, port: int, api_
         raise LoraError("nothing to serve", "pass --adapter NAME=DIR, or --base MODEL for the base alone")
     base_model = base or first.model_section.get("name_or_path") or first.base
     tokenizer_source = str(first.path) if first and (first.path / "tokenizer_config.json").is_file() else base_model
-    template_text = jinja_chat_template(one_template(infos), load_tokenizer(tokenizer_source))
+    template_text = jinja_chat_template(one_template(infos), load_tokenizer(tokenizer_source), bos=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     chat_template_file = work_dir / "chat_template.jinja"
     chat_template_file.write_text(template_text, encoding="utf-8")

@@ -39,34 +39,36 @@ class Segment:
 
 @dataclass(frozen=True)
 class Template:
-    """A text template: how a user turn (with an optional input) and a system turn read."""
+    """A text template: how a user turn (with an optional input) and a system turn read.
+    Declarative on purpose: the same fields render prompts here and generate the Jinja and
+    Ollama templates `lora export` embeds (export.py), so the two cannot drift."""
     name: str
     with_input: str     # uses {instruction} and {input}
     without_input: str  # uses {instruction}
     turn_separator: str = ""  # between a finished turn (ending in EOS) and the next prompt
     system_format: str = DEFAULT_SYSTEM_FORMAT
+    trim: bool = False     # strip whitespace around the filled user text (before answer_cue)
+    answer_cue: str = ""   # appended after the (trimmed) user text: what opens the answer
 
     def render(self, instruction: str, input: str = "") -> str:
         if input and input.strip():
-            return fill(self.with_input, instruction=instruction, input=input)
-        return fill(self.without_input, instruction=instruction)
+            text = fill(self.with_input, instruction=instruction, input=input)
+        else:
+            text = fill(self.without_input, instruction=instruction)
+        return (text.strip() if self.trim else text) + self.answer_cue
 
     def render_system(self, system: str) -> str:
         return fill(self.system_format, system=system)
-
-
-class _HumanAssistant(Template):
-    # Exactly the source workflow's prompt:
-    #   "\n".join(["Human: " + instruction, input]).strip() + "\n\nAssistant: "
-    def render(self, instruction: str, input: str = "") -> str:
-        return "\n".join(["Human: " + instruction, input or ""]).strip() + "\n\nAssistant: "
 
 
 _ALPACA_INTRO = ("Below is an instruction that describes a task{extra}. "
                  "Write a response that appropriately completes the request.\n\n")
 
 TEMPLATES: dict[str, Template] = {
-    "human_assistant": _HumanAssistant("human_assistant", "", ""),
+    # Exactly the source workflow's prompt:
+    #   "\n".join(["Human: " + instruction, input]).strip() + "\n\nAssistant: "
+    "human_assistant": Template("human_assistant", with_input="Human: {instruction}\n{input}",
+                                without_input="Human: {instruction}", trim=True, answer_cue="\n\nAssistant: "),
     "alpaca": Template(
         "alpaca",
         with_input=_ALPACA_INTRO.replace("{extra}", ", paired with an input that provides further context")
@@ -80,9 +82,8 @@ TEMPLATES: dict[str, Template] = {
 def fill(fmt: str, **values: str) -> str:
     """Put values into {name} placeholders. Not str.format: literal braces in a prompt (JSON
     examples) must survive."""
-    for name, value in values.items():
-        fmt = fmt.replace("{" + name + "}", value)
-    return fmt
+    # One pass, so an instruction that happens to contain "{input}" is not filled in turn.
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), fmt)
 
 
 def placeholder_problems(key: str, fmt: str) -> list[str]:
@@ -411,3 +412,60 @@ def history_messages(history, instruction: str, input: str = "", system: str = "
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": instruction, "input": input})
     return messages
+
+
+# --------------------------------------------------------------------------- as a Jinja chat template
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal. Newlines stay literal inside the quotes (every Jinja engine reads
+    them), so only the backslash and the quote need escaping; and text inside an expression is
+    safe from trim_blocks/lstrip_blocks, which HF, llama.cpp and llama-cpp-python all turn on."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _jinja_format(fmt: str, values: dict[str, str]) -> str:
+    """A template format string ("Human: {instruction}") as a Jinja expression."""
+    parts = []
+    for piece in re.split(r"(\{\w+\})", fmt):
+        name = piece[1:-1] if re.fullmatch(r"\{\w+\}", piece) else None
+        if name in values:
+            parts.append(values[name])
+        elif piece:
+            parts.append(_jinja_str(piece))
+    return " ~ ".join(parts) or "''"
+
+
+def jinja_chat_template(spec, tokenizer=None, *, bos: bool = False) -> str:
+    """The training template as a Jinja chat template, generated from the Template's fields:
+    rendering `messages` (roles system, user, assistant; a user message may carry an alpaca
+    `input`) with add_generation_prompt gives the text of the segments training built, with
+    eos_token where training put the EOS id. bos=True starts with bos_token when the tokenizer
+    adds BOS (for engines that tokenise the rendered text without special tokens, like vLLM);
+    llama.cpp adds BOS itself (the GGUF's add_bos_token). Used by `lora export` and serve_vllm."""
+    spec = resolve_template(spec)
+    if spec.name == "chat_template":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise LoraError("the adapter was trained with template: chat_template, but its tokenizer has none")
+        return tokenizer.chat_template
+    tpl = spec.text_template()
+    content, extra = "message['content']", "message['input']"
+
+    def user_turn(fmt: str) -> str:
+        text = _jinja_format(fmt, {"instruction": content, "input": extra})
+        text = f"({text}) | trim" if tpl.trim else text
+        return "{{ " + text + (" ~ " + _jinja_str(tpl.answer_cue) if tpl.answer_cue else "") + " }}"
+
+    out = ["{{ bos_token }}"] if bos and tokenizer is not None and adds_bos(tokenizer) else []
+    if spec.system_prompt:
+        out.append("{% if not (messages and messages[0]['role'] == 'system') %}{{ "
+                   + _jinja_str(tpl.render_system(spec.system_prompt)) + " }}{% endif %}")
+    out.append("{% for message in messages %}")
+    out.append("{% if message['role'] == 'system' %}{{ " + _jinja_format(tpl.system_format, {"system": content}) + " }}")
+    out.append("{% elif message['role'] == 'user' %}")
+    out.append("{% if message['input'] is defined and message['input'] and message['input'] | trim %}"
+               + user_turn(tpl.with_input) + "{% else %}" + user_turn(tpl.without_input) + "{% endif %}")
+    out.append("{% elif message['role'] == 'assistant' %}{{ message['content'] ~ eos_token }}")
+    if tpl.turn_separator:
+        out.append("{% if not loop.last or add_generation_prompt %}{{ " + _jinja_str(tpl.turn_separator) + " }}{% endif %}")
+    out.append("{% endif %}{% endfor %}")
+    return "".join(out)

@@ -41,12 +41,11 @@ def test_command_serves_base_and_every_adapter_with_the_training_template(adapte
 ])
 def test_chat_template_renders_what_training_rendered(tiny_random, data):
     from lora_cli.model import load_tokenizer
-    from lora_cli.serve_vllm import jinja_chat_template
-    from lora_cli.template import TemplateSpec, prompt_ids
+    from lora_cli.template import TemplateSpec, jinja_chat_template, prompt_ids
 
     tok = load_tokenizer(str(tiny_random))
     spec = TemplateSpec.from_data(data)
-    jinja = jinja_chat_template(spec, tok)
+    jinja = jinja_chat_template(spec, tok, bos=True)  # what prepare_vllm writes
     for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[3:]):
         ids = prompt_ids(tok, spec, [dict(m) for m in messages])
         rendered = tok.apply_chat_template(messages, chat_template=jinja, tokenize=False, add_generation_prompt=True)
