@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lora_cli.errors import LoraError
-from lora_cli.recipe import BITSANDBYTES_OPTIMIZERS
+from lora_cli.recipe import BITSANDBYTES_OPTIMIZERS, quantized_sharding_problems
 
 # Packages that train.report_to names, and the module that proves each is installed.
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -112,8 +112,7 @@ def _sharding_source(recipe) -> str:
 
 
 def check_sharding(recipe, cuda: bool) -> list[str]:
-    """FSDP and DeepSpeed shard over CUDA GPUs, and a quantized base shards only when its
-    packed weights are stored in a float dtype (the peft/bitsandbytes FSDP-QLoRA recipe)."""
+    """FSDP and DeepSpeed shard over CUDA GPUs, and a quantized base only in a float storage dtype."""
     engine = sharding_engine(recipe)
     if engine is None:
         return []
@@ -124,14 +123,8 @@ def check_sharding(recipe, cuda: bool) -> list[str]:
                         "train with plain data parallelism instead (torchrun --nproc_per_node N -m lora_cli.cli train "
                         "RECIPE, or accelerate launch --config_file recipes/accelerate/ddp.yaml), without "
                         "train.fsdp / train.deepspeed")
-    if recipe.model.quantization == "8bit":
-        problems.append(f"model.quantization: 8bit (LLM.int8) weights cannot be sharded by {name}; use 4bit "
-                        "(QLoRA), whose packed weights shard with the rest")
-    if recipe.model.quantization == "4bit" and recipe.model.dtype not in ("bfloat16", "float16"):
-        problems.append(f"model.dtype: {name} with a 4-bit base stores the packed weights in model.dtype "
-                        f"(bnb_4bit_quant_storage), so it must be a 16-bit float, not {recipe.model.dtype!r}; "
-                        "set model.dtype: bfloat16")
-    return problems
+    # (recipe validation already applied these when train.fsdp / train.deepspeed asked for it)
+    return problems + quantized_sharding_problems(recipe.model, name)
 
 
 def check_before_loading(recipe) -> dict:

@@ -459,6 +459,8 @@ def cross_checks(r: Recipe) -> list[str]:
     if r.train.max_steps < 0 and r.train.epochs == 0:
         problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
     problems += _parallel_checks(r.train)
+    if r.train.fsdp or r.train.deepspeed:
+        problems += quantized_sharding_problems(r.model, "FSDP" if r.train.fsdp else "DeepSpeed")
     if r.lora.adapter_dtype == "bfloat16" and r.train.precision == "fp16":
         problems.append("lora.adapter_dtype: bfloat16 adapters cannot train under train.precision fp16 (the fp16 "
                         "gradient scaler expects fp16/fp32 weights); use precision bf16, or adapter_dtype float32")
@@ -483,6 +485,21 @@ def _parallel_checks(t: TrainConfig) -> list[str]:
         value = getattr(t, name)
         if value and not Path(value).is_file():
             problems.append(f"train.{name}: {value} does not exist; give a JSON file (relative to the recipe's folder)")
+    return problems
+
+
+def quantized_sharding_problems(model: ModelConfig, engine: str) -> list[str]:
+    """A quantized base under FSDP / DeepSpeed (engine: their display name) shards only when its
+    packed weights are stored in a float dtype (the peft/bitsandbytes FSDP-QLoRA recipe). Read
+    by recipe validation (train.fsdp / train.deepspeed) and by preflight (an accelerate config)."""
+    problems = []
+    if model.quantization == "8bit":
+        problems.append(f"model.quantization: 8bit (LLM.int8) weights cannot be sharded by {engine}; use 4bit "
+                        "(QLoRA), whose packed weights shard with the rest")
+    if model.quantization == "4bit" and model.dtype not in ("bfloat16", "float16"):
+        problems.append(f"model.dtype: {engine} with a 4-bit base stores the packed weights in model.dtype "
+                        f"(bnb_4bit_quant_storage), so it must be a 16-bit float, not {model.dtype!r}; "
+                        "set model.dtype: bfloat16")
     return problems
 
 

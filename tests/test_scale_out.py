@@ -72,17 +72,22 @@ def test_sharding_without_gpus_is_refused_before_loading(cli, tmp_path, tiny_ran
     assert not (tmp_path / "run").exists()
 
 
-def test_fsdp_qlora_needs_a_16bit_storage_dtype():
+def test_fsdp_qlora_needs_a_16bit_storage_dtype(cli, monkeypatch, tmp_path, tiny_random):
     from lora_cli.preflight import check_sharding
     from lora_cli.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "qlora_fsdp.yaml")
-    assert check_sharding(recipe, cuda=True) == []
-    auto = load_recipe(REPO / "recipes" / "qlora_fsdp.yaml", ["model.dtype=auto"])
-    (problem,) = check_sharding(auto, cuda=True)
-    assert problem.startswith("model.dtype: FSDP with a 4-bit base") and "bfloat16" in problem
-    int8 = load_recipe(REPO / "recipes" / "qlora_fsdp.yaml", ["model.quantization=8bit"])
-    assert any(p.startswith("model.quantization: 8bit") for p in check_sharding(int8, cuda=True))
+    # written in the recipe: `lora check` refuses it, no GPU needed to find out
+    recipe = REPO / "recipes" / "qlora_fsdp.yaml"
+    assert check_sharding(load_recipe(recipe), cuda=True) == []
+    res = cli("check", recipe, "--set", "model.dtype=auto")
+    assert res.code == 2 and "model.dtype: FSDP with a 4-bit base" in " ".join(res.err.split()), res
+    res = cli("check", recipe, "--set", "model.quantization=8bit")
+    assert res.code == 2 and "model.quantization: 8bit (LLM.int8) weights cannot be sharded" in " ".join(res.err.split())
+    # asked for by an accelerate config instead: preflight finds the same problem
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plain = load_recipe(make_recipe(tmp_path, tiny_random), ["model.quantization=4bit"])
+    problems = check_sharding(plain, cuda=True)
+    assert len(problems) == 1 and problems[0].startswith("model.dtype: FSDP with a 4-bit base")
 
 
 @pytest.mark.slow
