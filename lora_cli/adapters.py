@@ -44,12 +44,28 @@ def add_adapter(model, recipe):
     _check_modules_exist(model, recipe.lora)
     config = peft_config(recipe, model)
     try:
-        return get_peft_model(model, config)
+        return cast_trainable(get_peft_model(model, config), recipe.lora.adapter_dtype)
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target module" in str(e) or "target_modules" in str(e):
             raise LoraError(f"lora.target_modules: {recipe.lora.target_modules!r} matches no module of the model",
                             f"linear layers in this model: {', '.join(linear_module_names(model))}") from None
         raise
+
+
+def cast_trainable(model, dtype_name: str):
+    """lora.adapter_dtype: peft keeps adapter weights in float32 even on a 16-bit base; the
+    QLoRA paper trains them in bfloat16, which halves the weights, their gradients and the
+    optimizer state. Only trained parameters change; the frozen base keeps its dtype. float32
+    leaves peft's own choice untouched."""
+    import torch
+
+    if dtype_name == "float32":
+        return model
+    dtype = getattr(torch, dtype_name)
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
 
 
 def _check_modules_exist(model, lora_cfg) -> None:

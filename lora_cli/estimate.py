@@ -9,8 +9,9 @@ itself and the counts equal what `lora train` prints. Memory is arithmetic over 
   256 blocks (4.127 bits per weight). Layers bitsandbytes leaves alone (lm_head, tied
   weights) and everything that is not a linear layer stay unquantized, and
   prepare_model_for_kbit_training upcasts those to fp32.
-- LoRA weights (fp32: peft upcasts adapters of 16-bit bases), their gradients and AdamW's two
-  moments in the same dtype.
+- LoRA weights (fp32: peft upcasts adapters of 16-bit bases; or lora.adapter_dtype), their
+  gradients in the same dtype, and the state train.optimizer keeps for them, counted tensor by
+  tensor as each optimizer allocates it (see optimizer_state_bytes).
 - activations of one forward pass of batch_size x data.max_length tokens (the batch shape of
   lora_cli.batching, chosen from train.tokens_per_batch when empty): per layer and
   token the tensors autograd keeps for backward in a Llama-style block with fused (SDPA/flash)
@@ -275,9 +276,51 @@ def estimate_memory(recipe: Recipe, model, config, quantized: dict) -> MemoryEst
     if full_bytes:
         rows.append(("trained in full", full_bytes, "modules_to_save copies, trainable biases"))
     rows.append(("gradients", train_bytes, "one per trainable weight, " + "/".join(dtypes)))
-    rows.append(("AdamW states", 2 * train_bytes, "two moments per trainable weight"))
+    rows.append(optimizer_row(recipe.train.optimizer, trainable))
     full, ckpt = activations(recipe, model, config)
     return MemoryEstimate(rows, full, ckpt, recipe.train.gradient_checkpointing)
+
+
+# bitsandbytes' 8-bit optimizers: one uint8 per moment and weight, one fp32 absmax per block of
+# 256 weights and a 256-entry fp32 quantization map per moment and tensor. Tensors under 4096
+# weights (min_8bit_size) keep fp32 moments instead.
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+
+# train.optimizer -> (moments kept per weight, how they are stored, what the table says)
+OPTIMIZER_STATE = {
+    "adamw_torch": (2, "param", "AdamW: two moments per trainable weight, in its dtype"),
+    "adamw_torch_fused": (2, "param", "AdamW (fused): two moments per trainable weight, in its dtype"),
+    "adamw_8bit": (2, "8bit", "8-bit AdamW: two uint8 moments + fp32 absmax per 256 weights"),
+    "paged_adamw_8bit": (2, "8bit", "paged 8-bit AdamW: two uint8 moments + absmax (paged: spills to CPU RAM on spikes)"),
+    "paged_adamw_32bit": (2, "fp32", "paged AdamW: two fp32 moments (paged: spills to CPU RAM on spikes)"),
+    "lion_8bit": (1, "8bit", "8-bit Lion: one uint8 moment + fp32 absmax per 256 weights"),
+    "paged_lion_8bit": (1, "8bit", "paged 8-bit Lion: one uint8 moment + absmax (paged)"),
+    "adafactor": (1, "factored", "Adafactor: factored second moment (row + column sums), no first moment"),
+    "sgd": (0, "param", "SGD without momentum: no state"),
+}
+
+
+def optimizer_state_bytes(optimizer: str, shapes: list[tuple[tuple[int, ...], int]]) -> int:
+    """Bytes of state `optimizer` allocates for trainable tensors given as (shape, element size)."""
+    moments, storage, _ = OPTIMIZER_STATE[optimizer]
+    total = 0
+    for shape, element in shapes:
+        n = math.prod(shape)
+        if storage == "param":
+            total += moments * n * element
+        elif storage == "fp32":
+            total += moments * n * 4
+        elif storage == "8bit":
+            total += moments * (n + 4 * math.ceil(n / BNB_BLOCK) + 4 * 256) if n >= BNB_MIN_8BIT_SIZE else moments * n * 4
+        else:  # factored (transformers' Adafactor): row and column statistics of the last two dims
+            total += (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]) * element if len(shape) >= 2 else n * element
+    return total
+
+
+def optimizer_row(optimizer: str, trainable) -> tuple[str, int, str]:
+    shapes = [(tuple(p.shape), p.element_size()) for p in trainable]
+    return ("optimizer state", optimizer_state_bytes(optimizer, shapes), f"{optimizer}: {OPTIMIZER_STATE[optimizer][2]}")
 
 
 def weights_row(recipe: Recipe, model, quantized: dict) -> tuple[str, int, str]:

@@ -17,8 +17,9 @@ from lora_cli.targets import ia3_feedforward, resolve_target_modules
 
 # The lora.* keys each kind of method reads. Any other lora.* key written in the recipe is an
 # error, so an option never silently does nothing.
-LOW_RANK_KEYS = frozenset({"r", "alpha", "dropout", "init", "target_modules", "bias", "modules_to_save"})
-VIRTUAL_TOKEN_KEYS = frozenset({"num_virtual_tokens"})
+EVERY_METHOD_KEYS = frozenset({"adapter_dtype"})  # how the trained weights are stored
+LOW_RANK_KEYS = EVERY_METHOD_KEYS | {"r", "alpha", "dropout", "init", "target_modules", "bias", "modules_to_save"}
+VIRTUAL_TOKEN_KEYS = EVERY_METHOD_KEYS | {"num_virtual_tokens"}
 
 # Which lora.init means which peft init_lora_weights.
 PEFT_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora"}
@@ -136,7 +137,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _low_rank("lora", "lora"),
     _low_rank("dora", "dora (magnitude + direction)"),
     _low_rank("rslora", "rslora (scale alpha/sqrt(r))", rslora_scaling=True),
-    Method("ia3", "ia3 (learned scaling vectors)", frozenset({"target_modules", "modules_to_save"}), "IA3",
+    Method("ia3", "ia3 (learned scaling vectors)", EVERY_METHOD_KEYS | {"target_modules", "modules_to_save"}, "IA3",
            has_rank=False, merges=True, rslora_scaling=False, peft_config=_ia3_config,
            rank_parameters=_no_rank_parameters),
     Method("prompt_tuning", "prompt_tuning (learned virtual tokens)", VIRTUAL_TOKEN_KEYS | {"prompt_init_text"},

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from lora_cli.errors import LoraError
+from lora_cli.recipe import BITSANDBYTES_OPTIMIZERS, quantized_sharding_problems
 
 # Packages that train.report_to names, and the module that proves each is installed.
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -82,18 +83,65 @@ def check_packages(recipe) -> list[str]:
     if recipe.model.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
         problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
                         "installed; pip install flash-attn, or set model.attn_implementation: auto")
-    if recipe.train.deepspeed and not _importable("deepspeed"):
-        problems.append("train.deepspeed: the deepspeed package is not installed; pip install deepspeed, "
-                        "or remove train.deepspeed")
+    if sharding_engine(recipe) == "deepspeed" and not _importable("deepspeed"):
+        problems.append(f"{_sharding_source(recipe)}: DeepSpeed is asked for but the deepspeed package is not "
+                        "installed; pip install deepspeed, or train without DeepSpeed")
+    if recipe.train.optimizer in BITSANDBYTES_OPTIMIZERS and not _importable("bitsandbytes"):
+        problems.append(f"train.optimizer: {recipe.train.optimizer} comes from bitsandbytes, which is not installed; "
+                        "pip install bitsandbytes, or set train.optimizer: adamw_torch")
     return problems
+
+
+# --------------------------------------------------------------------------- sharding
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def sharding_engine(recipe) -> str | None:
+    """'fsdp', 'deepspeed' or None. Either the recipe asks (train.fsdp / train.deepspeed) or
+    `accelerate launch --config_file` does: accelerate hands its choice to the Trainer through
+    these environment variables, and the Trainer's Accelerator reads them."""
+    if recipe.train.fsdp or _env_flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if recipe.train.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return None
+
+
+def _sharding_source(recipe) -> str:
+    """Where the sharding request came from, for messages."""
+    if recipe.train.fsdp:
+        return "train.fsdp"
+    if recipe.train.deepspeed:
+        return "train.deepspeed"
+    return "the accelerate launch config (ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED)"
+
+
+def check_sharding(recipe, cuda: bool) -> list[str]:
+    """FSDP and DeepSpeed shard over CUDA GPUs, and a quantized base only in a float storage dtype."""
+    engine = sharding_engine(recipe)
+    if engine is None:
+        return []
+    name, source = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[engine], _sharding_source(recipe)
+    problems = []
+    if not cuda:
+        problems.append(f"{source}: {name} shards the model over CUDA GPUs and this machine has none; on CPU "
+                        "train with plain data parallelism instead (torchrun --nproc_per_node N -m lora_cli.cli train "
+                        "RECIPE, or accelerate launch --config_file recipes/accelerate/ddp.yaml), without "
+                        "train.fsdp / train.deepspeed")
+    # (recipe validation already applied these when train.fsdp / train.deepspeed asked for it)
+    return problems + quantized_sharding_problems(recipe.model, name)
 
 
 def check_before_loading(recipe) -> dict:
     """Everything that can be known before loading the model. Returns the precision flags."""
+    import torch
+
     check_writable(Path(recipe.output_dir))
-    problems = check_packages(recipe)
+    problems = check_packages(recipe) + check_sharding(recipe, torch.cuda.is_available())
     if problems:
-        raise LoraError("this recipe needs packages that are missing:\n    " + "\n    ".join(problems))
+        raise LoraError("this recipe cannot run here as it stands:\n    " + "\n    ".join(problems))
     check_gpu_kernels(recipe)
     return precision_flags(recipe)
 

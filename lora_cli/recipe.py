@@ -80,6 +80,7 @@ class LoraConfig:
     modules_to_save: list[str] = key(None, "Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).", factory=list)
     num_virtual_tokens: int = key(20, "prompt_tuning / prefix_tuning: learned virtual tokens put before every input.", min=1)
     prompt_init_text: Optional[str] = key(None, "prompt_tuning: start the virtual tokens from this text's embeddings (empty = random).")
+    adapter_dtype: Literal["float32", "bfloat16"] = key("float32", "Dtype of the trained adapter weights (and so of their gradients and AdamW state): float32 (peft's default) or bfloat16 (the QLoRA paper's; half the memory, for bf16-capable hardware).")
 
 
 @dataclass
@@ -158,6 +159,13 @@ def data_problems(d: DataConfig, task_fields: tuple | None = None) -> list[str]:
     return problems
 
 
+# train.optimizer: the Trainer's own optimizer names (transformers' OptimizerNames) that
+# `lora estimate` knows how to count. Those from bitsandbytes need it installed (preflight).
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+              "lion_8bit", "paged_lion_8bit", "adafactor", "sgd")
+BITSANDBYTES_OPTIMIZERS = frozenset(o for o in OPTIMIZERS if "8bit" in o or o.startswith("paged_"))
+
+
 @dataclass
 class TrainConfig:
     epochs: float = key(1, "Passes over the data (ignored when max_steps > 0).", min=0)
@@ -176,12 +184,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "Mixed precision; auto = bf16 on a GPU that has it, fp32 on CPU.")
     gradient_checkpointing: bool = key(False, "Recompute activations in backward: much less memory, ~30% slower.")
     kernels: Literal["none", "liger"] = key("none", "Fused training kernels: liger = Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) via the Trainer's use_liger_kernel; needs a CUDA GPU and `pip install 'lora-cli[liger]'`.")
+    optimizer: Literal[OPTIMIZERS] = key("adamw_torch", "Optimizer (the Trainer's names): adamw_torch; adamw_torch_fused (GPU); adamw_8bit / paged_adamw_8bit (8-bit state, a quarter of AdamW's; paged spills to CPU RAM on memory spikes: QLoRA's); paged_adamw_32bit; lion_8bit / paged_lion_8bit (one 8-bit moment); adafactor (factored second moment); sgd (no state). 8-bit and paged ones need bitsandbytes.")
     seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.", min=0, max=SEED_MAX)
     eval_steps: int = key(0, "Evaluate on the eval split (data.val_path / val_fraction) every N optimizer steps; 0 = once per epoch.", min=0)
     report_to: list[Literal["tensorboard", "wandb"]] = key(None, "Also log to these trackers (each must be installed): tensorboard, wandb.", factory=list)
     fsdp: str = key("", "FSDP sharding for multi-GPU runs, as TrainingArguments.fsdp: e.g. 'full_shard auto_wrap'; empty = DDP.")
-    fsdp_config: Optional[str] = key(None, "JSON file of FSDP options (TrainingArguments.fsdp_config), relative to the recipe.", kind=PATH)
-    deepspeed: Optional[str] = key(None, "DeepSpeed ZeRO config JSON (e.g. recipes/deepspeed/zero2.json), relative to the recipe.", kind=PATH)
+    fsdp_config: Optional[str] = key(None, "JSON file of FSDP options (TrainingArguments.fsdp_config, e.g. recipes/fsdp/qlora.json), relative to the recipe.", kind=PATH)
+    deepspeed: Optional[str] = key(None, "DeepSpeed config JSON (recipes/deepspeed/zero2.json or zero3.json), relative to the recipe; or leave empty and launch with accelerate's recipes/accelerate/deepspeed_zero*.yaml.", kind=PATH)
 
 
 @dataclass
@@ -471,6 +480,11 @@ def cross_checks(r: Recipe) -> list[str]:
     if r.train.max_steps < 0 and r.train.epochs == 0:
         problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
     problems += _parallel_checks(r.train)
+    if r.train.fsdp or r.train.deepspeed:
+        problems += quantized_sharding_problems(r.model, "FSDP" if r.train.fsdp else "DeepSpeed")
+    if r.lora.adapter_dtype == "bfloat16" and r.train.precision == "fp16":
+        problems.append("lora.adapter_dtype: bfloat16 adapters cannot train under train.precision fp16 (the fp16 "
+                        "gradient scaler expects fp16/fp32 weights); use precision bf16, or adapter_dtype float32")
     return problems
 
 
@@ -492,6 +506,21 @@ def _parallel_checks(t: TrainConfig) -> list[str]:
         value = getattr(t, name)
         if value and not os.path.isfile(value):
             problems.append(f"train.{name}: {value} does not exist; give a JSON file (relative to the recipe's folder)")
+    return problems
+
+
+def quantized_sharding_problems(model: ModelConfig, engine: str) -> list[str]:
+    """A quantized base under FSDP / DeepSpeed (engine: their display name) shards only when its
+    packed weights are stored in a float dtype (the peft/bitsandbytes FSDP-QLoRA recipe). Read
+    by recipe validation (train.fsdp / train.deepspeed) and by preflight (an accelerate config)."""
+    problems = []
+    if model.quantization == "8bit":
+        problems.append(f"model.quantization: 8bit (LLM.int8) weights cannot be sharded by {engine}; use 4bit "
+                        "(QLoRA), whose packed weights shard with the rest")
+    if model.quantization == "4bit" and model.dtype not in ("bfloat16", "float16"):
+        problems.append(f"model.dtype: {engine} with a 4-bit base stores the packed weights in model.dtype "
+                        f"(bnb_4bit_quant_storage), so it must be a 16-bit float, not {model.dtype!r}; "
+                        "set model.dtype: bfloat16")
     return problems
 
 

@@ -161,6 +161,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must reach the guard and the log, not be averaged away
         save_total_limit=None,  # rotation is ours: it must count complete checkpoints only
@@ -188,8 +189,10 @@ def _setup_model(recipe: Recipe, tokenizer):
     from lora_cli.model import load_base_model
     from lora_cli.tasks import bind_tokenizer
 
-    sharded = bool(recipe.train.fsdp or recipe.train.deepspeed)  # QLoRA + FSDP / ZeRO-3 storage dtype
-    model = load_base_model(recipe.model, sharded=sharded)
+    from lora_cli.preflight import sharding_engine
+
+    # QLoRA + FSDP / ZeRO-3: the packed 4-bit weights are stored in the model dtype so they shard
+    model = load_base_model(recipe.model, sharded=sharding_engine(recipe) is not None)
     bind_tokenizer(model, tokenizer)
     return add_adapter(model, recipe)
 

@@ -159,7 +159,7 @@ def test_memory_rows_follow_the_trainable_parameters(tmp_path, tiny_random):
     rows = {name: nbytes for name, nbytes, _ in est.memory.rows}
     lora_fp32 = 4 * est.params.trainable  # peft keeps adapters of a bf16 base in fp32
     assert rows["LoRA weights"] == rows["gradients"] == lora_fp32
-    assert rows["AdamW states"] == 2 * lora_fp32
+    assert rows["optimizer state"] == 2 * lora_fp32
     assert rows["base weights (frozen)"] == 2 * est.params.total - 2 * est.params.trainable
     assert 0 < est.memory.activations_checkpointed < est.memory.activations
     assert est.memory.total == sum(rows.values()) + est.memory.activations
