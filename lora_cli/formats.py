@@ -495,6 +495,8 @@ def detect_format(source: Source, columns: dict) -> str:
             raise DataError(f"{where}: the format is ambiguous, the row fits {' and '.join(fits)} "
                             f"(fields: {', '.join(map(str, row))})",
                             f"set data.format to one of {', '.join(fits)}, or remove the extra fields")
+        if not fits and found is not None:
+            continue  # shape already known: parsing names the missing field of this row
         if not fits:
             have = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
             raise DataError(f"{where}: cannot tell the format; the row has: {have or 'nothing'}",
