@@ -192,6 +192,7 @@ def examples_fingerprint(dataset) -> dict:
     import hashlib
 
     import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     table = dataset.with_format("arrow")[:]  # in dataset order, selections applied
@@ -199,6 +200,9 @@ def examples_fingerprint(dataset) -> dict:
     tokens = 0
     for name in sorted({"input_ids", "labels", "position_ids"} & set(table.column_names)):
         column = table.column(name).combine_chunks()
+        if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
+            h.update(name.encode() + column.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            continue  # one label per row (model.task classification)
         lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
         h.update(name.encode() + lengths.tobytes())
         h.update(column.flatten().to_numpy(zero_copy_only=False).astype(np.int64).tobytes())

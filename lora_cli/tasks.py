@@ -91,10 +91,11 @@ def recipe_problems(r) -> list[str]:
         problems.append(f"lora.method: {r.lora.method} is only wired for model.task causal_lm; use lora, dora, rslora or ia3")
     if r.data.packing:
         problems.append(f"data.packing: only for model.task causal_lm (task is {task}); set data.packing: false")
-    if task == "classification" and r.data.format != "alpaca":
+    fmt = r.data.format if r.data.format not in ("auto",) else "alpaca"  # auto: the task's own rows
+    if task == "classification" and fmt != "alpaca":
         problems.append("data.format: not read by model.task classification (rows are text, optional text_pair, label); "
                         "remove data.format")
-    if task == "seq2seq" and r.data.format != "alpaca":
+    if task == "seq2seq" and fmt != "alpaca":
         problems.append("data.format: model.task seq2seq reads source/target rows or alpaca rows; "
                         f"{r.data.format} is not one of them (remove data.format)")
     return problems
@@ -162,7 +163,7 @@ def read_labeled_rows(path: str, split: str, columns: dict, *, need_label: bool 
     from lora_cli.formats import read_source
 
     source = read_source(path, split)
-    return [_labeled_row(row, source.where(i), columns, need_label) for i, row in enumerate(source.rows)]
+    return [_labeled_row(row, where, columns, need_label) for where, row in source.stream()]
 
 
 def _labeled_row(row, where: str, columns: dict, need_label: bool) -> LabeledRow:
@@ -323,8 +324,6 @@ def labeled_items(recipe) -> tuple[list[LabeledRow], list[LabeledRow]]:
 
 
 def build_classification_data(recipe, tokenizer) -> ClassificationData:
-    from lora_cli.data import to_dataset
-
     d, names = recipe.data, resolve_labels(recipe)
     train, evaluation = labeled_items(recipe)
     examples, stats = tokenize_labeled(train, names, tokenizer, d.max_length)
@@ -334,6 +333,16 @@ def build_classification_data(recipe, tokenizer) -> ClassificationData:
         data.eval = to_dataset(eval_examples)
         data.eval_counts = Counter(e["labels"] for e in eval_examples)
     return data
+
+
+def to_dataset(examples: list[dict]):
+    """A datasets.Dataset of a task's examples (a classifier's label is one id, not a list),
+    with the `length` column length-grouped batching reads."""
+    from datasets import Dataset
+
+    columns = {c: [e[c] for e in examples] for c in examples[0]}
+    columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    return Dataset.from_dict(columns)
 
 
 class ClassificationCollator:
@@ -524,7 +533,7 @@ def tokenize_seq2seq(pairs: list[tuple[list[dict], str]], tokenizer, template, m
 
 
 def build_seq2seq_data(recipe, tokenizer):
-    from lora_cli.data import SFTData, to_dataset
+    from lora_cli.data import SFTData
     from lora_cli.formats import read_source
     from lora_cli.template import TemplateSpec
 
@@ -533,7 +542,7 @@ def build_seq2seq_data(recipe, tokenizer):
 
     def pairs_of(path):
         source = read_source(path, d.split)
-        return [seq2seq_pair(row, source.where(i), d.columns) for i, row in enumerate(source.rows)]
+        return [seq2seq_pair(row, where, d.columns) for where, row in source.stream()]
 
     train, evaluation = split_items(d, pairs_of)
     examples, stats = tokenize_seq2seq(train, tokenizer, spec, d.max_length)

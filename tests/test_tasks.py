@@ -57,7 +57,7 @@ def test_task_keys_are_checked_together(tmp_path):
         load_recipe(path)
     text = "\n".join(e.value.problems)
     assert "model.labels: only read by model.task classification" in text
-    assert "data.columns: 'label' is not a field of format alpaca" in text
+    assert "data.columns: 'label' is not a field of format auto" in text
 
     path = task_recipe(tmp_path, tmp_path, {"task": "seq2seq"}, data={"path": str(SEQ2SEQ_DATA), "packing": True})
     with pytest.raises(RecipeError) as e:
