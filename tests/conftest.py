@@ -137,7 +137,7 @@ def tokenize_alpaca(rows: list[dict], tokenizer, template, max_length: int, trai
     from lora_cli.data import tokenize_conversations
     from lora_cli.formats import Source, parse_rows
 
-    conversations = parse_rows(Source("rows", rows), "alpaca", {})
+    conversations = parse_rows(Source("rows", lambda: ((f"row {i}", r) for i, r in enumerate(rows, 1))), "alpaca", {})
     return tokenize_conversations(conversations, tokenizer, template, max_length, train_on)
 
 

@@ -52,9 +52,10 @@ def test_each_method_validates_and_its_saved_recipe_loads_again(tmp_path, lora):
     saved = yaml.safe_load(dump_recipe(r))
     # Only the keys the method reads are saved, and the saved recipe is itself a valid recipe.
     assert set(saved["lora"]) - {"method"} <= {"r", "alpha", "dropout", "init", "target_modules", "bias",
-                                               "modules_to_save", "num_virtual_tokens", "prompt_init_text"}
+                                               "modules_to_save", "num_virtual_tokens", "prompt_init_text",
+                                               "adapter_dtype"}
     if lora["method"] == "ia3":
-        assert set(saved["lora"]) == {"method", "target_modules", "modules_to_save"}
+        assert set(saved["lora"]) == {"method", "target_modules", "modules_to_save", "adapter_dtype"}
     again = recipe_from_dict(saved)
     assert again.lora == r.lora
 
@@ -105,7 +106,7 @@ def test_options_a_method_does_not_read_are_errors_all_at_once(tmp_path):
         recipe_from_dict(raw_recipe(tmp_path, {"method": "ia3", "r": 8, "dropout": 0.1, "init": "pissa"}))
     problems = exc.value.problems
     assert len(problems) == 3, problems
-    assert problems[0].startswith("lora.dropout: does not apply to lora.method ia3 (it reads: modules_to_save, target_modules)")
+    assert problems[0].startswith("lora.dropout: does not apply to lora.method ia3 (it reads: adapter_dtype, modules_to_save, target_modules)")
     assert {p.split(":")[0] for p in problems} == {"lora.r", "lora.dropout", "lora.init"}
 
     def keys_of(lora):
