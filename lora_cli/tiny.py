@@ -57,6 +57,22 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
     return fast
 
 
+MARKER = "TINY_MODEL.json"  # what build-tiny writes last; a folder without it is not ours to fill
+
+
+def check_build_folder(out: Path) -> None:
+    """build-tiny writes config, weights and tokenizer files into `out`: refuse a folder that
+    already holds files unless an earlier build-tiny made it, so a user's model is never
+    overwritten."""
+    from lora_cli.errors import LoraError
+
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"--out {out} is a file", "give a folder name, e.g. --out models/tiny-llama")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise LoraError(f"--out {out} already holds files that build-tiny did not write",
+                        "choose a new or empty folder (e.g. --out models/tiny-llama)")
+
+
 def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, layers: int = 2,
                      heads: int = 4, steps: int = 300, seed: int = 0, vocab_size: int = 2048,
                      tie_word_embeddings: bool = False, log=print) -> Path:
@@ -67,6 +83,7 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
 
     quiet_libraries()
     out = Path(out)
+    check_build_folder(out)
     torch.manual_seed(seed)
     texts = corpus_from_rows(read_rows(data))
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -83,7 +100,7 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(json.dumps(
+    (out / MARKER).write_text(json.dumps(
         {"built_by": "lora build-tiny", "data": str(data), "steps": steps, "seed": seed, "final_loss": loss}, indent=2))
     log(f"tiny base model written to {out}")
     return out

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cli.tiny import MARKER, check_build_folder
+
 ARCHS = ("llama", "bert", "t5", "bart")
 PAD = "<pad>"
 
@@ -77,6 +79,7 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
 
     quiet_libraries()
     out = Path(out)
+    check_build_folder(out)
     torch.manual_seed(seed)
     texts = texts_of_rows(read_rows(data))
     tokenizer = tokenizer_with_pad(texts, vocab_size)
@@ -90,7 +93,7 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "TINY_MODEL.json").write_text(json.dumps(
+    (out / MARKER).write_text(json.dumps(
         {"built_by": f"lora build-tiny --arch {arch}", "data": str(data), "steps": steps, "seed": seed,
          "final_loss": loss}, indent=2))
     log(f"tiny {arch} model written to {out}")

@@ -433,3 +433,18 @@ def test_claim_lists_what_was_written_and_forgets_what_was_deleted(tmp_path):
         ownership.check_replaceable(folder, "train", "--overwrite")
     with pytest.raises(Exception, match="written by `lora train`, not `lora save`"):
         ownership.check_replaceable(folder, "save", "--force")
+
+
+def test_build_tiny_never_fills_a_folder_it_did_not_write(cli, tmp_path):
+    """build-tiny writes config, weights and tokenizer files: a user's model folder is refused
+    before anything is built, and nothing in it changes."""
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": true}', encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for arch in ("llama", "bert"):
+        res = cli("build-tiny", "--out", folder, "--arch", arch, "--steps", "1")
+        assert res.code == 2, res
+        assert "already holds files that build-tiny did not write" in " ".join(res.err.split())
+        assert "Traceback" not in res.err + res.out
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
