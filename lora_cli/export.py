@@ -20,9 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,33 +155,20 @@ def _is_our_ollama_folder(folder: Path) -> bool:
 
 @contextmanager
 def staged_path(out: Path, *, folder: bool = False):
-    """Yield a temporary sibling of `out` (a file path, or a folder); renamed over `out` on
-    success, removed on any error. A full disk becomes a LoraError."""
-    import shutil
+    """Yield a staging sibling of `out` from the one atomic-write helper (atomic.staged_file /
+    atomic.staged_folder): renamed over `out` on success, removed on any error. A full disk
+    becomes a LoraError. A folder is replaced only after check_replaceable proved it ours."""
+    from lora_cli import atomic
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-        os.chmod(tmp, 0o666 & ~umask)  # likewise mkstemp's 0600
     try:
-        yield tmp
-        if folder and out.is_dir():  # replaced only after check_replaceable proved it ours
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if folder:
+            with atomic.staged_folder(out, replace=True) as tmp:
+                yield tmp
         else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            with atomic.staged_file(out) as tmp:
+                yield tmp
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise LoraError(f"no space left on the disk of {out.parent} while writing {out.name}; nothing was written",
                             "free some space or choose another --out") from None
         raise

@@ -12,6 +12,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+from lora_cli import atomic
 from lora_cli.errors import LoraError
 from lora_cli.infer import BASE
 from lora_cli.template import TemplateSpec, jinja_chat_template
@@ -84,5 +85,5 @@ def prepare_vllm(adapters: dict, *, base: str | None, host: str, port: int, api_
     template_text = jinja_chat_template(one_template(infos), load_tokenizer(tokenizer_source), bos=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     chat_template_file = work_dir / "chat_template.jinja"
-    chat_template_file.write_text(template_text, encoding="utf-8")
+    atomic.write_text(chat_template_file, template_text)
     return vllm_command(infos, base_model, chat_template_file, host=host, port=port, api_key=api_key)

@@ -381,7 +381,7 @@ def test_ollama_refuses_a_jinja_trained_adapter(tiny_random, tmp_path, cli):
     adapter = _adapter(tiny_random, tmp_path / "adapter", seed=6, template={"template": "chat_template"})
     res = cli("export", "--adapter", adapter, "--format", "ollama", "--out", tmp_path / "o")
     assert res.code == 2 and "Go templates" in res.err and not (tmp_path / "o").exists()
-    assert not list(tmp_path.glob(".o.*"))
+    assert not list(tmp_path.glob(".*"))  # no staging sibling left
 
 
 # --------------------------------------------------------------------------- bad input
@@ -401,7 +401,7 @@ def test_unsupported_architecture_is_refused_naming_the_supported(tmp_path, cli,
     for fmt in ("gguf", "gguf-adapter"):
         res = cli("export", "--adapter", tmp_path / "a", "--format", fmt, "--out", tmp_path / "x.gguf")
         assert res.code == 2 and "'gpt2'" in res.err and "llama, qwen2" in res.err, res
-    assert not list(tmp_path.glob("x.gguf*")) and not list(tmp_path.glob(".x.gguf*"))
+    assert not list(tmp_path.glob("x.gguf*")) and not list(tmp_path.glob(".*"))
 
 
 def test_prompt_tuning_adapter_is_refused(tiny_random, tmp_path, cli):
