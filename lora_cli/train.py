@@ -300,8 +300,10 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         raise LoraError("--resume / --resume-from cannot be combined with --overwrite or --dry-run",
                         "--resume continues the run in output_dir; --overwrite starts it again")
     check_inputs_apart(recipe, recipe_path)
-    if not dry_run:
-        ownership.check_unlocked(output_dir)  # another run is writing there: say so before anything else
+    if not dry_run and is_main_process():
+        # another run is writing there: say so before anything else. Rank 0 alone asks: the
+        # other ranks of this very job (a second node starting later) would find rank 0's lock.
+        ownership.check_unlocked(output_dir)
     checkpoint = resume_point(recipe, resume) if resume is not None else None
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
