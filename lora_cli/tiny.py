@@ -117,14 +117,26 @@ def pretrain(model, tokenizer, texts: list[str], *, steps: int, seed: int, block
     data = torch.tensor(ids)
     n_blocks = max(1, (len(data) - 1) // block)
     gen = torch.Generator().manual_seed(seed)
+
+    def next_batch() -> dict:
+        starts = torch.randint(0, len(data) - block - 1, (batch,), generator=gen) if n_blocks > 1 else torch.zeros(batch, dtype=torch.long)
+        x = torch.stack([data[s:s + block] for s in starts])
+        return {"input_ids": x, "labels": x}
+
+    return optimize(model, next_batch, steps=steps, lr=lr)
+
+
+def optimize(model, next_batch, *, steps: int, lr: float) -> float:
+    """The tiny bases' pre-training loop: AdamW under a one-cycle schedule, clipped gradients;
+    next_batch() gives each step's model inputs. Returns the last loss."""
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        starts = torch.randint(0, len(data) - block - 1, (batch,), generator=gen) if n_blocks > 1 else torch.zeros(batch, dtype=torch.long)
-        x = torch.stack([data[s:s + block] for s in starts])
-        loss = model(input_ids=x, labels=x).loss
+        loss = model(**next_batch()).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_cli.tiny import MARKER, check_build_folder
+from lora_cli.tiny import MARKER, check_build_folder, optimize
 
 ARCHS = ("llama", "bert", "t5", "bart")
 PAD = "<pad>"
@@ -119,22 +119,14 @@ def pretrain_seq2seq(model, tokenizer, texts: list[str], *, steps: int, seed: in
     sources = [tokenizer(s)["input_ids"] for s, _ in pairs]
     targets = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for _, t in pairs]
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
+
+    def next_batch() -> dict:
         picks = torch.randint(0, len(pairs), (batch,), generator=gen).tolist()
         x, mask = _padded([sources[i] for i in picks], tokenizer.pad_token_id)
         y, _ = _padded([targets[i] for i in picks], -100)
-        loss = model(input_ids=x, attention_mask=mask, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    model.eval()
-    return float(loss.detach())
+        return {"input_ids": x, "attention_mask": mask, "labels": y}
+
+    return optimize(model, next_batch, steps=steps, lr=lr)
 
 
 def _padded(rows: list[list[int]], pad: int):
