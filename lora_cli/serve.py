@@ -203,15 +203,25 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None: an assistant turn that only calls tools
+    tool_calls: list[dict] | None = None         # an assistant's calls, in OpenAI's shape
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def as_turn(self) -> dict:
+        """The turn as a data row holds it, for formats.chat_message to check and normalise
+        (the one reader of OpenAI messages, training's and serving's)."""
+        turn = {"role": self.role, "content": self.content}
+        if isinstance(self.content, list):
+            turn["content"] = [p.model_dump() for p in self.content]
+        if self.tool_calls is not None:
+            turn["tool_calls"] = self.tool_calls
+        return turn
 
 
 class ChatBody(_Body):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict] | None = None  # function schemas, rendered as training rendered a row's tools
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
@@ -295,12 +305,23 @@ class Server:
         return rows
 
 
-def chat_prompt_ids(tokenizer, served: ServedModel, messages: list[ChatMessage]) -> list[int]:
-    if messages[-1].role != "user":
-        raise ApiError(400, "messages: the last message must be the user's (the model answers it)",
+def chat_prompt_ids(tokenizer, served: ServedModel, body: ChatBody) -> list[int]:
+    """The request's conversation read by the data reader (tool calls, tool results, text
+    parts) and rendered by the adapter's training template, tools included."""
+    from lora_cli.formats import chat_message, parse_tools
+
+    messages = body.messages
+    if messages[-1].role not in ("user", "tool"):
+        raise ApiError(400, "messages: the last message must be the user's or a tool result (the model answers it)",
                        param=f"messages.{len(messages) - 1}.role")
     try:
-        return prompt_ids(tokenizer, served.template, [{"role": m.role, "content": m.text()} for m in messages])
+        turns = [chat_message(m.as_turn(), f"messages.{i}") for i, m in enumerate(messages)]
+        tools = parse_tools(body.tools, "tools")
+    except LoraError as e:  # the reader names the place: "messages.2, tool call 1: ..." or "tools, tool 1: ..."
+        fix = f" ({e.hint})" if e.hint else ""
+        raise ApiError(400, e.message + fix, param=e.message.split(":")[0].split(",")[0]) from None
+    try:
+        return prompt_ids(tokenizer, served.template, turns, tools or None)
     except LoraError as e:
         raise ApiError(400, f"messages: {e.message}", param="messages") from None
 
@@ -347,7 +368,7 @@ def create_app(server: Server):
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatBody, request: Request):
         served = server.model(body.model)
-        ids = chat_prompt_ids(server.backend.tokenizer, served, body.messages)
+        ids = chat_prompt_ids(server.backend.tokenizer, served, body)
         return await _answer(server, request, body, served, [ids], chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])

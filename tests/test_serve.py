@@ -155,6 +155,42 @@ def test_settings_stop_n_seed_and_system(running, generated):
         running.server.backend.tokenizer, running.server.models["one"].template, PROMPTS[0], system="Be brief."))
 
 
+WEATHER = {"type": "function", "function": {"name": "weather", "description": "today's weather",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_and_tool_turns_are_rendered_as_training_rendered_them(running):
+    """A request's `tools`, an assistant's `tool_calls` and `tool` results go through the data
+    reader and the training template: the prompt is exactly the ids training built there."""
+    from lora_cli.template import prompt_ids
+
+    client = _client(running)
+    tokenizer, template = running.server.backend.tokenizer, running.server.models["one"].template
+    asked = _chat(client, "one", PROMPTS[0], tools=[WEATHER])
+    plain = _chat(client, "one", PROMPTS[0])
+    question = [{"role": "user", "content": PROMPTS[0]}]
+    assert asked.usage.prompt_tokens == len(prompt_ids(tokenizer, template, question, [WEATHER]))
+    assert asked.usage.prompt_tokens > plain.usage.prompt_tokens  # the schema really is in the prompt
+
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21C"}]
+    answer = client.chat.completions.create(model="one", messages=turns, tools=[WEATHER], temperature=0, max_tokens=NEW)
+    expected = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Paris"}}]},
+                {"role": "tool", "content": "sunny, 21C"}]
+    assert answer.usage.prompt_tokens == len(prompt_ids(tokenizer, template, expected, [WEATHER]))
+    assert answer.choices[0].finish_reason == "length"
+
+    nameless = dict(call, function={"arguments": "{}"})
+    e = _error(lambda: client.chat.completions.create(
+        model="one", tools=[WEATHER], messages=[turns[0], dict(turns[1], tool_calls=[nameless]), turns[2]]))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "messages.1" and "'name'" in e.message
+    e = _error(lambda: _chat(client, "one", "hi", tools=[{"type": "function", "function": {"description": "no name"}}]))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "tools"
+
+
 def _error(call) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as info:
         call()
