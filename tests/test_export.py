@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import demo_rows
+from conftest import demo_rows, make_recipe, write_jsonl
 from inference_helpers import random_adapter
 
 PROMPTS = ["什么是LoRA？", "用一句话解释什么是微调。", "What is LoRA?", "Explain  fine-tuning,\nbriefly: 3 steps!",
@@ -27,7 +27,7 @@ F16_ATOL = 2e-2
 GREEDY_TOKENS = 12
 PAD = "<|endoftext|>"
 GGML_F32 = 0  # ggml_type of float32
-Q8_TIE = 0.1  # a top-2 logit margin below this is a near tie q8_0 rounding may flip
+Q8_PROMPTS = 6  # demo rows the trained adapter learns; q8_0 must answer each like f32
 
 
 # --------------------------------------------------------------------------- models and exports
@@ -85,12 +85,29 @@ def qwen2_adapter(tiny_qwen2, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exports(llama_adapter, qwen2_adapter, tmp_path_factory):
+def trained_adapter(tiny_base, tmp_path_factory) -> Path:
+    """An adapter `lora train` really trained on a few demo rows: its answers are learned, not
+    the near ties of random weights, as a user's adapter is."""
+    from lora_cli.cli import run
+
+    work = tmp_path_factory.mktemp("trained")
+    data = write_jsonl(work / "data.jsonl", demo_rows(Q8_PROMPTS))
+    recipe = make_recipe(work, tiny_base, data, lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                         train={"epochs": 40, "max_steps": -1, "learning_rate": 3e-3, "batch_size": Q8_PROMPTS})
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw["data"]["template"] = "human_assistant"
+    recipe.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert run(["train", str(recipe)]) == 0
+    return work / "run"
+
+
+@pytest.fixture(scope="module")
+def exports(llama_adapter, qwen2_adapter, trained_adapter, tmp_path_factory):
     """Export on first use, once per (model, format, dtype)."""
     from lora_cli.export import export
 
     root = tmp_path_factory.mktemp("exports")
-    adapters = {"llama": llama_adapter, "qwen2": qwen2_adapter}
+    adapters = {"llama": llama_adapter, "qwen2": qwen2_adapter, "trained": trained_adapter}
     done: dict[tuple, Path] = {}
 
     def get(model: str, dtype: str = "f32", format: str = "gguf") -> Path:
@@ -140,15 +157,6 @@ def _greedy(llm, ids: list[int], n: int) -> list[int]:
         out.append(token)
         llm.eval([token])
     return out
-
-
-def _top2_margin(llm, ids: list[int]) -> float:
-    import numpy as np
-
-    llm.reset()
-    llm.eval(ids)
-    top = np.sort(np.asarray(llm.scores[llm.n_tokens - 1]))[-2:]
-    return float(top[1] - top[0])
 
 
 def _hf_greedy(model, tokenizer, ids: list[int], n: int) -> list[int]:
@@ -290,24 +298,20 @@ def test_chat_template_adapter_keeps_the_tokenizers_template(tiny_random, tmp_pa
 
 # --------------------------------------------------------------------------- q8_0 and the adapter file
 
-def test_q8_0_answers_like_f32_and_is_smaller(exports, references, capsys):
+def test_q8_0_answers_the_demo_prompts_like_f32_and_is_smaller(exports, tiny_base, capsys):
+    """A trained adapter, exported f32 and q8_0: llama.cpp's greedy answers to the demo prompts
+    it learned (rendered by its training template) are the same tokens in both files."""
     from lora_cli.infer import build_prompt_ids
+    from lora_cli.model import load_tokenizer
 
-    _, tokenizer = references("llama")
-    f32, q8 = _llama(exports("llama", "f32"), logits_all=True), _llama(exports("llama", "q8_0"), logits_all=True)
-    prompts = [r["instruction"] for r in demo_rows(6)]
-    agree = 0
-    for prompt in prompts:
-        ids = build_prompt_ids(tokenizer, "human_assistant", prompt)
-        want, got = _greedy(f32, ids, GREEDY_TOKENS), _greedy(q8, ids, GREEDY_TOKENS)
-        agree += got == want
-        if got != want:  # allowed only where f32 itself nearly tied: 8-bit rounding may flip a tie
-            k = next(i for i, (a, b) in enumerate(zip(want + [-1], got + [-1])) if a != b)
-            margin = _top2_margin(f32, ids + want[:k])
-            print(f"q8_0 differs from f32 at token {k} of {prompt!r}; f32 top-2 margin there {margin:.3f}")
-            assert margin < Q8_TIE, prompt
-    assert agree >= len(prompts) // 2  # random-adapter logits are flat: near ties do occur (printed)
-    sizes = {d: exports("llama", d).stat().st_size for d in ("f32", "f16", "q8_0")}
+    tokenizer = load_tokenizer(str(tiny_base))
+    f32, q8 = _llama(exports("trained", "f32"), logits_all=True), _llama(exports("trained", "q8_0"), logits_all=True)
+    for row in demo_rows(Q8_PROMPTS):
+        ids = build_prompt_ids(tokenizer, "human_assistant", row["instruction"], input=row.get("input", ""))
+        want = _greedy(f32, ids, GREEDY_TOKENS)
+        assert len(want) >= 4, row  # a learned answer, not an immediate end
+        assert _greedy(q8, ids, GREEDY_TOKENS) == want, row["instruction"]
+    sizes = {d: exports("trained", d).stat().st_size for d in ("f32", "f16", "q8_0")}
     with capsys.disabled():
         print(f"\ntiny Llama GGUF sizes (bytes): {sizes}")
     assert sizes["q8_0"] < 0.6 * sizes["f16"] < 0.6 * sizes["f32"]
