@@ -9,7 +9,8 @@ Dataset.map, then the Hugging Face Trainer with DataCollatorForSeq2Seq, batch 1 
 accumulation 8. `lora train` gets the same model, rows, LoRA settings, learning rate, epochs and
 seed, and nothing about batching: data.packing, data.group_by_length, train.batch_size and
 train.gradient_accumulation are left empty, so lora_cli.batching chooses (on CPU: sdpa, 8 rows
-per forward pass, length-grouped, 8 rows per optimizer step like the baseline).
+per forward pass flattened into one row (positions restarting per example, so sdpa masks the
+examples apart), 8 rows per optimizer step like the baseline).
 
 Models: models/tiny-llama (0.9M parameters) and a random 8-layer, 512-wide Llama (25.7M, built
 by bench_generate.build_larger with the tiny tokenizer). For each model and seed both workflows
@@ -18,7 +19,9 @@ train back to back, in alternating order, so a busy machine slows both alike.
 Printed per model: supervised tokens/s (supervised tokens the optimizer saw / Trainer
 train_runtime; best over seeds, median beside it), the ratio (goal >= 1.5x), and the final loss
 (mean cross-entropy over every row's supervised tokens after training, computed by the same
-function for both adapters; mean over seeds, each seed listed).
+function for both adapters; mean over seeds, each seed listed) twice: on the rows each side
+trained on, and on the same rows for both, tokenised as inference presents a prompt (with BOS,
+which the source workflow's training rows lack; see docs/benchmarks.md, Data).
 """
 
 from __future__ import annotations
@@ -73,14 +76,19 @@ def measure(name: str, base: Path, rows: list[dict], args, work: Path) -> dict:
             out = work / f"{name}-{side}-{seed}"
             if side == "source":
                 model, runtime = bench_data.source_train(source_ds, tokenizer, out, args.epochs, seed, base, steps)
-                loss = bench_data.mean_supervised_loss(model, list(source_ds), tokenizer.pad_token_id)
-                runs["source"].append((sup_source / runtime, loss))
+                tokens_per_s = sup_source / runtime
             else:
                 recipe = default_recipe(base, data_path, out, args.epochs, work / "cache", seed, steps)
                 _, runtime = bench_data.lora_train(recipe)
                 model = bench_data.trained_adapter(out, base)
-                loss = bench_data.mean_supervised_loss(model, list(ours), tokenizer.pad_token_id)
-                runs["lora"].append((sup_lora / runtime, loss))
+                tokens_per_s = sup_lora / runtime
+            # Two losses: on the rows this side trained on, and on the rows as inference presents
+            # them (the prompt with BOS, as `lora generate` and the source workflow's own
+            # generation code tokenise it): the same rows for both sides.
+            own = bench_data.mean_supervised_loss(model, list(source_ds if side == "source" else ours),
+                                                  tokenizer.pad_token_id)
+            served = bench_data.mean_supervised_loss(model, list(ours), tokenizer.pad_token_id)
+            runs[side].append((tokens_per_s, own, served))
     return runs
 
 
@@ -101,14 +109,17 @@ def _supervised(dataset, epochs: float, rows_seen: int | None) -> float:
 
 def report(name: str, params: str, runs: dict, seeds: list[int]) -> float:
     (best_src, med_src), (best_lora, med_lora) = (
-        (max(t for t, _ in runs[k]), statistics.median(t for t, _ in runs[k])) for k in ("source", "lora"))
-    loss_src = statistics.mean(loss for _, loss in runs["source"])
-    loss_lora = statistics.mean(loss for _, loss in runs["lora"])
-    per_seed = "; ".join(f"seed {s}: {a[1]:.4f} vs {b[1]:.4f}" for s, a, b in zip(seeds, runs["lora"], runs["source"]))
-    print(f"| {name} ({params}) | source workflow, batch 1 x accum 8 | {best_src:,.0f} | {med_src:,.0f} | 1.00x | {loss_src:.4f} |")
+        (max(r[0] for r in runs[k]), statistics.median(r[0] for r in runs[k])) for k in ("source", "lora"))
+    own_src, own_lora, served_src, served_lora = (statistics.mean(r[i] for r in runs[k])
+                                                  for i, k in ((1, "source"), (1, "lora"), (2, "source"), (2, "lora")))
+    print(f"| {name} ({params}) | source workflow, batch 1 x accum 8 | {best_src:,.0f} | {med_src:,.0f} | 1.00x | "
+          f"{own_src:.4f} | {served_src:.4f} |")
     print(f"| {name} ({params}) | lora train, defaults | {best_lora:,.0f} | {med_lora:,.0f} | "
-          f"{best_lora / best_src:.2f}x | {loss_lora:.4f} |")
-    print(f"  {name}: speed-up {best_lora / best_src:.2f}x (goal >= {GOAL}x); final loss lora vs source: {per_seed}")
+          f"{best_lora / best_src:.2f}x | {own_lora:.4f} | {served_lora:.4f} |")
+    for i, what in ((1, "own rows"), (2, "rows as inference presents them")):
+        per_seed = "; ".join(f"seed {s}: {a[i]:.4f} vs {b[i]:.4f}" for s, a, b in zip(seeds, runs["lora"], runs["source"]))
+        print(f"  {name}: final loss on {what}, lora vs source: {per_seed}")
+    print(f"  {name}: speed-up {best_lora / best_src:.2f}x (goal >= {GOAL}x)")
     return best_lora / best_src
 
 
@@ -142,8 +153,9 @@ def main() -> int:
         models.append(("random Llama 8 x 512", build_larger(work / "larger"), "25.7M", args.larger_epochs))
     print(f"{len(rows)} demo rows, seeds {args.seeds}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
           + ("; QUICK RUN: 3 steps per run, figures mean nothing" if args.quick else ""))
-    print("| model | workflow | supervised tokens/s (best) | median | vs source | final loss (mean) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| model | workflow | supervised tokens/s (best) | median | vs source | final loss, own rows (mean) "
+          "| final loss, rows as inference presents them (mean) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, base, params, epochs in models:
         args.epochs = epochs
         report(name, params, measure(name, base, rows, args, work), args.seeds)

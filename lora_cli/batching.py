@@ -21,7 +21,9 @@ OLD_BATCH_SIZE, OLD_ACCUMULATION = 1, 8  # what an unset key meant before the ba
 
 # Attention kernels that take several sequences in one row without a dense mask (variable-length
 # attention from cu_seq_lens / restarted position_ids). sdpa and eager honour restarted
-# position_ids too, but by building a dense block-diagonal (batch x length x length) mask.
+# position_ids too (in models whose mask comes from masking_utils), through a dense
+# block-diagonal mask over the flattened row: worth it while the row is one forward pass of
+# the chosen shape (at most train.tokens_per_batch tokens, so the mask stays small).
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 FLATTENED = "flattened"  # each batch concatenated into one row, positions restart per example
@@ -60,10 +62,14 @@ def batch_shape(train_cfg, max_length: int) -> BatchShape:
                       accumulation if accumulation is not None else OLD_ACCUMULATION, chosen=False)
 
 
-def batch_layout(recipe, attn_implementation: str | None) -> str:
+def batch_layout(recipe, attn_implementation: str | None, masks_from_positions: bool = False) -> str:
     """FLATTENED, PACKED or PADDED for this recipe and the attention kernel the model runs.
     Variable-length kernels flatten packs too: they read restarted positions only in a batch of
-    one row, so packs side by side in a batch would attend across their examples."""
+    one row, so packs side by side in a batch would attend across their examples.
+    masks_from_positions (model.masks_from_positions): the model masks a flattened row's
+    examples apart under sdpa / eager as well, so a default recipe (packing and batch shape
+    left empty) flattens there too: no padding and, unlike length-grouped rows, the examples
+    of a step are the random ones the source workflow's steps hold (the same loss, measured)."""
     data_cfg = recipe.data
     if method_of(recipe).learns_virtual_tokens:
         # peft drops position_ids for methods that put virtual tokens before the input, so examples
@@ -73,6 +79,9 @@ def batch_layout(recipe, attn_implementation: str | None) -> str:
         return FLATTENED
     if data_cfg.packing:
         return PACKED
+    if (data_cfg.packing is None and masks_from_positions and attn_implementation in ("sdpa", "eager")
+            and batch_shape(recipe.train, data_cfg.max_length).chosen):
+        return FLATTENED
     return PADDED
 
 

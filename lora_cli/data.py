@@ -593,9 +593,11 @@ class PackedCollator:
 
 
 class FlattenedCollator:
-    """Padding-free batches for variable-length attention (flash_attention_2/3): the whole batch
-    becomes one row, position_ids restart for every example and cu_seq_lens mark where each
-    begins, so the kernel attends within examples only, with no padding and no dense mask.
+    """Padding-free batches: the whole batch becomes one row, position_ids restart for every
+    example and cu_seq_lens mark where each begins. Variable-length attention
+    (flash_attention_2/3) attends within examples from cu_seq_lens, with no dense mask; under
+    sdpa / eager, masking_utils makes the block-diagonal mask from the restarted position_ids
+    (the cu_seq_lens keywords are ignored there).
     transformers' DataCollatorWithFlattening does the flattening; packed rows are first split
     back into their examples (at each position 0), or a pack would be one long sequence.
     use_cache=False for the reason PackedCollator gives."""

@@ -190,6 +190,22 @@ def attention_in_use(model) -> str | None:
     return getattr(base.config, "_attn_implementation", None)
 
 
+def masks_from_positions(model) -> bool:
+    """Whether the model builds its causal mask with transformers' masking_utils
+    (create_causal_mask), which reads position_ids restarting at 0 in a row with no
+    attention_mask as separate sequences and masks them block-diagonally. A model that does
+    not (BLOOM's ALiBi, model code not yet moved to masking_utils) would let examples that
+    share a row attend to each other, so it never gets flattened rows by default."""
+    import inspect
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules.get(type(base).__module__)
+    forward = getattr(base, "forward", None)
+    return (getattr(module, "create_causal_mask", None) is not None and forward is not None
+            and "position_ids" in inspect.signature(forward).parameters)
+
+
 # --------------------------------------------------------------------------- parameter counts
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -101,7 +101,7 @@ class DataConfig:
     val_path: Optional[Union[str, list[str]]] = key(None, "Held-out data for evaluation (same formats as path).", kind=PATH)
     val_fraction: float = key(0.0, "Share of each training source held out for evaluation when val_path is empty (fixed by data.seed).", min=0, max=0.5)
     seed: int = key(42, "Seed for the validation split and weighted sampling.", min=0, max=SEED_MAX)
-    packing: Optional[bool] = key(None, "true = best-fit examples into max_length sequences (positions restart, no cross-attention); false = one example per row; empty = padding-free batches (flattened, variable-length attention) where the attention kernel has them (flash_attention_2), else off.")
+    packing: Optional[bool] = key(None, "true = best-fit examples into max_length sequences (positions restart, no cross-attention); false = one example per row; empty = padding-free batches (each forward pass's examples flattened into one row, positions restarting) with flash attention, and with sdpa/eager when the model masks by position ids and the batch shape is left empty; else one example per row.")
     group_by_length: Optional[bool] = key(None, "Batch examples of similar length together (less padding); empty = on when batches hold several padded rows.")
     cache: bool = key(True, "Reuse tokenised data from an earlier run with the same data, tokenizer, template and settings.")
     cache_dir: Optional[str] = key(None, "Where tokenised data is cached; empty = $LORA_CACHE_DIR or ~/.cache/lora.", kind=PATH)

@@ -262,9 +262,9 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
 def _setup_batching(recipe: Recipe, model) -> tuple[str, bool]:
     """(batch layout, length-grouped?) for the attention kernel the loaded model runs."""
     from lora_cli.batching import batch_layout, batch_shape, groups_by_length
-    from lora_cli.model import attention_in_use
+    from lora_cli.model import attention_in_use, masks_from_positions
 
-    layout = batch_layout(recipe, attention_in_use(model))
+    layout = batch_layout(recipe, attention_in_use(model), masks_from_positions(model))
     return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length))
 
 

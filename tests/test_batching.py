@@ -47,17 +47,38 @@ def test_a_written_shape_is_obeyed_and_the_other_key_keeps_its_old_default(tmp_p
     assert batch_shape(recipe(tmp_path, train={"gradient_accumulation": 2}).train, 256) == BatchShape(1, 2, chosen=False)
 
 
-@pytest.mark.parametrize("packing, attn, layout", [
-    (None, "flash_attention_2", FLATTENED),  # the default on a GPU with flash-attn: padding-free
-    (None, "sdpa", PADDED),
-    (None, "eager", PADDED),
-    (True, "sdpa", PACKED),
-    (True, "flash_attention_2", FLATTENED),  # packs side by side would attend across examples
-    (False, "flash_attention_2", PADDED),
-    (False, "sdpa", PADDED),
+@pytest.mark.parametrize("packing, attn, masks, layout", [
+    (None, "flash_attention_2", False, FLATTENED),  # the default on a GPU with flash-attn: padding-free
+    (None, "sdpa", True, FLATTENED),    # a model masking by position ids: flattened under sdpa too
+    (None, "eager", True, FLATTENED),
+    (None, "sdpa", False, PADDED),      # one that does not (BLOOM's ALiBi): padded rows
+    (True, "sdpa", True, PACKED),
+    (True, "flash_attention_2", True, FLATTENED),  # packs side by side would attend across examples
+    (False, "flash_attention_2", True, PADDED),
+    (False, "sdpa", True, PADDED),
 ])
-def test_layout_follows_the_attention_kernel(tmp_path, packing, attn, layout):
-    assert batch_layout(recipe(tmp_path, data={"packing": packing}), attn) == layout
+def test_layout_follows_the_attention_kernel(tmp_path, packing, attn, masks, layout):
+    assert batch_layout(recipe(tmp_path, data={"packing": packing}), attn, masks) == layout
+
+
+def test_a_written_batch_shape_is_not_flattened_under_sdpa(tmp_path):
+    """Flattened rows on sdpa cost a dense mask over the whole row: only for the chosen shape,
+    whose row is at most train.tokens_per_batch tokens."""
+    assert batch_layout(recipe(tmp_path, train={"batch_size": 16}), "sdpa", True) == PADDED
+
+
+def test_which_models_mask_by_position_ids():
+    """Llama builds its mask with masking_utils from restarted position_ids; BLOOM (ALiBi, no
+    position_ids) would let flattened examples attend to each other."""
+    from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from lora_cli.model import masks_from_positions
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2))
+    assert masks_from_positions(llama) and not masks_from_positions(bloom)
+    assert not masks_from_positions(fake_model("sdpa"))
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
@@ -94,7 +115,7 @@ def test_trainer_settings_default_and_old_way(tmp_path):
     kw = training_arguments_kwargs(default, tmp_path, flags, has_eval=False)
     assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (8, 1)
     assert kw["use_liger_kernel"] is False
-    assert _setup_batching(default, fake_model("sdpa")) == (PADDED, True)
+    assert _setup_batching(default, fake_model("sdpa")) == (PADDED, True)  # no masking_utils: padded, grouped
     assert _setup_batching(default, fake_model("flash_attention_2")) == (FLATTENED, False)
     old = recipe(tmp_path, **OLD_WAY)
     kw = training_arguments_kwargs(old, tmp_path, flags, has_eval=False)
@@ -168,23 +189,27 @@ def losses(run_dir) -> list[float]:
 @pytest.mark.slow
 def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_random, monkeypatch):
     """Batch 8 x 1 and batch 1 x 8 see the same rows per step (same sampler, same seed) and the
-    Trainer averages over the step's supervised tokens either way, so the losses agree. So does
-    the padding-free layout flash attention gets: the Trainer, peft and the flattening collator
-    run for real, told the model runs flash_attention_2 while it runs sdpa, which reads the same
-    restarted positions (the kernel itself needs a GPU). A different seed (the control) moves
-    the losses."""
+    Trainer averages over the step's supervised tokens either way, so the losses agree, in every
+    layout: the default (flattened rows under sdpa, masked apart by position ids), padded rows,
+    and the padding-free layout flash attention gets (the Trainer, peft and the flattening
+    collator run for real, told the model runs flash_attention_2 while it runs sdpa, which reads
+    the same restarted positions; the kernel itself needs a GPU). A different seed (the
+    control) moves the losses."""
     from lora_cli import model as model_module
 
     data = write_jsonl(tmp_path / "d.jsonl", demo_rows(32))
     common = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "learning_rate": 1e-2}
     chosen = {"batch_size": None, "gradient_accumulation": None}
     runs = {}
-    for name, train in [("default", chosen), ("flattened", chosen),
-                        ("old", {"batch_size": 1, "gradient_accumulation": 8}),
-                        ("control", {"batch_size": 1, "gradient_accumulation": 8, "seed": 7})]:
+    for name, train, layout in [("default", chosen, "flattened rows, attention sdpa"),
+                                ("padded", chosen, "padded rows, attention sdpa"),
+                                ("flattened", chosen, "flattened rows, attention flash_attention_2"),
+                                ("old", {"batch_size": 1, "gradient_accumulation": 8}, "padded rows, attention sdpa"),
+                                ("control", {"batch_size": 1, "gradient_accumulation": 8, "seed": 7}, None)]:
         folder = tmp_path / name
         folder.mkdir()
-        rec = edited(make_recipe(folder, tiny_random, data=data, train={**common, **train}), "data", group_by_length=False)
+        data_keys = {"group_by_length": False, **({"packing": False} if name == "padded" else {})}
+        rec = edited(make_recipe(folder, tiny_random, data=data, train={**common, **train}), "data", **data_keys)
         with monkeypatch.context() as m:
             if name == "flattened":
                 real = model_module.attention_in_use
@@ -193,18 +218,17 @@ def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_
             r = cli("train", rec)
         assert r.code == 0, r
         runs[name] = losses(folder / "run")
-        if name == "default":
-            assert "batch 8 x accumulation 1 (from train.tokens_per_batch), padded rows, attention sdpa" in r.out
-        if name == "flattened":
-            assert "flattened rows, attention flash_attention_2" in r.out
+        if layout:
+            assert layout in r.out, (name, r.out)
     assert len(runs["default"]) == 2
-    assert runs["default"] == pytest.approx(runs["old"], rel=1e-4)
-    assert runs["flattened"] == pytest.approx(runs["old"], rel=1e-4)
+    for name in ("default", "padded", "flattened"):
+        assert runs[name] == pytest.approx(runs["old"], rel=1e-4), name
     assert runs["control"] != pytest.approx(runs["old"], rel=1e-4)
 
 
 @pytest.mark.slow
-def test_default_recipe_trains_length_grouped(tmp_path, cli, tiny_random):
+def test_a_model_not_masking_by_position_ids_trains_length_grouped(tmp_path, cli, tiny_random, monkeypatch):
+    monkeypatch.setattr("lora_cli.model.masks_from_positions", lambda model: False)
     rec = make_recipe(tmp_path, tiny_random, data=write_jsonl(tmp_path / "d.jsonl", demo_rows(24)),
                       train={"batch_size": None, "gradient_accumulation": None})
     r = cli("train", rec)
