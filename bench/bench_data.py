@@ -19,10 +19,11 @@ and the final loss: mean cross-entropy over every row's supervised tokens, compu
 way for both trained adapters after training, averaged over seeds.
 
 Memory: for each size in --memory-sizes (MB), a JSONL of distinct alpaca rows is written to a
-temporary folder and a fresh process builds the training data from it as `lora train` does
-(format detected, cache written); it reports its peak resident memory (VmHWM, which counts
-memory-mapped file pages it touched) and, apart, the resident memory it had before reading
-any data (Python, tokenizer, libraries), so that growth with the file shows.
+temporary folder and the real command `lora data preview` reads it in its own process (format
+detected, every row checked and tokenised, cache written); its peak resident memory (the
+kernel's ru_maxrss, which counts memory-mapped file pages it touched) is reported beside the
+same command's peak on a one-row file (Python, libraries, tokenizer: no data), so that growth
+with the file shows.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import subprocess
+import shutil
 import statistics
 import sys
 import tempfile
@@ -171,14 +173,6 @@ def timed(fn, *args, **kwargs):
 
 # --------------------------------------------------------------------------- memory
 
-def vm_status(field: str) -> float:
-    """A field of /proc/self/status (VmHWM: peak resident memory, VmRSS: now), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def write_jsonl_of_size(path: Path, megabytes: float, demo: list[dict]) -> int:
     """Distinct alpaca rows (numbered instructions) until the file holds `megabytes`; rows written."""
     target, written, i = megabytes * 1e6, 0, 0
@@ -192,46 +186,55 @@ def write_jsonl_of_size(path: Path, megabytes: float, demo: list[dict]) -> int:
     return i
 
 
-def memory_child(path: Path, cache_dir: Path) -> int:
-    """Run in a fresh process: build the data for `path` and print what it cost, as JSON."""
-    from datasets.utils.logging import disable_progress_bar
+def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> tuple[float, float]:
+    """(peak resident MB, seconds) of the real command the issue measured, `lora data preview`
+    on a recipe reading `data_path` (format left out: detected; cache written), in its own
+    process. The peak is the kernel's ru_maxrss for that process (it counts the pages of
+    memory-mapped Arrow files it touched)."""
+    import yaml
 
-    from lora_cli.data import build_sft_data
-    from lora_cli.model import load_tokenizer, quiet_libraries
-
-    quiet_libraries()
-    disable_progress_bar()
-    tokenizer = load_tokenizer(str(MODEL))
-    recipe = lora_recipe(path, cache_dir / "unused", 1, cache_dir)
-    recipe.data.format = "auto"
-    before = vm_status("VmRSS")
+    recipe = work / f"preview-{data_path.stem}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(MODEL)},
+        "data": {"path": str(data_path), "max_length": MAX_LENGTH, "cache_dir": str(cache_dir)},
+        "output_dir": str(work / "unused")}), encoding="utf-8")
+    lora = Path(sys.executable).parent / "lora"
     start = time.perf_counter()
-    data = build_sft_data(recipe.data, tokenizer)
+    proc = subprocess.Popen([str(lora), "data", "preview", str(recipe), "--rows", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
-    print(json.dumps({"rows": data.stats.rows, "seconds": seconds, "before_mb": before, "peak_mb": vm_status("VmHWM"),
-                      "summary": data.stats.summary()}))
-    return 0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lora data preview failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, seconds
 
 
 def measure_memory(sizes: list[float], demo: list[dict], work: Path) -> list[dict]:
+    """Peak memory of `lora data preview` per file size, and of the same command on a one-row
+    file (what Python, the libraries and the tokenizer cost before any data)."""
+    one_row = work / "mem-one-row.jsonl"
+    one_row.write_text(json.dumps(demo[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    floor, _ = preview_peak_mb(one_row, work / "memcache-floor", work)
     results = []
     for megabytes in sizes:
         path = work / f"mem-{megabytes:g}MB.jsonl"
         rows = write_jsonl_of_size(path, megabytes, demo)
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(path), "--cache-dir", str(work / f"memcache-{megabytes:g}")],
-                             capture_output=True, text=True, check=True)
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append({"file_mb": path.stat().st_size / 1e6, "rows": rows, **result})
+        peak, seconds = preview_peak_mb(path, work / f"memcache-{megabytes:g}", work)
+        results.append({"file_mb": path.stat().st_size / 1e6, "rows": rows, "peak_mb": peak, "floor_mb": floor,
+                        "seconds": seconds})
         path.unlink()
+        shutil.rmtree(work / f"memcache-{megabytes:g}", ignore_errors=True)
     return results
 
 
 def print_memory(results: list[dict]) -> None:
-    print("| JSONL size | rows | peak RSS | RSS before reading data | peak / file size | growth over before / file size | rows/s |")
+    print("| JSONL size | rows | peak RSS of `lora data preview` | same command on a one-row file | peak / file size "
+          "| (peak - one-row) / file size | rows/s, whole command |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['file_mb']:,.0f} MB | {r['rows']:,} | {r['peak_mb']:,.0f} MB | {r['before_mb']:,.0f} MB | "
-              f"{r['peak_mb'] / r['file_mb']:.2f}x | {(r['peak_mb'] - r['before_mb']) / r['file_mb']:.2f}x | "
+        print(f"| {r['file_mb']:,.0f} MB | {r['rows']:,} | {r['peak_mb']:,.0f} MB | {r['floor_mb']:,.0f} MB | "
+              f"{r['peak_mb'] / r['file_mb']:.2f}x | {(r['peak_mb'] - r['floor_mb']) / r['file_mb']:.2f}x | "
               f"{r['rows'] / r['seconds']:,.0f} |")
 
 
@@ -247,16 +250,17 @@ def main() -> int:
                         help="JSONL sizes in MB for the memory measurement, comma-separated (empty: skip it)")
     parser.add_argument("--quick", action="store_true",
                         help="small sizes (2000 rows, 32 rows x 1 epoch, 1 seed, 2 and 8 MB files): proves the bench runs end to end")
-    parser.add_argument("--memory-child", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     args = parser.parse_args()
-    if args.memory_child:
-        return memory_child(args.memory_child, args.cache_dir)
     if args.quick:
         args.rows, args.train_rows, args.epochs, args.repeat, args.seeds, args.memory_sizes = 2000, 32, 1, 1, [42], [2, 8]
     if not (MODEL / "config.json").is_file():
         print(f"{MODEL} is missing; build it with `lora build-tiny` (make bench does)", file=sys.stderr)
         return 1
+
+    if args.memory_only:
+        report_memory(args, read_jsonl(DATA), Path(tempfile.mkdtemp(prefix="bench-data-")))
+        return 0
 
     import torch
     from datasets.utils.logging import disable_progress_bar
@@ -337,11 +341,15 @@ def main() -> int:
     print(f"preprocessing speed-up {t_source / t_lora:.1f}x cold, {t_source / t_cached:.0f}x cached (target >= 5x); "
           f"training speed-up {lora_tps / src_tps:.2f}x (target >= 1.3x); final loss {lora_loss:.4f} vs {source_loss:.4f} "
           f"({per_seed})")
+    report_memory(args, demo, work)
+    return 0
+
+
+def report_memory(args, demo: list[dict], work: Path) -> None:
     if args.memory_sizes:
         print(f"data path memory ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; goal: peak <= 2x the file "
               "at 200 MB and flat beyond)")
         print_memory(measure_memory(args.memory_sizes, demo, work))
-    return 0
 
 
 if __name__ == "__main__":
