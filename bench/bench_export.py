@@ -2,7 +2,7 @@
 
     python bench/bench_export.py --quick     (tiny-llama only, f16 and q8_0: proves the script runs)
     python bench/bench_export.py             (make bench: tiny-llama, every dtype and format)
-    python bench/bench_export.py --larger    (adds a random 8-layer, 512-wide Llama, ~30M parameters)
+    python bench/bench_export.py --larger    (adds the random 8-layer, 512-wide Llama of bench_generate.py, 25.7M parameters)
 
 The adapter is LoRA r=16 on every linear layer with random, non-zero A and B. Each export is
 timed end to end as the command runs it (load the base in float32, merge, convert, write), once:
@@ -23,44 +23,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODEL = REPO / "models" / "tiny-llama"
-LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+sys.path.insert(0, str(REPO / "bench"))
 
-
-def build_larger(out: Path, tiny: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def random_adapter(base: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=16, lora_alpha=32, target_modules=LINEAR, task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    model.save_pretrained(out)
-    return out
+from bench_generate import MODEL, build_larger, random_adapter  # noqa: E402  (one builder for every benchmark)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-llama, f16 and q8_0 only")
-    parser.add_argument("--larger", action="store_true", help="also a random ~30M-parameter Llama")
+    parser.add_argument("--larger", action="store_true", help="also the random 25.7M-parameter Llama")
     parser.add_argument("--model", type=Path, default=MODEL, help="the tiny base (default: models/tiny-llama)")
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
@@ -74,7 +45,7 @@ def main() -> None:
         tmp = Path(tmp)
         models = {"tiny-llama": args.model}
         if args.larger:
-            models["llama-8x512"] = build_larger(tmp / "larger", args.model)
+            models["llama-8x512"] = build_larger(tmp / "larger")
         print("| model | format | dtype | export wall s | file size |")
         print("| --- | --- | --- | --- | --- |")
         for label, base in models.items():

@@ -13,6 +13,9 @@ rotating through the list). Tokens are counted from each response's usage. --lar
 random 8-layer, 512-wide Llama of bench_generate.py, where a batch's extra rows cost relatively less.
 
 Goals (issue 11): 16 clients >= 3x the one-at-a-time tokens/s; one client within 10% of `lora generate`.
+The one-client overhead is measured with a bare keep-alive HTTP client (the server's cost) and,
+beside it, with the openai client (whose own work here shares the server's process and cores),
+each alternating with `lora generate`'s path --pairs times; the best of each is compared.
 """
 
 from __future__ import annotations
@@ -58,6 +61,29 @@ def drive(url: str, clients: int, requests: int, new_tokens: int) -> dict:
             "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
+def raw_seconds(url: str, prompts: list[str], new_tokens: int) -> float:
+    """The same prompts sent one at a time by a bare keep-alive HTTP client (http.client): the
+    server's own cost, without the openai client's, which runs in this process and shares its
+    GIL and the 2 cores with the server."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
+    start = time.perf_counter()
+    for prompt in prompts:
+        body = {"model": "a", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                "max_tokens": new_tokens}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 200, reply.read()
+        reply.read()
+    seconds = time.perf_counter() - start
+    conn.close()
+    return seconds
+
+
 def direct_seconds(server, prompts: list[str], new_tokens: int) -> float:
     """The same prompts answered one at a time through `lora generate`'s path (generate_rows)."""
     from lora_cli.infer import GenerationSettings, Prompt, generate_rows
@@ -70,9 +96,10 @@ def direct_seconds(server, prompts: list[str], new_tokens: int) -> float:
 
 
 def bench_model(label: str, base: Path, work: Path, client_counts: list[int], requests: int, new_tokens: int,
-                rounds: int) -> list[dict]:
+                rounds: int, pairs: int) -> list[dict]:
     """Every client count `rounds` times in turn (the best round of each is kept: other work on a
-    shared machine only adds time), then `lora generate`'s path and one client alternately."""
+    shared machine only adds time), then `lora generate`'s path and one client alternately,
+    `pairs` times (the overhead is a few percent: it needs more runs than the throughput)."""
     from lora_cli.serve import ServerThread, build_server
 
     adapter = random_adapter(base, work / f"adapter-{base.name}")
@@ -87,14 +114,16 @@ def bench_model(label: str, base: Path, work: Path, client_counts: list[int], re
                     if clients not in best or run["tok_s"] > best[clients]["tok_s"]:
                         best[clients] = run
             one = [PROMPTS[r % len(PROMPTS)] for r in range(requests)]
-            direct, served = [], []
-            for _ in range(rounds):
+            direct, raw, served = [], [], []
+            for _ in range(pairs):
                 direct.append(direct_seconds(server, one, new_tokens))
+                raw.append(raw_seconds(running.url, one, new_tokens))
                 served.append(drive(running.url, 1, requests, new_tokens)["seconds"])
     finally:
         server.scheduler.close()
     rows = [{"model": label, **best[c]} for c in client_counts]
-    rows[0]["overhead"] = min(served) / min(direct) - 1
+    rows[0]["overhead"] = min(raw) / min(direct) - 1
+    rows[0]["overhead_openai"] = min(served) / min(direct) - 1
     return rows
 
 
@@ -104,11 +133,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the client counts (best kept)")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating lora-generate / one-client runs")
     parser.add_argument("--larger", action="store_true", help="also a random 8-layer 512-wide Llama")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests, 8 tokens")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests, args.new_tokens, args.larger, args.rounds = [1, 4], 2, 8, False, 1
+        args.pairs = 1
     if not (MODEL / "config.json").is_file():
         sys.exit(f"{MODEL} is missing: run `lora build-tiny` (or make tiny) first")
     from lora_cli.model import quiet_libraries
@@ -120,10 +151,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows += bench_model("tiny-llama", MODEL, work, args.clients, args.requests, args.new_tokens,
-                            args.rounds)
+                            args.rounds, args.pairs)
         if args.larger:
             rows += bench_model("random-llama-8x512", build_larger(work / "larger"), work, args.clients,
-                                args.requests, args.new_tokens, args.rounds)
+                                args.requests, args.new_tokens, args.rounds, args.pairs)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"greedy chat, {args.new_tokens} max tokens, {args.requests} requests per client, best of {args.rounds} "
           f"rounds, {device}, load average {os.getloadavg()[0]:.1f}, "
@@ -132,7 +163,8 @@ def main() -> None:
     print("| ----- | ------- | ---------- | --------------- | ----- | ----- | -------------------- | ------------------------- |")
     for row in rows:
         single = next(r for r in rows if r["model"] == row["model"])
-        overhead = f"{row['overhead']:+.0%}" if "overhead" in row else ""
+        overhead = (f"{row['overhead']:+.0%} bare HTTP, {row['overhead_openai']:+.0%} openai client"
+                    if "overhead" in row else "")
         print(f"| {row['model']} | {row['clients']} | {row['req_s']:.2f} | {row['tok_s']:.0f} | {row['p50']:.3f} | "
               f"{row['p99']:.3f} | {row['tok_s'] / single['tok_s']:.2f}x | {overhead} |")
 
