@@ -71,6 +71,8 @@ def batch_layout(recipe, attn_implementation: str | None, masks_from_positions: 
     left empty) flattens there too: no padding and, unlike length-grouped rows, the examples
     of a step are the random ones the source workflow's steps hold (the same loss, measured)."""
     data_cfg = recipe.data
+    if recipe.model.task != "causal_lm":
+        return PADDED  # classification and seq2seq rows are padded by their task's collator (tasks.make_collator)
     if method_of(recipe).learns_virtual_tokens:
         # peft drops position_ids for methods that put virtual tokens before the input, so examples
         # sharing a row would attend to each other (packing: true is refused for them in recipe.py)

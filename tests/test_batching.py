@@ -61,6 +61,12 @@ def test_layout_follows_the_attention_kernel(tmp_path, packing, attn, masks, lay
     assert batch_layout(recipe(tmp_path, data={"packing": packing}), attn, masks) == layout
 
 
+@pytest.mark.parametrize("task", ["classification", "seq2seq"])
+def test_other_tasks_say_padded_rows_as_their_collators_pad(tmp_path, task):
+    r = recipe(tmp_path, model={"task": task})
+    assert batch_layout(r, "flash_attention_2", True) == PADDED == batch_layout(r, "sdpa", True)
+
+
 def test_a_written_batch_shape_is_not_flattened_under_sdpa(tmp_path):
     """Flattened rows on sdpa cost a dense mask over the whole row: only for the chosen shape,
     whose row is at most train.tokens_per_batch tokens."""
