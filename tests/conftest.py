@@ -44,31 +44,17 @@ def tiny_random(tmp_path_factory) -> Path:
 
 
 def _tiny_model(out: Path, **kwargs) -> Path:
-    """Build a tiny model into `out`. With LORA_TEST_MODEL_CACHE set (a developer's opt-in, never
-    CI), the build is reused across pytest sessions, keyed on the builder's source, the data and
-    the arguments, and copied into `out`; the copy is still loaded through the product's code."""
-    import hashlib
-    import shutil
-
+    """Build a tiny Llama into `out`. With LORA_TEST_MODEL_CACHE set (a developer's opt-in, never
+    CI), the build is reused across pytest sessions (_cached_build); the copy is still loaded
+    through the product's code."""
     from lora_cli import tiny
     from lora_cli.tiny import build_tiny_model
 
-    cache = os.environ.get("LORA_TEST_MODEL_CACHE")
-    if not cache:
-        return build_tiny_model(out, DEMO_DATA, log=lambda *_: None, **kwargs)
-    key = hashlib.sha256(Path(tiny.__file__).read_bytes() + DEMO_DATA.read_bytes()
-                         + repr(sorted(kwargs.items())).encode()).hexdigest()[:16]
-    built = Path(cache) / key
-    if not (built / "TINY_MODEL.json").exists():
-        staging = Path(cache) / f".{key}.{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        build_tiny_model(staging, DEMO_DATA, log=lambda *_: None, **kwargs)
-        try:
-            staging.rename(built)
-        except OSError:  # another session finished the same build first
-            shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(built, out)
-    return out
+    def build(folder: Path) -> Path:
+        return build_tiny_model(folder, DEMO_DATA, log=lambda *_: None, **kwargs)
+
+    source = Path(tiny.__file__).read_bytes() + DEMO_DATA.read_bytes() + repr(sorted(kwargs.items())).encode()
+    return _cached_build(out, source, build)
 
 
 CLASSIFY_DATA = REPO / "data" / "classify_demo.jsonl"
@@ -106,6 +92,8 @@ def _tiny_kind(out: Path, arch: str, data: Path, **kwargs) -> Path:
 
 
 def _cached_build(out: Path, key_source: bytes, build) -> Path:
+    """build(out), or with LORA_TEST_MODEL_CACHE set, a copy of the build cached under the hash
+    of key_source (the builder's source, its data and arguments)."""
     import hashlib
     import shutil
 
