@@ -342,13 +342,16 @@ def _finish(writer) -> None:
 
 # --------------------------------------------------------------------------- the formats
 
-def _merged(adapter_dir, base, log):
+def _merged(adapter_dir, out: Path, dtype: str, force: bool, base, log):
     """(info, merged float32 model, tokenizer, tokenizer folder): the merge `lora merge` does.
-    The adapter and the base's architecture are checked first, before the slow part."""
+    The dtype, the output, the adapter and the base's architecture are checked first, before
+    the slow part."""
     from lora_cli.merge import check_mergeable, merged_model
     from lora_cli.inputs import verify_adapter
     from lora_cli.model import load_tokenizer
 
+    _check_dtype(dtype)
+    check_replaceable(out, force)
     info = verify_adapter(adapter_dir)
     check_mergeable(info)
     _base_config(info, base)
@@ -386,9 +389,7 @@ def export_gguf(adapter_dir, out, *, dtype: str = "f16", force: bool = False, ba
                 log=print) -> Path:
     """The adapter merged into its full-precision base, as one GGUF file."""
     out = Path(out)
-    _check_dtype(dtype)
-    check_replaceable(out, force)
-    info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, base, log)
+    info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, out, dtype, force, base, log)
     with staged_path(out) as tmp:
         write_merged_gguf(tmp, model, tokenizer, tokenizer_dir, info.template, dtype, _display_name(info))
     log(f"GGUF ({dtype}, {_size(out)}) written to {out}")
@@ -399,9 +400,7 @@ def export_ollama(adapter_dir, out, *, dtype: str = "f16", force: bool = False, 
                   log=print) -> Path:
     """A folder Ollama imports: the merged GGUF and a Modelfile reproducing the training template."""
     out = Path(out)
-    _check_dtype(dtype)
-    check_replaceable(out, force)
-    info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, base, log)
+    info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, out, dtype, force, base, log)
     text = modelfile(info.template, tokenizer.eos_token)  # refuses chat_template before writing anything
     with staged_path(out, folder=True) as tmp:
         write_merged_gguf(tmp / OLLAMA_GGUF, model, tokenizer, tokenizer_dir, info.template, dtype, _display_name(info))
