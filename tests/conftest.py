@@ -129,6 +129,18 @@ def tokenize_alpaca(rows: list[dict], tokenizer, template, max_length: int, trai
     return tokenize_conversations(conversations, tokenizer, template, max_length, train_on)
 
 
+def llama_config_folder(folder: Path, *, hidden: int, intermediate: int, heads: int, layers: int,
+                        vocab: int = 32000) -> Path:
+    """A model folder holding a Llama-shaped config.json alone (nothing to load): what
+    `lora estimate` reads for the real-sized shapes of the papers."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_attention_heads": heads, "num_hidden_layers": layers,
+        "num_key_value_heads": heads, "vocab_size": vocab, "tie_word_embeddings": False}))
+    return folder
+
+
 def make_recipe(tmp_path: Path, model: Path, data: Path | None = None, **sections) -> Path:
     """Write a small recipe into tmp_path; `sections` update the defaults section by section,
     e.g. make_recipe(tmp_path, base, train={"max_steps": 2})."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import yaml
 
-from conftest import REPO, demo_rows, make_recipe, write_jsonl
+from conftest import REPO, demo_rows, llama_config_folder, make_recipe, write_jsonl
 
 
 def flat(text: str) -> str:
@@ -171,12 +170,7 @@ def test_seven_b_config_qlora_memory_is_plausible(tmp_path):
     """A Llama-2-7B shaped config, nothing loaded: NF4 base near 3.9 GB, 4.127 bits a weight."""
     from lora_cli.estimate import GiB, estimate_recipe
 
-    folder = tmp_path / "llama7b"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 11008, "num_attention_heads": 32, "num_hidden_layers": 32,
-        "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False}))
+    folder = llama_config_folder(tmp_path / "llama7b", hidden=4096, intermediate=11008, heads=32, layers=32)
     _, recipe = _recipe(tmp_path, folder, {"r": 16, "target_modules": ["q_proj", "v_proj"]}, "auto", "4bit")
     est = estimate_recipe(recipe)
     assert est.params.total == 6_738_415_616 + est.params.trainable  # Llama-2-7B's parameter count

@@ -4,12 +4,11 @@ counted (`lora estimate`, against the state the optimizer really allocates)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
 
-from conftest import make_recipe
+from conftest import llama_config_folder, make_recipe
 
 
 def _recipe(tmp_path, base, **sections):
@@ -135,12 +134,7 @@ def _paper_65b(tmp_path):
     """The QLoRA paper's 65B setting: a LLaMA-65B shaped config (nothing loaded), NF4 + double
     quantization, r 64 on every linear layer, bf16 adapters, paged 8-bit AdamW, gradient
     checkpointing, batch 1 x 512 tokens."""
-    folder = tmp_path / "llama65b"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,
-        "intermediate_size": 22016, "num_attention_heads": 64, "num_hidden_layers": 80,
-        "num_key_value_heads": 64, "vocab_size": 32000, "tie_word_embeddings": False}))
+    folder = llama_config_folder(tmp_path / "llama65b", hidden=8192, intermediate=22016, heads=64, layers=80)
     path = make_recipe(tmp_path, folder,
                        lora={"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear",
                              "adapter_dtype": "bfloat16"},
