@@ -314,16 +314,20 @@ def chat_prompt_ids(tokenizer, served: ServedModel, body: ChatBody) -> list[int]
     if messages[-1].role not in ("user", "tool"):
         raise ApiError(400, "messages: the last message must be the user's or a tool result (the model answers it)",
                        param=f"messages.{len(messages) - 1}.role")
-    try:
-        turns = [chat_message(m.as_turn(), f"messages.{i}") for i, m in enumerate(messages)]
-        tools = parse_tools(body.tools, "tools")
-    except LoraError as e:  # the reader names the place: "messages.2, tool call 1: ..." or "tools, tool 1: ..."
-        fix = f" ({e.hint})" if e.hint else ""
-        raise ApiError(400, e.message + fix, param=e.message.split(":")[0].split(",")[0]) from None
+    turns = [_read(chat_message, m.as_turn(), f"messages.{i}") for i, m in enumerate(messages)]
+    tools = _read(parse_tools, body.tools, "tools")
     try:
         return prompt_ids(tokenizer, served.template, turns, tools or None)
     except LoraError as e:
         raise ApiError(400, f"messages: {e.message}", param="messages") from None
+
+
+def _read(reader, value, param: str):
+    """reader(value, param) from formats (the data reader), its refusal as a 400 naming `param`."""
+    try:
+        return reader(value, param)
+    except LoraError as e:
+        raise ApiError(400, e.message + (f" ({e.hint})" if e.hint else ""), param=param) from None
 
 
 def completion_prompt_ids(tokenizer, served: ServedModel, prompt: str) -> list[int]:
