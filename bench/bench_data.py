@@ -21,7 +21,7 @@ way for both trained adapters after training, averaged over seeds.
 Memory: for each size in --memory-sizes (MB), a JSONL of distinct alpaca rows is written to a
 temporary folder and the real command `lora data preview` reads it in its own process (format
 detected, every row checked and tokenised, cache written); its peak resident memory (the
-kernel's ru_maxrss, which counts memory-mapped file pages it touched) is reported beside the
+kernel's VmHWM for it, which counts memory-mapped file pages it touched) is reported beside the
 same command's peak on a one-row file (Python, libraries, tokenizer: no data), so that growth
 with the file shows.
 """
@@ -187,13 +187,14 @@ def write_jsonl_of_size(path: Path, megabytes: float, demo: list[dict]) -> int:
 
 
 def status_mb(pid: int) -> dict[str, float]:
-    """RssAnon (the process's own memory) and RssFile (pages of files it maps, such as the
-    memory-mapped Arrow files: the kernel's page cache, dropped under pressure) of a process, MB."""
+    """VmHWM (the process's peak resident memory so far), RssAnon (its own memory) and RssFile
+    (pages of files it maps, such as the memory-mapped Arrow files: the kernel's page cache,
+    dropped under pressure) of a process, MB."""
     fields = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             name, _, value = line.partition(":")
-            if name in ("RssAnon", "RssFile"):
+            if name in ("VmHWM", "RssAnon", "RssFile"):
                 fields[name] = int(value.split()[0]) / 1024
     except (FileNotFoundError, ProcessLookupError, ValueError):
         pass
@@ -203,9 +204,11 @@ def status_mb(pid: int) -> dict[str, float]:
 def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> dict:
     """The real command the issue measured, `lora data preview`, on a recipe reading `data_path`
     (format left out: detected; every row checked and tokenised; cache written), in its own
-    process: its peak resident memory (the kernel's ru_maxrss, which counts the pages of
-    memory-mapped Arrow files it touched), and, sampled every 20 ms, the peaks of its anonymous
-    memory and of its file-backed pages apart. Returns MB and seconds."""
+    process: its peak resident memory (the kernel's VmHWM for that process, which counts the
+    pages of memory-mapped Arrow files it touched), and the peaks of its anonymous memory and of
+    its file-backed pages apart, all read every 20 ms. Not ru_maxrss: a child's ru_maxrss starts
+    at its parent's resident size when it forks, and this script's process is large after its
+    training runs. Returns MB and seconds."""
     import yaml
 
     recipe = work / f"preview-{data_path.stem}.yaml"
@@ -219,19 +222,15 @@ def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> dict:
     with errors.open("wb") as err:  # a file, not a pipe: a pipe nobody reads could fill and stall it
         proc = subprocess.Popen([str(lora), "data", "preview", str(recipe), "--rows", "1"],
                                 stdout=subprocess.DEVNULL, stderr=err)
-    anon = files = 0.0
-    while True:  # wait4 without blocking: reaps the process once it has exited, with its own rusage
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid == proc.pid:
-            break
-        now = status_mb(proc.pid)
-        anon, files = max(anon, now.get("RssAnon", 0.0)), max(files, now.get("RssFile", 0.0))
+    peak = {"VmHWM": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
+    while proc.poll() is None:  # VmHWM only grows: the last reading misses at most the last 20 ms
+        for name, value in status_mb(proc.pid).items():
+            peak[name] = max(peak[name], value)
         time.sleep(0.02)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"lora data preview failed ({proc.returncode}): {errors.read_text()[-2000:]}")
-    return {"peak_mb": usage.ru_maxrss / 1024, "anon_mb": anon, "file_mb_mapped": files, "seconds": seconds}
+    return {"peak_mb": peak["VmHWM"], "anon_mb": peak["RssAnon"], "file_mb_mapped": peak["RssFile"], "seconds": seconds}
 
 
 def measure_memory(sizes: list[float], demo: list[dict], work: Path) -> list[dict]:
@@ -288,7 +287,6 @@ def main() -> int:
         report_memory(args, read_jsonl(DATA), Path(tempfile.mkdtemp(prefix="bench-data-")))
         return 0
 
-    import torch
     from datasets.utils.logging import disable_progress_bar
 
     from lora_cli.data import build_sft_data
