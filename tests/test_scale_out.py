@@ -126,7 +126,9 @@ def _two_nodes(recipe: Path, cwd: Path, env: dict, attempts: int = 2) -> list[tu
         port = _free_port()
         nodes = [_run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-node-test",
-                       *(["--rdzv_conf", "is_host=1"] if rank == 0 else []),
+                       # node 1 says it does not host: left to guess, it sees 127.0.0.1 is local, tries to host
+                       # too, and when it binds first node 0's store fails with EADDRINUSE (seen in a fresh clone)
+                       "--rdzv_conf", f"is_host={1 if rank == 0 else 0}",
                        "-m", "lora_cli.cli", "train", str(recipe)], cwd, env) for rank in range(2)]
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and any(n.poll() is None for n in nodes):
