@@ -11,12 +11,13 @@ TINY := models/tiny-llama
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt is the locked set the suite passes with: every machine installs exactly it.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	# llama-cpp-python (test extra) compiles llama.cpp; its multimodal library is not needed
-	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" $(PY) -m pip install -q -e ".[test]"
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" $(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 tiny: setup
