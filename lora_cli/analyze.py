@@ -145,7 +145,8 @@ def update_singular_values(A, B, scaling: float) -> list[float]:
     return [float(s) * abs(scaling) for s in torch.linalg.svdvals(core)]
 
 
-def analyze_adapter(path: str | Path, *, base: str | None = None, with_base: bool = True) -> AdapterAnalysis:
+def analyze_adapter(path: str | Path, *, base: str | None = None, with_base: bool = True,
+                    trust_remote_code: bool = False) -> AdapterAnalysis:
     path = Path(path)
     config = read_lora_config(path)
     weights = read_weights(path)
@@ -160,21 +161,22 @@ def analyze_adapter(path: str | Path, *, base: str | None = None, with_base: boo
         values = update_singular_values(A, B, scaling)
         modules.append(ModuleAnalysis(name, r, scaling, values, math.sqrt(sum(v * v for v in values))))
     if with_base:
-        attach_base_norms(path, modules, base)
+        attach_base_norms(path, modules, base, trust_remote_code)
     full = sorted({re.sub(r"^base_model\.model\.", "", k).rsplit(".", 1)[0] for k in weights if ".lora_" not in k})
     analysis = AdapterAnalysis(path, modules, full_modules=full)
     judge(analysis)
     return analysis
 
 
-def attach_base_norms(path: Path, modules: list[ModuleAnalysis], base: str | None) -> None:
+def attach_base_norms(path: Path, modules: list[ModuleAnalysis], base: str | None,
+                      trust_remote_code: bool = False) -> None:
     """||W||_F of each adapted module's frozen weight, from the base loaded through the same
     path inference uses (full precision, so 4-bit bases are measured dequantised)."""
     import torch
 
     from lora_cli.model import inference_model_config, load_base_model, read_adapter
 
-    model_cfg = inference_model_config(read_adapter(path), base)
+    model_cfg = inference_model_config(read_adapter(path), base, trust_remote_code=trust_remote_code)
     model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
     for m in modules:
         try:

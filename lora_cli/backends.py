@@ -60,11 +60,13 @@ class TransformersBackend:
         self.tokenizer = tokenizer
 
     @classmethod
-    def load(cls, adapters: dict, *, base: str | None = None, device: str | None = None):
+    def load(cls, adapters: dict, *, base: str | None = None, device: str | None = None,
+             trust_remote_code: bool = False):
         """(backend, adapter infos by name) for base + adapters, as `lora generate` loads them."""
         from lora_cli.model import load_for_inference
 
-        model, tokenizer, infos = load_for_inference(adapters, base=base, device=device)
+        model, tokenizer, infos = load_for_inference(adapters, base=base, device=device,
+                                                     trust_remote_code=trust_remote_code)
         return cls(model, tokenizer), infos
 
     @property

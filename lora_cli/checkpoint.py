@@ -145,6 +145,50 @@ def resolve_resume(output_dir: Path, resume: Resume) -> Path:
     return where
 
 
+PICKLED_STATE_SUFFIXES = (".pt", ".pth", ".bin")  # optimizer, scheduler, scaler and RNG state: torch.save pickles
+
+
+def verify_resumable(checkpoint: Path) -> None:
+    """Refuse a checkpoint the Trainer would resume wrongly or unsafely: one that lost a file it
+    was written with (the Trainer silently starts a fresh optimizer when optimizer.pt is gone),
+    or whose pickled state holds more than tensors and the plain types the Trainer allows
+    (torch.load(weights_only=True) would stop it, but with a traceback and no file named)."""
+    checkpoint = Path(checkpoint)
+    try:
+        written = json.loads((checkpoint / MARKER).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        written = []
+    missing = [name for name in written if not (checkpoint / name).exists()]
+    if missing:
+        raise LoraError(f"--resume: {checkpoint} lacks {', '.join(missing)}, which it was written with; resuming "
+                        "would not continue the same run (a lost optimizer.pt means a fresh optimizer)",
+                        "restore the files, resume from another checkpoint with --resume-from DIR, "
+                        "or start again with --overwrite")
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix in PICKLED_STATE_SUFFIXES and path.is_file():
+            _refuse_unsafe_pickle(path)
+
+
+def _refuse_unsafe_pickle(path: Path) -> None:
+    """Read the pickle's instructions (not its tensors, never running it) and refuse any global
+    that torch's weights-only loader, with the Trainer's own numpy allowlist, would not accept."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # not a torch.save zip archive at all: damaged or foreign
+        raise LoraError(f"--resume: {path} is not a checkpoint file torch can read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})",
+                        "resume from another checkpoint with --resume-from DIR, or start again with --overwrite") from None
+    if unsafe:
+        raise LoraError(f"--resume: {path} holds objects that are not plain tensors ({', '.join(unsafe[:5])}); "
+                        "lora never runs code from a pickle",
+                        "resume only checkpoints lora train wrote; resume from another with --resume-from DIR, "
+                        "or start again with --overwrite")
+
+
 # Keys that may change between the first run and its resumption: they steer bookkeeping,
 # not the numbers the run computes.
 RESUME_MAY_DIFFER = {"output_dir", "train.logging_steps", "train.save_steps", "train.save_total_limit",

@@ -28,6 +28,8 @@ RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.learning_rate=3e-4 (repeatable).")]
 AdapterOption = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="Adapter folder (a run's output_dir or a checkpoint), or NAME=DIR.")]
 BaseOption = Annotated[Optional[str], typer.Option("--base", help="Base model to use instead of the one the adapter names.")]
+# Only the user may allow code shipped in a model, tokenizer or adapter folder to run; never a saved recipe.
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow Python shipped with the base model or tokenizer (auto_map) to run. Only for folders whose author you trust.")]
 
 
 def with_resume_path(args: list[str]) -> list[str]:
@@ -128,7 +130,7 @@ TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Promp
 ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list of function schemas offered to the model, rendered as training rendered a row's tools.")]
 
 
-def _load_variants(adapter, base, template, engine: str = "transformers"):
+def _load_variants(adapter, base, template, engine: str = "transformers", trust_remote_code: bool = False):
     """(inference backend, adapter infos, base template) for generate, chat and serve."""
     from lora_cli.backends import backend_class
     from lora_cli.template import resolve_template
@@ -139,7 +141,7 @@ def _load_variants(adapter, base, template, engine: str = "transformers"):
 
     adapters = parse_adapters(adapter)
     refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter DIR --file rows.jsonl")
-    backend, infos = backend_class(engine).load(adapters, base=base)
+    backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
     default = template or next((i.template for i in infos.values()), "human_assistant")
     return backend, infos, default
 
@@ -162,6 +164,7 @@ def generate(
     top_p: TopP = 1.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = None,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Answer prompts with base + adapter(s), rendered by the template training used.
     Several --adapter answer the same prompts side by side."""
@@ -183,7 +186,7 @@ def generate(
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
     from lora_cli.infer import generate_rows
 
-    backend, infos, default_template = _load_variants(adapter, base, template)
+    backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
     if base_only or not infos:
         variants = {BASE: (None, default_template)}
     else:
@@ -212,6 +215,7 @@ def chat(
     top_p: TopP = 1.0,
     repetition_penalty: RepPenalty = 1.0,
     seed: Seed = None,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Talk to the base with one or more adapters; /adapter NAME switches, /help lists commands.
     Answers stream as they are generated; Ctrl-C stops one, /exit leaves."""
@@ -219,7 +223,7 @@ def chat(
     from lora_cli.infer import ChatSession, chat_loop, read_tools
 
     tool_schemas = read_tools(tools) if tools else []
-    backend, infos, default_template = _load_variants(adapter, base, template)
+    backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
     session = ChatSession(backend, {n: template or i.template for n, i in infos.items()}, settings,
                           adapter=next(iter(infos), None), base_template=default_template, system=system,
                           tools=tool_schemas)
@@ -239,6 +243,7 @@ def serve(
     engine: Annotated[str, typer.Option("--engine", help="transformers (this process) or vllm (vLLM's own OpenAI server, GPU).")] = "transformers",
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most answers generated in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most requests waiting or running; beyond it, 429.")] = 64,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """OpenAI-compatible server: /v1/models, /v1/chat/completions, /v1/completions, /health.
     A request's `model` names an adapter, or `base` for the base with adapters off."""
@@ -255,7 +260,7 @@ def serve(
     from lora_cli.serve import build_server, run_server
 
     server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,
-                          max_batch=max_batch, max_queue=max_queue)
+                          max_batch=max_batch, max_queue=max_queue, trust_remote_code=trust_remote_code)
     run_server(server, host, port, log=lambda line: console.print(line, highlight=False, markup=False))
 
 
@@ -284,6 +289,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Write each row's label and probabilities as .jsonl.")],
     base: BaseOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Label rows with a classification adapter: predicted label and every label's probability
     per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
@@ -297,7 +303,7 @@ def predict(
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
 
-    model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base)
+    model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)
     info = infos["adapter"]
     labels = list(info.model_section["labels"])
     rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
@@ -318,12 +324,14 @@ def merge(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Saved precision: float32, bfloat16 or float16 (default: float32).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file, e.g. 5GB or 500MB; bigger models are sharded.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Fold the adapter into its base and write a full model folder (safetensors, tokenizer,
     generation config, model card) that plain transformers loads."""
     from lora_cli.merge import merge_adapter
 
-    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print)
+    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
+                  trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -396,11 +404,12 @@ def analyze(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-module PNG of effective ranks and update norms.")] = None,
     base: BaseOption = None,
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip loading the base (no ||dW|| / ||W|| column).")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
     from lora_cli.analyze import analyze_adapter, plot_analysis, print_analysis
 
-    result = analyze_adapter(adapter, base=base, with_base=not no_base)
+    result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
     print_analysis(result, console)
     if plot is not None:
         console.print(f"[bold]plot[/]    {plot_analysis(result, plot)}")

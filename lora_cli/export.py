@@ -452,13 +452,16 @@ def _plain_lora_alpha(info) -> float:
 def _base_config(info, base):
     from transformers import AutoConfig
 
-    from lora_cli.model import inference_model_config, quiet_libraries
+    from lora_cli.model import inference_model_config, quiet_libraries, refuse_remote_code
 
     quiet_libraries()
     name = inference_model_config(info, base, quantization="none").name_or_path
     try:
-        config = AutoConfig.from_pretrained(name)
+        # llama.cpp runs only architectures it knows, so export never needs a model's own code
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        refuse_remote_code(name, "the base model", "llama.cpp reads only the architectures it knows, and lora export "
+                           "runs no code shipped with a model; merge with `lora merge --trust-remote-code` instead")
         raise LoraError(f"cannot read the base model's config.json at {name!r}: {str(e).splitlines()[0]}",
                         "pass --base MODEL_FOLDER") from None
     _architecture(config)

@@ -81,7 +81,7 @@ def check_merge_options(dtype: str | None, max_shard_size: str | int) -> str | i
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None = None,
                   force: bool = False, base: str | None = None, max_shard_size: str | int = "5GB",
-                  log=print) -> Path:
+                  log=print, trust_remote_code: bool = False) -> Path:
     """Fold the adapter into its base and save a full model plain transformers loads.
     The base is always reloaded unquantized: merging into 4-bit weights would round the update away."""
     from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
@@ -92,12 +92,12 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
 
     info = verify_adapter(adapter_dir)
     check_mergeable(info)
-    model_cfg = inference_model_config(info, base, quantization="none")
+    model_cfg = inference_model_config(info, base, quantization="none", trust_remote_code=trust_remote_code)
     save_dtype = getattr(torch, dtype) if dtype else None
     tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
     check_out(Path(out), force, "merge", [("adapter", info.path), ("base model", model_cfg.name_or_path),
                                           ("tokenizer", tokenizer_src)])
-    tokenizer = load_tokenizer(str(tokenizer_src))
+    tokenizer = load_tokenizer(str(tokenizer_src), trust_remote_code)
     with staged_output(Path(out), force, "merge") as staging:
         merged = _merge_into_full_precision(info, model_cfg, tokenizer, log)
         if save_dtype is not None:
@@ -113,7 +113,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     return Path(out)
 
 
-def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print):
+def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print, trust_remote_code: bool = False):
     """(info, merged float32 model, model config): the merge `lora merge` saves, in memory, for
     writers of other formats (`lora export`)."""
     from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
@@ -121,9 +121,9 @@ def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print)
     quiet_libraries()
     info = verify_adapter(adapter_dir)
     check_mergeable(info)
-    model_cfg = inference_model_config(info, base, quantization="none")
+    model_cfg = inference_model_config(info, base, quantization="none", trust_remote_code=trust_remote_code)
     tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
-    merged = _merge_into_full_precision(info, model_cfg, load_tokenizer(str(tokenizer_src)), log)
+    merged = _merge_into_full_precision(info, model_cfg, load_tokenizer(str(tokenizer_src), trust_remote_code), log)
     _check_finite(merged)
     return info, merged, model_cfg
 

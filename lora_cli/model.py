@@ -55,9 +55,44 @@ def resolve_dtype(name: str):
 
 # --------------------------------------------------------------------------- tokenizer
 
+# --------------------------------------------------------------------------- remote code
+
+REMOTE_CODE_HINT = ("lora runs no Python shipped in a model, tokenizer or adapter folder unless you allow it; "
+                    "if you trust its author: --trust-remote-code on the command line, or "
+                    "model.trust_remote_code: true in your own recipe")
+
+
+def remote_code_asked(path: str | Path) -> list[str]:
+    """What a local model or tokenizer folder asks to run: its `auto_map` entries
+    ('config.json: AutoModelForCausalLM -> modeling_x.Model'). Empty for a hub id or no request."""
+    folder = Path(path)
+    asked = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if isinstance(auto_map, dict):
+            asked += [f"{name}: {kind} -> {target}" for kind, target in auto_map.items()]
+    return asked
+
+
+def refuse_remote_code(path: str | Path, what: str, hint: str = REMOTE_CODE_HINT) -> None:
+    """Called when loading without remote code failed: when the folder asked for code, that is
+    the reason, and the user is told what it asked for and how to allow it."""
+    asked = remote_code_asked(path)
+    if asked:
+        shown = "; ".join(str(a)[:200] for a in asked[:4]) + ("; ..." if len(asked) > 4 else "")
+        raise LoraError(f"{what} {str(path)!r} asks to run Python code shipped with it ({shown})", hint)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer, with a pad token. When it has none, EOS doubles as pad: safe because
-    labels are masked by position (PadCollator), never by comparing ids with the pad id."""
+    labels are masked by position (PadCollator), never by comparing ids with the pad id.
+    trust_remote_code comes from the user (command line or own recipe), never from a folder."""
     quiet_libraries()
     from transformers import AutoTokenizer
 
@@ -65,8 +100,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     verify_tokenizer_folder(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
     except (OSError, ValueError) as e:
+        if not trust_remote_code:
+            refuse_remote_code(path, "tokenizer")
         raise LoraError(f"cannot load a tokenizer from {path!r}: {_first_line(e)}",
                         "check model.name_or_path: a local model folder or a hub id "
                         "(hub ids need network access)") from None
@@ -120,7 +157,7 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     check_model_can(model_cfg)
     kwargs = {
         "dtype": dtype or resolve_dtype(model_cfg.dtype),
-        "trust_remote_code": model_cfg.trust_remote_code,
+        "trust_remote_code": bool(model_cfg.trust_remote_code),
         **load_kwargs(model_cfg),
     }
     attn = resolve_attn_implementation(model_cfg)
@@ -142,6 +179,8 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
                         "use a copy of the model saved as safetensors (save_pretrained(..., safe_serialization=True), "
                         "in an environment you trust)") from None
     except (OSError, ValueError) as e:
+        if not model_cfg.trust_remote_code:
+            refuse_remote_code(model_cfg.name_or_path, "model.name_or_path")
         raise LoraError(f"cannot load model.name_or_path {model_cfg.name_or_path!r}: {_first_line(e)}",
                         "give a local folder with config.json and weights, or a hub id "
                         "(hub ids need network access)") from None
@@ -178,7 +217,7 @@ def causal_lm_class(model_cfg):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=bool(model_cfg.trust_remote_code))
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):
         return None
@@ -278,21 +317,27 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     return AdapterInfo(path=path, base=base, recipe=recipe, config=config)
 
 
-def inference_model_config(info: AdapterInfo, base: str | None = None, quantization: str | None = None):
-    """The model section to load for inference: the training recipe's, with overrides."""
+def inference_model_config(info: AdapterInfo, base: str | None = None, quantization: str | None = None,
+                           trust_remote_code: bool = False):
+    """The model section to load for inference: the training recipe's, with overrides.
+    An adapter folder is data someone may have downloaded: the recipe saved in it never
+    switches remote code on; only the user's own command line (trust_remote_code) does."""
     from lora_cli.recipe import ModelConfig
 
     section = {k: v for k, v in info.model_section.items() if k in ModelConfig.__dataclass_fields__}
     section["name_or_path"] = base or section.get("name_or_path") or info.base
+    section["trust_remote_code"] = bool(trust_remote_code)
     if quantization is not None:
         section["quantization"] = quantization
     return ModelConfig(**section)
 
 
 def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = None,
-                       quantization: str | None = None, device: str | None = None):
+                       quantization: str | None = None, device: str | None = None,
+                       trust_remote_code: bool = False):
     """Base once, then every named adapter on it. Returns (model, tokenizer, infos by name).
-    With no adapters, the base alone (model_cfg built from `base`)."""
+    With no adapters, the base alone (model_cfg built from `base`). trust_remote_code is the
+    user's --trust-remote-code, never read from the adapters."""
     quiet_libraries()
     from peft import PeftModel
 
@@ -306,9 +351,10 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
     if first is None:
         if not base:
             raise LoraError("nothing to load", "pass --adapter DIR, or --base MODEL for the base alone")
-        model_cfg = ModelConfig(name_or_path=base, quantization=quantization or "none")
+        model_cfg = ModelConfig(name_or_path=base, quantization=quantization or "none",
+                                trust_remote_code=bool(trust_remote_code))
     else:
-        model_cfg = inference_model_config(first, base, quantization)
+        model_cfg = inference_model_config(first, base, quantization, trust_remote_code)
         _check_same_base(infos)
         refuse_base_changing_with_others(infos)
     device = device or local_device()

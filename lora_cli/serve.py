@@ -521,13 +521,14 @@ class Reply:
 # --------------------------------------------------------------------------- running it
 
 def build_server(adapters: dict, *, base: str | None = None, api_key: str | None = None,
-                 engine: str = "transformers", max_batch: int = 16, max_queue: int = 64) -> Server:
+                 engine: str = "transformers", max_batch: int = 16, max_queue: int = 64,
+                 trust_remote_code: bool = False) -> Server:
     """Load base + adapters once through the backend `engine` and wire up what the app serves."""
     from lora_cli.backends import backend_class
     from lora_cli.tasks import refuse_unless
 
     refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter DIR --file rows.jsonl")
-    backend, infos = backend_class(engine).load(adapters, base=base)
+    backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
     base_template = next((i.template for i in infos.values()), "human_assistant")
     base_name = base or next((i.base for i in infos.values()), BASE)
     return Server(backend, served_models(infos, base_template, base_name),

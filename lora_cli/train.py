@@ -104,6 +104,7 @@ def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
     output_dir = Path(recipe.output_dir)
     found = ckpt.resolve_resume(output_dir, resume)
     verify_adapter(found)  # a damaged checkpoint is refused before anything loads it
+    ckpt.verify_resumable(found)  # a lost optimizer or a pickle that is more than tensors, too
     ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
     if ckpt.run_finished(output_dir):
         raise LoraError(f"--resume: the run in {output_dir} already finished (its final adapter is there)",
