@@ -290,7 +290,8 @@ def main() -> int:
     from datasets.utils.logging import disable_progress_bar
 
     from lora_cli.data import build_sft_data
-    from lora_cli.model import load_tokenizer, quiet_libraries
+    from lora_cli.libraries import quiet_libraries
+    from lora_cli.model import load_tokenizer
 
     quiet_libraries()
     disable_progress_bar()

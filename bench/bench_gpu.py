@@ -373,7 +373,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     import torch
 
-    from lora_cli.model import quiet_libraries
+    from lora_cli.libraries import quiet_libraries
 
     args = parse_args(argv)
     quiet_libraries()

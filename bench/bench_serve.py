@@ -142,7 +142,7 @@ def main() -> None:
         args.pairs = 1
     if not (MODEL / "config.json").is_file():
         sys.exit(f"{MODEL} is missing: run `lora build-tiny` (or make tiny) first")
-    from lora_cli.model import quiet_libraries
+    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     import torch

@@ -140,7 +140,7 @@ def main() -> int:
 
     from datasets.utils.logging import disable_progress_bar
 
-    from lora_cli.model import quiet_libraries
+    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     disable_progress_bar()

@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import atomic, ownership
+from lora_cli import atomic, libraries, ownership
 from lora_cli.errors import LoraError
 from lora_cli.inputs import check_adapter_name, clip_lines
 
@@ -493,10 +493,30 @@ def _optional_click(name: str) -> list[type]:
         return []
 
 
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries' own logs and warnings through (for bug reports).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (generated text, --json), warnings and errors.")] = False,
+):
+    """LoRA and QLoRA fine-tuning driven by YAML recipes."""
+    console.quiet = quiet  # --verbose took effect in run(), before any library was imported
+
+
+def _wants_verbose(argv: list[str]) -> bool:
+    """-v/--verbose among the options before the command name (they belong to `lora` itself)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return False
+        if word in ("-v", "--verbose"):
+            return True
+    return False
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
+    libraries.configure(verbose=_wants_verbose(argv))
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:

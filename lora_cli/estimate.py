@@ -107,7 +107,7 @@ def storage_dtype(recipe: Recipe):
 
 
 def load_model_config(recipe: Recipe):
-    from lora_cli.model import quiet_libraries
+    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     from transformers import AutoConfig

@@ -452,7 +452,8 @@ def _plain_lora_alpha(info) -> float:
 def _base_config(info, base):
     from transformers import AutoConfig
 
-    from lora_cli.model import inference_model_config, quiet_libraries, refuse_remote_code
+    from lora_cli.libraries import quiet_libraries
+    from lora_cli.model import inference_model_config, refuse_remote_code
 
     quiet_libraries()
     name = inference_model_config(info, base, quantization="none").name_or_path

@@ -84,7 +84,8 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
                   log=print, trust_remote_code: bool = False) -> Path:
     """Fold the adapter into its base and save a full model plain transformers loads.
     The base is always reloaded unquantized: merging into 4-bit weights would round the update away."""
-    from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
+    from lora_cli.libraries import quiet_libraries
+    from lora_cli.model import inference_model_config, load_tokenizer
 
     max_shard_size = check_merge_options(dtype, max_shard_size)
     quiet_libraries()  # before torch/peft imports: bitsandbytes logs a CPU-kernel notice on import
@@ -116,7 +117,8 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
 def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print, trust_remote_code: bool = False):
     """(info, merged float32 model, model config): the merge `lora merge` saves, in memory, for
     writers of other formats (`lora export`)."""
-    from lora_cli.model import inference_model_config, load_tokenizer, quiet_libraries
+    from lora_cli.libraries import quiet_libraries
+    from lora_cli.model import inference_model_config, load_tokenizer
 
     quiet_libraries()
     info = verify_adapter(adapter_dir)

@@ -15,24 +15,12 @@ from lora_cli.adapters import refuse_base_changing_with_others
 from lora_cli.checkpoint import ADAPTER_CONFIG
 from lora_cli.errors import LoraError
 from lora_cli.inputs import MAX_YAML_BYTES, read_text, safe_yaml
+from lora_cli.libraries import quiet_libraries
 
 RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
 
 
 # --------------------------------------------------------------------------- devices and dtypes
-
-def quiet_libraries() -> None:
-    """Keep the terminal for our own output: no per-shard progress bars, no deprecation chatter.
-    (bitsandbytes' import-time notice is silenced in lora_cli/__init__.py, before any import.)"""
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
-    warnings.filterwarnings("ignore", message=r".*requires_grad=True to a scalar.*")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
 
 def local_device() -> str:
     import torch

@@ -79,7 +79,7 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_cli.model import quiet_libraries
+    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     out = Path(out)

@@ -75,7 +75,7 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
     import torch
 
     from lora_cli.formats import read_rows
-    from lora_cli.model import quiet_libraries
+    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     out = Path(out)

@@ -99,6 +99,16 @@ def saved_recipe_resume_command(output_dir: Path) -> str:
     return f"lora train {Path(output_dir) / RECIPE_FILE} --resume"
 
 
+def checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments for activation checkpointing under the name the installed transformers
+    reads: it renamed gradient_checkpointing to activation_checkpointing, the old name going in v6."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
     """The checkpoint to continue from, after checking the run is the same one and unfinished."""
     output_dir = Path(recipe.output_dir)
@@ -166,8 +176,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must reach the guard and the log, not be averaged away
         save_total_limit=None,  # rotation is ours: it must count complete checkpoints only
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_arguments(t.gradient_checkpointing),
         use_liger_kernel=t.kernels == "liger",  # the Trainer patches the model with Liger's kernels
         ddp_find_unused_parameters=False,  # frozen base weights get no gradient by design
         seed=t.seed,
