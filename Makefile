@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY := models/tiny-llama
 
-.PHONY: setup demo test bench tiny clean
+.PHONY: setup demo test bench tiny clean lock test-latest test-floors
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,38 @@ test: setup
 bench: setup
 	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# Throwaway environments for the dependency targets; never the project's own .venv.
+SCRATCH ?= /tmp/lora-deps
+PIP_TEST = CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" $(SCRATCH)/bin/python -m pip install -q
+
+# constraints.txt anew from the newest releases pyproject's ranges allow; run `make test` after it.
+lock:
+	rm -rf $(SCRATCH) && $(PYTHON) -m venv $(SCRATCH)
+	$(SCRATCH)/bin/python -m pip install -q --upgrade pip
+	$(SCRATCH)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PIP_TEST) -e ".[test]"
+	$(PYTHON) tools/pins.py lock $(SCRATCH) > constraints.txt
+	rm -rf $(SCRATCH)
+
+# The suite on the newest releases (drift seen by choice, never in CI).
+test-latest:
+	rm -rf $(SCRATCH) && $(PYTHON) -m venv $(SCRATCH)
+	$(SCRATCH)/bin/python -m pip install -q --upgrade pip
+	$(SCRATCH)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PIP_TEST) --upgrade -e ".[test]"
+	$(SCRATCH)/bin/python -m pip freeze > $(SCRATCH)/installed.txt
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider
+
+# The suite with every declared floor installed exactly (pyproject's floors are what it says).
+test-floors:
+	rm -rf $(SCRATCH) && $(PYTHON) -m venv $(SCRATCH)
+	$(SCRATCH)/bin/python -m pip install -q --upgrade pip
+	$(SCRATCH)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) tools/pins.py floors > $(SCRATCH)/floors.txt
+	$(PIP_TEST) -c $(SCRATCH)/floors.txt -e ".[test]"
+	$(SCRATCH)/bin/python -m pip freeze > $(SCRATCH)/installed.txt
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider
 
 clean:
 	rm -rf runs models .pytest_cache
