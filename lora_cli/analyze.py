@@ -253,7 +253,9 @@ def plot_analysis(a: AdapterAnalysis, out: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LoraError("--plot needs matplotlib, which is not installed", "pip install matplotlib") from None
+        from lora_cli.libraries import install_hint
+
+        raise LoraError("--plot needs matplotlib, which is not installed", install_hint("plot")) from None
     labels = [m.short for m in a.modules]
     x = list(range(len(labels)))
     has_norms = any(m.relative_norm is not None for m in a.modules)

@@ -256,7 +256,7 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise LoraError("lora serve needs FastAPI and uvicorn", "pip install 'lora-cli[serve]'") from None
+        raise LoraError("lora serve needs FastAPI and uvicorn", libraries.install_hint("serve")) from None
     from lora_cli.serve import build_server, run_server
 
     server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,

@@ -57,11 +57,13 @@ PRE_TOKENIZERS = {
 
 
 def _gguf():
+    from lora_cli.libraries import install_hint
+
     try:
         import gguf
     except ImportError:
         raise LoraError("lora export needs the `gguf` library, which is not installed",
-                        "pip install 'lora-cli[export]'") from None
+                        install_hint("export")) from None
     return gguf
 
 

@@ -79,3 +79,21 @@ def quiet_libraries() -> None:
     if os.environ.get("TRANSFORMERS_VERBOSITY", "error") == "error":
         transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs an optional part of lora: the packages its extra declares
+    in pyproject.toml (read from the installed metadata), since lora itself is installed from
+    its checkout, not from a package index."""
+    import re
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("lora-cli") or []
+    except metadata.PackageNotFoundError:
+        requirements = []
+    marker = re.compile(rf"""extra\s*==\s*["']{re.escape(extra)}["']""")
+    packages = [r.split(";")[0].strip().replace(" ", "") for r in requirements if marker.search(r)]
+    if not packages:
+        return f"pip install -e '.[{extra}]' in the lora checkout"
+    return "pip install " + " ".join(f"'{p}'" for p in packages)

@@ -15,7 +15,7 @@ from lora_cli.adapters import refuse_base_changing_with_others
 from lora_cli.checkpoint import ADAPTER_CONFIG
 from lora_cli.errors import LoraError
 from lora_cli.inputs import MAX_YAML_BYTES, read_text, safe_yaml
-from lora_cli.libraries import quiet_libraries
+from lora_cli.libraries import install_hint, quiet_libraries
 
 RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
 
@@ -120,7 +120,7 @@ def quantization_config(model_cfg, sharded: bool = False):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise LoraError(f"model.quantization: {model_cfg.quantization} needs bitsandbytes, which is not installed",
-                        "pip install bitsandbytes (or `pip install 'lora-cli[quant]'`), or set model.quantization: none") from None
+                        f"{install_hint('quant')}, or set model.quantization: none") from None
     from transformers import BitsAndBytesConfig
 
     if model_cfg.quantization == "8bit":

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from lora_cli.errors import LoraError
+from lora_cli.libraries import install_hint
 from lora_cli.recipe import BITSANDBYTES_OPTIMIZERS, quantized_sharding_problems
 
 # Packages that train.report_to names, and the module that proves each is installed.
@@ -72,14 +73,14 @@ def check_packages(recipe) -> list[str]:
     problems = []
     if recipe.model.quantization != "none" and not _importable("bitsandbytes"):
         problems.append(f"model.quantization: {recipe.model.quantization} needs bitsandbytes, which is not installed; "
-                        "pip install bitsandbytes, or set model.quantization: none")
+                        f"{install_hint('quant')}, or set model.quantization: none")
     for name in recipe.train.report_to:
         if not _importable(*REPORTERS[name]):
             problems.append(f"train.report_to: {name} is not installed; pip install {name}, "
                             f"or remove it from train.report_to")
     if recipe.train.kernels == "liger" and not _importable("liger_kernel"):
         problems.append("train.kernels: liger needs the liger-kernel package, which is not installed; "
-                        "pip install 'lora-cli[liger]' (or liger-kernel), or set train.kernels: none")
+                        f"{install_hint('liger')}, or set train.kernels: none")
     if recipe.model.attn_implementation == "flash_attention_2" and not _importable("flash_attn"):
         problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
                         "installed; pip install flash-attn, or set model.attn_implementation: auto")
@@ -88,7 +89,7 @@ def check_packages(recipe) -> list[str]:
                         "installed; pip install deepspeed, or train without DeepSpeed")
     if recipe.train.optimizer in BITSANDBYTES_OPTIMIZERS and not _importable("bitsandbytes"):
         problems.append(f"train.optimizer: {recipe.train.optimizer} comes from bitsandbytes, which is not installed; "
-                        "pip install bitsandbytes, or set train.optimizer: adamw_torch")
+                        f"{install_hint('quant')}, or set train.optimizer: adamw_torch")
     return problems
 
 

@@ -183,7 +183,7 @@ class TrainConfig:
     save_total_limit: Optional[int] = key(3, "Keep at most this many checkpoints (oldest removed); empty = keep all.", min=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "Mixed precision; auto = bf16 on a GPU that has it, fp32 on CPU.")
     gradient_checkpointing: bool = key(False, "Recompute activations in backward: much less memory, ~30% slower.")
-    kernels: Literal["none", "liger"] = key("none", "Fused training kernels: liger = Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) via the Trainer's use_liger_kernel; needs a CUDA GPU and `pip install 'lora-cli[liger]'`.")
+    kernels: Literal["none", "liger"] = key("none", "Fused training kernels: liger = Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) via the Trainer's use_liger_kernel; needs a CUDA GPU and the liger-kernel package.")
     optimizer: Literal[OPTIMIZERS] = key("adamw_torch", "Optimizer (the Trainer's names): adamw_torch; adamw_torch_fused (GPU); adamw_8bit / paged_adamw_8bit (8-bit state, a quarter of AdamW's; paged spills to CPU RAM on memory spikes: QLoRA's); paged_adamw_32bit; lion_8bit / paged_lion_8bit (one 8-bit moment); adafactor (factored second moment); sgd (no state). 8-bit and paged ones need bitsandbytes.")
     seed: int = key(42, "Seed for data order, LoRA initialisation and dropout.", min=0, max=SEED_MAX)
     eval_steps: int = key(0, "Evaluate on the eval split (data.val_path / val_fraction) every N optimizer steps; 0 = once per epoch.", min=0)

@@ -429,7 +429,9 @@ def _write_plot(console: Console, output_dir: Path) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        console.print("loss curve skipped: matplotlib is not installed (pip install matplotlib)")
+        from lora_cli.libraries import install_hint
+
+        console.print(f"loss curve skipped: matplotlib is not installed ({install_hint('plot')})")
         return
     ownership.claim(output_dir, "train", [PLOT_FILE])
     written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
