@@ -40,3 +40,12 @@ def test_hint_installs_what_the_extra_declares(extra):
         name = re.split(r"[<>=!~\[]", requirement)[0]
         if extra != "liger":  # CUDA-only kernels: never in the test set
             assert metadata.version(name), name  # a real distribution, installed from the index
+
+
+def test_docs_name_the_locked_versions():
+    locked = dict(line.lower().split("==", 1) for line in (REPO / "constraints.txt").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    table = re.findall(r"^\| ([\w-]+) \| ([0-9][^ |]*) \|$", (REPO / "docs/install.md").read_text(), re.M)
+    assert len(table) >= 8
+    for name, version in table:
+        assert locked.get(name.lower()) == version, f"docs/install.md says {name} {version}, constraints.txt {locked.get(name.lower())}"
