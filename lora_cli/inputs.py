@@ -42,6 +42,48 @@ def clip_lines(message: str, limit: int = 2000) -> str:
     return "\n".join(clip(line, limit) for line in message.splitlines())
 
 
+# --------------------------------------------------------------------------- lone surrogates
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value, where: str = "") -> str | None:
+    """Where in a parsed JSON / YAML value (dotted: messages.0.content) a string holds a lone
+    UTF-16 surrogate, or None. Such a string comes from an escape like "\\ud800" (UTF-8 bytes
+    cannot encode one); it is not text, and tokenizers and UTF-8 writers fail on it."""
+    if isinstance(value, str):
+        return (where or "value") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        name = printable(key) if isinstance(key, str) else str(key)
+        here = f"{where}.{name}" if where else name
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return here
+        found = lone_surrogate_at(item, here)
+        if found is not None:
+            return found
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape (\\ud800), so it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def refuse_lone_surrogates(value, where: str, label: str = "") -> None:
+    """A DataError naming `where` (file and row) and the field, when `value` holds a lone surrogate."""
+    field = lone_surrogate_at(value, label)
+    if field is not None:
+        inside = f" (in {field})" if field != "value" and field else ""
+        raise DataError(f"{where}: holds a lone UTF-16 surrogate{inside}, an unpaired \\ud800-\\udfff escape that is not text",
+                        "fix or drop the escape (a character outside the BMP is written as a pair, e.g. \\ud83d\\ude00)")
+
+
 # --------------------------------------------------------------------------- text files
 
 UTF8_HINT = "save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out, or 'Save as UTF-8' in your editor)"
