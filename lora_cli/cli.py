@@ -6,6 +6,7 @@ so `lora --help` and recipe validation answer at once."""
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -268,7 +269,6 @@ def serve(
 
 
 def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> None:
-    import shlex
     import subprocess
     import tempfile
 
@@ -467,7 +467,7 @@ def data_preview(
     r = load_recipe(recipe, set_ or [])
     if r.model.task != "causal_lm":
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
-                        f"lora train {recipe} --dry-run shows this task's rows, labels and one decoded example")
+                        f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
     from lora_cli.preview import preview_data
 
     preview_data(r, rows=rows, console=console)
