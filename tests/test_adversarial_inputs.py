@@ -417,6 +417,15 @@ def _chat_stdin_not_utf8(ctx):
     return ["chat", "--adapter", ctx.adapter()]
 
 
+def _chat_message_over_context(ctx):
+    """A 1 MB line pasted into chat: refused before tokenising, the session goes on (exit 0)."""
+    import io
+
+    lines = ("word " * 200_000).encode() + b"\nhi\n/exit\n"
+    ctx.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    return ["chat", "--adapter", ctx.adapter(), "--max-new-tokens", "4"]
+
+
 def _generate_out_folder(ctx):
     (ctx.root / "answers").mkdir()
     (ctx.root / "answers" / "mine.txt").write_text("keep me", encoding="utf-8")
@@ -577,6 +586,8 @@ CASES = [
     Case("prompts-file-is-a-folder", _prompts_folder, "is a folder"),
     Case("readme-not-utf8", _gbk_readme, "README.md, line 2"),
     Case("chat-input-not-utf8", _chat_stdin_not_utf8, "that line is not UTF-8", code=0),
+    Case("chat-message-over-context", _chat_message_over_context,
+         "error: that message: 999,999 characters, more than this model's context", code=0),
     # flags and adapter names
     Case("max-new-tokens-zero", _generate_flag("--max-new-tokens", "0"), "--max-new-tokens"),
     Case("max-new-tokens-negative", _generate_flag("--max-new-tokens", "-1"), "--max-new-tokens"),
