@@ -22,6 +22,7 @@ from pathlib import Path
 from lora_cli import atomic
 from lora_cli.formats import data_paths, load_hub_dataset
 from lora_cli.errors import DataError
+from lora_cli.inputs import refuse_special
 
 CACHE_VERSION = 2  # 2: one Arrow file per split (memory-mapped), no save_to_disk copy
 NOT_IN_KEY = ("path", "val_path", "cache", "cache_dir", "group_by_length")  # files go in by content
@@ -48,6 +49,7 @@ def source_fingerprint(path: str, split: str) -> str:
     fingerprint datasets keeps for a hub dataset."""
     h = hashlib.sha256()
     p = Path(path)
+    refuse_special(p, path)  # a FIFO or device would be read forever, or taken for a hub id
     if p.is_file():
         _hash_file(h, p)
     elif p.is_dir():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,7 +223,7 @@ def check_same_run(saved_recipe_file: Path, current: dict) -> None:
     if diffs:
         raise LoraError("--resume: the recipe differs from the one this run started with, so the run would not "
                         "continue the same way:\n    " + "\n    ".join(diffs),
-                        f"resume with the saved recipe: lora train {saved_recipe_file} --resume "
+                        f"resume with the saved recipe: lora train {shlex.quote(str(saved_recipe_file))} --resume "
                         "(or start a new run in another output_dir)")
 
 

@@ -6,6 +6,7 @@ so `lora --help` and recipe validation answer at once."""
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -243,12 +244,20 @@ def serve(
     engine: Annotated[str, typer.Option("--engine", help="transformers (this process) or vllm (vLLM's own OpenAI server, GPU).")] = "transformers",
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most answers generated in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most requests waiting or running; beyond it, 429.")] = 64,
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body (bytes, or 512k, 8M); beyond it, 413.")] = "8M",
     trust_remote_code: TrustRemoteCode = False,
 ):
     """OpenAI-compatible server: /v1/models, /v1/chat/completions, /v1/completions, /health.
-    A request's `model` names an adapter, or `base` for the base with adapters off."""
+    A request's `model` names an adapter, or `base` for the base with adapters off.
+    On an open network put it behind a TLS reverse proxy (docs/serve.md)."""
+    import os
+
+    from lora_cli.serve_guard import Limits, check_api_key, parse_size
+
     if engine not in ENGINES:
         raise LoraError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
+    api_key = check_api_key(api_key, os.environ.get("LORA_API_KEY"))
+    limits = Limits(max_body=parse_size(max_body))
     if engine == "vllm":
         _serve_with_vllm(parse_adapters(adapter), base, host, port, api_key)
         return
@@ -260,12 +269,11 @@ def serve(
     from lora_cli.serve import build_server, run_server
 
     server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,
-                          max_batch=max_batch, max_queue=max_queue, trust_remote_code=trust_remote_code)
+                          max_batch=max_batch, max_queue=max_queue, limits=limits, trust_remote_code=trust_remote_code)
     run_server(server, host, port, log=lambda line: console.print(line, highlight=False, markup=False))
 
 
 def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> None:
-    import shlex
     import subprocess
     import tempfile
 
@@ -468,7 +476,7 @@ def data_preview(
     r = load_recipe(recipe, set_ or [])
     if r.model.task != "causal_lm":
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
-                        f"lora train {recipe} --dry-run shows this task's rows, labels and one decoded example")
+                        f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
     from lora_cli.preview import preview_data
 
     preview_data(r, rows=rows, console=console)

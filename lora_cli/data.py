@@ -31,6 +31,7 @@ from lora_cli.errors import DataError
 from lora_cli.formats import SHAPES, data_paths, detect_format, parse_stream, read_source
 from lora_cli.template import (IGNORE_INDEX, SpecialIds, conversation_segments, encode_segments,
                                resolve_template, tokenize_texts)
+from lora_cli.token_budget import clip_for_tokens
 
 MIN_TOKENS = 2  # a sequence needs two tokens for one next-token prediction
 BATCH_ROWS = 4096  # rows tokenised per fast-tokenizer call; peak memory follows this, not the file
@@ -143,7 +144,9 @@ def tokenize_conversations(conversations: list, tokenizer, template, max_length:
     spec = resolve_template(template)
     stats = DataStats(rows=len(conversations))
     per_row = [conversation_segments(spec, c, tokenizer, train_on=train_on) for c in conversations]
-    token_lists = tokenize_texts(tokenizer, [s.text for segments in per_row for s in segments])
+    # a 10 MB message is cut to the ends truncation can keep before it is tokenised (token_budget)
+    token_lists = tokenize_texts(tokenizer, [clip_for_tokens(s.text, tokenizer, max_length)
+                                             for segments in per_row for s in segments])
     special = SpecialIds.of(tokenizer)
     examples, at = [], 0
     for conversation, segments in zip(conversations, per_row):

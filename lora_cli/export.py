@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import re
+import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,7 +410,7 @@ def export_ollama(adapter_dir, out, *, dtype: str = "f16", force: bool = False, 
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
     name = re.sub(r"[^a-z0-9._-]+", "-", out.resolve().name.lower()).strip("-") or "lora-model"
     log(f"Ollama model ({dtype}, {_size(out / OLLAMA_GGUF)}) written to {out}")
-    log(f"import it with:  ollama create {name} -f {out / 'Modelfile'}")
+    log(f"import it with:  {shlex.join(['ollama', 'create', name, '-f', str(out / 'Modelfile')])}")
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_cli.errors import DataError
-from lora_cli.inputs import read_text, utf8_lines
+from lora_cli.inputs import read_text, refuse_lone_surrogates, refuse_special, utf8_lines
 
 TEXT_SUFFIXES = (".txt", ".md")  # documents, read as format text
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet") + TEXT_SUFFIXES  # files read here (and accepted by the recipe)
@@ -69,6 +69,8 @@ def read_source(path: str, split: str = "train", document_split: str = "file") -
     """A streamed source: .json / .jsonl / .csv / .parquet / .txt / .md, a save_to_disk folder,
     a folder of .txt / .md documents, or a hub dataset id."""
     p = Path(path)
+    refuse_special(p, path, "lora reads a data file more than once (its format, then its rows): "
+                            "save the data to a regular file and point data.path at it")
     if p.is_dir():
         source = _read_folder(p, split, document_split)
     elif p.is_file():
@@ -115,7 +117,10 @@ def _jsonl_rows(path: Path):
             raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})",
                             "each line of a .jsonl file must be one JSON object") from None
         # blank lines skipped: say where in the file too
-        yield (f"{path}, row {row}" if row == lineno else f"{path}, row {row} (line {lineno})"), value
+        where = f"{path}, row {row}" if row == lineno else f"{path}, row {row} (line {lineno})"
+        if "\\u" in line:  # a lone surrogate can only come from an escape
+            refuse_lone_surrogates(value, where)
+        yield where, value
 
 
 def _csv_rows(path: Path):
@@ -154,6 +159,9 @@ def _read_json(path: Path) -> list:
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}",
                         "wrap the rows in [ ... ], or use .jsonl with one object per line")
+    if "\\u" in text:  # a lone surrogate can only come from an escape
+        for i, row in enumerate(rows, 1):
+            refuse_lone_surrogates(row, f"{path}, row {i}")
     return rows
 
 

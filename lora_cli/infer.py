@@ -14,12 +14,14 @@ from typing import Callable
 
 from lora_cli import atomic
 from lora_cli.errors import DataError, LoraError
-from lora_cli.inputs import read_text
+from lora_cli.inputs import read_text, refuse_lone_surrogates
 from lora_cli.recipe import SEED_MAX
 from lora_cli.formats import parse_tools
 from lora_cli.template import history_messages, prompt_ids, resolve_template
+from lora_cli.token_budget import chars_for
 
 BASE = "base"  # the label rows and transcripts give the base with adapters switched off
+MAX_PROMPT_FILE_BYTES = 256 << 20  # --file: also what is read of a pipe before it is refused
 
 
 # --------------------------------------------------------------------------- settings
@@ -101,6 +103,7 @@ def _parse_setting(name: str, raw: str, type_name: str):
 class Prompt:
     instruction: str
     input: str = ""
+    where: str = "the prompt"  # what a refusal calls it: "--file prompts.txt, line 7"
 
 
 def build_prompt_ids(tokenizer, template, instruction: str, history=(), input: str = "",
@@ -117,16 +120,23 @@ def read_tools(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--tools {path}: no such file", "give a .json file holding a list of function schemas")
-    return parse_tools(path.read_text(encoding="utf-8"), f"--tools {path}")
+    text = read_text(path, "--tools", max_bytes=MAX_PROMPT_FILE_BYTES)
+    if "\\u" in text:
+        try:
+            refuse_lone_surrogates(json.loads(text), f"--tools {path}")
+        except json.JSONDecodeError:
+            pass  # parse_tools names the JSON error
+    return parse_tools(text, f"--tools {path}")
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a .txt file (one per non-empty line) or a .jsonl file (rows with
     'instruction' and optional 'input')."""
     path = Path(path)
-    lines = read_text(path, "--file").splitlines()  # missing, a folder, unreadable, not UTF-8: named
+    # missing, a folder, a device, unreadable, too large, not UTF-8: named; a pipe is read (bounded)
+    lines = read_text(path, "--file", max_bytes=MAX_PROMPT_FILE_BYTES, pipes=True).splitlines()
     if path.suffix == ".txt":
-        prompts = [Prompt(line.strip()) for line in lines if line.strip()]
+        prompts = [Prompt(line.strip(), where=f"--file {path}, line {n}") for n, line in enumerate(lines, 1) if line.strip()]
     elif path.suffix == ".jsonl":
         prompts = [_prompt_from_row(line, path, n) for n, line in enumerate(lines, 1) if line.strip()]
     else:
@@ -143,13 +153,15 @@ def _prompt_from_row(line: str, path: Path, lineno: int) -> Prompt:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})", "each line must be one JSON object") from None
+    if "\\u" in line:  # a lone surrogate can only come from an escape
+        refuse_lone_surrogates(row, where)
     if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
         raise DataError(f"{where}: expected an object with a string 'instruction'",
                         'e.g. {"instruction": "...", "input": "..."}')
     extra = row.get("input") or ""
     if not isinstance(extra, str):
         raise DataError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
-    return Prompt(row["instruction"], extra)
+    return Prompt(row["instruction"], extra, f"--file {where}")
 
 
 # --------------------------------------------------------------------------- generation
@@ -171,6 +183,24 @@ def generate_response(model, tokenizer, template, instruction: str, *, input: st
     return generate_batch(model, tokenizer, [ids], settings or GenerationSettings())[0]
 
 
+def refuse_overlong_text(backend, chars: int, where: str) -> None:
+    """A prompt whose characters alone hold more tokens than the model's context (token_budget):
+    refused before it is tokenised, as `lora serve` refuses it."""
+    limit = backend.context_length
+    if chars > chars_for(backend.tokenizer, limit):
+        raise LoraError(f"{where}: {chars:,} characters, more than this model's context of {limit:,} tokens can hold",
+                        "shorten the prompt")
+
+
+def refuse_over_context(backend, prompt_tokens: int, new_tokens: int, where: str) -> None:
+    """Prompt + answer must fit the model's context (as `lora serve` requires)."""
+    limit = backend.context_length
+    if prompt_tokens + new_tokens > limit:
+        raise LoraError(f"{where}: {prompt_tokens:,} tokens + {new_tokens:,} to generate (--max-new-tokens) is more "
+                        f"than this model's context of {limit:,} tokens",
+                        "shorten the prompt" + (" or lower --max-new-tokens" if prompt_tokens < limit else ""))
+
+
 def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
                   settings: GenerationSettings, batch_size: int = 8, tools: list[dict] | None = None) -> list[dict]:
     """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
@@ -179,10 +209,17 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
     from lora_cli.backends import GenerationRequest
 
     tokenizer = backend.tokenizer
+    for p in prompts:
+        refuse_overlong_text(backend, len(p.instruction) + len(p.input), p.where)
+    ids_of = {}  # every prompt of every variant is checked before anything is generated
+    for label, (adapter, template) in variants.items():
+        ids_of[label] = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input, tools=tools) for p in prompts]
+        for p, ids in zip(prompts, ids_of[label]):
+            refuse_over_context(backend, len(ids), settings.max_new_tokens, p.where)
     answers: dict[str, list[str]] = {}
     seen: dict[str, list[str]] = {}
     for label, (adapter, template) in variants.items():
-        ids = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input, tools=tools) for p in prompts]
+        ids = ids_of[label]
         seen[label] = tokenizer.batch_decode(ids)
         answers[label] = []
         for start in range(0, len(ids), batch_size):
@@ -240,8 +277,10 @@ class ChatSession:
         """The active variant's answer, streamed to `on_text` as it is generated."""
         from lora_cli.backends import GenerationRequest
 
+        refuse_overlong_text(self.backend, len(question), "that message")
         ids = build_prompt_ids(self.backend.tokenizer, self.template, question, self.history, system=self.system,
                                tools=self.tools)
+        refuse_over_context(self.backend, len(ids), self.settings.max_new_tokens, "the conversation")
         answer = self.backend.generate([GenerationRequest(ids, self.settings, self.adapter, on_text=on_text)])[0].text
         self.history.append((question, answer))
         for role, text in (("user", question), ("assistant", answer)):
@@ -334,6 +373,8 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input,
         try:
             session.ask(line, on_text=emit)
             emit("\n")
+        except LoraError as e:  # a message too long for the context: say so, keep chatting
+            write(f"error: {e}" + ("" if not session.history else " (/reset clears the history)"))
         except KeyboardInterrupt:
             # The half answer is dropped: the next turn is rendered as if it had not been asked.
             write("\n(stopped)")

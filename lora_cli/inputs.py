@@ -7,7 +7,9 @@ so the CLI exits 2 with a message instead of a traceback. Nothing here imports t
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import yaml
@@ -42,6 +44,48 @@ def clip_lines(message: str, limit: int = 2000) -> str:
     return "\n".join(clip(line, limit) for line in message.splitlines())
 
 
+# --------------------------------------------------------------------------- lone surrogates
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value, where: str = "") -> str | None:
+    """Where in a parsed JSON / YAML value (dotted: messages.0.content) a string holds a lone
+    UTF-16 surrogate, or None. Such a string comes from an escape like "\\ud800" (UTF-8 bytes
+    cannot encode one); it is not text, and tokenizers and UTF-8 writers fail on it."""
+    if isinstance(value, str):
+        return (where or "value") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        name = printable(key) if isinstance(key, str) else str(key)
+        here = f"{where}.{name}" if where else name
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return here
+        found = lone_surrogate_at(item, here)
+        if found is not None:
+            return found
+    return None
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as its escape (\\ud800), so it can be printed."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def refuse_lone_surrogates(value, where: str, label: str = "") -> None:
+    """A DataError naming `where` (file and row) and the field, when `value` holds a lone surrogate."""
+    field = lone_surrogate_at(value, label)
+    if field is not None:
+        inside = f" (in {field})" if field != "value" and field else ""
+        raise DataError(f"{where}: holds a lone UTF-16 surrogate{inside}, an unpaired \\ud800-\\udfff escape that is not text",
+                        "fix or drop the escape (a character outside the BMP is written as a pair, e.g. \\ud83d\\ude00)")
+
+
 # --------------------------------------------------------------------------- text files
 
 UTF8_HINT = "save the file as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out, or 'Save as UTF-8' in your editor)"
@@ -59,16 +103,44 @@ def decode_utf8(data: bytes, path: str | Path, what: str = "") -> str:
                         UTF8_HINT) from None
 
 
-def read_text(path: str | Path, what: str = "", max_bytes: int | None = None) -> str:
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: str | Path) -> str | None:
+    """What an existing path that is neither a file nor a folder is ("a FIFO (named pipe)",
+    "a character device", ...), or None. Never opens it: opening a FIFO waits for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), None)
+
+
+def refuse_special(path: str | Path, label: str, hint: str = "give the path of a regular file") -> None:
+    kind = special_kind(path)
+    if kind is not None:
+        raise DataError(f"{label}: is {kind}, not a file", hint)
+
+
+def read_text(path: str | Path, what: str = "", max_bytes: int | None = None, pipes: bool = False) -> str:
     """A text file a user handed in, decoded as UTF-8, with every failure a DataError:
-    missing, a folder, unreadable, larger than max_bytes, or not UTF-8 (naming line and byte)."""
+    missing, a folder, a device or FIFO, unreadable, larger than max_bytes, or not UTF-8 (naming
+    line and byte). With `pipes`, a FIFO (`--file <(cmd)`) is read, at most max_bytes of it; one
+    no process writes to reads as empty at once instead of waiting."""
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     try:
-        if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise DataError(f"{label}: {path.stat().st_size:,} bytes, over the {max_bytes:,} this file may have",
-                            "is this the right file? a recipe names data files, it does not hold data")
-        data = path.read_bytes()
+        is_pipe = stat.S_ISFIFO(path.stat().st_mode)
+        if not (pipes and is_pipe) and not path.is_dir():
+            refuse_special(path, label)
+        if is_pipe and pipes:
+            data = _read_pipe(path, label, max_bytes)
+        else:
+            if max_bytes is not None and path.stat().st_size > max_bytes:
+                raise DataError(f"{label}: {path.stat().st_size:,} bytes, over the {max_bytes:,} this file may have",
+                                "is this the right file? a recipe names data files, it does not hold data")
+            data = path.read_bytes()
     except IsADirectoryError:
         raise DataError(f"{label}: is a folder, not a file", "give the path of a file") from None
     except FileNotFoundError:
@@ -76,6 +148,23 @@ def read_text(path: str | Path, what: str = "", max_bytes: int | None = None) ->
     except OSError as e:
         raise DataError(f"{label}: cannot be read ({e.strerror or e})", "check the path and its permissions") from None
     return decode_utf8(data, path, what)
+
+
+def _read_pipe(path: Path, label: str, max_bytes: int | None) -> bytes:
+    """A FIFO's bytes up to max_bytes. Opened without waiting for a writer; reading then blocks
+    only while a writer holds it open, and ends at once when there is none."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 16):
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise DataError(f"{label}: more than the {max_bytes:,} bytes this file may have", "is this the right file?")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def utf8_lines(path: str | Path, what: str = ""):
@@ -118,6 +207,45 @@ def _expanded_size(node, sizes: dict) -> int:
     return sizes[id(node)]
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *base` may repeat keys: that is what merging means
+
+
+def _refuse_duplicates_and_surrogates(node, where: str, source: str, seen: set) -> None:
+    """A key written twice in one mapping (YAML keeps the last one silently: a recipe that says
+    `train:` twice loses the first section), and a scalar holding a lone UTF-16 surrogate
+    (a "\\ud800" escape), refused naming the key and both lines. Each node is walked once, so
+    aliases cost nothing more."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        if _SURROGATE.search(node.value):
+            raise LoraError(f"{source}: {where or 'a value'} (line {node.start_mark.line + 1}): holds a lone UTF-16 "
+                            "surrogate (a \\ud800-\\udfff escape), which is not text",
+                            "write the character itself, or in YAML as one escape: \\U0001F600, not the pair \\ud83d\\ude00")
+        return
+    if isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _refuse_duplicates_and_surrogates(child, f"{where}.{i}" if where else str(i), source, seen)
+        return
+    first: dict[tuple, object] = {}
+    for key, value in node.value:
+        name = printable(str(key.value)) if isinstance(key, yaml.ScalarNode) else "a key"
+        here = f"{where}.{name}" if where else name
+        if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+            earlier = first.setdefault((key.tag, key.value), key)
+            if earlier is not key:
+                raise LoraError(f"{source}: {here} is written twice ({_lines(earlier, key)}); YAML would keep only the last",
+                                "keep one of them (merge the two into one)")
+        _refuse_duplicates_and_surrogates(key, here, source, seen)
+        _refuse_duplicates_and_surrogates(value, here, source, seen)
+
+
+def _lines(a, b) -> str:
+    la, lb = a.start_mark.line + 1, b.start_mark.line + 1
+    return f"line {la} and line {lb}" if la != lb else f"line {la}, columns {a.start_mark.column + 1} and {b.start_mark.column + 1}"
+
+
 def safe_yaml(text: str, source: str):
     """yaml.safe_load with bounds: refuses a text over MAX_YAML_BYTES, nesting deeper than
     Python can follow, and documents whose aliases expand past MAX_YAML_NODES. The document is
@@ -134,6 +262,7 @@ def safe_yaml(text: str, source: str):
         if _expanded_size(node, {}) > MAX_YAML_NODES:
             raise LoraError(f"{source}: its aliases (*name) expand to over {MAX_YAML_NODES:,} values",
                             "write the values out, or use fewer nested aliases")
+        _refuse_duplicates_and_surrogates(node, "", source, set())
         return loader.construct_document(node)
     except RecursionError:
         raise LoraError(f"{source}: nested too deeply to read", "flatten the YAML structure") from None

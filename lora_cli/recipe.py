@@ -22,7 +22,7 @@ import yaml
 
 from lora_cli.errors import LoraError, RecipeError
 from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
-from lora_cli.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten
+from lora_cli.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
 from lora_cli.methods import METHOD_NAMES, METHODS
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
 
@@ -124,6 +124,9 @@ def _data_path_problems(key_name: str, value) -> list[str]:
             if not looks_like_hub_id(p):
                 problems.append(f"{key_name}: {clip(p)} does not exist; point it at a {'/'.join(SUFFIXES)} file, "
                                 "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
+        elif special_kind(path):  # a FIFO cannot be read twice; /dev/zero never ends
+            problems.append(f"{key_name}: {clip(p)}: is {special_kind(path)}, not a file; lora reads a data file "
+                            "more than once, so save the data to a regular file and point the key at it")
         elif os.path.isfile(path) and path.suffix not in SUFFIXES:
             problems.append(f"{key_name}: {clip(p)} has suffix {shorten(path.suffix)}; use {', '.join(SUFFIXES)} "
                             "or a datasets save_to_disk folder")
@@ -355,6 +358,12 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
             problems.append(f"{dotted}: expected {e}, got {shorten(value)}")
             continue
         meta = f.metadata
+        if meta.get("kind") == PATH and _blank_path(value):
+            # "" would resolve to the recipe's own folder (an output_dir there replaces it)
+            if f.default is REQUIRED or isinstance(value, list):
+                problems.append(f"{dotted}: empty{' entry' if isinstance(value, list) else ''}; {f.metadata['doc']}")
+                continue
+            value = None  # an optional path left empty is not set
         out_of_range = _range_problem(dotted, value, meta)
         if out_of_range:
             problems.append(out_of_range)
@@ -367,6 +376,13 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
     built = cls(**values)
     built._explicit = frozenset(k for k in raw if k in names and raw[k] is not None)  # see explicit_keys()
     return built
+
+
+def _blank_path(value) -> bool:
+    """A path key given as "" or spaces, alone or in a list (a --set key= without a value)."""
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value)
 
 
 def explicit_keys(section) -> frozenset:
@@ -423,7 +439,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> set[str]:
 
 def load_yaml(path: Path) -> dict:
     if not os.path.isfile(path):
-        what = "a folder, not a file" if os.path.isdir(path) else "file not found"
+        kind = special_kind(path)
+        what = ("a folder, not a file" if os.path.isdir(path) else f"is {kind}, not a file" if kind else "file not found")
         raise RecipeError(str(path), [f"{what}; give the path to a recipe .yaml (see recipes/)"])
     try:
         raw = safe_yaml(read_text(path, max_bytes=MAX_YAML_BYTES), str(path))

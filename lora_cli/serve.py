@@ -7,9 +7,13 @@ through template.prompt_ids, the path `lora generate` takes, so a greedy answer 
 
 Concurrency: requests wait in a bounded queue (full -> 429 with Retry-After). One worker thread
 takes the oldest request together with every waiting request that can share its batch (same
-variant, same sampling) and answers them in one left-padded generate call, streaming each
-row's text back to its client as it grows. A client that goes away sets its request's cancel
+variant, same sampling) and answers them in left-padded generate calls of at most --max-batch
+rows, streaming each row's text back to its client as it grows. A client that goes away sets its request's cancel
 event and the row stops at the next token; a request that fails gets a 500 and the worker goes on.
+
+On an open network (serve_guard.py): the key and the body limits are checked in front of the
+app, before the body is read; a prompt too long for the context by its characters alone is
+refused before it is tokenised, and tokenising runs in the thread pool, never on the event loop.
 
 FastAPI is the optional `serve` extra: this module is imported only by `lora serve`.
 """
@@ -17,7 +21,6 @@ FastAPI is the optional `serve` extra: this module is imported only by `lora ser
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import threading
 import time
@@ -25,16 +28,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_cli.backends import Completion, GenerationRequest
 from lora_cli.errors import LoraError
 from lora_cli.infer import BASE, GenerationSettings
+from lora_cli.inputs import lone_surrogate_at, printable
+from lora_cli.recipe import SEED_MAX
+from lora_cli.serve_guard import Guard, Limits, header_deadline
 from lora_cli.template import prompt_ids
+from lora_cli.token_budget import chars_for
 
 DEFAULT_MAX_TOKENS = 128  # `lora generate`'s default; clipped to what the context leaves
 RETRY_AFTER_S = 1
@@ -149,7 +157,7 @@ class Scheduler:
             rows = [r for job in live for r in job.requests]
             outcome = {"cancelled": len(batch) - len(live), "served": 0, "failed": 0}
             try:
-                completions = self.backend.generate(rows) if rows else []
+                completions = self._generate(rows)
             except Exception as e:  # one bad batch must not stop the server: its clients get a 500
                 for job in live:
                     job.finish(e)
@@ -160,30 +168,44 @@ class Scheduler:
                     job.finish(mine)
                     stopped = any(c.finish_reason == "cancelled" for c in mine)
                     outcome["cancelled" if stopped else "served"] += 1
-            self._done(outcome, len(rows))
+            self._done(outcome)
 
-    def _done(self, outcome: dict, rows: int) -> None:
+    def _generate(self, rows: list[GenerationRequest]) -> list[Completion]:
+        """Every row answered in generate calls of at most max_batch rows, however many rows one
+        request brought (prompts x n); rows cancelled before their call are not generated."""
+        completions = []
+        for start in range(0, len(rows), self.max_batch):
+            call = rows[start:start + self.max_batch]
+            if all(r.cancel.is_set() for r in call):
+                completions += [Completion("", [], len(r.prompt_ids), "cancelled") for r in call]
+                continue
+            completions += self.backend.generate(call)
+            with self._cond:
+                self.stats["batches"] += 1
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(call))
+        return completions
+
+    def _done(self, outcome: dict) -> None:
         with self._cond:
             self.running = []
             for key, count in outcome.items():
                 self.stats[key] += count
-            if rows:
-                self.stats["batches"] += 1
-                self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
             self._cond.notify_all()
 
 
 # --------------------------------------------------------------------------- request bodies
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields this server has no use for
+    # extra: clients send fields this server has no use for; allow_inf_nan: Python's JSON
+    # reader takes NaN and Infinity, which no setting may be
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     temperature: float = Field(0.0, ge=0, le=2, description="0 = greedy, as `lora generate`")
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict | None = None
@@ -236,6 +258,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error", headers: dict | None = None):
+        message, param = printable(message), None if param is None else printable(param)  # JSON out must be UTF-8
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
@@ -261,11 +284,12 @@ def _validation_error(exc) -> ApiError:
 
 @dataclass
 class Server:
-    """What the endpoints share: the backend, what it serves, the queue, the key."""
+    """What the endpoints share: the backend, what it serves, the queue, the key, the limits."""
     backend: object
     models: dict[str, ServedModel]
     scheduler: Scheduler
     api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def model(self, name: str) -> ServedModel:
@@ -274,13 +298,19 @@ class Server:
                            param="model", code="model_not_found")
         return self.models[name]
 
-    def check_key(self, authorization: str | None) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer KEY' with the server's --api-key",
-                           code="invalid_api_key")
+    def refuse_overlong(self, chars: int, param: str) -> None:
+        """A prompt whose characters alone hold more tokens than the context (token_budget):
+        refused before anything tokenises it."""
+        limit = self.backend.context_length
+        if chars > chars_for(self.backend.tokenizer, limit):
+            raise ApiError(400, f"This model's maximum context length is {limit} tokens, and the prompt's "
+                                f"{chars:,} characters hold more than that; shorten it", param=param,
+                           code="context_length_exceeded")
+
+    def refuse_too_many_rows(self, prompts: int, n: int) -> None:
+        if prompts * n > self.limits.max_rows:
+            raise ApiError(400, f"{prompts} prompts x n={n} asks for {prompts * n} answers; one request may ask "
+                                f"for at most {self.limits.max_rows}", param="prompt" if prompts > 1 else "n")
 
     def rows(self, body: _Body, prompts: list[list[int]], served: ServedModel) -> list[GenerationRequest]:
         """n rows per prompt, with the settings and stop strings the body asks for."""
@@ -298,9 +328,12 @@ class Server:
                                     f"{len(ids) + asked} ({len(ids)} in the prompt, {asked} for the completion); "
                                     "lower max_tokens or shorten the prompt", param="max_tokens",
                                code="context_length_exceeded")
-            settings = GenerationSettings(max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, room),
-                                          temperature=body.temperature, top_p=body.top_p,
-                                          repetition_penalty=body.repetition_penalty, seed=body.seed)
+            try:
+                settings = GenerationSettings(max_new_tokens=asked or min(DEFAULT_MAX_TOKENS, room),
+                                              temperature=body.temperature, top_p=body.top_p,
+                                              repetition_penalty=body.repetition_penalty, seed=body.seed)
+            except LoraError as e:  # the body's own bounds should have caught it: still the client's 400
+                raise ApiError(400, e.message) from None
             rows += [GenerationRequest(ids, settings, served.adapter, stop=body.stops()) for _ in range(body.n)]
         return rows
 
@@ -330,6 +363,27 @@ def _read(reader, value, param: str):
         raise ApiError(400, e.message + (f" ({e.hint})" if e.hint else ""), param=param) from None
 
 
+def refuse_surrogates_in_body(body: BaseModel) -> None:
+    """A JSON string may escape half of a UTF-16 pair (\\ud800) that no text can hold; the
+    tokenizer and the JSON writer would fail on it with a 500. A 400 naming the field instead."""
+    where = lone_surrogate_at(body.model_dump(exclude_unset=True))
+    if where is not None:
+        raise ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                            "which is not text; send valid Unicode", param=where, code="invalid_value")
+
+
+def chat_chars(body: ChatBody) -> int:
+    """Characters of the text a chat request's prompt renders: every string in its messages,
+    and its tools as the JSON the template writes."""
+    def strings(value) -> int:
+        if isinstance(value, str):
+            return len(value)
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return sum(strings(v) for v in items)
+    tools = len(json.dumps(body.tools, ensure_ascii=False)) if body.tools else 0
+    return strings([m.as_turn() for m in body.messages]) + tools
+
+
 def completion_prompt_ids(tokenizer, served: ServedModel, prompt: str) -> list[int]:
     """A completion prompt is an instruction, rendered by the template as `lora generate` does."""
     from lora_cli.infer import build_prompt_ids
@@ -338,6 +392,7 @@ def completion_prompt_ids(tokenizer, served: ServedModel, prompt: str) -> list[i
 
 
 def create_app(server: Server):
+    """The FastAPI app behind its Guard (key, body size and pace: serve_guard.py)."""
     app = FastAPI(title="lora serve", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -356,35 +411,42 @@ def create_app(server: Server):
     async def crash(_, exc):  # anything unforeseen: a 500 for this request, the server stays up
         return ApiError(500, f"internal error: {exc}", kind="server_error").response()
 
-    def authorized(authorization: str | None = Header(None)):
-        server.check_key(authorization)
-
-    @app.get("/health")
+    @app.get("/health")  # the one route without the key (serve_guard.OPEN_PATHS)
     async def health():
         return {"status": "ok", **server.scheduler.load()}
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [
             {"id": m.id, "object": "model", "created": server.created, "owned_by": "lora", "root": m.root,
              "parent": None if m.adapter is None else BASE} for m in server.models.values()]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
+        refuse_surrogates_in_body(body)
         served = server.model(body.model)
-        ids = chat_prompt_ids(server.backend.tokenizer, served, body)
+        server.refuse_overlong(chat_chars(body), "messages")
+        ids = await run_in_threadpool(chat_prompt_ids, server.backend.tokenizer, served, body)
         return await _answer(server, request, body, served, [ids], chat=True)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
+        refuse_surrogates_in_body(body)
         served = server.model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt: give at least one prompt", param="prompt")
-        ids = [completion_prompt_ids(server.backend.tokenizer, served, p) for p in prompts]
+        server.refuse_too_many_rows(len(prompts), body.n)
+        for i, p in enumerate(prompts):
+            server.refuse_overlong(len(p), "prompt" if isinstance(body.prompt, str) else f"prompt.{i}")
+        tokenizer = server.backend.tokenizer
+        ids = await run_in_threadpool(lambda: [completion_prompt_ids(tokenizer, served, p) for p in prompts])
         return await _answer(server, request, body, served, ids, chat=False)
 
-    return app
+    def refuse(status: int, message: str, **kwargs):
+        return ApiError(status, message, **kwargs).response()
+
+    return Guard(app, api_key=server.api_key, limits=server.limits, refuse=refuse)
 
 
 async def _answer(server: Server, request, body: _Body, served: ServedModel, prompts: list[list[int]], *, chat: bool):
@@ -522,7 +584,7 @@ class Reply:
 
 def build_server(adapters: dict, *, base: str | None = None, api_key: str | None = None,
                  engine: str = "transformers", max_batch: int = 16, max_queue: int = 64,
-                 trust_remote_code: bool = False) -> Server:
+                 limits: Limits = Limits(), trust_remote_code: bool = False) -> Server:
     """Load base + adapters once through the backend `engine` and wire up what the app serves."""
     from lora_cli.backends import backend_class
     from lora_cli.tasks import refuse_unless
@@ -532,7 +594,7 @@ def build_server(adapters: dict, *, base: str | None = None, api_key: str | None
     base_template = next((i.template for i in infos.values()), "human_assistant")
     base_name = base or next((i.base for i in infos.values()), BASE)
     return Server(backend, served_models(infos, base_template, base_name),
-                  Scheduler(backend, max_batch=max_batch, max_queue=max_queue), api_key)
+                  Scheduler(backend, max_batch=max_batch, max_queue=max_queue), api_key, limits)
 
 
 def curl_line(url: str, model: str, api_key: bool) -> str:
@@ -567,7 +629,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off")
+        config = uvicorn.Config(create_app(server), log_level="warning", lifespan="off", **uvicorn_settings(server))
         self.uvicorn = uvicorn.Server(config)
         self.server = server
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.sock]}, daemon=True)
@@ -587,6 +649,13 @@ class ServerThread:
         self.sock.close()
 
 
+def uvicorn_settings(server: Server) -> dict:
+    """What uvicorn is told beyond host and port, the same for `lora serve` and ServerThread."""
+    return {"http": header_deadline(server.limits.header_timeout),
+            "timeout_keep_alive": 5}  # an idle connection after its response (uvicorn's default, said here)
+    # request line + headers are bounded by h11's own 16 KiB (uvicorn's h11_max_incomplete_event_size)
+
+
 def run_server(server: Server, host: str, port: int, log=print) -> None:
     """Serve in the foreground until Ctrl-C."""
     import uvicorn
@@ -594,6 +663,6 @@ def run_server(server: Server, host: str, port: int, log=print) -> None:
     for line in startup_lines(server, host, port):
         log(line)
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(server), host=host, port=port, log_level="warning", **uvicorn_settings(server))
     finally:
         server.scheduler.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import threading
@@ -96,7 +97,7 @@ def check_inputs_apart(recipe: Recipe, recipe_path: str | Path | None) -> None:
 
 def saved_recipe_resume_command(output_dir: Path) -> str:
     """The command that resumes this very run: its own saved recipe holds every --set override."""
-    return f"lora train {Path(output_dir) / RECIPE_FILE} --resume"
+    return shlex.join(["lora", "train", str(Path(output_dir) / RECIPE_FILE), "--resume"])  # pasted into a shell as is
 
 
 def checkpointing_arguments(enabled: bool) -> dict:

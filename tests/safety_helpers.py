@@ -26,6 +26,8 @@ def snapshot_tree(root: Path) -> dict[str, tuple]:
                 snap[rel] = ("link", mode, os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 snap[rel] = ("dir", mode, None)
+            elif not stat.S_ISREG(st.st_mode):  # a FIFO or socket: reading it would block
+                snap[rel] = ("special", mode, stat.S_IFMT(st.st_mode))
             else:
                 snap[rel] = ("file", mode, _digest(path) if mode & stat.S_IRUSR else f"size {st.st_size}")
     return snap

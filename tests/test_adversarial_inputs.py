@@ -171,6 +171,28 @@ def _set_override(text: str):
     return lambda ctx: ["check", ctx.recipe(), "--set", text]
 
 
+def _duplicate_key(ctx):
+    """train.learning_rate written twice (a merge of two edits): YAML keeps the last silently."""
+    text = ctx.recipe().read_text(encoding="utf-8").replace("train:\n", "train:\n  learning_rate: 0.5\n", 1)
+    return ["check", ctx.raw_recipe(text)]
+
+
+def _duplicate_section(ctx):
+    text = ctx.recipe().read_text(encoding="utf-8") + "lora:\n  r: 64\n"
+    return ["check", ctx.raw_recipe(text)]
+
+
+def _recipe_lone_surrogate(ctx):
+    text = ctx.recipe().read_text(encoding="utf-8").replace("data:\n", 'data:\n  system_prompt: "caf\\ud800"\n', 1)
+    return ["check", ctx.raw_recipe(text)]
+
+
+def _fifo(ctx, name: str) -> Path:
+    path = ctx.root / name
+    os.mkfifo(path)
+    return path
+
+
 # --------------------------------------------------------------------------- data and prompt files
 
 def _gbk_jsonl(ctx):
@@ -200,6 +222,65 @@ def _empty_data(ctx):
 def _data_file_is_folder(ctx):
     (ctx.root / "rows.jsonl").mkdir()
     return ["data", "preview", ctx.recipe(data={"path": str(ctx.root / "rows.jsonl")})]
+
+
+def _data_fifo(ctx):
+    return ["data", "preview", ctx.recipe(data={"path": str(_fifo(ctx, "rows.jsonl"))})]
+
+
+def _data_fifo_no_suffix(ctx):
+    """A FIFO named like 'org/name' was taken for a hub dataset id."""
+    (ctx.root / "exports").mkdir()
+    _fifo(ctx, "exports/latest")
+    recipe = ctx.recipe()
+    text = recipe.read_text(encoding="utf-8").replace(str(ctx.root / "data.jsonl"), "exports/latest")
+    return ["data", "preview", ctx.raw_recipe(text)]
+
+
+def _data_device(ctx):
+    return ["data", "preview", ctx.recipe(data={"path": "/dev/zero"})]
+
+
+def _data_lone_surrogate(suffix: str):
+    def setup(ctx):
+        rows = [json.dumps(r) for r in demo_rows(3)]
+        rows.insert(1, '{"instruction": "caf\\ud800", "output": "x"}')
+        data = ctx.root / f"rows{suffix}"
+        data.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ", ".join(rows) + "]", encoding="utf-8")
+        return ["data", "preview", ctx.recipe(data={"path": str(data)})]
+    return setup
+
+
+def _enormous_row(ctx):
+    """One 10 MB row among ordinary ones: kept, truncated, and never tokenised whole."""
+    rows = [json.dumps(r) for r in demo_rows(3)] + [json.dumps({"instruction": "ab" * 5_000_000, "output": "x"})]
+    (ctx.root / "data.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return ["data", "preview", ctx.recipe(data={"path": str(ctx.root / "data.jsonl")})]
+
+
+def _output_dir(value: str):
+    return lambda ctx: ["check", ctx.recipe(output_dir=value)]
+
+
+def _prompts_lone_surrogate(ctx):
+    (ctx.root / "prompts.jsonl").write_text('{"instruction": "fine"}\n{"instruction": "\\udfff"}\n', encoding="utf-8")
+    return ["generate", "--adapter", ctx.adapter(), "--file", ctx.root / "prompts.jsonl"]
+
+
+def _prompts_fifo(ctx):
+    """A FIFO no one writes to: read as empty at once (no hang)."""
+    return ["generate", "--adapter", ctx.adapter(), "--file", _fifo(ctx, "prompts.txt")]
+
+
+def _prompts_dev_zero(ctx):
+    return ["generate", "--adapter", ctx.adapter(), "--file", "/dev/zero"]
+
+
+def _prompt_over_context(words: int):
+    def setup(ctx):
+        (ctx.root / "prompts.txt").write_text("short one\n" + "word " * words + "\n", encoding="utf-8")
+        return ["generate", "--adapter", ctx.adapter(), "--file", ctx.root / "prompts.txt"]
+    return setup
 
 
 def _gbk_prompts(ctx):
@@ -336,6 +417,15 @@ def _chat_stdin_not_utf8(ctx):
     return ["chat", "--adapter", ctx.adapter()]
 
 
+def _chat_message_over_context(ctx):
+    """A 1 MB line pasted into chat: refused before tokenising, the session goes on (exit 0)."""
+    import io
+
+    lines = ("word " * 200_000).encode() + b"\nhi\n/exit\n"
+    ctx.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    return ["chat", "--adapter", ctx.adapter(), "--max-new-tokens", "4"]
+
+
 def _generate_out_folder(ctx):
     (ctx.root / "answers").mkdir()
     (ctx.root / "answers" / "mine.txt").write_text("keep me", encoding="utf-8")
@@ -460,6 +550,7 @@ CASES = [
     Case("recipe-is-a-folder", _recipe_is_folder, "a folder, not a file"),
     Case("recipe-permission-denied", _recipe_permission_denied, "Permission denied"),
     Case("recipe-symlink-loop", _recipe_symlink_loop, "loop.yaml"),
+    Case("recipe-is-a-fifo", lambda ctx: ["check", _fifo(ctx, "recipe.yaml")], "is a FIFO (named pipe), not a file"),
     Case("section-is-a-list", lambda ctx: ["check", ctx.recipe(train=[1, 2])], "train: expected a section"),
     Case("key-wrong-type", _set_key("lora", "r", "eight"), "lora.r: expected integer"),
     Case("data-path-too-long", _data_path_too_long, "data.path"),
@@ -467,6 +558,12 @@ CASES = [
     Case("set-without-equals", _set_override("train.epochs"), "expected KEY=VALUE"),
     Case("set-nan", _set_override("train.learning_rate=.nan"), "train.learning_rate"),
     Case("set-alias-bomb", _set_alias_bomb, "--set columns: its aliases"),
+    Case("yaml-duplicate-key", _duplicate_key, "train.learning_rate is written twice (line 15 and line 19)"),
+    Case("yaml-duplicate-section", _duplicate_section, "lora is written twice (line 4 and line 23)"),
+    Case("set-duplicate-key", _set_override("data.columns={a: x, a: y}"), "--set columns: a is written twice"),
+    Case("recipe-lone-surrogate", _recipe_lone_surrogate, "data.system_prompt (line 2): holds a lone UTF-16 surrogate"),
+    Case("output-dir-empty", _output_dir(""), "output_dir: empty"),
+    Case("output-dir-blank-set", lambda ctx: ["check", ctx.recipe(), "--set", "output_dir= "], "output_dir: empty"),
     # data and prompt files
     Case("data-jsonl-not-utf8", _gbk_jsonl, "data.jsonl, line 3"),
     Case("data-csv-not-utf8", _gbk_csv, "data.csv, line 3"),
@@ -474,10 +571,23 @@ CASES = [
     Case("data-permission-denied", _data_permission_denied, "data.jsonl: cannot be read (Permission denied)"),
     Case("data-file-empty", _empty_data, "no rows"),
     Case("data-file-is-a-folder", _data_file_is_folder, "rows.jsonl"),
+    Case("data-file-is-a-fifo", _data_fifo, "rows.jsonl: is a FIFO (named pipe), not a file"),
+    Case("data-fifo-named-like-a-hub-id", _data_fifo_no_suffix, "exports/latest: is a FIFO (named pipe), not a file"),
+    Case("data-file-is-a-device", _data_device, "/dev/zero: is a character device, not a file"),
+    Case("data-jsonl-lone-surrogate", _data_lone_surrogate(".jsonl"), "rows.jsonl, row 2: holds a lone UTF-16 surrogate (in instruction)"),
+    Case("data-json-lone-surrogate", _data_lone_surrogate(".json"), "rows.json, row 2: holds a lone UTF-16 surrogate (in instruction)"),
+    Case("data-row-10mb", _enormous_row, "truncated (prompt): 1", code=0),
+    Case("prompts-lone-surrogate", _prompts_lone_surrogate, "prompts.jsonl, line 2: holds a lone UTF-16 surrogate"),
+    Case("prompts-file-is-a-fifo", _prompts_fifo, "prompts.txt: no prompts"),
+    Case("prompts-file-is-dev-zero", _prompts_dev_zero, "/dev/zero: is a character device, not a file"),
+    Case("prompt-over-context", _prompt_over_context(1100), "prompts.txt, line 2: 1,1"),
+    Case("prompt-over-context-by-its-length", _prompt_over_context(200_000), "prompts.txt, line 2: 999,999 characters, more than this model's context"),
     Case("prompts-not-utf8", _gbk_prompts, "prompts.txt, line 2"),
     Case("prompts-file-is-a-folder", _prompts_folder, "is a folder"),
     Case("readme-not-utf8", _gbk_readme, "README.md, line 2"),
     Case("chat-input-not-utf8", _chat_stdin_not_utf8, "that line is not UTF-8", code=0),
+    Case("chat-message-over-context", _chat_message_over_context,
+         "error: that message: 999,999 characters, more than this model's context", code=0),
     # flags and adapter names
     Case("max-new-tokens-zero", _generate_flag("--max-new-tokens", "0"), "--max-new-tokens"),
     Case("max-new-tokens-negative", _generate_flag("--max-new-tokens", "-1"), "--max-new-tokens"),
@@ -583,3 +693,41 @@ def test_docs_list_every_case():
     missing = [c.name for c in CASES if f"`{c.name}`" not in doc]
     assert not missing, f"docs/reliability.md does not list: {missing}"
     assert len(CASES) >= 30
+
+
+def test_printed_resume_command_works_when_pasted(tmp_path):
+    """A run folder with a space, a quote and a $ in its path: bash reads the printed command
+    back into exactly lora's arguments."""
+    import subprocess
+
+    from lora_cli.train import saved_recipe_resume_command
+
+    run = tmp_path / "my runs" / "it's $HOME"
+    command = saved_recipe_resume_command(run)
+    assert command.startswith("lora train ")
+    words = subprocess.run(["bash", "-c", "printf '%s\\n' " + command[len("lora "):]], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert words == ["train", str(run / "lora_recipe.yaml"), "--resume"]
+
+
+def test_enormous_row_is_never_tokenised_whole(tmp_path, tiny_random, monkeypatch):
+    """The 10 MB row is cut to the ends truncation can keep before the tokenizer sees it, and
+    the example built from it equals the one built from the whole text."""
+    from lora_cli import data
+    from lora_cli.template import tokenize_texts
+    from lora_cli.token_budget import chars_for
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_random)
+    longest = []
+
+    def spy(tok, texts):
+        longest.append(max(len(t) for t in texts))
+        return tokenize_texts(tok, texts)
+    monkeypatch.setattr(data, "tokenize_texts", spy)
+    rows = [[{"role": "user", "content": "ab " * 3_000_000}, {"role": "assistant", "content": "fine " * 40}]]
+    clipped, _ = data.tokenize_conversations(rows, tokenizer, "human_assistant", 64)
+    assert longest == [2 * chars_for(tokenizer, 64)] and longest[0] < 100_000
+    monkeypatch.setattr(data, "clip_for_tokens", lambda text, tok, n: text)  # the whole text, as before
+    whole, _ = data.tokenize_conversations(rows, tokenizer, "human_assistant", 64)
+    assert clipped == whole

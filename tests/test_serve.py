@@ -360,3 +360,189 @@ def test_unknown_engine_and_reserved_name_are_refused(adapters, cli):
     assert res.code == 2 and "--engine 'tgi' is not one of transformers, vllm" in res.err
     res = cli("serve", "-a", f"base={adapters[0]}", "--engine", "vllm")
     assert res.code == 2 and "the name 'base' is taken by the base model" in res.err
+
+
+# --------------------------------------------------------------------------- on an open network
+
+def _raw(running, request: bytes, *, wait: float = 10.0) -> bytes:
+    """What the server answers to raw bytes, read until it closes or `wait` seconds pass."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(running.url)
+    with socket.create_connection((url.hostname, url.port), timeout=wait) as conn:
+        conn.sendall(request)
+        answer = b""
+        try:
+            while chunk := conn.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and b'"error"' in answer:
+                    break
+        except TimeoutError:
+            pass
+    return answer
+
+
+def _post_head(path: str, length: int, key: str | None = None, extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def keyed(server):
+    """The module's server behind --api-key s3cret, 64 KiB bodies and 1 s deadlines."""
+    from lora_cli.serve import Scheduler, Server, ServerThread
+    from lora_cli.serve_guard import Limits
+
+    limits = Limits(max_body=64 << 10, body_timeout=1.0, header_timeout=1.0, max_rows=8)
+    keyed = Server(server.backend, server.models, Scheduler(server.backend, max_batch=4), api_key="s3cret", limits=limits)
+    with ServerThread(keyed) as running:
+        yield running
+    keyed.scheduler.close()
+
+
+def test_every_route_but_health_needs_the_key(keyed):
+    for path in ("/v1/models", "/openapi.json", "/docs", "/redoc", "/v1/nothing"):
+        status, body, _ = _http(keyed.url + path)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key", path
+    assert _health(keyed)["status"] == "ok"
+    request = urllib.request.Request(keyed.url + "/openapi.json", headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert "/v1/chat/completions" in json.loads(response.read())["paths"]
+
+
+def test_the_key_is_checked_before_the_body_is_read(keyed):
+    """Headers announcing 30 MB and no body at all: the 401 comes at once (the server does not
+    wait for, read or parse a byte of the body)."""
+    start = time.monotonic()
+    answer = _raw(keyed, _post_head("/v1/chat/completions", 30 << 20), wait=5)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"invalid_api_key" in answer and time.monotonic() - start < 3
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(keyed):
+    answer = _raw(keyed, _post_head("/v1/chat/completions", 1 << 20, key="s3cret"), wait=5)
+    assert answer.startswith(b"HTTP/1.1 413") and b"65,536" in answer and b"--max-body" in answer, answer[:300]
+    chunk = b"x" * 40_000  # no Content-Length: counted as it arrives
+    chunked = _post_head("/v1/chat/completions", 0, key="s3cret").replace(b"Content-Length: 0\r\n", b"Transfer-Encoding: chunked\r\n")
+    answer = _raw(keyed, chunked + b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(3)), wait=5)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    client = _client(keyed, api_key="s3cret")
+    assert _chat(client, "one", PROMPTS[0]).choices[0].message.content  # under the limit: answered
+
+
+def test_a_body_that_never_arrives_is_cut_off(keyed):
+    answer = _raw(keyed, _post_head("/v1/chat/completions", 500, key="s3cret") + b'{"model": ', wait=10)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+
+
+def test_connections_that_never_finish_their_headers_are_closed(keyed):
+    """Nothing sent, half the headers, headers trickled a byte at a time: each connection is
+    closed once the header deadline (1 s here, 10 s by default) passes."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(keyed.url)
+    for first, trickle in ((b"", b""), (b"GET /health HTTP/1.1\r\nHost: x\r\n", b""), (b"GET /hea", b"lth HTTP/1.1\r\n")):
+        start = time.monotonic()
+        with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+            conn.sendall(first)
+            closed = False
+            for byte in trickle * 10:
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                time.sleep(0.05)
+            if not closed:
+                assert conn.recv(1024) == b"", first  # closed by the server, no answer
+        assert time.monotonic() - start < 6, first
+    assert _health(keyed)["status"] == "ok"
+
+
+def test_bad_fields_are_400s_naming_them(running):
+    def post(path: str, raw: bytes):
+        return _http(running.url + path, raw)
+
+    cases = [
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "seed": -1}', "seed"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', "seed"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', "repetition_penalty"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "repetition_penalty": NaN}', "repetition_penalty"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+        ('{"model": "one", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', "messages.0.content.0.text"),
+        ('{"model": "o\\ud800", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop.0"),
+        ('{"model": "one", "messages": [{"role": "user", "content": "hi"}], "tools": [{"\\ud800": 1}]}', "tools.0.\\ud800"),
+    ]
+    for raw, param in cases:
+        status, body, _ = post("/v1/chat/completions", raw.encode())
+        assert status == 400 and body["error"]["param"] == param, (raw, body)
+    status, body, _ = post("/v1/completions", b'{"model": "one", "prompt": ["fine", "\\ud83d"]}')
+    assert status == 400 and body["error"]["param"] == "prompt.1", body
+    status, body, _ = post("/v1/completions", b'{"model": "one", "prompt": "\\ud83d\\ude00 a pair is fine", "max_tokens": 2}')
+    assert status == 200, body
+    status, body, _ = post("/v1/chat/completions", b'{"model": "one", "messages": [{"role": "user", "content": "\xff\xfe"}]}')
+    assert status == 400, body  # bytes that are not UTF-8
+
+
+def test_prompts_too_long_by_their_characters_are_refused_before_tokenising(running, monkeypatch):
+    """A 6 MB message is refused without tokenising it; a prompt that is tokenised is
+    tokenised in the thread pool, never on the event loop's thread."""
+    from lora_cli import serve
+
+    threads = []
+    for name in ("chat_prompt_ids", "completion_prompt_ids"):
+        real = getattr(serve, name)
+
+        def spy(*args, real=real):
+            threads.append(threading.current_thread())
+            return real(*args)
+        monkeypatch.setattr(serve, name, spy)
+    client = _client(running)
+    e = _error(lambda: _chat(client, "one", "word " * 1_200_000))
+    assert e.status_code == 400 and e.response.json()["error"]["code"] == "context_length_exceeded"
+    assert "6,000,004 characters hold more than" in e.message and e.response.json()["error"]["param"] == "messages"
+    e = _error(lambda: client.completions.create(model="one", prompt=["hi", "x" * 3_000_000], max_tokens=2))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "prompt.1"
+    assert threads == []  # refused before tokenising
+    assert _chat(client, "one", PROMPTS[0]).choices[0].message.content
+    assert client.completions.create(model="one", prompt=PROMPTS[0], max_tokens=2).choices[0].text is not None
+    assert len(threads) == 2 and running.thread not in threads and threading.main_thread() not in threads
+
+
+def test_rows_are_generated_at_most_max_batch_at_a_time(keyed, generated):
+    """3 prompts x n=2 = 6 rows on a server with --max-batch 4: two generate calls (4 + 2),
+    answers as lora generate's; more rows than a request may ask for is a 400."""
+    client = _client(keyed, api_key="s3cret")
+    before = _health(keyed)
+    reply = client.completions.create(model="one", prompt=PROMPTS[:3], n=2, temperature=0, max_tokens=NEW)
+    assert [c.text for c in reply.choices] == [a for a in generated["one"][:3] for _ in range(2)]
+    after = _health(keyed)
+    assert after["largest_batch"] <= 4 and after["batches"] - before["batches"] == 2
+    e = _error(lambda: client.completions.create(model="one", prompt=PROMPTS[:3], n=3, max_tokens=2))
+    assert e.status_code == 400 and e.response.json()["error"]["param"] == "prompt" and "at most 8" in e.message
+
+
+@pytest.mark.parametrize("key, culprit", [("", "--api-key is empty"), ("clé", "visible ASCII"), ("two words", "visible ASCII")])
+def test_an_api_key_no_client_can_send_is_refused_at_start(adapters, cli, key, culprit):
+    res = cli("serve", "-a", f"one={adapters[0]}", "--api-key", key)
+    assert res.code == 2 and culprit in res.err and "Traceback" not in res.err
+
+
+def test_an_empty_lora_api_key_is_refused_not_taken_for_no_key(adapters, cli, monkeypatch):
+    monkeypatch.setenv("LORA_API_KEY", "")
+    res = cli("serve", "-a", f"one={adapters[0]}")
+    assert res.code == 2 and "LORA_API_KEY is set but empty" in res.err
+    monkeypatch.delenv("LORA_API_KEY")
+    res = cli("serve", "-a", f"one={adapters[0]}", "--max-body", "lots")
+    assert res.code == 2 and "--max-body 'lots' is not a size" in res.err
+
+
+def test_sizes_parse():
+    from lora_cli.serve_guard import parse_size
+
+    assert [parse_size(s) for s in ("1048576", "512k", "8M", "8MiB", "1G")] == [1 << 20, 512 << 10, 8 << 20, 8 << 20, 1 << 30]
