@@ -370,6 +370,20 @@ def _pass_through_prepare(self, dataset, processing_class, args, dataset_name):
     return dataset
 
 
+def _kl_rows(examples: dict) -> dict:
+    examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]
+    return examples
+
+
+def _kto_prepare(self, dataset, processing_class, args, dataset_name):
+    """As _pass_through_prepare, plus the one step of TRL's KTO preparation that is not
+    tokenising: the mismatched (KL) completion of each row, the completions rotated by one within
+    each batch, exactly as kto_trainer._prepare_dataset builds them."""
+    if not self.calculate_KL:
+        return dataset
+    return dataset.map(_kl_rows, batched=True, batch_size=args.per_device_train_batch_size)
+
+
 def _tokenize_row_from_ids(self, feature, model=None) -> dict:
     """ORPO / CPO's public per-row hook: build their fields from our ids instead of from text."""
     prompt = list(feature["prompt_ids"])
@@ -383,7 +397,7 @@ def _tokenize_row_from_ids(self, feature, model=None) -> dict:
 
 
 HOOKS = {"trl:DPOTrainer": {"_prepare_dataset": _pass_through_prepare},
-         "trl:KTOTrainer": {"_prepare_dataset": _pass_through_prepare},
+         "trl:KTOTrainer": {"_prepare_dataset": _kto_prepare},
          "trl.experimental.orpo:ORPOTrainer": {"tokenize_row": _tokenize_row_from_ids},
          "trl.experimental.cpo:CPOTrainer": {"tokenize_row": _tokenize_row_from_ids}}
 
@@ -416,6 +430,9 @@ def setup_trainer(recipe, model, tokenizer, data, kwargs: dict, callbacks: list,
     lora.init_from loaded a trained adapter, a frozen copy of that adapter): one base in memory."""
     from transformers.trainer_callback import PrinterCallback
 
+    import datasets
+
+    datasets.disable_progress_bars()  # TRL maps our rows once more; its bars would land on stderr
     objective = objective_of(recipe)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

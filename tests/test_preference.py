@@ -22,14 +22,14 @@ FILLERS = ["LoRA", "QLoRA", "adapter", "matrix", "training", "memory", "data", "
 
 
 def rule_pairs(fillers: list[str], seed: int, n: int) -> list[dict]:
-    """A prompt ending in 'alpha' is answered yes, one ending in 'rank' no: half the pairs prefer
+    """A prompt ending in 'alpha' is answered A, one ending in 'rank' B: half the pairs prefer
     each answer, so a base that always leans one way is right about half the time (chance)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         key = ("alpha", "rank")[i % 2]
         a, b = rng.sample(fillers, 2)
-        good, bad = ("yes", "no") if key == "alpha" else ("no", "yes")
+        good, bad = ("A", "B") if key == "alpha" else ("B", "A")
         rows.append({"prompt": f"{a} {b} {key}", "chosen": good, "rejected": bad})
     return rows
 
@@ -103,10 +103,14 @@ def held_out_accuracies(run: Path) -> dict:
     }
 
 
+# Optimizer steps each objective needs on the rule (batches of 8 rows; kto reads two rows per pair).
+STEPS = {"dpo": 16, "orpo": 16, "simpo": 16, "kto": 30}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "kto"])
+@pytest.mark.parametrize("objective", list(STEPS))
 def test_objective_learns_a_rule_the_base_does_not_know(tmp_path, tiny_random, cli, objective):
-    recipe = preference_recipe(tmp_path, tiny_random, objective)
+    recipe = preference_recipe(tmp_path, tiny_random, objective, max_steps=STEPS[objective])
     result = cli("train", recipe)
     assert result.code == 0, result
     assert result.err.strip() == "" or "Skipping publisher trust check" in result.err  # bitsandbytes' own, offline
