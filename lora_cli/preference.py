@@ -463,6 +463,14 @@ def starts_trained(recipe) -> bool:
     return bool(recipe.lora.init_from) or recipe.lora.init in BASE_CHANGING_INITS
 
 
+def reference_description(recipe) -> str:
+    if recipe.lora.init_from:
+        return "the adapter of lora.init_from (a frozen copy of its start)"
+    if starts_trained(recipe):
+        return f"a frozen copy of the {recipe.lora.init}-initialised adapter (the base weights were rewritten)"
+    return "the base with the adapter disabled"
+
+
 def drop_reference_copy(model) -> None:
     """A new adapter starts as the identity (B = 0), so the reference is exactly the base with the
     adapter disabled, which is what TRL computes when no reference adapter exists: the copy it

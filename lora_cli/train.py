@@ -352,7 +352,9 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
     console.print(f"[bold]batches[/] {describe_batching(recipe, model)}")
     if objective.preference:
-        reference = ("the adapter of lora.init_from, frozen" if recipe.lora.init_from else "the base with the adapter disabled")
+        from lora_cli.preference import reference_description
+
+        reference = reference_description(recipe)
         settings = ", ".join(f"{k} {v}" for k, v in objective.config_kwargs(recipe).items())
         console.print(f"[bold]objective[/] {objective.name} ({settings}); "
                       f"reference: {reference if objective.reference else 'none (reference-free)'}", highlight=False)

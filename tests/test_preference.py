@@ -166,6 +166,52 @@ def test_reference_is_the_base_with_the_adapter_disabled(tmp_path, tiny_random):
     assert max(abs(p[0] - b[0]) for p, b in zip(policy, base)) > 1e-2  # the adapter does change the policy
 
 
+@pytest.mark.slow
+def test_init_from_adapter_is_the_reference_and_is_trained_further(tmp_path, tiny_random, cli):
+    import torch
+
+    from lora_cli.model import load_tokenizer
+    from lora_cli.preference import build_preference_data, setup_trainer
+    from lora_cli.recipe import load_recipe
+    from lora_cli.train import SafeTrainer, _setup_model, training_arguments_kwargs
+
+    # an "SFT" adapter that differs from the base
+    sft_recipe = load_recipe(preference_recipe(tmp_path / "sft", tiny_random, "dpo"))
+    tokenizer = load_tokenizer(str(tiny_random))
+    sft = _setup_model(sft_recipe, tokenizer)
+    torch.manual_seed(0)
+    for name, p in sft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft-adapter")
+    rows = TRAIN_ROWS[:4]
+    start = sequence_logps(sft, tokenizer, rows)
+
+    recipe_file = preference_recipe(tmp_path / "dpo", tiny_random, "dpo", max_steps=2)
+    raw = yaml.safe_load(recipe_file.read_text())
+    raw["lora"] = {"init_from": str(tmp_path / "sft-adapter")}
+    recipe_file.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(recipe_file)
+    model = _setup_model(recipe, tokenizer)
+    data = build_preference_data(recipe, tokenizer)
+    kwargs = training_arguments_kwargs(recipe, tmp_path / "scratch", {"bf16": False, "fp16": False}, False)
+    trainer = setup_trainer(recipe, model, tokenizer, data, kwargs, [], None, SafeTrainer)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name and ".default." in name:  # the policy moves on; the reference must not
+            p.data.add_(0.3)
+    ref_chosen, _ = trainer.compute_ref_log_probs(trainer.model, trainer.data_collator([data.train[i] for i in range(4)]))
+    assert ref_chosen.tolist() == pytest.approx([s[0] for s in start], abs=1e-5)
+
+    result = cli("train", recipe_file)
+    assert result.code == 0, result
+    run = tmp_path / "dpo" / "run"
+    assert "reference: the adapter of lora.init_from" in result.out
+    assert not (run / "ref").exists()  # the frozen copy is not part of the result
+    saved = json.loads((run / "adapter_config.json").read_text())
+    assert saved["r"] == LORA["r"] and saved["peft_type"] == "LORA"
+    assert yaml.safe_load((run / "lora_recipe.yaml").read_text())["lora"]["init_from"] == str(tmp_path / "sft-adapter")
+
+
 # --------------------------------------------------------------------------- resume
 
 @pytest.mark.slow
