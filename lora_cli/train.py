@@ -355,7 +355,8 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         from lora_cli.preference import reference_description
 
         reference = reference_description(recipe)
-        settings = ", ".join(f"{k} {v}" for k, v in objective.config_kwargs(recipe).items())
+        settings = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+                             for k, v in objective.config_kwargs(recipe).items())
         console.print(f"[bold]objective[/] {objective.name} ({settings}); "
                       f"reference: {reference if objective.reference else 'none (reference-free)'}", highlight=False)
     if data.eval is not None:

@@ -212,6 +212,27 @@ def test_init_from_adapter_is_the_reference_and_is_trained_further(tmp_path, tin
     assert yaml.safe_load((run / "lora_recipe.yaml").read_text())["lora"]["init_from"] == str(tmp_path / "sft-adapter")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_qlora_preference_run_trains_every_lora_b(tmp_path, cli, objective):
+    """The reference pass runs on the same 4-bit base (no second model); the adapter moves."""
+    from safetensors.torch import load_file
+
+    from conftest import DEMO_DATA
+    from lora_cli.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base", DEMO_DATA, hidden=128, steps=0, log=lambda *_: None)
+    recipe = preference_recipe(tmp_path, base, objective, max_steps=1)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["quantization"] = "4bit"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = cli("train", recipe)
+    assert result.code == 0, result
+    assert "quantization: 4bit" in result.out and "reference: the base with the adapter disabled" in result.out
+    weights = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
+    assert all(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)
+
+
 # --------------------------------------------------------------------------- resume
 
 @pytest.mark.slow
