@@ -472,8 +472,10 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     for name, nbytes, how in m.rows:
         table.add_row(name, format_bytes(nbytes), how)
     mark = {True: " (recipe)", False: ""}
-    table.add_row("activations", format_bytes(m.activations), "no gradient checkpointing" + mark[not m.checkpointing])
-    table.add_row("activations", format_bytes(m.activations_checkpointed), "gradient checkpointing" + mark[m.checkpointing])
+    sequences = objective_of(recipe).sequences_per_row
+    per_row = f", {sequences} sequences per row ({recipe.train.objective})" if sequences > 1 else ""
+    table.add_row("activations", format_bytes(m.activations), "no gradient checkpointing" + per_row + mark[not m.checkpointing])
+    table.add_row("activations", format_bytes(m.activations_checkpointed), "gradient checkpointing" + per_row + mark[m.checkpointing])
     totals = (("without", m.total, not m.checkpointing), ("with", m.total_checkpointed, m.checkpointing))
     for how, total, is_recipe in totals:
         table.add_row("[bold]total[/]", f"[bold]{format_bytes(total)}[/]", f"{how} checkpointing{mark[is_recipe]}")

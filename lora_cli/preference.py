@@ -20,12 +20,11 @@ TRL already tokenised; the prompt is masked (TRL's completion mask covers the an
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field, replace
-from itertools import islice
+from dataclasses import dataclass
 
 from lora_cli.data import DataStats, fit_to_length, held_out
 from lora_cli.errors import DataError
-from lora_cli.formats import Shape, Source, chat_message, data_paths, detect_format, read_source
+from lora_cli.formats import Shape, chat_message, data_paths, detect_format, read_source
 from lora_cli.objectives import PAIRS, UNPAIRED, objective_of
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "instruction", "input", "system",
@@ -216,11 +215,6 @@ def read_preference_rows(path: str, split: str, columns: dict, rows_kind: str) -
     return [shapes[shape].parse(row, where, columns) for where, row in source.stream()], shape
 
 
-def sample_rows(path: str, split: str, n: int) -> list:
-    source: Source = read_source(path, split)
-    return [row for _, row in islice(source.stream(), n)]
-
-
 # --------------------------------------------------------------------------- tokenising
 
 def render(spec, tokenizer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
@@ -290,7 +284,6 @@ class PreferenceData:
     eval: object | None
     stats: DataStats
     eval_stats: DataStats | None = None
-    rows: list = field(default_factory=list)  # the parsed training rows (preview shows them)
 
 
 def _to_dataset(examples: list[dict]):
@@ -319,7 +312,7 @@ def build_preference_data(recipe, tokenizer) -> PreferenceData:
         held += read_preference_rows(path, d.split, d.columns, kind)[0]
     examples, stats = TOKENIZERS[kind](train, tokenizer, spec, d.max_length)
     stats.formats = formats
-    data = PreferenceData(_to_dataset(examples), None, stats, rows=train)
+    data = PreferenceData(_to_dataset(examples), None, stats)
     if held:
         eval_examples, data.eval_stats = TOKENIZERS[kind](held, tokenizer, spec, d.max_length)
         data.eval = _to_dataset(eval_examples)
@@ -510,9 +503,3 @@ def preview_pairs(recipe, console, rows: int = 3) -> None:
         console.print(line, highlight=False, markup=False)
     if data.eval is not None:
         console.print(f"[bold]eval[/]      {len(data.eval)} held-out rows")
-
-
-def replace_objective(recipe, objective: str):
-    """A copy of the recipe with another objective (the bench compares objectives on one recipe)."""
-    return replace(recipe, train=replace(recipe.train, objective=objective))
-
