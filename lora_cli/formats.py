@@ -503,7 +503,7 @@ def detect_format(source: Source, columns: dict, shapes: dict[str, Shape] | None
             have = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
             raise DataError(f"{where}: cannot tell the format; the row has: {have or 'nothing'}",
                             "rows need " + "; or ".join(f"{s.needs} ({s.name})" for s in family.values())
-                            + "; map your names with data.columns, or set data.format")
+                            + "; map your names with data.columns" + (", or set data.format" if shapes is None else ""))
         if found is None:
             found, first_where = fits[0], where
         elif fits[0] != found:

@@ -213,9 +213,10 @@ def test_init_from_adapter_is_the_reference_and_is_trained_further(tmp_path, tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
-def test_qlora_preference_run_trains_every_lora_b(tmp_path, cli, objective):
-    """The reference pass runs on the same 4-bit base (no second model); the adapter moves."""
+@pytest.mark.parametrize("objective,quantization,precision", [("dpo", "4bit", "auto"), ("kto", "4bit", "auto"),
+                                                              ("dpo", "none", "bf16")])
+def test_qlora_and_bf16_preference_runs_train_every_lora_b(tmp_path, cli, objective, quantization, precision):
+    """The reference pass runs on the same (4-bit) base, no second model; the adapter moves."""
     from safetensors.torch import load_file
 
     from conftest import DEMO_DATA
@@ -224,11 +225,13 @@ def test_qlora_preference_run_trains_every_lora_b(tmp_path, cli, objective):
     base = build_tiny_model(tmp_path / "base", DEMO_DATA, hidden=128, steps=0, log=lambda *_: None)
     recipe = preference_recipe(tmp_path, base, objective, max_steps=1)
     raw = yaml.safe_load(recipe.read_text())
-    raw["model"]["quantization"] = "4bit"
+    raw["model"]["quantization"] = quantization
+    raw["train"]["precision"] = precision
     recipe.write_text(yaml.safe_dump(raw))
     result = cli("train", recipe)
     assert result.code == 0, result
-    assert "quantization: 4bit" in result.out and "reference: the base with the adapter disabled" in result.out
+    assert f"quantization: {quantization}, precision: {'fp32' if precision == 'auto' else precision}" in result.out
+    assert "reference: the base with the adapter disabled" in result.out
     weights = load_file(str(tmp_path / "run" / "adapter_model.safetensors"))
     assert all(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)
 
