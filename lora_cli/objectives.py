@@ -28,6 +28,8 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 LOSS_TYPES = tuple(dict.fromkeys(DPO_LOSS_TYPES + KTO_LOSS_TYPES))  # the recipe's train.loss_type choices
 
 SFT, PAIRS, UNPAIRED = "sft", "pairs", "unpaired"  # the kinds of rows an objective trains on
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "instruction", "input", "system",
+                     "messages", "conversations")  # the preference row fields data.columns may map
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ def get_objective(name: str | None) -> Objective:
 
 def objective_of(recipe) -> Objective:
     return get_objective(recipe.train.objective)
+
+
+def column_fields(recipe) -> tuple | None:
+    """The row fields data.columns may map for a preference objective; None = data.format decides."""
+    return PREFERENCE_FIELDS if objective_of(recipe).preference else None
 
 
 def recipe_problems(r, explicit: frozenset) -> list[str]:

@@ -27,8 +27,6 @@ from lora_cli.errors import DataError
 from lora_cli.formats import Shape, chat_message, data_paths, detect_format, read_source
 from lora_cli.objectives import PAIRS, UNPAIRED, objective_of
 
-PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "completion", "label", "instruction", "input", "system",
-                     "messages", "conversations")  # the row fields data.columns may map
 
 
 # --------------------------------------------------------------------------- rows

@@ -25,6 +25,7 @@ from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten
 from lora_cli.methods import METHOD_NAMES, METHODS
 from lora_cli.objectives import LOSS_TYPES, OBJECTIVE_NAMES, OBJECTIVES
+from lora_cli.objectives import column_fields as objective_fields
 from lora_cli.objectives import recipe_problems as objective_problems
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
 
@@ -483,7 +484,7 @@ def cross_checks(r: Recipe) -> list[str]:
     problems += lora_method_problems(r)
     from lora_cli.tasks import column_fields, recipe_problems
 
-    problems += data_problems(r.data, column_fields(r))
+    problems += data_problems(r.data, column_fields(r) or objective_fields(r))
     problems += recipe_problems(r)
     problems += objective_problems(r, explicit_keys(r.train))
     if r.lora.init_from is not None and not os.path.isfile(os.path.join(r.lora.init_from, "adapter_config.json")):

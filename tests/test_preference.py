@@ -296,6 +296,20 @@ def test_every_pair_shape_is_detected_and_renders_the_inference_prompt(tmp_path,
     assert chosen[-1] == tokenizer.eos_token_id
 
 
+def test_columns_map_your_field_names(tmp_path, tiny_random):
+    from lora_cli.model import load_tokenizer
+    from lora_cli.preference import build_preference_data
+    from lora_cli.recipe import load_recipe
+
+    rows = [{"question": "Is LoRA small?", "good": "yes", "bad": "no"}] * 2
+    recipe_file = preference_recipe(tmp_path, tiny_random, "dpo", rows=rows)
+    recipe = load_recipe(recipe_file, ["data.columns={prompt: question, chosen: good, rejected: bad}"])
+    data = build_preference_data(recipe, load_tokenizer(str(tiny_random)))
+    assert len(data.train) == 2 and "pairs (detected)" in data.stats.summary()
+    with pytest.raises(RecipeError, match="data.columns: 'answer' is not a field"):
+        load_recipe(recipe_file, ["data.columns={answer: good}"])
+
+
 def test_chat_pairs_keep_the_shared_history(tmp_path):
     from lora_cli.preference import read_preference_rows
 
