@@ -19,10 +19,11 @@ TRL already tokenised; the prompt is masked (TRL's completion mask covers the an
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
-from lora_cli.data import DataStats, fit_to_length, held_out
+from lora_cli.data import DataStats, fit_to_length, held_out, weighted
 from lora_cli.errors import DataError
 from lora_cli.formats import Shape, chat_message, data_paths, detect_format, read_source
 from lora_cli.objectives import PAIRS, UNPAIRED, objective_of
@@ -247,7 +248,10 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, spec, max_length: int) -> tuple
     for pair in pairs:
         prompt, chosen = render(spec, tokenizer, pair.messages, pair.chosen)
         prompt_r, rejected = render(spec, tokenizer, pair.messages, pair.rejected)
-        assert prompt == prompt_r, "the template renders a prompt independently of its answer"
+        if prompt != prompt_r:  # a chat template whose prompt text depends on the answer
+            raise DataError(f"{pair.where}: data.template {spec.name} renders this prompt differently before the "
+                            "chosen and the rejected answer, so they would not answer the same prompt",
+                            "use data.template human_assistant (or a template whose prompt does not depend on the answer)")
         prompt, (chosen, rejected) = _fit(prompt, [chosen, rejected], max_length, keep_first, stats)
         examples.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
         stats.supervised_tokens += len(chosen) + len(rejected)
@@ -297,24 +301,23 @@ def build_preference_data(recipe, tokenizer) -> PreferenceData:
     d, kind = recipe.data, objective_of(recipe).rows
     spec = TemplateSpec.from_data(d)
     train, held, formats = [], [], {}
-    for i, path in enumerate(data_paths(d.path)):
+    paths = data_paths(d.path)
+    for i, (path, weight) in enumerate(zip(paths, d.weights or [1.0] * len(paths))):
         rows, shape = read_preference_rows(path, d.split, d.columns, kind)
         formats[path] = f"{shape} (detected)"
-        if d.val_fraction > 0:
-            import random
-
-            kept, out = held_out(list(range(len(rows))), d.val_fraction, random.Random(d.seed * 1000 + i))
-            rows, held = [rows[k] for k in kept], held + [rows[k] for k in out]
-        train += rows
+        rng = random.Random(d.seed * 1000 + i)  # the draws SFT's load_items makes: same split, same sampling
+        kept, out = held_out(list(range(len(rows))), d.val_fraction, rng) if d.val_fraction > 0 else (range(len(rows)), [])
+        train += [rows[k] for k in (weighted(list(kept), weight, rng) if weight != 1 else kept)]
+        held += [rows[k] for k in out]
     for path in data_paths(d.val_path):
         held += read_preference_rows(path, d.split, d.columns, kind)[0]
+    _check_labels(recipe, train)
     examples, stats = TOKENIZERS[kind](train, tokenizer, spec, d.max_length)
     stats.formats = formats
     data = PreferenceData(_to_dataset(examples), None, stats)
     if held:
         eval_examples, data.eval_stats = TOKENIZERS[kind](held, tokenizer, spec, d.max_length)
         data.eval = _to_dataset(eval_examples)
-    _check_labels(recipe, train)
     return data
 
 

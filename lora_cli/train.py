@@ -28,6 +28,7 @@ from lora_cli import checkpoint as ckpt
 from lora_cli.errors import LoraError
 from lora_cli.inputs import verify_adapter
 from lora_cli.model import RECIPE_FILE
+from lora_cli.objectives import objective_of
 from lora_cli.plot import METRICS_FILE, read_metrics
 from lora_cli.recipe import Recipe, dump_recipe
 
@@ -243,8 +244,6 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     from lora_cli.tasks import make_collator, trainer_kwargs
 
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
-    from lora_cli.objectives import objective_of
-
     if objective_of(recipe).preference:  # TRL's trainer, collator and loss; our callbacks and guards
         from lora_cli.preference import setup_trainer
 
@@ -277,8 +276,6 @@ def _setup_batching(recipe: Recipe, model) -> tuple[str, bool]:
 def describe_batching(recipe: Recipe, model) -> str:
     from lora_cli.batching import batch_shape
     from lora_cli.model import attention_in_use
-
-    from lora_cli.objectives import objective_of
 
     shape = batch_shape(recipe.train, recipe.data.max_length)
     objective = objective_of(recipe)
@@ -326,8 +323,6 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     from lora_cli import tasks
     from lora_cli.adapters import describe_adapted_modules
     from lora_cli.model import format_parameter_counts, load_tokenizer, parameter_counts
-
-    from lora_cli.objectives import objective_of
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)

@@ -310,6 +310,16 @@ def test_columns_map_your_field_names(tmp_path, tiny_random):
         load_recipe(recipe_file, ["data.columns={answer: good}"])
 
 
+def test_val_fraction_and_weights_split_and_sample_pairs(tmp_path, tiny_random):
+    from lora_cli.model import load_tokenizer
+    from lora_cli.preference import build_preference_data
+    from lora_cli.recipe import load_recipe
+
+    recipe = load_recipe(preference_recipe(tmp_path, tiny_random, "dpo"), ["data.val_fraction=0.25", "data.weights=[2]"])
+    data = build_preference_data(recipe, load_tokenizer(str(tiny_random)))
+    assert len(data.eval) == 8 and len(data.train) == 2 * 24  # 32 pairs: a quarter held out, the rest twice
+
+
 def test_chat_pairs_keep_the_shared_history(tmp_path):
     from lora_cli.preference import read_preference_rows
 
