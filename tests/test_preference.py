@@ -320,6 +320,23 @@ def test_val_fraction_and_weights_split_and_sample_pairs(tmp_path, tiny_random):
     assert len(data.eval) == 8 and len(data.train) == 2 * 24  # 32 pairs: a quarter held out, the rest twice
 
 
+@pytest.mark.parametrize("template", ["alpaca", "chat_template"])
+def test_pairs_render_through_every_template_as_inference_does(tiny_random, template):
+    from lora_cli.model import load_tokenizer
+    from lora_cli.preference import render
+    from lora_cli.template import TemplateSpec, prompt_ids
+
+    tokenizer = load_tokenizer(str(tiny_random))
+    spec = TemplateSpec(name=template)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Is LoRA small?"}]
+    prompt, chosen = render(spec, tokenizer, messages, "yes")
+    prompt_r, rejected = render(spec, tokenizer, messages, "no")
+    assert prompt == prompt_r == prompt_ids(tokenizer, spec, messages)
+    assert tokenizer.decode(chosen).startswith("yes") and chosen[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(rejected).startswith("no")
+
+
 def test_chat_pairs_keep_the_shared_history(tmp_path):
     from lora_cli.preference import read_preference_rows
 
