@@ -24,7 +24,7 @@ from lora_cli.errors import LoraError, RecipeError
 from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten
 from lora_cli.methods import METHOD_NAMES, METHODS
-from lora_cli.objectives import LOSS_TYPES, OBJECTIVE_NAMES, OBJECTIVES
+from lora_cli.objectives import LOSS_TYPES, OBJECTIVE_KEYS, OBJECTIVE_NAMES, OBJECTIVES
 from lora_cli.objectives import column_fields as objective_fields
 from lora_cli.objectives import recipe_problems as objective_problems
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
@@ -561,9 +561,13 @@ def lora_method_problems(r: Recipe) -> list[str]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, saved beside every adapter. The lora section keeps only the
-    keys its method reads, so the saved recipe loads again as a recipe."""
+    keys its method reads, and the train section only its objective's own keys, so the saved
+    recipe loads again as a recipe."""
     data = recipe.to_dict()
-    data["lora"] = {k: v for k, v in data["lora"].items() if k in ADAPTER_KEYS or k in METHODS[recipe.lora.method].keys}
+    data["lora"] = {k: v for k, v in data["lora"].items()
+                    if k == "method" or (k == "init_from" and v is not None) or k in METHODS[recipe.lora.method].keys}
+    reads = OBJECTIVES[recipe.train.objective].keys  # likewise the train keys of other objectives
+    data["train"] = {k: v for k, v in data["train"].items() if k not in OBJECTIVE_KEYS or k in reads}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

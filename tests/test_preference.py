@@ -250,9 +250,9 @@ def test_resumed_dpo_run_equals_uninterrupted(tmp_path, tiny_random, cli, monkey
         signal_at_step(m, 2, signal.SIGINT)
         stopped = cli("train", cut)
     assert stopped.code == 130, stopped
-    resumed = cli("train", cut, "--resume")
-    assert resumed.code == 0, resumed
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    resumed = cli("train", b / "lora_recipe.yaml", "--resume")  # the command the stop message prints
+    assert resumed.code == 0, resumed
     assert losses(a) == pytest.approx(losses(b), rel=1e-6, abs=1e-7)
     wa, wb = adapter_weights(a), adapter_weights(b)
     import torch
@@ -424,6 +424,17 @@ def test_objective_keys_are_validated(tmp_path, tiny_random, train, words):
     with pytest.raises(RecipeError) as e:
         load_recipe(_recipe(tmp_path, tiny_random, **train))
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "orpo", "simpo", "kto"])
+def test_saved_recipe_loads_again_with_only_its_objective_keys(tmp_path, tiny_random, objective):
+    from lora_cli.objectives import OBJECTIVE_KEYS, get_objective
+    from lora_cli.recipe import dump_recipe, load_recipe, recipe_from_dict
+
+    recipe = load_recipe(_recipe(tmp_path, tiny_random, objective=objective))
+    saved = yaml.safe_load(dump_recipe(recipe))
+    assert set(saved["train"]) & OBJECTIVE_KEYS == set(get_objective(objective).keys)
+    assert recipe_from_dict(saved).to_dict() == recipe.to_dict()
 
 
 def test_existing_recipes_still_train_sft():
