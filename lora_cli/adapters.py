@@ -41,6 +41,8 @@ def add_adapter(model, recipe):
         # Reentrant checkpointing only back-propagates into segments whose inputs require grad;
         # with a frozen base they do not, and every lora_B would stay zero.
         model.enable_input_require_grads()
+    if recipe.lora.init_from:
+        return cast_trainable(trained_adapter(model, recipe.lora.init_from), recipe.lora.adapter_dtype)
     _check_modules_exist(model, recipe.lora)
     config = peft_config(recipe, model)
     try:
@@ -50,6 +52,17 @@ def add_adapter(model, recipe):
             raise LoraError(f"lora.target_modules: {recipe.lora.target_modules!r} matches no module of the model",
                             f"linear layers in this model: {', '.join(linear_module_names(model))}") from None
         raise
+
+
+def trained_adapter(model, folder: str):
+    """lora.init_from: the base with a trained adapter (e.g. an SFT run) loaded trainable, to be
+    trained further; its own config (method, rank, targets) is kept."""
+    from peft import PeftModel
+
+    from lora_cli.inputs import verify_adapter
+
+    verify_adapter(folder)
+    return PeftModel.from_pretrained(model, folder, is_trainable=True)
 
 
 def cast_trainable(model, dtype_name: str):

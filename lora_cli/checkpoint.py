@@ -243,7 +243,9 @@ def examples_fingerprint(dataset) -> dict:
     table = dataset.with_format("arrow")[:]  # in dataset order, selections applied
     h = hashlib.sha256()
     tokens = 0
-    for name in sorted({"input_ids", "labels", "position_ids"} & set(table.column_names)):
+    # preference rows (lora_cli.preference) keep their prompt and answers apart
+    columns = {"input_ids", "labels", "position_ids", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label"}
+    for name in sorted(columns & set(table.column_names)):
         column = table.column(name).combine_chunks()
         if not pa.types.is_list(column.type) and not pa.types.is_large_list(column.type):
             h.update(name.encode() + column.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())

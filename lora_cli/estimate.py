@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from lora_cli.adapters import BASE_CHANGING_INITS, add_adapter
 from lora_cli.errors import LoraError
 from lora_cli.methods import RANKED, method_of
+from lora_cli.objectives import objective_of
 from lora_cli.batching import batch_shape
 from lora_cli.recipe import Recipe
 
@@ -278,7 +279,20 @@ def estimate_memory(recipe: Recipe, model, config, quantized: dict) -> MemoryEst
     rows.append(("gradients", train_bytes, "one per trainable weight, " + "/".join(dtypes)))
     rows.append(optimizer_row(recipe.train.optimizer, trainable))
     full, ckpt = activations(recipe, model, config)
+    objective = objective_of(recipe)
+    if objective.sequences_per_row > 1:  # chosen and rejected (kto: the answer and a mismatched one) per row
+        full, ckpt = full * objective.sequences_per_row, ckpt * objective.sequences_per_row
+    if objective.reference:
+        rows.append(reference_row(recipe, config, objective.sequences_per_row))
     return MemoryEstimate(rows, full, ckpt, recipe.train.gradient_checkpointing)
+
+
+def reference_row(recipe: Recipe, config, sequences: int) -> tuple[str, int, str]:
+    """The reference pass of dpo / kto: the same weights with the adapter disabled, under no_grad,
+    so no second model and no stored activations; its logits are the transient peak."""
+    tokens = batch_shape(recipe.train, recipe.data.max_length).batch_size * recipe.data.max_length * sequences
+    logits = tokens * _architecture(config)["vocab"] * (_activation_bytes(recipe) + 4)
+    return ("reference pass", logits, f"no second model (adapter disabled, no grad); logits of {sequences} sequences per row")
 
 
 # bitsandbytes' 8-bit optimizers: one uint8 per moment and weight, one fp32 absmax per block of
@@ -458,8 +472,10 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     for name, nbytes, how in m.rows:
         table.add_row(name, format_bytes(nbytes), how)
     mark = {True: " (recipe)", False: ""}
-    table.add_row("activations", format_bytes(m.activations), "no gradient checkpointing" + mark[not m.checkpointing])
-    table.add_row("activations", format_bytes(m.activations_checkpointed), "gradient checkpointing" + mark[m.checkpointing])
+    sequences = objective_of(recipe).sequences_per_row
+    per_row = f", {sequences} sequences per row ({recipe.train.objective})" if sequences > 1 else ""
+    table.add_row("activations", format_bytes(m.activations), "no gradient checkpointing" + per_row + mark[not m.checkpointing])
+    table.add_row("activations", format_bytes(m.activations_checkpointed), "gradient checkpointing" + per_row + mark[m.checkpointing])
     totals = (("without", m.total, not m.checkpointing), ("with", m.total_checkpointed, m.checkpointing))
     for how, total, is_recipe in totals:
         table.add_row("[bold]total[/]", f"[bold]{format_bytes(total)}[/]", f"{how} checkpointing{mark[is_recipe]}")

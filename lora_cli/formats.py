@@ -490,15 +490,17 @@ PARSERS = {name: shape.parse for name, shape in SHAPES.items()}
 FORMATS = ("auto", *SHAPES)  # the recipe's data.format choices: a shape, or detected
 
 
-def detect_format(source: Source, columns: dict) -> str:
+def detect_format(source: Source, columns: dict, shapes: dict[str, Shape] | None = None) -> str:
     """The shape of a source's first rows when data.format is left out. A row that fits two
-    shapes, fits none, or differs from the rows before it is refused, naming the row."""
-    if source.shape:
+    shapes, fits none, or differs from the rows before it is refused, naming the row.
+    `shapes`: another family of shapes (preference rows, lora_cli.preference); default SHAPES."""
+    if source.shape and shapes is None:
         return source.shape
+    family = shapes or SHAPES
     found: str | None = None
     first_where = None
     for where, row in islice(source.stream(), DETECT_ROWS):
-        fits = [s.name for s in SHAPES.values() if isinstance(row, dict) and s.matches(row, columns)]
+        fits = [s.name for s in family.values() if isinstance(row, dict) and s.matches(row, columns)]
         if len(fits) > 1:
             raise DataError(f"{where}: the format is ambiguous, the row fits {' and '.join(fits)} "
                             f"(fields: {', '.join(map(str, row))})",
@@ -508,8 +510,8 @@ def detect_format(source: Source, columns: dict) -> str:
         if not fits:
             have = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
             raise DataError(f"{where}: cannot tell the format; the row has: {have or 'nothing'}",
-                            "rows need " + "; or ".join(f"{s.needs} ({s.name})" for s in SHAPES.values())
-                            + "; map your names with data.columns, or set data.format")
+                            "rows need " + "; or ".join(f"{s.needs} ({s.name})" for s in family.values())
+                            + "; map your names with data.columns" + (", or set data.format" if shapes is None else ""))
         if found is None:
             found, first_where = fits[0], where
         elif fits[0] != found:

@@ -18,6 +18,7 @@ from pathlib import Path
 from lora_cli.errors import LoraError
 from lora_cli.formats import data_paths
 from lora_cli.methods import method_of
+from lora_cli.objectives import objective_of, red_flags
 from lora_cli.preflight import planned_steps
 from lora_cli.batching import batch_shape
 from lora_cli.recipe import Recipe
@@ -58,6 +59,7 @@ def lint_recipe(recipe: Recipe) -> list[Finding]:
         finding = rule(recipe)
         if finding is not None:
             findings.append(finding)
+    findings += [Finding(*flag) for flag in red_flags(recipe)]  # the objective's own (objectives.py)
     return findings
 
 
@@ -234,6 +236,8 @@ def lr_outside_usual_range(r: Recipe) -> Finding | None:
     lr = r.train.learning_rate
     if is_four_bit(r) and lr > QLORA_LR_RED_FLAG:
         return None  # high_lr_with_4bit already says it, more strongly
+    if objective_of(r).preference:
+        return None  # preference tuning has its own, lower range (objectives.red_flags)
     kind, (low, high) = ("QLoRA", QLORA_LR) if is_four_bit(r) else ("LoRA", LORA_LR)
     if low <= lr <= high:
         return None

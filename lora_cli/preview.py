@@ -7,6 +7,7 @@ from dataclasses import replace
 from rich.console import Console
 from rich.text import Text
 
+from lora_cli.objectives import objective_of
 from lora_cli.template import IGNORE_INDEX
 
 
@@ -38,6 +39,10 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     """Print decoded rows with the supervised part highlighted, the length histogram, the share
     of supervised tokens and the counts kept / truncated / dropped."""
     console = console or Console()
+    if objective_of(recipe).preference:  # a pair (or a labelled answer) per row, not one sequence
+        from lora_cli.preference import preview_pairs
+
+        return preview_pairs(recipe, console, rows)
     from lora_cli.data import build_sft_data, lengths_of, pack_bins
     from lora_cli.model import load_tokenizer
 

@@ -24,6 +24,9 @@ from lora_cli.errors import LoraError, RecipeError
 from lora_cli.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
 from lora_cli.methods import METHOD_NAMES, METHODS
+from lora_cli.objectives import LOSS_TYPES, OBJECTIVE_KEYS, OBJECTIVE_NAMES, OBJECTIVES
+from lora_cli.objectives import column_fields as objective_fields
+from lora_cli.objectives import recipe_problems as objective_problems
 from lora_cli.template import TEMPLATE_NAMES, placeholder_problems
 
 PATH = "path"  # metadata kind: resolved against the recipe's folder
@@ -81,6 +84,7 @@ class LoraConfig:
     num_virtual_tokens: int = key(20, "prompt_tuning / prefix_tuning: learned virtual tokens put before every input.", min=1)
     prompt_init_text: Optional[str] = key(None, "prompt_tuning: start the virtual tokens from this text's embeddings (empty = random).")
     adapter_dtype: Literal["float32", "bfloat16"] = key("float32", "Dtype of the trained adapter weights (and so of their gradients and AdamW state): float32 (peft's default) or bfloat16 (the QLoRA paper's; half the memory, for bf16-capable hardware).")
+    init_from: Optional[str] = key(None, "Start from this trained adapter folder (e.g. runs/sft) instead of a new adapter; its own rank, targets and method are kept. With dpo / kto it is also the reference policy.", kind=PATH)
 
 
 @dataclass
@@ -194,6 +198,13 @@ class TrainConfig:
     fsdp: str = key("", "FSDP sharding for multi-GPU runs, as TrainingArguments.fsdp: e.g. 'full_shard auto_wrap'; empty = DDP.")
     fsdp_config: Optional[str] = key(None, "JSON file of FSDP options (TrainingArguments.fsdp_config, e.g. recipes/fsdp/qlora.json), relative to the recipe.", kind=PATH)
     deepspeed: Optional[str] = key(None, "DeepSpeed config JSON (recipes/deepspeed/zero2.json or zero3.json), relative to the recipe; or leave empty and launch with accelerate's recipes/accelerate/deepspeed_zero*.yaml.", kind=PATH)
+    objective: Literal[OBJECTIVE_NAMES] = key("sft", "What the adapter learns from: " + "; ".join(o.doc for o in OBJECTIVES.values()) + ". See docs/preference.md.")
+    beta: Optional[float] = key(None, "dpo / kto: how far the policy may move from the reference (DPO's beta; higher = closer); simpo: the reward scale; empty = the objective's default (dpo, kto 0.1; simpo 2.0).", min=0)
+    loss_type: Optional[Literal[LOSS_TYPES]] = key(None, "dpo: sigmoid (the DPO paper's; default), ipo, hinge, robust, ... (TRL's DPO loss variants); kto: kto (default) or apo_zero_unpaired; empty = the objective's default.")
+    simpo_gamma: float = key(0.5, "simpo: target reward margin gamma (TRL's simpo_gamma); the paper uses gamma / beta of 0.3-0.8.", min=0)
+    orpo_lambda: float = key(0.1, "orpo: weight of the odds-ratio term added to the chosen answer's SFT loss (the paper's lambda; TRL's ORPOConfig.beta).", min=0)
+    desirable_weight: float = key(1.0, "kto: loss weight of rows labelled good (label: true).", min=0)
+    undesirable_weight: float = key(1.0, "kto: loss weight of rows labelled bad (label: false).", min=0)
 
 
 @dataclass
@@ -490,8 +501,12 @@ def cross_checks(r: Recipe) -> list[str]:
     problems += lora_method_problems(r)
     from lora_cli.tasks import column_fields, recipe_problems
 
-    problems += data_problems(r.data, column_fields(r))
+    problems += data_problems(r.data, column_fields(r) or objective_fields(r))
     problems += recipe_problems(r)
+    problems += objective_problems(r, explicit_keys(r.train))
+    if r.lora.init_from is not None and not os.path.isfile(os.path.join(r.lora.init_from, "adapter_config.json")):
+        problems.append(f"lora.init_from: {clip(r.lora.init_from)} holds no adapter (no adapter_config.json); "
+                        "point it at a finished run's folder or one of its checkpoint-N folders")
     if r.train.max_steps == 0:
         problems.append("train.max_steps: 0 would train nothing; use -1 to run all epochs or a positive number")
     if r.train.max_steps < 0 and r.train.epochs == 0:
@@ -541,13 +556,16 @@ def quantized_sharding_problems(model: ModelConfig, engine: str) -> list[str]:
     return problems
 
 
+ADAPTER_KEYS = {"method", "init_from"}  # lora.* keys every method reads
+
+
 def lora_method_problems(r: Recipe) -> list[str]:
     """Options that the chosen lora.method (or the quantization) cannot use."""
     lora, method = r.lora, r.lora.method
     reads = METHODS[method].keys
     problems = [f"lora.{k}: does not apply to lora.method {method} (it reads: {', '.join(sorted(reads))}); "
                 f"remove lora.{k} or choose a method that uses it"
-                for k in sorted(explicit_keys(lora) - reads - {"method"})]
+                for k in sorted(explicit_keys(lora) - reads - ADAPTER_KEYS)]
     if lora.init == "pissa" and r.model.quantization != "none":
         problems.append(f"lora.init: pissa needs the full-precision weights (peft takes their SVD), not a "
                         f"{r.model.quantization} base; use init olora or gaussian, or model.quantization: none")
@@ -560,9 +578,13 @@ def lora_method_problems(r: Recipe) -> list[str]:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, saved beside every adapter. The lora section keeps only the
-    keys its method reads, so the saved recipe loads again as a recipe."""
+    keys its method reads, and the train section only its objective's own keys, so the saved
+    recipe loads again as a recipe."""
     data = recipe.to_dict()
-    data["lora"] = {k: v for k, v in data["lora"].items() if k == "method" or k in METHODS[recipe.lora.method].keys}
+    data["lora"] = {k: v for k, v in data["lora"].items()
+                    if k == "method" or (k == "init_from" and v is not None) or k in METHODS[recipe.lora.method].keys}
+    reads = OBJECTIVES[recipe.train.objective].keys  # likewise the train keys of other objectives
+    data["train"] = {k: v for k, v in data["train"].items() if k not in OBJECTIVE_KEYS or k in reads}
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 

@@ -29,6 +29,7 @@ from lora_cli import checkpoint as ckpt
 from lora_cli.errors import LoraError
 from lora_cli.inputs import verify_adapter
 from lora_cli.model import RECIPE_FILE
+from lora_cli.objectives import objective_of
 from lora_cli.plot import METRICS_FILE, read_metrics
 from lora_cli.recipe import Recipe, dump_recipe
 
@@ -254,6 +255,10 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     from lora_cli.tasks import make_collator, trainer_kwargs
 
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
+    if objective_of(recipe).preference:  # TRL's trainer, collator and loss; our callbacks and guards
+        from lora_cli.preference import setup_trainer
+
+        return setup_trainer(recipe, model, tokenizer, data, kwargs, callbacks, carried_loss, SafeTrainer)
     layout, grouped = _setup_batching(recipe, model)
     trainer = SafeTrainer(
         model=model,
@@ -283,8 +288,12 @@ def describe_batching(recipe: Recipe, model) -> str:
     from lora_cli.batching import batch_shape
     from lora_cli.model import attention_in_use
 
-    layout, grouped = _setup_batching(recipe, model)
     shape = batch_shape(recipe.train, recipe.data.max_length)
+    objective = objective_of(recipe)
+    if objective.preference:  # TRL pads each batch's rows; a pair is two sequences in one forward pass
+        per_row = f"{objective.sequences_per_row} sequences per row, " if objective.sequences_per_row > 1 else ""
+        return f"{shape.describe()}, {per_row}padded rows, attention {attention_in_use(model)}"
+    layout, grouped = _setup_batching(recipe, model)
     return (f"{shape.describe()}, {layout} rows{', length-grouped' if grouped else ''}, "
             f"attention {attention_in_use(model)}")
 
@@ -328,7 +337,13 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
-    data = tasks.build_data(recipe, tokenizer)
+    objective = objective_of(recipe)
+    if objective.preference:  # pairs or labelled answers, tokenised through the same template path
+        from lora_cli.preference import build_preference_data
+
+        data = build_preference_data(recipe, tokenizer)
+    else:
+        data = tasks.build_data(recipe, tokenizer)
     dataset, stats = data.train, data.stats
     data_record = None if dry_run else ckpt.data_fingerprint(recipe.data, data)
     if checkpoint is not None:
@@ -342,11 +357,24 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]wrapped[/] {describe_adapted_modules(model)}")
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
     console.print(f"[bold]batches[/] {describe_batching(recipe, model)}")
+    if objective.preference:
+        from lora_cli.preference import reference_description
+
+        reference = reference_description(recipe)
+        settings = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
+                             for k, v in objective.config_kwargs(recipe).items())
+        console.print(f"[bold]objective[/] {objective.name} ({settings}); "
+                      f"reference: {reference if objective.reference else 'none (reference-free)'}", highlight=False)
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
     for line in tasks.data_report_lines(recipe, data):  # classification: class balance
         console.print(line, highlight=False, markup=False)
-    example = tasks.example_lines(recipe, dataset, tokenizer)
+    if objective.preference:
+        from lora_cli.preference import example_lines as preference_example
+
+        example = preference_example(recipe, dataset, tokenizer)
+    else:
+        example = tasks.example_lines(recipe, dataset, tokenizer)
     if example is None:
         _print_example(console, dataset, tokenizer)
     for line in example or []:
@@ -402,7 +430,9 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
         tasks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
                               output_file=output_dir / tasks.EVAL_REPORT_FILE)
         try:
-            save_final_adapter(model, output_dir)
+            from lora_cli.preference import finished_model
+
+            save_final_adapter(finished_model(model), output_dir)
         except OSError as e:
             last = ckpt.newest_complete(output_dir)
             raise TrainingStopped(f"could not write the final adapter to {output_dir}: {e}; nothing partial was "
@@ -465,6 +495,8 @@ class SafeTrainer(Trainer):
     throughput and perplexity in the logs, and train losses that a resumed run logs exactly as
     the uninterrupted run would have (checkpoints are made atomic by AtomicCheckpoints)."""
 
+    reports_perplexity = True  # eval loss is a language-model loss (not for preference objectives)
+
     def __init__(self, *args, carried_loss: dict | None = None, **kwargs):
         import torch
 
@@ -492,9 +524,9 @@ class SafeTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         import torch
 
-        labels = inputs.get("labels")
-        if labels is not None:  # kept on the device: no sync per micro-batch
-            self._supervised = self._supervised + (labels != -100).sum()
+        supervised = supervised_count(inputs)
+        if supervised is not None:  # kept on the device: no sync per micro-batch
+            self._supervised = self._supervised + supervised
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.loss_window += loss.detach()
         bad = ~torch.isfinite(loss.detach())
@@ -514,7 +546,7 @@ class SafeTrainer(Trainer):
             self.loss_window.zero_()
             self.loss_window_since = self.state.global_step
             logs["supervised_tokens_per_s"] = round(self._tokens_per_second(), 1)
-        if "eval_loss" in logs:
+        if "eval_loss" in logs and self.reports_perplexity:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 100.0))  # capped: no inf in JSON
         super().log(logs, start_time)
 
@@ -527,6 +559,17 @@ class SafeTrainer(Trainer):
         rate = float(count) / max(now - self._last_log_time, 1e-6)
         self._supervised, self._last_log_time = 0, now
         return rate
+
+
+def supervised_count(inputs: dict):
+    """Supervised tokens of a batch (a device tensor): labels that are not masked, or the
+    completion mask of TRL's preference batches (DPO, KTO) or their two label sets (ORPO, SimPO)."""
+    if inputs.get("labels") is not None:
+        return (inputs["labels"] != -100).sum()
+    if inputs.get("completion_mask") is not None:
+        return inputs["completion_mask"].sum()
+    sides = [inputs[k] for k in ("chosen_labels", "rejected_labels") if inputs.get(k) is not None]
+    return sum((s != -100).sum() for s in sides) if sides else None
 
 
 class RunGuard(TrainerCallback):
@@ -705,7 +748,11 @@ class RichProgress(TrainerCallback):
             if "supervised_tokens_per_s" in logs:
                 self.info["tok"] = f"{logs['supervised_tokens_per_s']:,.0f} sup tok/s"
         if "eval_loss" in logs:
-            self.info["eval"] = f"eval {logs['eval_loss']:.4f} (ppl {logs.get('eval_perplexity', float('nan')):.2f})"
+            ppl = f" (ppl {logs['eval_perplexity']:.2f})" if "eval_perplexity" in logs else ""
+            self.info["eval"] = f"eval {logs['eval_loss']:.4f}{ppl}"
+        if "rewards/margins" in logs:  # preference objectives (TRL's names)
+            accuracy = f"reward acc {logs['rewards/accuracies']:.2f} " if "rewards/accuracies" in logs else ""
+            self.info["reward"] = f"{accuracy}margin {logs['rewards/margins']:.3f}"
         if "eval_accuracy" in logs:
             self.info["eval"] = f"eval acc {logs['eval_accuracy']:.3f} macro-F1 {logs['eval_macro_f1']:.3f}"
         record = {"step": state.global_step, "epoch": state.epoch, **logs}
