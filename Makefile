@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY := models/tiny-llama
 
-.PHONY: setup demo test bench tiny clean
+.PHONY: setup demo test bench gpu-check tiny clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ test: setup
 bench: setup
 	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+# On a CUDA machine: the user path on the GPU and the bench_gpu table, into docs/benchmarks.md (< 8 min)
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs models .pytest_cache

@@ -125,14 +125,18 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
 
 # --------------------------------------------------------------------------- set-up steps
 
-def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict, has_eval: bool) -> dict:
-    """Everything TrainingArguments gets, as a dict tests can read without building it."""
+def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict, has_eval: bool,
+                              chosen=None) -> dict:
+    """Everything TrainingArguments gets, as a dict tests can read without building it.
+    chosen: the run's lora_cli.kernels.RunKernels (Liger, token budget)."""
     import torch
 
     from lora_cli.batching import batch_shape
+    from lora_cli.kernels import RunKernels
 
     t = recipe.train
-    shape = batch_shape(t, recipe.data.max_length)
+    chosen = chosen or RunKernels(liger=t.kernels == "liger")
+    shape = batch_shape(t, recipe.data.max_length, chosen.tokens_per_batch)
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
     evaluate = {"eval_strategy": "no"}
     if has_eval:
@@ -167,7 +171,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         save_total_limit=None,  # rotation is ours: it must count complete checkpoints only
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        use_liger_kernel=t.kernels == "liger",  # the Trainer patches the model with Liger's kernels
+        use_liger_kernel=chosen.liger,  # the Trainer patches the model with Liger's kernels
         ddp_find_unused_parameters=False,  # frozen base weights get no gradient by design
         seed=t.seed,
         data_seed=t.seed,
@@ -192,7 +196,7 @@ def _setup_model(recipe: Recipe, tokenizer):
     from lora_cli.preflight import sharding_engine
 
     # QLoRA + FSDP / ZeRO-3: the packed 4-bit weights are stored in the model dtype so they shard
-    model = load_base_model(recipe.model, sharded=sharding_engine(recipe) is not None)
+    model = load_base_model(recipe.model, sharded=sharding_engine(recipe) is not None, training=True)
     bind_tokenizer(model, tokenizer)
     return add_adapter(model, recipe)
 
@@ -235,15 +239,15 @@ def install_files(staged: Path, output_dir: Path, last: str | None = None) -> No
 
 
 def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, callbacks: list,
-                   carried_loss: dict | None):
+                   carried_loss: dict | None, chosen=None):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from lora_cli.data import configure_sampling
     from lora_cli.tasks import make_collator, trainer_kwargs
 
-    kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
-    layout, grouped = _setup_batching(recipe, model)
+    kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None, chosen)
+    layout, grouped = _setup_batching(recipe, model, chosen)
     trainer = SafeTrainer(
         model=model,
         args=configure_sampling(TrainingArguments(**kwargs), grouped),
@@ -259,23 +263,27 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     return trainer
 
 
-def _setup_batching(recipe: Recipe, model) -> tuple[str, bool]:
+def _setup_batching(recipe: Recipe, model, chosen=None) -> tuple[str, bool]:
     """(batch layout, length-grouped?) for the attention kernel the loaded model runs."""
     from lora_cli.batching import batch_layout, batch_shape, groups_by_length
     from lora_cli.model import attention_in_use, masks_from_positions
 
-    layout = batch_layout(recipe, attention_in_use(model), masks_from_positions(model))
-    return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length))
+    budget = chosen.tokens_per_batch if chosen else None
+    layout = batch_layout(recipe, attention_in_use(model), masks_from_positions(model), budget)
+    return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length, budget))
 
 
-def describe_batching(recipe: Recipe, model) -> str:
+def describe_batching(recipe: Recipe, model, chosen=None) -> str:
+    """The `batches` line: shape, layout, attention kernel, fused kernels, token budget."""
     from lora_cli.batching import batch_shape
+    from lora_cli.kernels import RunKernels
     from lora_cli.model import attention_in_use
 
-    layout, grouped = _setup_batching(recipe, model)
-    shape = batch_shape(recipe.train, recipe.data.max_length)
+    chosen = chosen or RunKernels(liger=recipe.train.kernels == "liger")
+    layout, grouped = _setup_batching(recipe, model, chosen)
+    shape = batch_shape(recipe.train, recipe.data.max_length, chosen.tokens_per_batch)
     return (f"{shape.describe()}, {layout} rows{', length-grouped' if grouped else ''}, "
-            f"attention {attention_in_use(model)}")
+            f"attention {attention_in_use(model)}, {chosen.describe()}")
 
 
 def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
@@ -289,7 +297,9 @@ def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
 # --------------------------------------------------------------------------- the run
 
 def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: ckpt.Resume | None = None,
-                 recipe_path: str | Path | None = None, console: Console | None = None) -> TrainResult:
+                 recipe_path: str | Path | None = None, console: Console | None = None,
+                 callbacks: list | None = None) -> TrainResult:
+    """callbacks: extra TrainerCallbacks (bench/bench_gpu.py times steps with one)."""
     console = (console or Console()) if is_main_process() else Console(quiet=True)
     from lora_cli.tasks import prepare_recipe
 
@@ -324,13 +334,16 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         ckpt.check_same_data(output_dir, data_record)
     model = _setup_model(recipe, tokenizer)
     trainable, total = parameter_counts(model)
+    from lora_cli.kernels import choose_for_run
+
+    chosen = choose_for_run(recipe, model)  # Liger, token budget: after loading, from the free memory
 
     console.print(f"[bold]base[/]    {recipe.model.name_or_path} (quantization: {recipe.model.quantization}, "
                   f"precision: {'bf16' if precision['bf16'] else 'fp16' if precision['fp16'] else 'fp32'})")
     console.print(f"[bold]adapter[/] {format_parameter_counts(trainable, total)}")
     console.print(f"[bold]wrapped[/] {describe_adapted_modules(model)}")
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
-    console.print(f"[bold]batches[/] {describe_batching(recipe, model)}")
+    console.print(f"[bold]batches[/] {describe_batching(recipe, model, chosen)}")
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
     for line in tasks.data_report_lines(recipe, data):  # classification: class balance
@@ -354,7 +367,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
         if checkpoint is not None:
             console.print(f"[bold]resume[/]  from {checkpoint}")
-        _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result)
+        _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result, chosen, callbacks)
     finally:
         lock.release()
     console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
@@ -364,7 +377,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
 
 def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: Path | None, console: Console,
-           resume_cmd: str, result: TrainResult) -> None:
+           resume_cmd: str, result: TrainResult, chosen=None, callbacks: list | None = None) -> None:
     """The loop, then the final adapter, written once (no checkpoint is taken at the last step)."""
     from lora_cli import tasks
 
@@ -373,7 +386,8 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     guard = RunGuard(console)
     saver = AtomicCheckpoints(output_dir, recipe.train.save_total_limit)
     carried = ckpt.loss_window(checkpoint) if checkpoint is not None else None
-    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard, saver], carried)
+    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard, saver, *(callbacks or [])],
+                             carried, chosen)
     guard.trainer = saver.trainer = trainer
     try:
         with guard.catching_signals():
