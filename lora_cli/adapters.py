@@ -75,18 +75,20 @@ def keep_one_input_copy(model):
     (it casts the weight, cached once per step, not the input), so peft's is switched off there,
     through its public cast_input_dtype_enabled flag; outside autocast peft still casts, as the
     matmul needs one dtype."""
-    import torch
     from peft.tuners.lora import LoraLayer
-
-    def decide(module, args):
-        x = args[0] if args else None
-        if torch.is_tensor(x):
-            module.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
 
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            module.register_forward_pre_hook(decide)
+            module.register_forward_pre_hook(_cast_input_outside_autocast)
     return model
+
+
+def _cast_input_outside_autocast(module, args) -> None:
+    import torch
+
+    x = args[0] if args else None
+    if torch.is_tensor(x):
+        module.cast_input_dtype_enabled = not torch.is_autocast_enabled(x.device.type)
 
 
 def _check_modules_exist(model, lora_cfg) -> None:

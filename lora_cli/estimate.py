@@ -351,6 +351,27 @@ def activation_shapes(config, model):
     return shapes, adapted
 
 
+def expected_attention(recipe) -> str:
+    """The attention kernel a GPU run of this recipe gets (for the estimate); 'sdpa' for
+    transformers' default."""
+    if recipe.model.attn_implementation not in (None, "auto"):
+        return recipe.model.attn_implementation
+    from lora_cli.kernels import choose_attention
+    from lora_cli.model import gpu_facts
+
+    return choose_attention("auto", gpu_facts(recipe.model)) or "sdpa"
+
+
+def uses_liger(recipe, facts=None) -> bool:
+    """Whether the run uses Liger's kernels (for the estimate: on a GPU with this machine's packages)."""
+    import importlib.util
+
+    from lora_cli.kernels import DeviceFacts, choose_liger
+
+    facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
+    return choose_liger(recipe.train.kernels, facts)
+
+
 def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None = None, liger: bool | None = None):
     """The facts of lora_cli.activations.Saving for this recipe as `lora train` runs it on a CUDA
     GPU: dtype auto is bfloat16 and precision auto is bf16 (autocast); lora keeps the weights
@@ -359,7 +380,6 @@ def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None =
     what the run chose (lora_cli.kernels), else what it would choose on a GPU."""
     import torch
 
-    from lora_cli import kernels
     from lora_cli.activations import Saving
     from lora_cli.batching import batch_layout
 
@@ -368,7 +388,7 @@ def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None =
     compute = 2 if autocast else storage
     quantized = recipe.model.quantization != "none"
     adapter = getattr(torch, recipe.lora.adapter_dtype).itemsize
-    attention = attention or kernels.expected_attention(recipe)
+    attention = attention or expected_attention(recipe)
     layout = layout or batch_layout(recipe, attention, masks_from_positions=True)
     return Saving(
         compute=compute, stream=storage,
@@ -377,7 +397,7 @@ def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None =
         # its cast; without it peft casts to the adapters' dtype when that differs
         input_copies=("stream" if storage != compute else "") if autocast else ("all" if adapter != storage else ""),
         dropout=recipe.lora.dropout > 0,
-        liger=kernels.uses_liger(recipe) if liger is None else liger,
+        liger=uses_liger(recipe) if liger is None else liger,
         dense_mask=_dense_mask(recipe, layout, attention),
         eager=attention == "eager",
         classification=len(recipe.model.labels) if recipe.model.task == "classification" else 0)
@@ -415,6 +435,33 @@ def activations(recipe: Recipe, model, config, saving=None) -> tuple[int, int]:
     saving = saving or with_weight_copies(saving_of(recipe), model)
     counted = pass_bytes(shapes, adapted, saving, rows, recipe.data.max_length)
     return counted.full, counted.checkpointed
+
+
+def sized_tokens_per_batch(recipe, model, facts: DeviceFacts) -> int | None:
+    """train.tokens_per_batch for a run whose recipe leaves it empty: sized from the card's free
+    memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies)."""
+    from lora_cli.activations import pass_bytes
+    from lora_cli.batching import STEP_ROWS
+    from lora_cli.kernels import choose_liger, choose_rows
+
+    if recipe.train.tokens_per_batch is not None or not facts.cuda or facts.free_bytes is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shapes, adapted = activation_shapes(base.config, model)
+    attention = getattr(base.config, "_attn_implementation", None)
+    saving = saving_of(recipe, attention=attention, liger=choose_liger(recipe.train.kernels, facts))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fixed = sum(p.numel() * p.element_size() for p in trainable) + optimizer_state_bytes(
+        recipe.train.optimizer, [(tuple(p.shape), p.element_size()) for p in trainable])
+    length = recipe.data.max_length
+    checkpointing = recipe.train.gradient_checkpointing
+
+    def per_pass(rows: int) -> int:
+        counted = pass_bytes(shapes, adapted, saving, rows, length)
+        return counted.checkpointed if checkpointing else counted.full
+
+    rows = choose_rows(STEP_ROWS, length, facts.free_bytes, per_pass, fixed)
+    return rows * length if rows else None
 
 
 # --------------------------------------------------------------------------- budget

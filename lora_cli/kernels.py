@@ -2,7 +2,8 @@
 Liger's fused kernels, and the token budget of one forward pass.
 
 The choices are pure functions of `DeviceFacts` (what the machine has), so they are tested
-on CPU with made-up facts; `device_facts` reads the real ones. Each choice is reported on
+on CPU with made-up facts; lora_cli.model.device_facts reads the real ones, and
+lora_cli.estimate sizes the token budget (sized_tokens_per_batch) with choose_rows. Each choice is reported on
 the `batches` line of `lora train`.
 
 - attention (model.attn_implementation auto): on a CUDA GPU, flash_attention_2 where the
@@ -14,7 +15,7 @@ the `batches` line of `lora train`.
   CUDA GPU where liger-kernel is installed (-10.8 GiB on an 8B model at 4096 tokens, measured).
 - token budget (train.tokens_per_batch empty): on a CUDA GPU, the most rows per forward pass
   (a power of two, up to the rows of one optimizer step) whose estimated memory fits the card's
-  free memory with 10% to spare, through lora_cli.activations; elsewhere 4096 tokens. Rows per
+  free memory with 10% to spare, through the estimate's activation model; elsewhere 4096 tokens. Rows per
   optimizer step stay as the recipe says (lora_cli.batching).
 """
 
@@ -75,58 +76,6 @@ def choose_rows(step_rows: int, max_length: int, free_bytes: int | None,
     return rows
 
 
-def device_facts(model_cfg, free_bytes: int | None = None) -> DeviceFacts:
-    """The facts of this machine, for this model (config.json read, no weights)."""
-    import importlib.util
-
-    import torch
-    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
-
-    from lora_cli.model import causal_lm_class, resolve_dtype
-
-    cuda = torch.cuda.is_available()
-    cls = causal_lm_class(model_cfg) if cuda else None
-    return DeviceFacts(
-        cuda=cuda, half=resolve_dtype(model_cfg.dtype) in (torch.bfloat16, torch.float16),
-        flash_attn=cuda and is_flash_attn_2_available(), flex_attention=is_torch_flex_attn_available(),
-        model_flash=bool(getattr(cls, "_supports_flash_attn", False)),
-        model_flex=bool(getattr(cls, "_supports_flex_attn", False)),
-        liger=importlib.util.find_spec("liger_kernel") is not None, free_bytes=free_bytes)
-
-
-def gpu_facts(model_cfg) -> DeviceFacts:
-    """What a CUDA GPU with this machine's packages would have: what `lora estimate` assumes."""
-    import importlib.util
-
-    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
-
-    from lora_cli.model import causal_lm_class
-
-    cls = causal_lm_class(model_cfg)
-    return DeviceFacts(
-        cuda=True, half=model_cfg.dtype in ("auto", "bfloat16", "float16"),
-        flash_attn=is_flash_attn_2_available(), flex_attention=is_torch_flex_attn_available(),
-        model_flash=bool(getattr(cls, "_supports_flash_attn", False)),
-        model_flex=bool(getattr(cls, "_supports_flex_attn", False)),
-        liger=importlib.util.find_spec("liger_kernel") is not None)
-
-
-def expected_attention(recipe) -> str:
-    """The attention kernel a GPU run of this recipe gets (for the estimate); 'sdpa' for
-    transformers' default."""
-    if recipe.model.attn_implementation not in (None, "auto"):
-        return recipe.model.attn_implementation
-    return choose_attention("auto", gpu_facts(recipe.model)) or "sdpa"
-
-
-def uses_liger(recipe, facts: DeviceFacts | None = None) -> bool:
-    """Whether the run uses Liger's kernels (for the estimate: on a GPU with this machine's packages)."""
-    import importlib.util
-
-    facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
-    return choose_liger(recipe.train.kernels, facts)
-
-
 def free_memory() -> int | None:
     """Free bytes on this process's CUDA device, None without one."""
     import torch
@@ -135,33 +84,6 @@ def free_memory() -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info()
     return int(free)
-
-
-def sized_tokens_per_batch(recipe, model, facts: DeviceFacts) -> int | None:
-    """train.tokens_per_batch for a run whose recipe leaves it empty: sized from the card's free
-    memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies)."""
-    from lora_cli.batching import STEP_ROWS
-    from lora_cli.estimate import activation_shapes, optimizer_state_bytes, saving_of
-    from lora_cli.activations import pass_bytes
-
-    if recipe.train.tokens_per_batch is not None or not facts.cuda or facts.free_bytes is None:
-        return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    shapes, adapted = activation_shapes(base.config, model)
-    attention = getattr(base.config, "_attn_implementation", None)
-    saving = saving_of(recipe, attention=attention, liger=choose_liger(recipe.train.kernels, facts))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    fixed = sum(p.numel() * p.element_size() for p in trainable) + optimizer_state_bytes(
-        recipe.train.optimizer, [(tuple(p.shape), p.element_size()) for p in trainable])
-    length = recipe.data.max_length
-    checkpointing = recipe.train.gradient_checkpointing
-
-    def per_pass(rows: int) -> int:
-        counted = pass_bytes(shapes, adapted, saving, rows, length)
-        return counted.checkpointed if checkpointing else counted.full
-
-    rows = choose_rows(STEP_ROWS, length, facts.free_bytes, per_pass, fixed)
-    return rows * length if rows else None
 
 
 @dataclass(frozen=True)
@@ -176,12 +98,3 @@ class RunKernels:
         if self.tokens_per_batch is not None:
             sized = f", token budget {self.tokens_per_batch} sized from {self.free_bytes / 1024 ** 3:.1f} GiB free"
         return f"kernels {'liger' if self.liger else 'none'}{sized}"
-
-
-def choose_for_run(recipe, model) -> RunKernels:
-    """The run's choices on this machine, once the model is loaded (its weights are then out of
-    the free memory)."""
-    free = free_memory()
-    facts = device_facts(recipe.model, free)
-    return RunKernels(liger=choose_liger(recipe.train.kernels, facts),
-                      tokens_per_batch=sized_tokens_per_batch(recipe, model, facts), free_bytes=free)

@@ -157,12 +157,48 @@ def resolve_attn_implementation(model_cfg, training: bool = False) -> str | None
     for training flex attention, on a CUDA GPU; otherwise None, with which transformers takes
     sdpa where the model has it, else eager. Inference never gets flex attention: generation
     changes shapes every token, and each new shape would compile it again."""
-    from lora_cli.kernels import choose_attention, device_facts
+    from lora_cli.kernels import choose_attention
 
     if model_cfg.attn_implementation not in (None, "auto"):
         return model_cfg.attn_implementation
     chosen = choose_attention("auto", device_facts(model_cfg))
     return chosen if training or chosen != "flex_attention" else None
+
+
+def device_facts(model_cfg, free_bytes: int | None = None):
+    """The facts of this machine, for this model (config.json read, no weights)."""
+    import importlib.util
+
+    import torch
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    from lora_cli.kernels import DeviceFacts
+
+    cuda = torch.cuda.is_available()
+    cls = causal_lm_class(model_cfg) if cuda else None
+    return DeviceFacts(
+        cuda=cuda, half=resolve_dtype(model_cfg.dtype) in (torch.bfloat16, torch.float16),
+        flash_attn=cuda and is_flash_attn_2_available(), flex_attention=is_torch_flex_attn_available(),
+        model_flash=bool(getattr(cls, "_supports_flash_attn", False)),
+        model_flex=bool(getattr(cls, "_supports_flex_attn", False)),
+        liger=importlib.util.find_spec("liger_kernel") is not None, free_bytes=free_bytes)
+
+
+def gpu_facts(model_cfg):
+    """What a CUDA GPU with this machine's packages would have: what `lora estimate` assumes."""
+    import importlib.util
+
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    from lora_cli.kernels import DeviceFacts
+
+    cls = causal_lm_class(model_cfg)
+    return DeviceFacts(
+        cuda=True, half=model_cfg.dtype in ("auto", "bfloat16", "float16"),
+        flash_attn=is_flash_attn_2_available(), flex_attention=is_torch_flex_attn_available(),
+        model_flash=bool(getattr(cls, "_supports_flash_attn", False)),
+        model_flex=bool(getattr(cls, "_supports_flex_attn", False)),
+        liger=importlib.util.find_spec("liger_kernel") is not None)
 
 
 def causal_lm_class(model_cfg):

@@ -286,6 +286,19 @@ def describe_batching(recipe: Recipe, model, chosen=None) -> str:
             f"attention {attention_in_use(model)}, {chosen.describe()}")
 
 
+def _choose_kernels(recipe: Recipe, model):
+    """The run's lora_cli.kernels choices on this machine, once the model is loaded (its weights
+    are then out of the free memory the token budget is sized from)."""
+    from lora_cli.estimate import sized_tokens_per_batch
+    from lora_cli.kernels import RunKernels, choose_liger, free_memory
+    from lora_cli.model import device_facts
+
+    free = free_memory()
+    facts = device_facts(recipe.model, free)
+    return RunKernels(liger=choose_liger(recipe.train.kernels, facts),
+                      tokens_per_batch=sized_tokens_per_batch(recipe, model, facts), free_bytes=free)
+
+
 def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
     t = recipe.train
     saves = planned_steps // t.save_steps if t.save_steps else math.ceil(max(t.epochs, 1))
@@ -334,9 +347,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         ckpt.check_same_data(output_dir, data_record)
     model = _setup_model(recipe, tokenizer)
     trainable, total = parameter_counts(model)
-    from lora_cli.kernels import choose_for_run
-
-    chosen = choose_for_run(recipe, model)  # Liger, token budget: after loading, from the free memory
+    chosen = _choose_kernels(recipe, model)  # Liger, token budget: after loading, from the free memory
 
     console.print(f"[bold]base[/]    {recipe.model.name_or_path} (quantization: {recipe.model.quantization}, "
                   f"precision: {'bf16' if precision['bf16'] else 'fp16' if precision['fp16'] else 'fp32'})")

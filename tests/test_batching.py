@@ -292,7 +292,8 @@ def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random)
     import dataclasses
 
     from lora_cli.adapters import add_adapter
-    from lora_cli.kernels import DeviceFacts, RunKernels, sized_tokens_per_batch
+    from lora_cli.estimate import sized_tokens_per_batch
+    from lora_cli.kernels import DeviceFacts, RunKernels
     from lora_cli.model import load_base_model
     from lora_cli.train import describe_batching, training_arguments_kwargs
 
@@ -317,10 +318,10 @@ def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random)
 def test_inference_never_gets_flex_attention(tmp_path, tiny_random, monkeypatch):
     """Training on CUDA without flash-attn asks for flex attention; generation (new shapes every
     token, each compiled again) keeps transformers' default."""
-    from lora_cli import kernels
+    from lora_cli import kernels, model
     from lora_cli.model import resolve_attn_implementation
 
-    monkeypatch.setattr(kernels, "device_facts", lambda cfg, free=None: kernels.DeviceFacts(
+    monkeypatch.setattr(model, "device_facts", lambda cfg, free=None: kernels.DeviceFacts(
         cuda=True, half=True, flex_attention=True, model_flex=True))
     cfg = recipe(tmp_path, model={"name_or_path": str(tiny_random)}).model
     assert resolve_attn_implementation(cfg, training=True) == "flex_attention"
