@@ -11,7 +11,7 @@
 #   GPU_CHECK_TOY=1 bench/gpu_check.sh     (CPU, toy sizes: proves the script runs; a test does this)
 #
 # Environment: PY (the python with lora's dependencies; default .venv/bin/python, else python3),
-# GPU_CHECK_WORK (scratch folder), GPU_CHECK_DOC (the markdown to write the table into),
+# GPU_CHECK_WORK (scratch folder), GPU_CHECK_TINY (a tiny base already built), GPU_CHECK_DOC (the markdown to write the table into),
 # GPU_CHECK_SECONDS (deadline for starting a bench variant, default 420).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
 echo "== $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU")'); python $PY"
 
 # --------------------------------------------------------------------------- 1. the user path
-TINY="$WORK/tiny-llama"
+TINY=${GPU_CHECK_TINY:-$WORK/tiny-llama}  # GPU_CHECK_TINY: a tiny base already built (the test's)
 [ -f "$TINY/config.json" ] || lora build-tiny --out "$TINY" --data data/demo.jsonl > "$WORK/build-tiny.log"
 SHORT=()
 if [ "$TOY" = 1 ]; then SHORT=(--set train.max_steps=4); fi

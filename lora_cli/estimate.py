@@ -369,7 +369,7 @@ def uses_liger(recipe, facts=None) -> bool:
     from lora_cli.kernels import DeviceFacts, choose_liger
 
     facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
-    return choose_liger(recipe.train.kernels, facts)
+    return choose_liger(recipe.train.kernels, facts, recipe.model.task == "causal_lm")
 
 
 def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None = None, liger: bool | None = None):
@@ -437,9 +437,10 @@ def activations(recipe: Recipe, model, config, saving=None) -> tuple[int, int]:
     return counted.full, counted.checkpointed
 
 
-def sized_tokens_per_batch(recipe, model, facts: DeviceFacts) -> int | None:
+def sized_tokens_per_batch(recipe, model, facts) -> int | None:
     """train.tokens_per_batch for a run whose recipe leaves it empty: sized from the card's free
-    memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies)."""
+    memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies).
+    facts: lora_cli.kernels.DeviceFacts, free_bytes read after the model was loaded."""
     from lora_cli.activations import pass_bytes
     from lora_cli.batching import STEP_ROWS
     from lora_cli.kernels import choose_liger, choose_rows
@@ -449,7 +450,8 @@ def sized_tokens_per_batch(recipe, model, facts: DeviceFacts) -> int | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     shapes, adapted = activation_shapes(base.config, model)
     attention = getattr(base.config, "_attn_implementation", None)
-    saving = saving_of(recipe, attention=attention, liger=choose_liger(recipe.train.kernels, facts))
+    saving = with_weight_copies(saving_of(recipe, attention=attention, liger=choose_liger(
+        recipe.train.kernels, facts, recipe.model.task == "causal_lm")), model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fixed = sum(p.numel() * p.element_size() for p in trainable) + optimizer_state_bytes(
         recipe.train.optimizer, [(tuple(p.shape), p.element_size()) for p in trainable])

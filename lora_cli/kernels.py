@@ -55,9 +55,11 @@ def choose_attention(requested: str | None, facts: DeviceFacts) -> str | None:
     return None
 
 
-def choose_liger(requested: str, facts: DeviceFacts) -> bool:
+def choose_liger(requested: str, facts: DeviceFacts, causal_lm: bool = True) -> bool:
+    """auto: on CUDA where liger-kernel is installed, for causal LMs (Liger patches decoder
+    models; a classifier or seq2seq model would only get its warning)."""
     if requested == "auto":
-        return facts.cuda and facts.liger
+        return facts.cuda and facts.liger and causal_lm
     return requested == "liger"
 
 

@@ -295,7 +295,7 @@ def _choose_kernels(recipe: Recipe, model):
 
     free = free_memory()
     facts = device_facts(recipe.model, free)
-    return RunKernels(liger=choose_liger(recipe.train.kernels, facts),
+    return RunKernels(liger=choose_liger(recipe.train.kernels, facts, recipe.model.task == "causal_lm"),
                       tokens_per_batch=sized_tokens_per_batch(recipe, model, facts), free_bytes=free)
 
 

@@ -268,6 +268,7 @@ def test_liger_choice_from_device_facts():
     assert not choose_liger("auto", DeviceFacts(cuda=True, liger=False))
     assert not choose_liger("auto", DeviceFacts(cuda=False, liger=True))
     assert choose_liger("liger", DeviceFacts()) and not choose_liger("none", DeviceFacts(cuda=True, liger=True))
+    assert not choose_liger("auto", DeviceFacts(cuda=True, liger=True), causal_lm=False)  # Liger patches decoders
 
 
 def test_rows_per_pass_fit_the_free_memory_and_keep_the_step():

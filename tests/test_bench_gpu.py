@@ -86,7 +86,7 @@ def test_steps_are_counted_from_the_batches_themselves(bench_gpu):
     assert bench_gpu.steady([{"s": 9.0}], 3) == ([], [{"s": 9.0}])  # one step: it is all there is
 
 
-def test_gpu_check_script_runs_the_user_path_and_the_table(tmp_path):
+def test_gpu_check_script_runs_the_user_path_and_the_table(tmp_path, tiny_base):
     """bench/gpu_check.sh at toy size on CPU (GPU_CHECK_TOY=1): train, generate, merge, QLoRA
     (skipped without CUDA), estimate, then the table into the doc it is given."""
     import os
@@ -96,7 +96,7 @@ def test_gpu_check_script_runs_the_user_path_and_the_table(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n", encoding="utf-8")
     env = {**os.environ, "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_DOC": str(doc),
-           "PY": sys.executable}
+           "GPU_CHECK_TINY": str(tiny_base), "PY": sys.executable}
     done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
