@@ -86,7 +86,7 @@ def test_steps_are_counted_from_the_batches_themselves(bench_gpu):
     assert bench_gpu.steady([{"s": 9.0}], 3) == ([], [{"s": 9.0}])  # one step: it is all there is
 
 
-def test_gpu_check_script_runs_the_user_path_and_the_table(tmp_path, tiny_base):
+def test_gpu_check_script_runs_the_user_path_and_the_table(bench_gpu, tmp_path, tiny_base):
     """bench/gpu_check.sh at toy size on CPU (GPU_CHECK_TOY=1): train, generate, merge, QLoRA
     (skipped without CUDA), estimate, then the table into the doc it is given."""
     import os
