@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY := models/tiny-llama
 
-.PHONY: setup demo test bench tiny clean lock test-latest test-floors
+.PHONY: setup demo test bench gpu-check tiny clean lock test-latest test-floors
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,10 @@ test-floors:
 	$(PIP_TEST) -c $(SCRATCH)/floors.txt -e ".[test]"
 	$(SCRATCH)/bin/python -m pip freeze > $(SCRATCH)/installed.txt
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider
+
+# On a CUDA machine: the user path on the GPU and the bench_gpu table, into docs/benchmarks.md (< 8 min)
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf runs models .pytest_cache

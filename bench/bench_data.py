@@ -88,8 +88,9 @@ def lora_model(base: Path = MODEL, dtype: str = "float32"):
 
 
 def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path = MODEL, max_steps: int = -1,
-                 dtype: str = "float32", **arguments):
-    """Returns (model, Trainer train_runtime). `arguments` add to TrainingArguments (bf16 on a GPU)."""
+                 dtype: str = "float32", callbacks: list | None = None, **arguments):
+    """Returns (model, Trainer train_runtime). `arguments` add to TrainingArguments (bf16 on a GPU);
+    callbacks: TrainerCallbacks (bench_gpu.py's step timer)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
@@ -99,7 +100,7 @@ def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Pa
                              save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
                              **arguments)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True))
+                      data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True), callbacks=callbacks)
     output = trainer.train()
     return model, output.metrics["train_runtime"]
 

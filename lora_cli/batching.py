@@ -20,11 +20,11 @@ STEP_ROWS = 8
 OLD_BATCH_SIZE, OLD_ACCUMULATION = 1, 8  # what an unset key meant before the batch shape was chosen
 
 # Attention kernels that take several sequences in one row without a dense mask (variable-length
-# attention from cu_seq_lens / restarted position_ids). sdpa and eager honour restarted
+# attention from cu_seq_lens / restarted position_ids; flex attention's block mask built from them). sdpa and eager honour restarted
 # position_ids too (in models whose mask comes from masking_utils), through a dense
 # block-diagonal mask over the flattened row: worth it while the row is one forward pass of
 # the chosen shape (at most train.tokens_per_batch tokens, so the mask stays small).
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")  # flex: a block mask from positions
 
 FLATTENED = "flattened"  # each batch concatenated into one row, positions restart per example
 PACKED = "packed"        # rows are best-fit packs of examples (data.packing: true)
@@ -46,14 +46,19 @@ class BatchShape:
         return f"batch {self.batch_size} x accumulation {self.gradient_accumulation}{how}"
 
 
-def batch_shape(train_cfg, max_length: int) -> BatchShape:
+DEFAULT_TOKENS_PER_BATCH = 4096  # train.tokens_per_batch left empty, off a CUDA GPU (lora_cli.kernels sizes it on one)
+
+
+def batch_shape(train_cfg, max_length: int, tokens_per_batch: int | None = None) -> BatchShape:
     """Both keys empty: the largest power of two rows (1 to STEP_ROWS) whose max_length-long rows
     fit the token budget, and enough forward passes to make STEP_ROWS rows per step. A power of
     two divides STEP_ROWS, so the step size never changes with the budget. One key set: the
-    other keeps the meaning it always had (batch 1, accumulation 8)."""
+    other keeps the meaning it always had (batch 1, accumulation 8). tokens_per_batch: the budget
+    sized for this card (lora_cli.kernels), when the recipe leaves train.tokens_per_batch empty."""
     batch, accumulation = train_cfg.batch_size, train_cfg.gradient_accumulation
     if batch is None and accumulation is None:
-        fits = max(1, train_cfg.tokens_per_batch // max_length)
+        budget = train_cfg.tokens_per_batch or tokens_per_batch or DEFAULT_TOKENS_PER_BATCH
+        fits = max(1, budget // max_length)
         batch = 1
         while batch * 2 <= min(fits, STEP_ROWS):
             batch *= 2
@@ -62,7 +67,8 @@ def batch_shape(train_cfg, max_length: int) -> BatchShape:
                       accumulation if accumulation is not None else OLD_ACCUMULATION, chosen=False)
 
 
-def batch_layout(recipe, attn_implementation: str | None, masks_from_positions: bool = False) -> str:
+def batch_layout(recipe, attn_implementation: str | None, masks_from_positions: bool = False,
+                 tokens_per_batch: int | None = None) -> str:
     """FLATTENED, PACKED or PADDED for this recipe and the attention kernel the model runs.
     Variable-length kernels flatten packs too: they read restarted positions only in a batch of
     one row, so packs side by side in a batch would attend across their examples.
@@ -82,7 +88,7 @@ def batch_layout(recipe, attn_implementation: str | None, masks_from_positions: 
     if data_cfg.packing:
         return PACKED
     if (data_cfg.packing is None and masks_from_positions and attn_implementation in ("sdpa", "eager")
-            and batch_shape(recipe.train, data_cfg.max_length).chosen):
+            and batch_shape(recipe.train, data_cfg.max_length, tokens_per_batch).chosen):
         return FLATTENED
     return PADDED
 

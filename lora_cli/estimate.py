@@ -7,17 +7,16 @@ itself and the counts equal what `lora train` prints. Memory is arithmetic over 
 - base weights at their storage precision; 4-bit is NF4 with double quantization as in the
   QLoRA paper: 4 bits per weight, one 8-bit absmax per 64-weight block, one fp32 absmax per
   256 blocks (4.127 bits per weight). Layers bitsandbytes leaves alone (lm_head, tied
-  weights) and everything that is not a linear layer stay unquantized, and
-  prepare_model_for_kbit_training upcasts those to fp32.
+  weights) and everything that is not a linear layer stay in the model's dtype (lora does not
+  upcast them: see adapters.add_adapter).
 - LoRA weights (fp32: peft upcasts adapters of 16-bit bases; or lora.adapter_dtype), their
   gradients in the same dtype, and the state train.optimizer keeps for them, counted tensor by
   tensor as each optimizer allocates it (see optimizer_state_bytes).
 - activations of one forward pass of batch_size x data.max_length tokens (the batch shape of
-  lora_cli.batching, chosen from train.tokens_per_batch when empty): per layer and
-  token the tensors autograd keeps for backward in a Llama-style block with fused (SDPA/flash)
-  attention, 2h + 3q + 3kv for attention and 2h + 4i (gated MLP) or 2h + 2i, plus LoRA dropout
-  copies, plus the logits in compute dtype and fp32 for the loss. With gradient checkpointing
-  only each layer's input is kept, and one layer is recomputed at a time.
+  lora_cli.batching): what autograd keeps for backward, op by op, as lora_cli.activations
+  counts it for the code that runs (dtypes, shared or copied adapter inputs, Liger, the mask),
+  plus the loss at its peak. With gradient checkpointing only each layer's input is kept,
+  and one layer is recomputed at a time.
 An estimate, not a measurement: the CUDA context, kernel workspaces and allocator
 fragmentation are not counted, which is why a GPU "fits" only with 10% to spare.
 """
@@ -136,11 +135,6 @@ def build_meta_model(recipe: Recipe):
         base = tasks.get_task(recipe.model.task).model_class().from_config(
             config, dtype=storage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code)
     quantized = quantized_weights(base) if recipe.model.quantization != "none" else {}
-    if quantized:  # what prepare_model_for_kbit_training does to everything bitsandbytes left alone
-        for p in base.parameters():
-            if id(p) not in quantized and p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-    # add_adapter's kbit preparation needs real quantized layers; the upcast above stands in for it.
     lora = recipe.lora
     if lora.init in BASE_CHANGING_INITS:
         # Those start from an SVD / QR of the base weights, which meta tensors do not have;
@@ -258,13 +252,7 @@ def _is_gated_mlp(model) -> bool:
     return bool(names & {"gate_proj", "gate_up_proj", "w1", "w3", "gate"})
 
 
-def _activation_bytes(recipe: Recipe) -> int:
-    """16-bit under bf16/fp16 autocast or a 16-bit base; 4 only for an fp32 base trained in fp32."""
-    fp32 = recipe.model.dtype == "float32" and recipe.train.precision == "fp32"
-    return 4 if fp32 else 2
-
-
-def estimate_memory(recipe: Recipe, model, config, quantized: dict) -> MemoryEstimate:
+def estimate_memory(recipe: Recipe, model, config, quantized: dict, saving=None) -> MemoryEstimate:
     rows = [weights_row(recipe, model, quantized)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     lora_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -278,13 +266,19 @@ def estimate_memory(recipe: Recipe, model, config, quantized: dict) -> MemoryEst
         rows.append(("trained in full", full_bytes, "modules_to_save copies, trainable biases"))
     rows.append(("gradients", train_bytes, "one per trainable weight, " + "/".join(dtypes)))
     rows.append(optimizer_row(recipe.train.optimizer, trainable))
-    full, ckpt = activations(recipe, model, config)
+    full, ckpt = activations(recipe, model, config, saving)
     objective = objective_of(recipe)
     if objective.sequences_per_row > 1:  # chosen and rejected (kto: the answer and a mismatched one) per row
         full, ckpt = full * objective.sequences_per_row, ckpt * objective.sequences_per_row
     if objective.reference:
         rows.append(reference_row(recipe, config, objective.sequences_per_row))
     return MemoryEstimate(rows, full, ckpt, recipe.train.gradient_checkpointing)
+
+
+def _activation_bytes(recipe: Recipe) -> int:
+    """16-bit under bf16/fp16 autocast or a 16-bit base; 4 only for an fp32 base trained in fp32."""
+    fp32 = recipe.model.dtype == "float32" and recipe.train.precision == "fp32"
+    return 4 if fp32 else 2
 
 
 def reference_row(recipe: Recipe, config, sequences: int) -> tuple[str, int, str]:
@@ -347,9 +341,13 @@ def weights_row(recipe: Recipe, model, quantized: dict) -> tuple[str, int, str]:
             total += p.numel() * p.element_size()
     q = recipe.model.quantization
     how = {"none": f"{str(storage_dtype(recipe)).removeprefix('torch.')}",
-           "4bit": f"NF4 + double quant, {NF4_BITS_PER_PARAM:.3f} bits/weight; rest fp32",
-           "8bit": "int8 + fp32 scale per row; rest fp32"}[q]
+           "4bit": f"NF4 + double quant, {NF4_BITS_PER_PARAM:.3f} bits/weight; rest {_dtype_name(recipe)}",
+           "8bit": f"int8 + fp32 scale per row; rest {_dtype_name(recipe)}"}[q]
     return ("base weights (frozen)", total, how)
+
+
+def _dtype_name(recipe: Recipe) -> str:
+    return str(storage_dtype(recipe)).removeprefix("torch.")
 
 
 def quantized_bytes(kind: str, numel: int, out_features: int) -> int:
@@ -359,31 +357,133 @@ def quantized_bytes(kind: str, numel: int, out_features: int) -> int:
     return numel + 4 * out_features  # LLM.int8: int8 weights, one fp32 scale per output row
 
 
-def activations(recipe: Recipe, model, config) -> tuple[int, int]:
-    """(bytes without, bytes with gradient checkpointing) for one batch."""
+def activation_shapes(config, model):
+    """(Shapes, adapted layers) of lora_cli.activations for this config and peft model."""
     from peft.tuners.lora import LoraLayer
 
+    from lora_cli.activations import Shapes, adapted_layer
+
     arch = _architecture(config)
-    a = _activation_bytes(recipe)
+    shapes = Shapes(h=arch["h"], q=arch["q"], kv=arch["kv"], inter=arch["inter"], heads=arch["heads"],
+                    layers=arch["layers"], vocab=arch["vocab"], gated=_is_gated_mlp(model))
+    adapted = [adapted_layer(name, m.in_features, next(iter(m.r.values())))
+               for name, m in model.named_modules() if isinstance(m, LoraLayer) and m.r]
+    return shapes, adapted
+
+
+def expected_attention(recipe) -> str:
+    """The attention kernel a GPU run of this recipe gets (for the estimate); 'sdpa' for
+    transformers' default."""
+    if recipe.model.attn_implementation not in (None, "auto"):
+        return recipe.model.attn_implementation
+    from lora_cli.kernels import choose_attention
+    from lora_cli.model import gpu_facts
+
+    return choose_attention("auto", gpu_facts(recipe.model)) or "sdpa"
+
+
+def uses_liger(recipe, facts=None) -> bool:
+    """Whether the run uses Liger's kernels (for the estimate: on a GPU with this machine's packages)."""
+    import importlib.util
+
+    from lora_cli.kernels import DeviceFacts, choose_liger
+
+    facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
+    return choose_liger(recipe.train.kernels, facts, recipe.model.task == "causal_lm")
+
+
+def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None = None, liger: bool | None = None):
+    """The facts of lora_cli.activations.Saving for this recipe as `lora train` runs it on a CUDA
+    GPU: dtype auto is bfloat16 and precision auto is bf16 (autocast); lora keeps the weights
+    bitsandbytes leaves alone in the model's dtype, and under autocast peft's cast of each
+    adapted layer's input is off (adapters.keep_one_input_copy). layout / attention / liger:
+    what the run chose (lora_cli.kernels), else what it would choose on a GPU."""
+    import torch
+
+    from lora_cli.activations import Saving
+    from lora_cli.batching import batch_layout
+
+    storage = storage_dtype(recipe).itemsize
+    autocast = recipe.train.precision != "fp32"  # auto is bf16 on a GPU
+    compute = 2 if autocast else storage
+    quantized = recipe.model.quantization != "none"
+    adapter = getattr(torch, recipe.lora.adapter_dtype).itemsize
+    attention = attention or expected_attention(recipe)
+    layout = layout or batch_layout(recipe, attention, masks_from_positions=True)
+    return Saving(
+        compute=compute, stream=storage,
+        projection=storage if quantized or not autocast else compute,
+        # under autocast an input not already in the compute dtype is cast, and each layer keeps
+        # its cast; without it peft casts to the adapters' dtype when that differs
+        input_copies=("stream" if storage != compute else "") if autocast else ("all" if adapter != storage else ""),
+        dropout=recipe.lora.dropout > 0,
+        liger=uses_liger(recipe) if liger is None else liger,
+        dense_mask=_dense_mask(recipe, layout, attention),
+        eager=attention == "eager",
+        classification=len(recipe.model.labels) if recipe.model.task == "classification" else 0)
+
+
+def with_weight_copies(saving, model):
+    """Autocast casts each trainable weight wider than its dtype (fp32 adapters under bf16) once
+    per step and keeps the copy until backward."""
+    import dataclasses
+
+    wider = sum(p.numel() for p in model.parameters() if p.requires_grad and p.element_size() > saving.compute)
+    return dataclasses.replace(saving, weight_copies=wider * saving.compute)
+
+
+def _dense_mask(recipe: Recipe, layout: str, attention: str) -> str:
+    """Which dense mask reaches attention: none for padding-free kernels and single padded rows."""
+    from lora_cli.batching import FLATTENED, PADDED
+    from lora_cli.kernels import PADDING_FREE
+
+    if attention in PADDING_FREE:
+        return ""
+    if layout == FLATTENED:
+        return "flattened"
+    if layout == PADDED and batch_shape(recipe.train, recipe.data.max_length).batch_size == 1:
+        return ""  # one row, no padding: transformers passes no mask, attention is causal
+    return "rows"
+
+
+def activations(recipe: Recipe, model, config, saving=None) -> tuple[int, int]:
+    """(bytes without, bytes with gradient checkpointing) for one batch."""
+    from lora_cli.activations import pass_bytes
+
+    shapes, adapted = activation_shapes(config, model)
     rows = batch_shape(recipe.train, recipe.data.max_length).batch_size
-    tokens = rows * recipe.data.max_length
-    h, q, kv, inter = arch["h"], arch["q"], arch["kv"], arch["inter"]
-    attention = 2 * h + 3 * q + 3 * kv  # norm in/out, q k v, rotated q k, attention output
-    mlp = 2 * h + (4 * inter if _is_gated_mlp(model) else 2 * inter)
-    per_layer = tokens * a * (attention + mlp)
-    if getattr(config, "_attn_implementation", None) == "eager" or recipe.model.attn_implementation == "eager":
-        per_layer += rows * arch["heads"] * recipe.data.max_length ** 2 * 2 * a
-    lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer) and m.r]
-    lora_extra = tokens * sum(a * next(iter(m.r.values())) for m in lora_layers)  # A's output
-    if recipe.lora.dropout > 0:  # dropout keeps its output and a 1-byte mask per adapted input
-        lora_extra += tokens * sum((a + 1) * m.in_features for m in lora_layers)
-    logits = tokens * arch["vocab"] * (a + 4 + 4)  # logits, fp32 copy for the loss, its gradient
-    if recipe.model.task == "classification":  # one row of num_labels per sequence, not per token
-        logits = recipe.train.batch_size * len(recipe.model.labels) * (a + 4 + 4)
-    layers = arch["layers"]
-    full = layers * per_layer + lora_extra + logits
-    checkpointed = layers * tokens * h * a + per_layer + lora_extra // max(1, layers) + logits
-    return full, checkpointed
+    saving = saving or with_weight_copies(saving_of(recipe), model)
+    counted = pass_bytes(shapes, adapted, saving, rows, recipe.data.max_length)
+    return counted.full, counted.checkpointed
+
+
+def sized_tokens_per_batch(recipe, model, facts) -> int | None:
+    """train.tokens_per_batch for a run whose recipe leaves it empty: sized from the card's free
+    memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies).
+    facts: lora_cli.kernels.DeviceFacts, free_bytes read after the model was loaded."""
+    from lora_cli.activations import pass_bytes
+    from lora_cli.batching import STEP_ROWS
+    from lora_cli.kernels import choose_liger, choose_rows
+
+    if recipe.train.tokens_per_batch is not None or not facts.cuda or facts.free_bytes is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shapes, adapted = activation_shapes(base.config, model)
+    attention = getattr(base.config, "_attn_implementation", None)
+    saving = with_weight_copies(saving_of(recipe, attention=attention, liger=choose_liger(
+        recipe.train.kernels, facts, recipe.model.task == "causal_lm")), model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fixed = sum(p.numel() * p.element_size() for p in trainable) + optimizer_state_bytes(
+        recipe.train.optimizer, [(tuple(p.shape), p.element_size()) for p in trainable])
+    length = recipe.data.max_length
+    checkpointing = recipe.train.gradient_checkpointing
+
+    def per_pass(rows: int) -> int:
+        counted = pass_bytes(shapes, adapted, saving, rows, length)
+        return counted.checkpointed if checkpointing else counted.full
+
+    rows = choose_rows(STEP_ROWS, length, facts.free_bytes, per_pass, fixed)
+    return rows * length if rows else None
 
 
 # --------------------------------------------------------------------------- budget

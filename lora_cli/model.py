@@ -135,10 +135,11 @@ def quantization_config(model_cfg, sharded: bool = False):
 
 
 def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str | None = None,
-                    sharded: bool = False):
+                    sharded: bool = False, training: bool = False):
     """The model.task's Auto class (AutoModelForCausalLM by default) from a folder or hub id.
     quantize=False reloads a QLoRA base in full precision (what merging needs). sharded: FSDP /
-    ZeRO-3 will place the weights, so no device_map."""
+    ZeRO-3 will place the weights, so no device_map. training: the attention kernel is chosen
+    for training (lora_cli.kernels)."""
     quiet_libraries()
     from lora_cli.tasks import check_model_can, get_task, load_kwargs
 
@@ -148,7 +149,7 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
         "trust_remote_code": bool(model_cfg.trust_remote_code),
         **load_kwargs(model_cfg),
     }
-    attn = resolve_attn_implementation(model_cfg)
+    attn = resolve_attn_implementation(model_cfg, training)
     if attn:
         kwargs["attn_implementation"] = attn
     from lora_cli.inputs import verify_model_folder
@@ -177,25 +178,54 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     return model
 
 
-def resolve_attn_implementation(model_cfg) -> str | None:
+def resolve_attn_implementation(model_cfg, training: bool = False) -> str | None:
     """The attention kernel to ask transformers for: the recipe's, or for auto the fastest one
-    installed that the model supports: flash_attention_2 (variable-length, so batches need no
-    padding) on a CUDA GPU with flash-attn, for a model class that has it, in half precision;
-    otherwise None, with which transformers takes sdpa where the model has it, else eager."""
+    this machine has for the model (lora_cli.kernels.choose_attention): flash_attention_2, else
+    for training flex attention, on a CUDA GPU; otherwise None, with which transformers takes
+    sdpa where the model has it, else eager. Inference never gets flex attention: generation
+    changes shapes every token, and each new shape would compile it again."""
+    from lora_cli.kernels import choose_attention
+
     if model_cfg.attn_implementation not in (None, "auto"):
         return model_cfg.attn_implementation
-    return "flash_attention_2" if flash_attention_fits(model_cfg) else None
+    chosen = choose_attention("auto", device_facts(model_cfg))
+    return chosen if training or chosen != "flex_attention" else None
 
 
-def flash_attention_fits(model_cfg) -> bool:
+def device_facts(model_cfg, free_bytes: int | None = None):
+    """The facts of this machine, for this model (config.json read, no weights)."""
+    import importlib.util
+
     import torch
-    from transformers.utils import is_flash_attn_2_available
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
-    if not (torch.cuda.is_available() and is_flash_attn_2_available()):
-        return False
-    if resolve_dtype(model_cfg.dtype) not in (torch.bfloat16, torch.float16):
-        return False  # flash attention computes in half precision only
-    return getattr(causal_lm_class(model_cfg), "_supports_flash_attn", False)
+    from lora_cli.kernels import DeviceFacts
+
+    cuda = torch.cuda.is_available()
+    cls = causal_lm_class(model_cfg) if cuda else None
+    return DeviceFacts(
+        cuda=cuda, half=resolve_dtype(model_cfg.dtype) in (torch.bfloat16, torch.float16),
+        flash_attn=cuda and is_flash_attn_2_available(), flex_attention=is_torch_flex_attn_available(),
+        model_flash=bool(getattr(cls, "_supports_flash_attn", False)),
+        model_flex=bool(getattr(cls, "_supports_flex_attn", False)),
+        liger=importlib.util.find_spec("liger_kernel") is not None, free_bytes=free_bytes)
+
+
+def gpu_facts(model_cfg):
+    """What a CUDA GPU with this machine's packages would have: what `lora estimate` assumes."""
+    import importlib.util
+
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    from lora_cli.kernels import DeviceFacts
+
+    cls = causal_lm_class(model_cfg)
+    return DeviceFacts(
+        cuda=True, half=model_cfg.dtype in ("auto", "bfloat16", "float16"),
+        flash_attn=is_flash_attn_2_available(), flex_attention=is_torch_flex_attn_available(),
+        model_flash=bool(getattr(cls, "_supports_flash_attn", False)),
+        model_flex=bool(getattr(cls, "_supports_flex_attn", False)),
+        liger=importlib.util.find_spec("liger_kernel") is not None)
 
 
 def causal_lm_class(model_cfg):

@@ -138,14 +138,18 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
 
 # --------------------------------------------------------------------------- set-up steps
 
-def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict, has_eval: bool) -> dict:
-    """Everything TrainingArguments gets, as a dict tests can read without building it."""
+def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict, has_eval: bool,
+                              chosen=None) -> dict:
+    """Everything TrainingArguments gets, as a dict tests can read without building it.
+    chosen: the run's lora_cli.kernels.RunKernels (Liger, token budget)."""
     import torch
 
     from lora_cli.batching import batch_shape
+    from lora_cli.kernels import RunKernels
 
     t = recipe.train
-    shape = batch_shape(t, recipe.data.max_length)
+    chosen = chosen or RunKernels(liger=t.kernels == "liger")
+    shape = batch_shape(t, recipe.data.max_length, chosen.tokens_per_batch)
     save = {"save_strategy": "steps", "save_steps": t.save_steps} if t.save_steps else {"save_strategy": "epoch"}
     evaluate = {"eval_strategy": "no"}
     if has_eval:
@@ -179,7 +183,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         logging_nan_inf_filter=False,  # a NaN must reach the guard and the log, not be averaged away
         save_total_limit=None,  # rotation is ours: it must count complete checkpoints only
         **checkpointing_arguments(t.gradient_checkpointing),
-        use_liger_kernel=t.kernels == "liger",  # the Trainer patches the model with Liger's kernels
+        use_liger_kernel=chosen.liger,  # the Trainer patches the model with Liger's kernels
         ddp_find_unused_parameters=False,  # frozen base weights get no gradient by design
         seed=t.seed,
         data_seed=t.seed,
@@ -204,7 +208,7 @@ def _setup_model(recipe: Recipe, tokenizer):
     from lora_cli.preflight import sharding_engine
 
     # QLoRA + FSDP / ZeRO-3: the packed 4-bit weights are stored in the model dtype so they shard
-    model = load_base_model(recipe.model, sharded=sharding_engine(recipe) is not None)
+    model = load_base_model(recipe.model, sharded=sharding_engine(recipe) is not None, training=True)
     bind_tokenizer(model, tokenizer)
     return add_adapter(model, recipe)
 
@@ -247,19 +251,19 @@ def install_files(staged: Path, output_dir: Path, last: str | None = None) -> No
 
 
 def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, callbacks: list,
-                   carried_loss: dict | None):
+                   carried_loss: dict | None, chosen=None):
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from lora_cli.data import configure_sampling
     from lora_cli.tasks import make_collator, trainer_kwargs
 
-    kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None)
+    kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None, chosen)
     if objective_of(recipe).preference:  # TRL's trainer, collator and loss; our callbacks and guards
         from lora_cli.preference import setup_trainer
 
         return setup_trainer(recipe, model, tokenizer, data, kwargs, callbacks, carried_loss, SafeTrainer)
-    layout, grouped = _setup_batching(recipe, model)
+    layout, grouped = _setup_batching(recipe, model, chosen)
     trainer = SafeTrainer(
         model=model,
         args=configure_sampling(TrainingArguments(**kwargs), grouped),
@@ -275,27 +279,46 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     return trainer
 
 
-def _setup_batching(recipe: Recipe, model) -> tuple[str, bool]:
+def _setup_batching(recipe: Recipe, model, chosen=None) -> tuple[str, bool]:
     """(batch layout, length-grouped?) for the attention kernel the loaded model runs."""
     from lora_cli.batching import batch_layout, batch_shape, groups_by_length
     from lora_cli.model import attention_in_use, masks_from_positions
 
-    layout = batch_layout(recipe, attention_in_use(model), masks_from_positions(model))
-    return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length))
+    budget = chosen.tokens_per_batch if chosen else None
+    layout = batch_layout(recipe, attention_in_use(model), masks_from_positions(model), budget)
+    return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length, budget))
 
 
-def describe_batching(recipe: Recipe, model) -> str:
+def describe_batching(recipe: Recipe, model, chosen=None) -> str:
+    """The `batches` line: shape, layout, attention kernel, fused kernels, token budget."""
     from lora_cli.batching import batch_shape
+    from lora_cli.kernels import RunKernels
     from lora_cli.model import attention_in_use
 
-    shape = batch_shape(recipe.train, recipe.data.max_length)
+    chosen = chosen or RunKernels(liger=recipe.train.kernels == "liger")
+    shape = batch_shape(recipe.train, recipe.data.max_length, chosen.tokens_per_batch)
     objective = objective_of(recipe)
     if objective.preference:  # TRL pads each batch's rows; a pair is two sequences in one forward pass
         per_row = f"{objective.sequences_per_row} sequences per row, " if objective.sequences_per_row > 1 else ""
         return f"{shape.describe()}, {per_row}padded rows, attention {attention_in_use(model)}"
-    layout, grouped = _setup_batching(recipe, model)
+    layout, grouped = _setup_batching(recipe, model, chosen)
     return (f"{shape.describe()}, {layout} rows{', length-grouped' if grouped else ''}, "
-            f"attention {attention_in_use(model)}")
+            f"attention {attention_in_use(model)}, {chosen.describe()}")
+
+
+def _choose_kernels(recipe: Recipe, model):
+    """The run's lora_cli.kernels choices on this machine, once the model is loaded (its weights
+    are then out of the free memory the token budget is sized from)."""
+    from lora_cli.estimate import sized_tokens_per_batch
+    from lora_cli.kernels import RunKernels, choose_liger, free_memory
+    from lora_cli.model import device_facts
+
+    free = free_memory()
+    facts = device_facts(recipe.model, free)
+    # Liger patches a causal LM's SFT loss; TRL's preference trainers compute their own
+    fused_loss_applies = recipe.model.task == "causal_lm" and not objective_of(recipe).preference
+    return RunKernels(liger=choose_liger(recipe.train.kernels, facts, fused_loss_applies),
+                      tokens_per_batch=sized_tokens_per_batch(recipe, model, facts), free_bytes=free)
 
 
 def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
@@ -309,7 +332,9 @@ def _check_disk(recipe: Recipe, model, planned_steps: int) -> None:
 # --------------------------------------------------------------------------- the run
 
 def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = False, resume: ckpt.Resume | None = None,
-                 recipe_path: str | Path | None = None, console: Console | None = None) -> TrainResult:
+                 recipe_path: str | Path | None = None, console: Console | None = None,
+                 callbacks: list | None = None) -> TrainResult:
+    """callbacks: extra TrainerCallbacks (bench/bench_gpu.py times steps with one)."""
     console = (console or Console()) if is_main_process() else Console(quiet=True)
     from lora_cli.tasks import prepare_recipe
 
@@ -350,13 +375,14 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         ckpt.check_same_data(output_dir, data_record)
     model = _setup_model(recipe, tokenizer)
     trainable, total = parameter_counts(model)
+    chosen = _choose_kernels(recipe, model)  # Liger, token budget: after loading, from the free memory
 
     console.print(f"[bold]base[/]    {recipe.model.name_or_path} (quantization: {recipe.model.quantization}, "
                   f"precision: {'bf16' if precision['bf16'] else 'fp16' if precision['fp16'] else 'fp32'})")
     console.print(f"[bold]adapter[/] {format_parameter_counts(trainable, total)}")
     console.print(f"[bold]wrapped[/] {describe_adapted_modules(model)}")
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
-    console.print(f"[bold]batches[/] {describe_batching(recipe, model)}")
+    console.print(f"[bold]batches[/] {describe_batching(recipe, model, chosen)}")
     if objective.preference:
         from lora_cli.preference import reference_description
 
@@ -393,7 +419,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
         if checkpoint is not None:
             console.print(f"[bold]resume[/]  from {checkpoint}")
-        _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result)
+        _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result, chosen, callbacks)
     finally:
         lock.release()
     console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
@@ -403,7 +429,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
 
 def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: Path | None, console: Console,
-           resume_cmd: str, result: TrainResult) -> None:
+           resume_cmd: str, result: TrainResult, chosen=None, callbacks: list | None = None) -> None:
     """The loop, then the final adapter, written once (no checkpoint is taken at the last step)."""
     from lora_cli import tasks
 
@@ -412,7 +438,8 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     guard = RunGuard(console)
     saver = AtomicCheckpoints(output_dir, recipe.train.save_total_limit)
     carried = ckpt.loss_window(checkpoint) if checkpoint is not None else None
-    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard, saver], carried)
+    trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard, saver, *(callbacks or [])],
+                             carried, chosen)
     guard.trainer = saver.trainer = trainer
     try:
         with guard.catching_signals():

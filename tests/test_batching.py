@@ -241,3 +241,89 @@ def test_a_model_not_masking_by_position_ids_trains_length_grouped(tmp_path, cli
     assert r.code == 0, r
     assert "(from train.tokens_per_batch), padded rows, length-grouped, attention sdpa" in r.out
     assert all(0 < x < 20 for x in losses(tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- kernel choice (lora_cli.kernels)
+
+def test_attention_choice_from_device_facts(tmp_path):
+    """Padding-free attention on CUDA without flash-attn: flex attention where torch has it."""
+    from lora_cli.kernels import DeviceFacts, choose_attention
+
+    gpu = DeviceFacts(cuda=True, half=True, flex_attention=True, model_flash=True, model_flex=True)
+    assert choose_attention("auto", DeviceFacts(flex_attention=True, model_flex=True)) is None  # CPU: sdpa
+    assert choose_attention("auto", gpu) == "flex_attention"
+    assert choose_attention(None, DeviceFacts(**{**gpu.__dict__, "flash_attn": True})) == "flash_attention_2"
+    fp32 = DeviceFacts(**{**gpu.__dict__, "flash_attn": True, "half": False})
+    assert choose_attention("auto", fp32) == "flex_attention"  # flash attention has no fp32 kernel; flex does
+    assert choose_attention("auto", DeviceFacts(cuda=True, half=True, flex_attention=True)) is None  # model lacks it
+    assert choose_attention("auto", DeviceFacts(cuda=True, half=True, model_flex=True)) is None  # old torch
+    assert choose_attention("eager", gpu) == "eager"  # the recipe's word wins
+    assert batch_layout(recipe(tmp_path), "flex_attention") == FLATTENED  # flattened rows, masked apart by a block mask
+
+
+def test_liger_choice_from_device_facts():
+    from lora_cli.kernels import DeviceFacts, choose_liger
+
+    assert choose_liger("auto", DeviceFacts(cuda=True, liger=True))
+    assert not choose_liger("auto", DeviceFacts(cuda=True, liger=False))
+    assert not choose_liger("auto", DeviceFacts(cuda=False, liger=True))
+    assert choose_liger("liger", DeviceFacts()) and not choose_liger("none", DeviceFacts(cuda=True, liger=True))
+    assert not choose_liger("auto", DeviceFacts(cuda=True, liger=True), causal_lm=False)  # Liger patches decoders
+
+
+def test_rows_per_pass_fit_the_free_memory_and_keep_the_step():
+    from lora_cli.kernels import choose_rows
+
+    per_row = 10 * 1024 ** 3
+
+    def per_pass(rows):
+        return rows * per_row
+
+    assert choose_rows(8, 4096, None, per_pass) is None  # no card: batching's default
+    assert choose_rows(8, 4096, 1000 * 1024 ** 3, per_pass) == 8  # never more rows than one step holds
+    assert choose_rows(8, 4096, 50 * 1024 ** 3, per_pass) == 4  # 4 x 10 GiB <= 90% of 50 GiB < 8 x 10 GiB
+    assert choose_rows(8, 4096, 50 * 1024 ** 3, per_pass, fixed_bytes=10 * 1024 ** 3) == 2
+    assert choose_rows(8, 4096, 1024 ** 3, per_pass) == 1  # nothing fits: one row at a time
+    assert choose_rows(6, 512, 1000 * 1024 ** 3, per_pass) == 2  # powers of two dividing the step
+
+
+def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random):
+    """With fake device facts: a card with room gets 8 rows per pass, a small one fewer, and
+    the rows per optimizer step stay 8; a written budget, or no CUDA, is left alone."""
+    import dataclasses
+
+    from lora_cli.adapters import add_adapter
+    from lora_cli.estimate import sized_tokens_per_batch
+    from lora_cli.kernels import DeviceFacts, RunKernels
+    from lora_cli.model import load_base_model
+    from lora_cli.train import describe_batching, training_arguments_kwargs
+
+    r = recipe(tmp_path, model={"name_or_path": str(tiny_random)}, data={"max_length": 512},
+               lora={"target_modules": "all-linear"}, train={"kernels": "none"})
+    model = add_adapter(load_base_model(r.model, device="cpu"), r)
+    roomy = DeviceFacts(cuda=True, free_bytes=80 * 1024 ** 3)
+    assert sized_tokens_per_batch(r, model, roomy) == 8 * 512
+    small = sized_tokens_per_batch(r, model, dataclasses.replace(roomy, free_bytes=60 * 1024 ** 2))
+    assert small is not None and small < 8 * 512
+    assert sized_tokens_per_batch(r, model, DeviceFacts(cuda=False, free_bytes=80 * 1024 ** 3)) is None
+    written = dataclasses.replace(r, train=dataclasses.replace(r.train, tokens_per_batch=1024))
+    assert sized_tokens_per_batch(written, model, roomy) is None
+    chosen = RunKernels(liger=False, tokens_per_batch=small, free_bytes=60 * 1024 ** 2)
+    kw = training_arguments_kwargs(r, tmp_path, {"bf16": False, "fp16": False}, False, chosen)
+    assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 8
+    assert kw["per_device_train_batch_size"] == small // 512
+    line = describe_batching(r, model, chosen)
+    assert f"token budget {small} sized from 0.1 GiB free" in line and "kernels none" in line and "attention sdpa" in line
+
+
+def test_inference_never_gets_flex_attention(tmp_path, tiny_random, monkeypatch):
+    """Training on CUDA without flash-attn asks for flex attention; generation (new shapes every
+    token, each compiled again) keeps transformers' default."""
+    from lora_cli import kernels, model
+    from lora_cli.model import resolve_attn_implementation
+
+    monkeypatch.setattr(model, "device_facts", lambda cfg, free=None: kernels.DeviceFacts(
+        cuda=True, half=True, flex_attention=True, model_flex=True))
+    cfg = recipe(tmp_path, model={"name_or_path": str(tiny_random)}).model
+    assert resolve_attn_implementation(cfg, training=True) == "flex_attention"
+    assert resolve_attn_implementation(cfg) is None

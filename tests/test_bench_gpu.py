@@ -39,20 +39,67 @@ def test_flop_formula_counts_the_models_own_linear_and_lora_weights(bench_gpu, t
     assert bench_gpu.training_flops(config, 16, [10, 20]) == expected
 
 
-def test_runs_end_to_end_on_cpu_at_toy_size(bench_gpu, tmp_path, capsys):
-    out = tmp_path / "out"
-    code = bench_gpu.main(["--shapes", "toy", "--seq", "32", "--steps", "1", "--no-warmup",
-                           "--variants", "source,defaults,packing,qlora,liger",
-                           "--work", str(tmp_path / "work"), "--out", str(out)])
+def test_runs_end_to_end_on_cpu_at_toy_size(bench_gpu, tmp_path):
+    """Each variant in its own process; every step timed, the first reported apart; the
+    attention kernel really run and lora's batches line recorded; the table written into a doc."""
+    import os
+
+    out, doc = tmp_path / "out", tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nbefore\n\n" + bench_gpu.DOC_BEGIN + "\nold table\n" + bench_gpu.DOC_END
+                   + "\n\nafter\n", encoding="utf-8")
+    code = bench_gpu.main(["--shapes", "toy:32", "--steps", "3", "--warmup-steps", "1",
+                           "--variants", "source,defaults,qlora,liger", "--work", str(tmp_path / "work"),
+                           "--out", str(out), "--doc", str(doc)])
     assert code == 0
     records = {r["variant"]: r for r in json.loads((out / "bench_gpu.json").read_text())["records"]}
-    assert list(records) == ["source", "defaults", "packing", "qlora", "liger"]
-    for name in ("source", "defaults", "packing"):
+    assert list(records) == ["source", "defaults", "qlora", "liger"]
+    for name in ("source", "defaults"):
         r = records[name]
+        assert len(r["step_s"]) == 3 and r["warmup_steps"] == 1 and r["steady_steps"] == 2, r
+        assert r["steady_s"] == pytest.approx(sum(r["step_s"][1:]), abs=1e-3)
         assert r["tokens"] > r["supervised_tokens"] > 0 and r["tokens_per_s"] > 0, r
         assert r["estimate_bytes"] > 0 and r["model_tflops"] > 0
         assert r["mfu"] is None and r["peak_bytes"] is None  # a CPU has neither figure
-    assert records["defaults"]["tokens"] == records["packing"]["tokens"]  # the same rows, split back out of packs
+        assert r["attention"] == "sdpa" and r["startup_s"] > 0
+    assert records["source"]["pid"] != records["defaults"]["pid"] != os.getpid()
+    assert "attention sdpa" in records["defaults"]["batches"] and "kernels none" in records["defaults"]["batches"]
     assert "CUDA" in records["qlora"]["skipped"] and "CUDA" in records["liger"]["skipped"]
     table = (out / "bench_gpu.md").read_text()
-    assert "| toy | defaults |" in table and "skipped: Liger's Triton kernels need a CUDA GPU" in table
+    assert "| toy | 32 | defaults |" in table and "skipped: Liger's Triton kernels need a CUDA GPU" in table
+    written = doc.read_text()
+    assert table in written and "old table" not in written
+    assert written.startswith("# Benchmarks\n\nbefore\n") and written.endswith("\nafter\n")
+
+
+def test_steps_are_counted_from_the_batches_themselves(bench_gpu):
+    """Flattened rows split where positions restart; padded rows cut at their mask."""
+    import torch
+
+    flat = {"input_ids": torch.ones(1, 7, dtype=torch.long), "attention_mask": None,
+            "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]]), "labels": torch.tensor([[-100, 5, 5, -100, 5, 5, 5]])}
+    padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+              "position_ids": None, "labels": torch.tensor([[-100, 5, 5, 5], [5, -100, -100, -100]])}
+    assert bench_gpu._count([flat]) == ([3, 2, 2], 5)
+    assert bench_gpu._count([padded]) == ([4, 2], 4)
+    warm, rest = bench_gpu.steady([{"s": 9.0}, {"s": 1.0}, {"s": 1.1}], 2)
+    assert [s["s"] for s in warm] == [9.0, 1.0] and [s["s"] for s in rest] == [1.1]
+    assert bench_gpu.steady([{"s": 9.0}], 3) == ([], [{"s": 9.0}])  # one step: it is all there is
+
+
+def test_gpu_check_script_runs_the_user_path_and_the_table(bench_gpu, tmp_path, tiny_base):
+    """bench/gpu_check.sh at toy size on CPU (GPU_CHECK_TOY=1): train, generate, merge, QLoRA
+    (skipped without CUDA), estimate, then the table into the doc it is given."""
+    import os
+    import subprocess
+
+    repo = BENCH.parents[1]
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n", encoding="utf-8")
+    env = {**os.environ, "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_DOC": str(doc),
+           "GPU_CHECK_TINY": str(tiny_base), "PY": sys.executable}
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("train: ok", "generate: ok", "merge: ok", "estimate: ok", "qlora: skipped"):
+        assert step in done.stdout, (step, done.stdout[-3000:])
+    assert bench_gpu.DOC_BEGIN in doc.read_text() and "| toy | 32 | defaults |" in doc.read_text()
