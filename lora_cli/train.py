@@ -307,6 +307,8 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     checkpoint = resume_point(recipe, resume) if resume is not None else None
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
+    if not dry_run and is_main_process():
+        ownership.check_writable(output_dir / RECIPE_FILE, "output_dir")  # a read-only disk: now, not mid-run
     precision = preflight.check_before_loading(recipe)  # fail in seconds, before loading anything
 
     from transformers import set_seed
@@ -351,7 +353,8 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     lock = ownership.FolderLock(output_dir)
     try:
-        _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
+        with ownership.turning_disk_errors(output_dir, "output_dir"):
+            _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
         if checkpoint is not None:
             console.print(f"[bold]resume[/]  from {checkpoint}")
         _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result)
@@ -378,9 +381,19 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     try:
         with guard.catching_signals():
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except (OSError, RuntimeError) as e:
-        saver.raise_if_save_failed(e, resume_cmd)
+    except LoraError:
         raise
+    except Exception as e:  # a library's own error type may carry a full or read-only disk
+        fault = ownership.disk_fault(output_dir / METRICS_FILE, e)
+        if isinstance(e, (OSError, RuntimeError)) or fault is not None:
+            saver.raise_if_save_failed(e, resume_cmd)
+        if fault is None:
+            raise
+        last = ckpt.newest_complete(output_dir)
+        raise TrainingStopped(f"could not write to {output_dir}: {ownership.fault_text(fault)}"
+                              + (f"; {last} is intact" if last else ""),
+                              f"free disk space or fix the folder, then {resume_cmd}" if last else
+                              "free disk space or fix the folder, then start again with --overwrite") from None
     finally:
         progress.close()
     guard.raise_if_stopped(output_dir, resume_cmd)
@@ -421,8 +434,9 @@ def _write_plot(console: Console, output_dir: Path) -> None:
     except ImportError:
         console.print("loss curve skipped: matplotlib is not installed (pip install matplotlib)")
         return
-    ownership.claim(output_dir, "train", [PLOT_FILE])
-    written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
+    with ownership.turning_disk_errors(output_dir / PLOT_FILE, "output_dir"):
+        ownership.claim(output_dir, "train", [PLOT_FILE])
+        written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
     if written:
         console.print(f"[bold]curve[/]   {written}")
 
