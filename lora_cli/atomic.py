@@ -74,6 +74,26 @@ def is_abandoned(path: Path) -> bool:
         os.close(fd)
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing folders on the way to `path`; return them, deepest first, so a
+    failed write can remove what it created and leave nothing behind."""
+    missing = []
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there meanwhile) or gone: leave it
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     try:
@@ -155,7 +175,7 @@ def staged_file(path: Path):
     is flushed and renamed onto `path`, otherwise it is removed. The staged file exists (empty)
     when the block starts, held by this process (`is_abandoned`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     tmp = _sibling(path, STAGED_PREFIX)
     fd = None
     try:
@@ -167,6 +187,7 @@ def staged_file(path: Path):
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     finally:
         _release(fd)
@@ -219,7 +240,7 @@ def staged_folder(target: Path, *, replace: bool = False):
     becomes `target` (replacing an existing one only with `replace`). On error it is removed.
     The staged folder is held by this process while it is filled (`is_abandoned`)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(target)
     staging = _sibling(target, STAGED_PREFIX)
     staging.mkdir()
     fd = _hold(staging)
@@ -228,6 +249,7 @@ def staged_folder(target: Path, *, replace: bool = False):
         publish_folder(staging, target, replace=replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
         raise
     finally:
         _release(fd)

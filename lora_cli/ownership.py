@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -264,11 +265,18 @@ def write_error(out: Path, error: OSError, flag: str = "--out") -> LoraError:
                      f"free space or fix the permissions (or choose another {flag}), then run the command again")
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error prints an OS error
+_PROBE_BYTES = 1 << 20
+_NEARLY_FULL = 16 << 20
+
+
 def disk_fault(out: Path, error: BaseException) -> OSError | None:
     """The OSError behind `error` raised while writing `out`, whatever library raised it:
-    the error itself or one it was raised from; else, for a library's own error type
-    (safetensors, gguf, torch wrap the OS error in theirs), what writing a probe beside `out`
-    says now (a full or read-only disk fails it the same way). None: not a disk fault."""
+    the error itself or one it was raised from; the OS error a Rust library (safetensors,
+    tokenizers) reports in its own error type, in the form Rust's io::Error prints; else what
+    the disk says now: a probe written beside `out` fails as the library's write did (a full,
+    read-only or forbidden folder), or the disk has next to no space left. None: not a disk
+    fault. Call it before the partial output is removed, so a full disk is still full."""
     seen = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno is not None:
@@ -276,15 +284,28 @@ def disk_fault(out: Path, error: BaseException) -> OSError | None:
         seen = seen.__cause__ or seen.__context__
     if not isinstance(error, Exception):
         return None  # Ctrl-C, SystemExit: not a write failure
-    probe = atomic._sibling(Path(out), atomic.STAGED_PREFIX)
+    found = _RUST_OS_ERROR.search(str(error))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), str(out))
+    return _probe(Path(out))
+
+
+def _probe(out: Path) -> OSError | None:
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    probe = atomic._sibling(folder / out.name, atomic.STAGED_PREFIX)
     try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
-            f.write(b"\0" * 65536)
+            f.write(b"\0" * _PROBE_BYTES)
             f.flush()
             os.fsync(f.fileno())
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
     except OSError as e:
-        return e
+        return OSError(e.errno, e.strerror, str(out))
     finally:
         try:
             probe.unlink()
@@ -313,9 +334,10 @@ def writing_file(out: Path, command: str, flag: str = "--out"):
     """Yield a staged path for `out` (atomic.staged_file); on success the file is claimed for
     `command` and renamed onto `out`. Call check_output first."""
     out = Path(out)
-    with turning_disk_errors(out, flag):
+    with turning_disk_errors(out, flag):  # the staging itself: its fsync, rename, the claim
         with atomic.staged_file(out) as tmp:
-            yield tmp
+            with turning_disk_errors(out, flag):  # the writer, judged while its partial file is there
+                yield tmp
             claim_file(tmp, out, command)
         settle_file(out)
 
@@ -333,9 +355,10 @@ def writing_folder(out: Path, command: str, force: bool, flag: str = "--out"):
     read-only file system or a folder that went away while writing is exit 2, not a crash.
     Call check_output(..., folder=True) first."""
     out = Path(out)
-    with turning_disk_errors(out, flag):
+    with turning_disk_errors(out, flag):  # the staging itself: its fsync, renames, the claim
         with atomic.staged_folder(out, replace=True) as staging:
-            yield staging
+            with turning_disk_errors(out, flag):  # the writers, judged while their partial files are there
+                yield staging
             claim_all(staging, command)
             # again: the folder may have appeared or changed meanwhile
             if out.exists() and not force and not (out.is_dir() and is_empty(out)):

@@ -407,7 +407,7 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
             save_final_adapter(model, output_dir)
         except OSError as e:
             last = ckpt.newest_complete(output_dir)
-            raise TrainingStopped(f"could not write the final adapter to {output_dir}: {e}; nothing partial was "
+            raise TrainingStopped(f"could not write the final adapter to {output_dir}: {ownership.fault_text(e)}; nothing partial was "
                                   f"left" + (f", and {last} is intact" if last else ""),
                                   f"free disk space, then {resume_cmd}" if last else
                                   "free disk space, then start again with --overwrite") from None
@@ -422,6 +422,11 @@ def save_final_adapter(model, output_dir: Path) -> None:
     try:
         model.save_pretrained(staged, safe_serialization=True)
         install_files(staged, output_dir, last=ckpt.FINAL_ADAPTER)
+    except Exception as e:  # safetensors reports a full disk in its own error type
+        fault = ownership.disk_fault(staged / ckpt.ADAPTER_WEIGHTS, e)  # judged before the partial files go
+        if fault is None:
+            raise
+        raise fault from None
     finally:
         shutil.rmtree(ckpt.staging_dir(output_dir), ignore_errors=True)
 
