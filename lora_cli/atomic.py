@@ -229,8 +229,10 @@ def publish_folder(staged: Path, target: Path, *, replace: bool = False) -> Path
         raise
     finally:
         _release(held)
-    if old is not None:
-        remove_tree(old)
+    if old is not None:  # as trash of the target's name, so its recover finds a half-deleted one
+        trash = _sibling(target, TRASH_PREFIX)
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return target
 
 

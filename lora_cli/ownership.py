@@ -211,6 +211,7 @@ def check_output(out: Path, command: str, *, force: bool, inputs: list, flag: st
     - the folder it goes into must be writable (a read-only disk is named now, not mid-write)."""
     out = Path(out)
     atomic.recover(out)
+    atomic.recover(out.parent / OWNER_FILE)  # a claim being rewritten when a writer was killed
     check_not_inputs(out, inputs, flag)
     if folder and out.is_dir() and not out.is_symlink() and is_empty(out):
         pass  # nothing in it to lose
@@ -235,6 +236,9 @@ def _check_file_replaceable(out: Path, command: str, flag: str) -> None:
         raise LoraError(f"--force refused: {out} {why}", f"choose another {flag}, or move that file away yourself")
 
 
+_PROBE = "probe"  # staged as .lora-staged-probe.PID-TOKEN: a leftover of it is lora's own
+
+
 def check_writable(out: Path, flag: str = "--out") -> None:
     """The nearest existing folder on the way to `out` accepts a new entry (where `out`, or
     its staged copy, will be created)."""
@@ -243,8 +247,9 @@ def check_writable(out: Path, flag: str = "--out") -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise LoraError(f"{flag} {out}: {parent} is not a folder", f"choose another {flag}")
+    atomic.recover(parent / _PROBE)  # a probe of a command killed while it probed
     try:
-        probe = atomic._sibling(parent / "probe", atomic.STAGED_PREFIX)
+        probe = atomic._sibling(parent / _PROBE, atomic.STAGED_PREFIX)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
     except OSError as e:
