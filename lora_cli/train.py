@@ -307,8 +307,6 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     checkpoint = resume_point(recipe, resume) if resume is not None else None
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
-    if not dry_run and is_main_process():
-        ownership.check_writable(output_dir / RECIPE_FILE, "output_dir")  # a read-only disk: now, not mid-run
     precision = preflight.check_before_loading(recipe)  # fail in seconds, before loading anything
 
     from transformers import set_seed
