@@ -4,7 +4,11 @@ A file or folder is staged beside its target (same filesystem, so the final rena
 flushed to disk (the files, then the folders holding them), and only then renamed into place.
 Any failure (full disk, kill, an exception half-way) removes the staged copy and leaves the
 target as it was. Checkpoints, merged models, exported adapters, data caches, recipes,
-metrics, plots and answer files all go through here, so they share one set of rules."""
+metrics, plots and answer files all go through here, so they share one set of rules.
+
+A kill -9 runs no clean-up, so a writer holds an flock on what it stages (and on an output it
+is replacing) while it works: `recover` tells a dead writer's leftovers from a live one's, puts
+back an output killed between the two renames of its replacement, and drops the rest."""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ ASIDE_PREFIX = ".lora-aside-"    # a replaced folder, moved aside until its succ
 LEFTOVER_PREFIXES = (STAGED_PREFIX, TRASH_PREFIX, ASIDE_PREFIX)
 
 
-def _sibling(target: Path, prefix: str) -> Path:
+def sibling_name(target: Path, prefix: str) -> Path:
     """A name beside `target` that no other writer shares, not even another thread of this
     process: prefix + target's name + PID + random token, ending in target's suffix (writers
     such as matplotlib pick the format from it)."""
@@ -130,7 +134,7 @@ def remove_tree(path: Path) -> None:
     """Delete a folder so that an interruption cannot leave a half-deleted one under its name
     (which could still look complete): rename it aside first, then delete."""
     path = Path(path)
-    trash = _sibling(path, TRASH_PREFIX)
+    trash = sibling_name(path, TRASH_PREFIX)
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -176,7 +180,7 @@ def staged_file(path: Path):
     when the block starts, held by this process (`is_abandoned`)."""
     path = Path(path)
     created = _make_parents(path)
-    tmp = _sibling(path, STAGED_PREFIX)
+    tmp = sibling_name(path, STAGED_PREFIX)
     fd = None
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -217,7 +221,7 @@ def publish_folder(staged: Path, target: Path, *, replace: bool = False) -> Path
         if not replace:
             raise FileExistsError(17, "already exists", str(target))
         held = _hold(target)
-        old = _sibling(target, ASIDE_PREFIX)
+        old = sibling_name(target, ASIDE_PREFIX)
     try:
         if old is not None:
             os.rename(target, old)
@@ -230,7 +234,7 @@ def publish_folder(staged: Path, target: Path, *, replace: bool = False) -> Path
     finally:
         _release(held)
     if old is not None:  # as trash of the target's name, so its recover finds a half-deleted one
-        trash = _sibling(target, TRASH_PREFIX)
+        trash = sibling_name(target, TRASH_PREFIX)
         os.rename(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return target
@@ -243,7 +247,7 @@ def staged_folder(target: Path, *, replace: bool = False):
     The staged folder is held by this process while it is filled (`is_abandoned`)."""
     target = Path(target)
     created = _make_parents(target)
-    staging = _sibling(target, STAGED_PREFIX)
+    staging = sibling_name(target, STAGED_PREFIX)
     staging.mkdir()
     fd = _hold(staging)
     try:

@@ -1,4 +1,10 @@
-"""Which folders lora may replace, and one run per folder.
+"""Which folders and files lora may replace, the one output check, and one run per folder.
+
+`check_output` is the check every command runs on the path it writes, before any work (inputs
+apart, --force only over its own output, a writable folder, a killed writer's leftovers
+recovered); `writing_file` / `writing_folder` write it whole, claim it, and turn a full,
+read-only or forbidden disk into exit 2 naming the path. A single file is claimed in the
+OWNER_FILE of the folder it sits in (`outputs`: command and identity).
 
 Every folder a command writes (a training run, a merged model, an exported adapter, a tiny
 base) carries OWNER_FILE: the command that wrote it and every file it wrote. `--overwrite` and
@@ -249,7 +255,7 @@ def check_writable(out: Path, flag: str = "--out") -> None:
         raise LoraError(f"{flag} {out}: {parent} is not a folder", f"choose another {flag}")
     atomic.recover(parent / _PROBE)  # a probe of a command killed while it probed
     try:
-        probe = atomic._sibling(parent / _PROBE, atomic.STAGED_PREFIX)
+        probe = atomic.sibling_name(parent / _PROBE, atomic.STAGED_PREFIX)
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
     except OSError as e:
@@ -300,7 +306,7 @@ def _probe(out: Path) -> OSError | None:
     folder = out.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    probe = atomic._sibling(folder / out.name, atomic.STAGED_PREFIX)
+    probe = atomic.sibling_name(folder / out.name, atomic.STAGED_PREFIX)
     try:
         with open(probe, "wb") as f:
             f.write(b"\0" * _PROBE_BYTES)

@@ -134,9 +134,9 @@ def test_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path):
     """The window named in the issue: target moved aside, the new copy not yet renamed in."""
     out = tmp_path / "merged"
     _write(out, "folder", "old")
-    staged = atomic._sibling(out, atomic.STAGED_PREFIX)
+    staged = atomic.sibling_name(out, atomic.STAGED_PREFIX)
     shutil.copytree(out, staged)
-    os.rename(out, atomic._sibling(out, ".lora-aside-"))  # what the killed process had done
+    os.rename(out, atomic.sibling_name(out, ".lora-aside-"))  # what the killed process had done
     assert not out.exists() and len(_hidden(tmp_path)) == 2
     ownership.check_output(out, "merge", force=True, inputs=[], folder=True)
     assert _version(out, "folder") == "old" and not _hidden(tmp_path)
