@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY := models/tiny-llama
 
-.PHONY: setup demo test bench gpu-check tiny clean lock test-latest test-floors
+.PHONY: setup demo test bench gpu-check fuzz tiny clean lock test-latest test-floors
 
 setup: $(VENV)/.installed
 
@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 tiny: setup
-	$(VENV)/bin/lora build-tiny --out $(TINY) --data data/demo.jsonl
-	$(VENV)/bin/lora build-tiny --arch bert --out models/tiny-bert --data data/classify_demo.jsonl
-	$(VENV)/bin/lora build-tiny --arch t5 --out models/tiny-t5 --data data/seq2seq_demo.jsonl
+	$(VENV)/bin/lora build-tiny --force --out $(TINY) --data data/demo.jsonl
+	$(VENV)/bin/lora build-tiny --force --arch bert --out models/tiny-bert --data data/classify_demo.jsonl
+	$(VENV)/bin/lora build-tiny --force --arch t5 --out models/tiny-t5 --data data/seq2seq_demo.jsonl
 
 demo: setup
 	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny
@@ -32,6 +32,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Property-based tests at scale (tests/test_properties.py): 10,000 generated recipes, --set values,
+# data files and server requests per property, outside the normal suite (which runs a few dozen each).
+FUZZ_EXAMPLES ?= 10000
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz LORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_properties.py
 
 bench: setup
 	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from lora_cli.atomic import staged_file
+from lora_cli import ownership
 from lora_cli.errors import LoraError
 from lora_cli.methods import RANKED, for_peft_type
 
@@ -278,8 +278,9 @@ def plot_analysis(a: AdapterAnalysis, out: Path) -> Path | None:
     bottom.set_xticks(x, labels, rotation=90, fontsize="small")
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(Path(out)) as tmp:  # a reader never sees half a PNG
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        with ownership.writing_file(out, "analyze", "--plot") as tmp:  # a reader never sees half a PNG
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out

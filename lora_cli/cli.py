@@ -16,7 +16,7 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import atomic, libraries, ownership
+from lora_cli import libraries, ownership
 from lora_cli.errors import LoraError
 from lora_cli.inputs import check_adapter_name, clip_lines
 
@@ -113,6 +113,21 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
     return adapters
 
 
+def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str, str]]:
+    """The folders an adapter command reads, for the output check: each adapter, the base it
+    names and --base. A damaged adapter is left to the loader to refuse."""
+    from lora_cli.model import read_adapter
+
+    inputs: list[tuple[str, str]] = [("base model (--base)", base)] if base else []
+    for name, path in adapters.items():
+        inputs.append((f"adapter {name}", path))
+        try:
+            inputs.append((f"base model of adapter {name}", read_adapter(path).base))
+        except LoraError:
+            pass
+    return inputs
+
+
 def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
     from lora_cli.infer import GenerationSettings
 
@@ -179,11 +194,8 @@ def generate(
         raise LoraError("give one instruction or --file PROMPTS, not both and not neither",
                         'lora generate --adapter runs/demo "..."  or  lora generate --adapter runs/demo --file prompts.jsonl')
     if out is not None:
-        ownership.check_not_inputs(out, [("prompt file (--file)", file)], "--out")
-        if out.is_dir():
-            raise LoraError(f"--out {out} is a folder", "give a file name, e.g. --out answers.jsonl")
-        if out.exists() and not force:
-            raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+        ownership.check_output(out, "generate", force=force, inputs=[
+            ("prompt file (--file)", file), ("tools file (--tools)", tools), *adapter_inputs(parse_adapters(adapter), base)])
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
     from lora_cli.infer import generate_rows
 
@@ -194,7 +206,7 @@ def generate(
         variants = {name: (name, template or info.template) for name, info in infos.items()}
     rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
     if out is not None:
-        atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "generate")
         console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
     elif len(rows) == 1:
         print(rows[0]["response"])
@@ -305,8 +317,8 @@ def predict(
 
     from lora_cli.tasks import refuse_unless
 
-    if out.exists() and not force:
-        raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
+    ownership.check_output(out, "predict", force=force,
+                           inputs=[("rows (--file)", file), *adapter_inputs({"adapter": adapter}, base)])
     refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", "use lora generate --adapter DIR")
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
@@ -315,10 +327,7 @@ def predict(
     info = infos["adapter"]
     labels = list(info.model_section["labels"])
     rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)  # whole or not at all
+    ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "predict")
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
         console.print("  " + line, highlight=False, markup=False)
@@ -394,6 +403,7 @@ def sweep(
     set_: SetOption = None,
     threshold: Annotated[float, typer.Option("--threshold", help="Knee: the smallest rank after which doubling improves the loss by less than this share.")] = 0.02,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG of loss and parameters against rank (default: output_dir/sweep.png).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora sweep` wrote it.")] = False,
 ):
     """Train the recipe at several ranks (output_dir/r{rank}) and find the knee; reruns skip finished ranks."""
     from lora_cli.recipe import load_recipe
@@ -403,7 +413,8 @@ def sweep(
     r = load_recipe(recipe, set_ or [])
     from lora_cli.sweep import print_sweep, run_sweep
 
-    print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, console=console), console)
+    print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, force=force, recipe_path=recipe,
+                          console=console), console)
 
 
 @app.command()
@@ -412,11 +423,15 @@ def analyze(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a per-module PNG of effective ranks and update norms.")] = None,
     base: BaseOption = None,
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip loading the base (no ||dW|| / ||W|| column).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora analyze` wrote it.")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
     from lora_cli.analyze import analyze_adapter, plot_analysis, print_analysis
 
+    if plot is not None:  # before the work: the plot may not replace what the analysis reads
+        ownership.check_output(plot, "analyze", force=force, flag="--plot",
+                               inputs=adapter_inputs({"adapter": str(adapter)}, base))
     result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
     print_analysis(result, console)
     if plot is not None:
@@ -430,6 +445,7 @@ def build_tiny(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Pre-training steps.")] = 300,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     arch: Annotated[str, typer.Option("--arch", help="llama (causal_lm), bert (classification), t5 or bart (seq2seq).")] = "llama",
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier build-tiny wrote it.")] = False,
 ):
     """Build a tiny offline base: the Llama the demo and tests use, or a BERT, T5 or BART shape."""
     from lora_cli.tiny_encoders import ARCHS
@@ -439,11 +455,12 @@ def build_tiny(
     if arch == "llama":
         from lora_cli.tiny import build_tiny_model
 
-        build_tiny_model(out, data, steps=steps, seed=seed, log=console.print)
+        build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
         return
     from lora_cli.tiny_encoders import build_tiny_encoder_model
 
-    build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, log=console.print)
+    build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, force=force,
+                             log=console.print)
 
 
 @app.command("recipe-keys")

@@ -10,28 +10,28 @@ architecture, the query/key row order llama.cpp's rotary layout expects for Llam
 tokenizer's pre-tokenizer name, and the chat template, generated from the one template
 definition in template.py so that llama.cpp and Ollama render the text training rendered.
 
-Every file is written beside its target under a temporary name and renamed into place, so a
-failure (a full disk included) leaves nothing half-written; an existing target is replaced only
-with --force and only when it carries the mark `lora export` writes into every file it makes.
+--out is checked and written through lora_cli.ownership (check_output, writing_file,
+writing_folder): staged beside its target and renamed into place, so a failure (a full disk
+included) leaves nothing half-written; an existing target is replaced only with --force and only
+when `lora export` wrote it (its file claim, or the folder's claim for an Ollama folder).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
 import shlex
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_cli import ownership
 from lora_cli.errors import LoraError
 from lora_cli.template import jinja_chat_template
 
 FORMATS = ("gguf", "gguf-adapter", "ollama")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-OWNER_KEY = "lora_cli.export.written_by"  # GGUF metadata: the proof that `lora export` wrote a file
+OWNER_KEY = "lora_cli.export.written_by"  # GGUF metadata naming the writer (ownership is the file claim)
 OWNER_VALUE = "lora export"
 MODELFILE_HEADER = "# Written by `lora export --format ollama`."
 OLLAMA_GGUF = "model.gguf"
@@ -120,61 +120,6 @@ def modelfile(spec, eos_token: str, gguf_name: str = OLLAMA_GGUF) -> str:
         lines.append(f'SYSTEM """{spec.system_prompt}"""')
     lines.append(f"PARAMETER stop {json.dumps(eos_token, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- safe writing
-
-def _is_our_gguf(path: Path) -> bool:
-    gguf = _gguf()
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception:  # not a GGUF file at all (any parse error): not ours
-        return False
-    field = reader.get_field(OWNER_KEY)
-    return field is not None and field.contents() == OWNER_VALUE
-
-
-def check_replaceable(out: Path, force: bool) -> None:
-    """An existing --out is replaced only with --force, and only when `lora export` wrote it."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
-    if out.is_file() and not out.is_symlink() and _is_our_gguf(out):
-        return
-    if out.is_dir() and not out.is_symlink() and _is_our_ollama_folder(out):
-        return
-    raise LoraError(f"--out {out} exists and was not written by `lora export`, so --force will not replace it",
-                    "choose another --out, or move that file away yourself")
-
-
-def _is_our_ollama_folder(folder: Path) -> bool:
-    names = {p.name for p in folder.iterdir()}
-    if names != {"Modelfile", OLLAMA_GGUF}:
-        return False
-    head = (folder / "Modelfile").read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
-    return head == MODELFILE_HEADER and _is_our_gguf(folder / OLLAMA_GGUF)
-
-
-@contextmanager
-def staged_path(out: Path, *, folder: bool = False):
-    """Yield a staging sibling of `out` from the one atomic-write helper (atomic.staged_file /
-    atomic.staged_folder): renamed over `out` on success, removed on any error. A full disk
-    becomes a LoraError. A folder is replaced only after check_replaceable proved it ours."""
-    from lora_cli import atomic
-
-    try:
-        if folder:
-            with atomic.staged_folder(out, replace=True) as tmp:
-                yield tmp
-        else:
-            with atomic.staged_file(out) as tmp:
-                yield tmp
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise LoraError(f"no space left on the disk of {out.parent} while writing {out.name}; nothing was written",
-                            "free some space or choose another --out") from None
-        raise
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -345,18 +290,28 @@ def _finish(writer) -> None:
 
 # --------------------------------------------------------------------------- the formats
 
-def _merged(adapter_dir, out: Path, dtype: str, force: bool, base, log):
+def check_out(out: Path, info, base, force: bool, *, folder: bool = False) -> None:
+    """The one output check (lora_cli.ownership.check_output), with this command's inputs."""
+    from lora_cli import ownership
+    from lora_cli.model import inference_model_config
+
+    base_path = inference_model_config(info, base, quantization="none").name_or_path
+    ownership.check_output(out, "export", force=force, folder=folder,
+                           inputs=[("adapter", info.path), ("base model", base_path)])
+
+
+def _merged(adapter_dir, out: Path, dtype: str, force: bool, base, log, *, folder: bool = False):
     """(info, merged float32 model, tokenizer, tokenizer folder): the merge `lora merge` does.
-    The dtype, the output, the adapter and the base's architecture are checked first, before
+    The dtype, the adapter, the output and the base's architecture are checked first, before
     the slow part."""
     from lora_cli.merge import check_mergeable, merged_model
     from lora_cli.inputs import verify_adapter
     from lora_cli.model import load_tokenizer
 
     _check_dtype(dtype)
-    check_replaceable(out, force)
     info = verify_adapter(adapter_dir)
     check_mergeable(info)
+    check_out(out, info, base, force, folder=folder)
     _base_config(info, base)
     info, model, model_cfg = merged_model(adapter_dir, base=base, log=log)
     tokenizer_dir = info.path if (info.path / "tokenizer_config.json").is_file() else Path(model_cfg.name_or_path)
@@ -393,7 +348,7 @@ def export_gguf(adapter_dir, out, *, dtype: str = "f16", force: bool = False, ba
     """The adapter merged into its full-precision base, as one GGUF file."""
     out = Path(out)
     info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, out, dtype, force, base, log)
-    with staged_path(out) as tmp:
+    with ownership.writing_file(out, "export") as tmp:
         write_merged_gguf(tmp, model, tokenizer, tokenizer_dir, info.template, dtype, _display_name(info))
     log(f"GGUF ({dtype}, {_size(out)}) written to {out}")
     return out
@@ -403,9 +358,9 @@ def export_ollama(adapter_dir, out, *, dtype: str = "f16", force: bool = False, 
                   log=print) -> Path:
     """A folder Ollama imports: the merged GGUF and a Modelfile reproducing the training template."""
     out = Path(out)
-    info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, out, dtype, force, base, log)
+    info, model, tokenizer, tokenizer_dir = _merged(adapter_dir, out, dtype, force, base, log, folder=True)
     text = modelfile(info.template, tokenizer.eos_token)  # refuses chat_template before writing anything
-    with staged_path(out, folder=True) as tmp:
+    with ownership.writing_folder(out, "export", force) as tmp:
         write_merged_gguf(tmp / OLLAMA_GGUF, model, tokenizer, tokenizer_dir, info.template, dtype, _display_name(info))
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
     name = re.sub(r"[^a-z0-9._-]+", "-", out.resolve().name.lower()).strip("-") or "lora-model"
@@ -429,8 +384,8 @@ def export_gguf_adapter(adapter_dir, out, *, dtype: str = "f32", force: bool = F
     check_mergeable(info)
     alpha = _plain_lora_alpha(info)
     config = _base_config(info, base)
-    check_replaceable(out, force)
-    with staged_path(out) as tmp:
+    check_out(out, info, base, force)
+    with ownership.writing_file(out, "export") as tmp:
         write_adapter_gguf(tmp, info, config, alpha, dtype)
     log(f"GGUF LoRA adapter ({dtype}, alpha {alpha:g}, {_size(out)}) written to {out}; "
         "apply it to a GGUF of the same base (llama.cpp: --lora FILE)")

@@ -1,19 +1,18 @@
 """`lora merge` (adapter folded into a full model) and `lora save` (a clean adapter folder).
 
-Both write into a staging folder beside the target and rename it into place at the end
-(lora_cli.atomic), so a failure leaves nothing half-written; an existing target is replaced only
-with --force, and only when the same command wrote it and it holds nothing else
-(lora_cli.ownership). --out may not be, hold or sit inside the command's own inputs."""
+Both check --out and write it through lora_cli.ownership (check_output, writing_folder): a
+staging folder beside the target renamed into place at the end, so a failure leaves nothing
+half-written; an existing target is replaced only with --force, and only when the same command
+wrote it and it holds nothing else; --out may not be, hold or sit inside the command's inputs."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
-from lora_cli import atomic, ownership
+from lora_cli import ownership
 from lora_cli.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
 from lora_cli.inputs import verify_adapter
@@ -22,30 +21,6 @@ from lora_cli.model import RECIPE_FILE, find_recipe_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
-
-
-def check_out(out: Path, force: bool, command: str, inputs: list) -> None:
-    """Before any work: --out is not one of the inputs, and may be replaced if it exists."""
-    ownership.check_not_inputs(out, inputs, "--out")
-    if Path(out).exists() and not force:
-        raise LoraError(f"{out} already exists", "choose another --out, or pass --force to replace it")
-    ownership.check_replaceable(out, command, "--force")
-
-
-@contextmanager
-def staged_output(out: Path, force: bool, command: str):
-    """Yield a staging folder; on success it is claimed for `command` and replaces `out`.
-    On error `out` is untouched and the staging folder is gone. A full disk, a quota or a
-    folder that went away while writing is the user's to fix: exit 2, not a crash."""
-    out = Path(out)
-    try:
-        with atomic.staged_folder(out, replace=force) as staging:
-            yield staging
-            ownership.claim_all(staging, command)
-            ownership.check_replaceable(out, command, "--force")  # again: files may have appeared meanwhile
-    except OSError as e:
-        raise LoraError(f"writing {out} failed: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; "
-                        "nothing was written", "free space (or choose another --out) and run the command again") from None
 
 
 def check_mergeable(info) -> None:
@@ -96,10 +71,11 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
     model_cfg = inference_model_config(info, base, quantization="none", trust_remote_code=trust_remote_code)
     save_dtype = getattr(torch, dtype) if dtype else None
     tokenizer_src = info.path if (info.path / "tokenizer_config.json").is_file() else model_cfg.name_or_path
-    check_out(Path(out), force, "merge", [("adapter", info.path), ("base model", model_cfg.name_or_path),
-                                          ("tokenizer", tokenizer_src)])
+    ownership.check_output(Path(out), "merge", force=force, folder=True,
+                           inputs=[("adapter", info.path), ("base model", model_cfg.name_or_path),
+                                   ("tokenizer", tokenizer_src)])
     tokenizer = load_tokenizer(str(tokenizer_src), trust_remote_code)
-    with staged_output(Path(out), force, "merge") as staging:
+    with ownership.writing_folder(Path(out), "merge", force) as staging:
         merged = _merge_into_full_precision(info, model_cfg, tokenizer, log)
         if save_dtype is not None:
             merged = merged.to(save_dtype)
@@ -241,8 +217,9 @@ def save_adapter(source: str | Path, out: str | Path, *, force: bool = False, lo
     # gets its base's, so the exported folder always carries one.
     tokenizer_dir = next((d for d in (src, src.parent, Path(info.base)) if (d / "tokenizer_config.json").is_file()), None)
     recipe_file = find_recipe_file(src)
-    check_out(Path(out), force, "save", [("adapter", src), ("tokenizer", tokenizer_dir), ("recipe", recipe_file)])
-    with staged_output(Path(out), force, "save") as staging:
+    ownership.check_output(Path(out), "save", force=force, folder=True,
+                           inputs=[("adapter", src), ("tokenizer", tokenizer_dir), ("recipe", recipe_file)])
+    with ownership.writing_folder(Path(out), "save", force) as staging:
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             shutil.copy2(src / name, staging / name)
         for name in TOKENIZER_FILES if tokenizer_dir else ():

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lora_cli import atomic
 from lora_cli.errors import LoraError
 from lora_cli.libraries import install_hint
 from lora_cli.recipe import BITSANDBYTES_OPTIMIZERS, quantized_sharding_problems
@@ -61,7 +62,8 @@ def check_writable(output_dir: Path) -> None:
         raise LoraError(f"output_dir: {output_dir} cannot be created because {anchor} is a file",
                         "choose an output_dir whose parents are folders")
     try:
-        with tempfile.NamedTemporaryFile(dir=anchor, prefix=".lora-write-test-"):
+        # named as lora's staging, so a kill right here leaves nothing that looks like the user's
+        with tempfile.NamedTemporaryFile(dir=anchor, prefix=atomic.STAGED_PREFIX + "write-test."):
             pass
     except OSError as e:
         raise LoraError(f"output_dir: cannot write in {anchor} ({e.strerror or e})",

@@ -174,8 +174,25 @@ def find_knee(runs: list[RankRun], threshold: float) -> int | None:
 
 # --------------------------------------------------------------------------- the sweep
 
+def check_sweep_outputs(recipe: Recipe, plot: Path | None, force: bool, recipe_path: str | Path | None) -> Path:
+    """The one output check (lora_cli.ownership) for what the sweep writes besides its runs:
+    its summary and plot (the default ones in output_dir are its own to replace on a rerun; a
+    --plot elsewhere needs --force to replace a plot of an earlier sweep). None may be, hold or
+    sit inside the recipe, the base or the data. Returns the plot path."""
+    from lora_cli.formats import data_paths
+
+    inputs = [("recipe", recipe_path), ("base model (model.name_or_path)", recipe.model.name_or_path)]
+    inputs += [("training data (data.path)", p) for p in data_paths(recipe.data.path)]
+    inputs += [("validation data (data.val_path)", p) for p in data_paths(recipe.data.val_path)]
+    out = Path(recipe.output_dir)
+    ownership.check_output(out / SUMMARY_FILE, "sweep", force=True, inputs=inputs, flag="output_dir")
+    if plot is None:
+        return ownership.check_output(out / PLOT_FILE, "sweep", force=True, inputs=inputs, flag="output_dir")
+    return ownership.check_output(Path(plot), "sweep", force=force, inputs=inputs, flag="--plot")
+
+
 def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot: Path | None = None,
-              console: Console | None = None) -> SweepResult:
+              force: bool = False, recipe_path: str | Path | None = None, console: Console | None = None) -> SweepResult:
     console = console or Console()
     if not method_of(recipe).has_rank:
         raise LoraError(f"lora.method {recipe.lora.method} has no rank to sweep", f"sweep a {' or '.join(RANKED)} recipe")
@@ -184,6 +201,7 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
     from lora_cli.tasks import prepare_recipe
 
     prepare_recipe(recipe)  # e.g. a classifier's labels from the data: recorded runs compare equal on rerun
+    plot = check_sweep_outputs(recipe, plot, force, recipe_path)  # before hours of training
     plans = [rank_recipe(recipe, r) for r in ranks]
     runs: list[RankRun] = []
     for plan in plans:  # check every earlier run before training anything
@@ -207,9 +225,10 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
     runs.sort(key=lambda x: x.rank)
     result = SweepResult(runs, find_knee(runs, threshold), threshold)
     out = Path(recipe.output_dir)
-    atomic.write_text(out / SUMMARY_FILE, json.dumps(
-        {"threshold": threshold, "knee": result.knee, "runs": [dataclasses.asdict(x) for x in runs]}, indent=2))
-    result.plot = plot_sweep(result, plot or out / PLOT_FILE)
+    ownership.write_output_text(out / SUMMARY_FILE, json.dumps(
+        {"threshold": threshold, "knee": result.knee, "runs": [dataclasses.asdict(x) for x in runs]}, indent=2),
+        "sweep", "output_dir")
+    result.plot = plot_sweep(result, plot)
     return result
 
 
@@ -280,8 +299,9 @@ def plot_sweep(result: SweepResult, out: Path) -> Path | None:
                     xytext=(-4, 0), textcoords="offset points", va="top", ha="right")
     ax.set_title("rank sweep")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.staged_file(Path(out)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        with ownership.writing_file(Path(out), "sweep", "--plot") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return out

@@ -57,25 +57,30 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048):
     return fast
 
 
-MARKER = "TINY_MODEL.json"  # what build-tiny writes last; a folder without it is not ours to fill
+MARKER = "TINY_MODEL.json"  # how the model was built (data, steps, seed, final loss)
 
 
-def check_build_folder(out: Path) -> None:
-    """build-tiny writes config, weights and tokenizer files into `out`: refuse a folder that
-    already holds files unless an earlier build-tiny made it, so a user's model is never
-    overwritten."""
-    from lora_cli.errors import LoraError
+def check_build_folder(out: Path, data: str | Path, force: bool = False) -> None:
+    """The one output check (lora_cli.ownership.check_output): a new or empty folder, or with
+    --force one an earlier build-tiny wrote and nothing else touched; never the --data file."""
+    from lora_cli import ownership
 
-    if out.exists() and not out.is_dir():
-        raise LoraError(f"--out {out} is a file", "give a folder name, e.g. --out models/tiny-llama")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise LoraError(f"--out {out} already holds files that build-tiny did not write",
-                        "choose a new or empty folder (e.g. --out models/tiny-llama)")
+    ownership.check_output(Path(out), "build-tiny", force=force, folder=True, inputs=[("data (--data)", data)])
+
+
+def save_tiny(out: Path, model, tokenizer, record: dict, force: bool) -> None:
+    """Model, tokenizer and MARKER staged and renamed into place whole (lora_cli.ownership)."""
+    from lora_cli import ownership
+
+    with ownership.writing_folder(Path(out), "build-tiny", force) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps(record, indent=2))
 
 
 def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, layers: int = 2,
                      heads: int = 4, steps: int = 300, seed: int = 0, vocab_size: int = 2048,
-                     tie_word_embeddings: bool = False, log=print) -> Path:
+                     tie_word_embeddings: bool = False, force: bool = False, log=print) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,7 +88,7 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
 
     quiet_libraries()
     out = Path(out)
-    check_build_folder(out)
+    check_build_folder(out, data, force)
     torch.manual_seed(seed)
     texts = corpus_from_rows(read_rows(data))
     tokenizer = train_tokenizer(texts, vocab_size)
@@ -97,11 +102,8 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
     loss = pretrain(model, tokenizer, texts, steps=steps, seed=seed) if steps else float("nan")
     if steps:
         log(f"tiny base pre-trained for {steps} steps on {len(texts)} documents (final loss {loss:.3f})")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps(
-        {"built_by": "lora build-tiny", "data": str(data), "steps": steps, "seed": seed, "final_loss": loss}, indent=2))
+    save_tiny(out, model, tokenizer, {"built_by": "lora build-tiny", "data": str(data), "steps": steps, "seed": seed,
+                                      "final_loss": loss}, force)
     log(f"tiny base model written to {out}")
     return out
 

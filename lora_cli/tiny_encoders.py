@@ -17,10 +17,9 @@ what the adapter has to learn.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from lora_cli.tiny import MARKER, check_build_folder, optimize
+from lora_cli.tiny import check_build_folder, optimize, save_tiny
 
 ARCHS = ("llama", "bert", "t5", "bart")
 PAD = "<pad>"
@@ -71,7 +70,7 @@ def model_for(arch: str, tokenizer, *, hidden: int, layers: int, heads: int):
 
 def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hidden: int = 64, layers: int = 2,
                              heads: int = 4, steps: int | None = None, seed: int = 0, vocab_size: int = 1024,
-                             log=print) -> Path:
+                             force: bool = False, log=print) -> Path:
     import torch
 
     from lora_cli.formats import read_rows
@@ -79,7 +78,7 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
 
     quiet_libraries()
     out = Path(out)
-    check_build_folder(out)
+    check_build_folder(out, data, force)
     torch.manual_seed(seed)
     texts = texts_of_rows(read_rows(data))
     tokenizer = tokenizer_with_pad(texts, vocab_size)
@@ -90,12 +89,8 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
     if steps and model.config.is_encoder_decoder:
         loss = pretrain_seq2seq(model, tokenizer, texts, steps=steps, seed=seed)
         log(f"tiny {arch} base pre-trained for {steps} steps on {len(texts)} documents (final loss {loss:.3f})")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / MARKER).write_text(json.dumps(
-        {"built_by": f"lora build-tiny --arch {arch}", "data": str(data), "steps": steps, "seed": seed,
-         "final_loss": loss}, indent=2))
+    save_tiny(out, model, tokenizer, {"built_by": f"lora build-tiny --arch {arch}", "data": str(data), "steps": steps,
+                                      "seed": seed, "final_loss": loss}, force)
     log(f"tiny {arch} model written to {out}")
     return out
 

@@ -416,7 +416,8 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     lock = ownership.FolderLock(output_dir)
     try:
-        _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
+        with ownership.turning_disk_errors(output_dir, "output_dir"):
+            _prepare_output_dir(recipe, tokenizer, checkpoint, lock, data_record)
         if checkpoint is not None:
             console.print(f"[bold]resume[/]  from {checkpoint}")
         _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result, chosen, callbacks)
@@ -444,9 +445,19 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     try:
         with guard.catching_signals():
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except (OSError, RuntimeError) as e:
-        saver.raise_if_save_failed(e, resume_cmd)
+    except LoraError:
         raise
+    except Exception as e:  # a library's own error type may carry a full or read-only disk
+        fault = ownership.disk_fault(output_dir / METRICS_FILE, e)
+        if isinstance(e, (OSError, RuntimeError)) or fault is not None:
+            saver.raise_if_save_failed(e, resume_cmd)
+        if fault is None:
+            raise
+        last = ckpt.newest_complete(output_dir)
+        raise TrainingStopped(f"could not write to {output_dir}: {ownership.fault_text(fault)}"
+                              + (f"; {last} is intact" if last else ""),
+                              f"free disk space or fix the folder, then {resume_cmd}" if last else
+                              "free disk space or fix the folder, then start again with --overwrite") from None
     finally:
         progress.close()
     guard.raise_if_stopped(output_dir, resume_cmd)
@@ -462,7 +473,7 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
             save_final_adapter(finished_model(model), output_dir)
         except OSError as e:
             last = ckpt.newest_complete(output_dir)
-            raise TrainingStopped(f"could not write the final adapter to {output_dir}: {e}; nothing partial was "
+            raise TrainingStopped(f"could not write the final adapter to {output_dir}: {ownership.fault_text(e)}; nothing partial was "
                                   f"left" + (f", and {last} is intact" if last else ""),
                                   f"free disk space, then {resume_cmd}" if last else
                                   "free disk space, then start again with --overwrite") from None
@@ -477,6 +488,11 @@ def save_final_adapter(model, output_dir: Path) -> None:
     try:
         model.save_pretrained(staged, safe_serialization=True)
         install_files(staged, output_dir, last=ckpt.FINAL_ADAPTER)
+    except Exception as e:  # safetensors reports a full disk in its own error type
+        fault = ownership.disk_fault(staged / ckpt.ADAPTER_WEIGHTS, e)  # judged before the partial files go
+        if fault is None:
+            raise
+        raise fault from None
     finally:
         shutil.rmtree(ckpt.staging_dir(output_dir), ignore_errors=True)
 
@@ -491,8 +507,9 @@ def _write_plot(console: Console, output_dir: Path) -> None:
 
         console.print(f"loss curve skipped: matplotlib is not installed ({install_hint('plot')})")
         return
-    ownership.claim(output_dir, "train", [PLOT_FILE])
-    written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
+    with ownership.turning_disk_errors(output_dir / PLOT_FILE, "output_dir"):
+        ownership.claim(output_dir, "train", [PLOT_FILE])
+        written = plot_losses(output_dir / METRICS_FILE, output_dir / PLOT_FILE)
     if written:
         console.print(f"[bold]curve[/]   {written}")
 

@@ -443,8 +443,8 @@ def test_build_tiny_never_fills_a_folder_it_did_not_write(cli, tmp_path):
     (folder / "config.json").write_text('{"mine": true}', encoding="utf-8")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     for arch in ("llama", "bert"):
-        res = cli("build-tiny", "--out", folder, "--arch", arch, "--steps", "1")
+        res = cli("build-tiny", "--out", folder, "--arch", arch, "--steps", "1", "--force")
         assert res.code == 2, res
-        assert "already holds files that build-tiny did not write" in " ".join(res.err.split())
+        assert "was not written by `lora build-tiny`" in " ".join(res.err.split())
         assert "Traceback" not in res.err + res.out
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -364,7 +364,7 @@ def test_ollama_folder_has_gguf_and_modelfile_reproducing_the_template(tiny_rand
     res = cli("export", "--adapter", adapter, "--format", "ollama", "--out", out)
     assert res.code == 0, res
     assert f"ollama create ollama -f {out / 'Modelfile'}" in res.out
-    assert {p.name for p in out.iterdir()} == {"Modelfile", "model.gguf"}
+    assert {p.name for p in out.iterdir()} == {"Modelfile", "model.gguf", ".lora-owner.json"}
     text = (out / "Modelfile").read_text()
     assert "FROM ./model.gguf\n" in text and 'SYSTEM """Be brief."""\n' in text and 'PARAMETER stop "</s>"\n' in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
@@ -441,7 +441,7 @@ def test_existing_out_needs_force_and_force_replaces_only_our_own_file(tiny_rand
     (folder / "notes.txt").write_text("mine")
     res = cli("export", "--adapter", adapter, "--format", "ollama", "--out", folder, "--force")
     assert res.code == 2 and (folder / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "folder", "m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lora-owner.json", "adapter", "folder", "m.gguf"]
 
 
 def test_full_disk_leaves_nothing_and_keeps_the_old_file(tiny_random, tmp_path, cli, monkeypatch):
@@ -458,9 +458,9 @@ def test_full_disk_leaves_nothing_and_keeps_the_old_file(tiny_random, tmp_path, 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
     for fmt, target in (("gguf", out), ("gguf-adapter", tmp_path / "a.gguf"), ("ollama", tmp_path / "ollama")):
         res = cli("export", "--adapter", adapter, "--format", fmt, "--out", target, "--force")
-        assert res.code == 2 and "no space left" in res.err, res
+        assert res.code == 2 and "no space left" in res.err.lower() and str(target) in res.err, res
     assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lora-owner.json", "adapter", "m.gguf"]
 
 
 def test_bad_format_and_dtype(tiny_random, tmp_path, cli):
