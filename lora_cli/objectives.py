@@ -155,8 +155,8 @@ def recipe_problems(r, explicit: frozenset) -> list[str]:
     if r.data.format not in ("auto",):
         problems.append(f"data.format: train.objective {obj.name} reads preference rows (detected from the file); "
                         "remove data.format")
-    if r.train.kernels != "none":
-        problems.append(f"train.kernels: liger is not wired for train.objective {obj.name}; set train.kernels: none")
+    if r.train.kernels == "liger":  # auto never picks Liger for TRL's losses
+        problems.append(f"train.kernels: liger is not wired for train.objective {obj.name}; set train.kernels: auto or none")
     return problems
 
 
