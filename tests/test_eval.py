@@ -212,3 +212,25 @@ def test_recipe_refuses_an_unknown_eval_metric(tiny_base, tmp_path, cli):
     recipe = make_recipe(tmp_path, tiny_base, eval={"metrics": ["rouge"]})
     result = cli("check", recipe)
     assert result.code == 2 and "eval.metrics: unknown metric 'rouge'" in result.err
+
+
+# --------------------------------------------------------------------------- classification adapters
+
+def test_classification_adapter_scores_as_lora_predict_reports(tiny_bert, tmp_path, cli):
+    from conftest import CLASSIFY_DATA
+    from test_tasks import classify_recipe
+
+    recipe = classify_recipe(tmp_path, tiny_bert, train={"max_steps": 4, "batch_size": 8})
+    assert cli("train", recipe).code == 0
+    rows = write_jsonl(tmp_path / "rows.jsonl", [json.loads(line) for line in
+                                                 CLASSIFY_DATA.read_text(encoding="utf-8").splitlines()[:20]])
+    out = tmp_path / "eval"
+    result = cli("eval", "--data", rows, "-a", f"cls={tmp_path / 'run'}", "--bootstrap", "50", "--out", out)
+    assert result.code == 0, result
+    scores = json.loads((out / "eval.json").read_text(encoding="utf-8"))["candidates"][0]["metrics"]
+    assert set(scores) == {"accuracy", "macro_f1"}
+    predicted = cli("predict", "-a", tmp_path / "run", "--file", rows, "--out", tmp_path / "p.jsonl")
+    assert predicted.code == 0
+    assert f"accuracy {scores['accuracy']['value']:.3f}  macro-F1 {scores['macro_f1']['value']:.3f}" in predicted.out
+    refused = cli("eval", "--data", rows, "-a", tmp_path / "run", "--base")
+    assert refused.code == 2 and "classification adapters are compared with each other" in refused.err
