@@ -582,7 +582,7 @@ def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Met
 
 def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[list[Candidate], Asking]:
     from lora_cli.backends import TransformersBackend
-    from lora_cli.model import load_base_model, load_for_inference, load_tokenizer, local_device
+    from lora_cli.model import load_base_model, load_tokenizer, local_device
     from lora_cli.recipe import ModelConfig
     from lora_cli.template import resolve_template
 
@@ -776,13 +776,15 @@ def plot_scores(record: dict, png: Path) -> Path | None:
 
 
 def format_cell(entry: dict | None, is_baseline: bool) -> str:
+    """value, its interval, and (not for the baseline) Δ and its interval: one short line each,
+    so a column stays narrow however many metrics there are."""
     if entry is None:
         return "n/a"
-    text = f"{entry['value']:.4g} [{entry['low']:.4g}, {entry['high']:.4g}]"
+    lines = [f"{entry['value']:.4g}", f"[{entry['low']:.3g}, {entry['high']:.3g}]"]
     diff = entry.get("diff")
     if diff is not None and not is_baseline:
-        text += f"\nΔ {diff['value']:+.4g} [{diff['low']:+.4g}, {diff['high']:+.4g}]"
-    return text
+        lines += [f"Δ {diff['value']:+.3g}", f"[{diff['low']:+.3g}, {diff['high']:+.3g}]"]
+    return "\n".join(lines)
 
 
 def print_table(record: dict, console) -> None:

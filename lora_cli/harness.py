@@ -47,15 +47,13 @@ def check_tasks(manager, tasks: list[str]) -> None:
 
 
 def dataset_of(manager, task: str) -> str:
-    """The dataset a task reads, from its YAML (dataset_path and dataset_name), for refusals."""
-    try:
-        from lm_eval.utils import load_yaml_config
-
-        config = load_yaml_config(manager.task_index[task]["yaml_path"])
-    except Exception:  # a group, or a task defined in Python: name the task instead
-        return f"the dataset of task {task}"
+    """The dataset a task reads (dataset_path, dataset_name), from lm-eval's index of its YAML."""
+    entry = manager.task_index.get(task)
+    config = dict(getattr(entry, "cfg", None) or {})
+    if not config.get("dataset_path"):
+        return f"the dataset of task {task}"  # a group, or a task defined in Python
     name = config.get("dataset_name")
-    return str(config.get("dataset_path")) + (f" ({name})" if name else "")
+    return str(config["dataset_path"]) + (f" ({name})" if name else "")
 
 
 def evaluate_model(manager, tasks: list[str], model_args: dict, limit: int | None, batch_size: int, seed: int) -> dict:
