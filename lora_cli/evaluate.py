@@ -619,8 +619,8 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[lis
         _check_same_tokenizer(asking, cand.backend.tokenizer, f"--merged {folder}")
     context = max((len(ids) for ids, _ in asking.scored), default=0) + request.settings.max_new_tokens + 8
     context = max(context, max((len(p) for p in asking.prompts), default=0) + request.settings.max_new_tokens + 8)
-    for file in request.gguf:
-        candidates.append(GGUFCandidate(Path(file).stem, file, context, request.settings.seed or 0))
+    for file in request.gguf:  # a context below 512 has crashed llama.cpp's decode (segfault) in our runs
+        candidates.append(GGUFCandidate(Path(file).stem, file, max(512, context), request.settings.seed or 0))
     for url in request.endpoint:
         candidates.append(EndpointCandidate("endpoint", url, request.endpoint_model, request.api_key))
     for cand, name in zip(candidates, _unique([c.name for c in candidates])):
