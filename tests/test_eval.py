@@ -198,8 +198,11 @@ def test_train_runs_eval_metrics_on_the_validation_split(tiny_base, tmp_path):
     from lora_cli.train import run_training
 
     data = write_jsonl(tmp_path / "data.jsonl", demo_rows(16))
-    recipe = make_recipe(tmp_path, tiny_base, data, data={"val_fraction": 0.25},
+    recipe = make_recipe(tmp_path, tiny_base, data,
                          eval={"metrics": ["rouge_l", "exact_match"], "max_new_tokens": 8, "bootstrap_resamples": 50})
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw["data"]["val_fraction"] = 0.25
+    recipe.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     result = run_training(load_recipe(recipe))
     assert set(result.eval_metrics) == {"rouge_l", "exact_match"}
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
