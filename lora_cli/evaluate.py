@@ -278,13 +278,23 @@ class GGUFCandidate(Candidate):
                             "with the template the file was exported with")
 
     def answers(self, asking, settings, tick):
-        out = []
+        """llama.cpp's own logits, one token at a time (create_completion segfaulted in
+        llama.cpp's decode in our runs): argmax when greedy, else seeded softmax sampling."""
+        import numpy as np
+
+        rng = np.random.default_rng(settings.seed)
+        eos, out = self.llm.token_eos(), []
         for ids in asking.prompts:
             self.llm.reset()
-            result = self.llm.create_completion(prompt=list(ids), max_tokens=settings.max_new_tokens,
-                                                temperature=settings.temperature, top_p=settings.top_p,
-                                                seed=settings.seed, repeat_penalty=1.0)
-            out.append(result["choices"][0]["text"].strip())
+            self.llm.eval(list(ids))
+            tokens: list[int] = []
+            while len(tokens) < settings.max_new_tokens:
+                token = _pick(np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64), settings, rng)
+                if token == eos:
+                    break
+                tokens.append(token)
+                self.llm.eval([token])
+            out.append(self.llm.detokenize(tokens).decode("utf-8", "replace").strip())
             tick(1)
         return out
 
@@ -299,6 +309,18 @@ class GGUFCandidate(Candidate):
             out.append(_nll_of(logits, labels))
             tick(1)
         return out
+
+
+def _pick(logits, settings: Settings, rng) -> int:
+    import numpy as np
+
+    if settings.temperature <= 0:
+        return int(np.argmax(logits))
+    p = np.exp((logits - logits.max()) / settings.temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: int(np.searchsorted(np.cumsum(p[order]), settings.top_p) + 1)]  # nucleus
+    return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
 
 class EndpointCandidate(Candidate):
