@@ -62,7 +62,7 @@ def test_local_task_on_base_and_adapter_equals_lm_evals_own_cli(tiny_base, adapt
     for name, extra in (("base", ""), ("demo", f",peft={adapter}")):
         cli_out = tmp_path / f"lm-eval-{name}"
         subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                        f"pretrained={tiny_base},device=cpu,dtype=float32{extra}", "--tasks", "lora_demo_mc",
+                        f"pretrained={tiny_base},dtype=float32{extra}", "--device", "cpu", "--tasks", "lora_demo_mc",
                         "--include_path", str(tasks), "--output_path", str(cli_out)], check=True, capture_output=True)
         written = json.loads(next(cli_out.rglob("results*.json")).read_text(encoding="utf-8"))
         assert written["results"]["lora_demo_mc"]["acc,none"] == ours[name], name
