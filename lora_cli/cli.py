@@ -333,6 +333,81 @@ def predict(
         console.print("  " + line, highlight=False, markup=False)
 
 
+@app.command("eval")
+def eval_(
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Rows to ask (any shape training reads); the reference is each row's supervised answer.")] = None,
+    adapter: AdapterOption = None,
+    base: Annotated[bool, typer.Option("--base", help="Ask the adapters' base too (adapters switched off).")] = False,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="Base to load instead of the one the adapters name (or, alone, the model to evaluate).")] = None,
+    merged: Annotated[Optional[list[str]], typer.Option("--merged", help="A merged model folder (`lora merge --out`); repeatable.")] = None,
+    gguf: Annotated[Optional[list[str]], typer.Option("--gguf", help="A GGUF file (`lora export --format gguf`), run by llama-cpp-python; repeatable.")] = None,
+    endpoint: Annotated[Optional[list[str]], typer.Option("--endpoint", help="An OpenAI-compatible server URL (e.g. `lora serve`'s); repeatable.")] = None,
+    endpoint_model: Annotated[Optional[str], typer.Option("--endpoint-model", help="The model id to ask at --endpoint (needed when it serves several).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORA_API_KEY", help="Bearer key for --endpoint.")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (lora_cli/metrics.py) or module:function; default: all that fit.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="lm-evaluation-harness tasks (e.g. mmlu,gsm8k) run on the base and each adapter.")] = None,
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder of local lm-eval task YAML files for --tasks.")] = None,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="Candidate the differences are taken to (default: the first).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for eval.json, answers.jsonl and eval.png.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier `lora eval` wrote it.")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Ask only the first N rows.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per generate call (or concurrent endpoint requests).")] = 8,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=10, help="Bootstrap resamples for the intervals.")] = 1000,
+    template: TemplateOption = None,
+    max_new_tokens: MaxNew = 64,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+):
+    """Ask the base, adapters, merged folders, GGUF files and endpoints the same rows; one table
+    of metrics with each candidate's difference to the first and a bootstrap interval."""
+    from lora_cli.evaluate import Request, Settings
+
+    _generation_settings(max_new_tokens, temperature, top_p, 1.0, seed)  # checked, named by flag
+    if data is None and not tasks:
+        raise LoraError("lora eval needs --data FILE (the rows to ask), or --tasks for lm-eval benchmarks",
+                        "e.g. lora eval --data data/demo.jsonl --base -a runs/demo")
+    request = Request(str(data) if data else "", parse_adapters(adapter), base, base_model, list(merged or []), list(gguf or []),
+                      list(endpoint or []), endpoint_model, api_key, template,
+                      [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, baseline, limit,
+                      bootstrap, Settings(max_new_tokens, temperature, top_p, seed, batch_size))
+    if tasks:
+        from lora_cli.harness import run_tasks
+
+        record = run_tasks(request, [t.strip() for t in tasks.split(",") if t.strip()], include_path, out, force,
+                           log=console.print)
+        from lora_cli.harness import print_tasks
+
+        print_tasks(record, console)
+        return
+    from lora_cli.evaluate import print_table, run_eval
+
+    with _eval_progress() as progress:
+        record = run_eval(request, out, force, progress=progress, log=console.print)
+    print_table(record, console)
+    if out is not None:
+        console.print(f"written to {out}: eval.json, answers.jsonl, eval.png")
+
+
+def _eval_progress():
+    """A progress bar per candidate on stderr (lora's own lines), gone when done."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextmanager
+    def bars():
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err_console, transient=True) as progress:
+            def start(name: str, total: int):
+                task = progress.add_task(name, total=total)
+                return lambda n: progress.advance(task, n)
+
+            yield start
+
+    return bars()
+
+
 @app.command()
 def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to merge.")],

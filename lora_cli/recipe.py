@@ -208,11 +208,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    metrics: list[str] = key(None, "Generation metrics scored on the validation split at the end of training (lora_cli/metrics.py: loss, perplexity, exact_match, contains, rouge_l, bleu, chrf, or module:function), into metrics.jsonl and the run summary; empty = none.", factory=list)
+    max_new_tokens: int = key(64, "Most tokens generated per validation row for eval.metrics.", min=1)
+    limit: int = key(200, "Most validation rows eval.metrics answers (generation is slow); 0 = all.", min=0)
+    bootstrap_resamples: int = key(1000, "Bootstrap resamples over rows for each metric's confidence interval.", min=1)
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = key(None, "The base model.", factory=ModelConfig)
     lora: LoraConfig = key(None, "The adapter.", factory=LoraConfig)
     data: DataConfig = key(None, "The instruction data.", factory=DataConfig)
     train: TrainConfig = key(None, "Optimisation.", factory=TrainConfig)
+    eval: EvalConfig = key(None, "Generation-based evaluation at the end of training (`lora eval` does it for any candidates).", factory=EvalConfig)
     output_dir: str = key(REQUIRED, "Where checkpoints and the final adapter go (relative to the recipe).", kind=PATH)
 
     def to_dict(self) -> dict[str, Any]:
@@ -512,6 +521,9 @@ def cross_checks(r: Recipe) -> list[str]:
     if r.train.max_steps < 0 and r.train.epochs == 0:
         problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
     problems += _parallel_checks(r.train)
+    from lora_cli.metrics import metric_name_problems
+
+    problems += metric_name_problems(r.eval.metrics, "eval.metrics")
     if r.train.fsdp or r.train.deepspeed:
         problems += quantized_sharding_problems(r.model, "FSDP" if r.train.fsdp else "DeepSpeed")
     if r.lora.adapter_dtype == "bfloat16" and r.train.precision == "fp16":

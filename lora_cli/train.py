@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -46,6 +46,7 @@ class TrainResult:
     final_loss: float | None = None
     steps: int = 0
     resumed_from: Path | None = None
+    eval_metrics: dict = field(default_factory=dict)  # eval.metrics on the validation split: {name: {value, low, high}}
 
 
 class TrainingStopped(LoraError):
@@ -353,6 +354,9 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
     precision = preflight.check_before_loading(recipe)  # fail in seconds, before loading anything
+    from lora_cli.metrics import resolve_metrics
+
+    resolve_metrics(recipe.eval.metrics, "eval.metrics")  # a user's module:function imports now, not after training
 
     from transformers import set_seed
 
@@ -477,6 +481,27 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
                                   f"left" + (f", and {last} is intact" if last else ""),
                                   f"free disk space, then {resume_cmd}" if last else
                                   "free disk space, then start again with --overwrite") from None
+        _evaluate_generation(recipe, model, tokenizer, console, result)  # after the save: a failure here loses nothing
+
+
+def _evaluate_generation(recipe: Recipe, model, tokenizer, console: Console, result: TrainResult) -> None:
+    """eval.metrics on the validation split (evaluate.py, `lora eval`'s scoring): printed,
+    appended to metrics.jsonl as one record at the final step, kept in the run's result."""
+    if not recipe.eval.metrics:
+        return
+    from lora_cli.evaluate import evaluate_trained
+
+    scores = evaluate_trained(recipe, model, tokenizer, log=lambda line: console.print(line, highlight=False))
+    if not scores:
+        return
+    result.eval_metrics = scores
+    record = {"step": result.steps, **{f"eval_{name}": s["value"] for name, s in scores.items()},
+              **{f"eval_{name}_interval": [s["low"], s["high"]] for name, s in scores.items()}}
+    with open(Path(recipe.output_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    for name, s in scores.items():
+        console.print(f"[bold]eval[/]    {name} {s['value']:.4g} [{s['low']:.4g}, {s['high']:.4g}] on the validation split",
+                      highlight=False)
 
 
 def save_final_adapter(model, output_dir: Path) -> None:

@@ -1,0 +1,76 @@
+"""`lora eval --tasks`: lm-evaluation-harness on the base and an adapter, offline, with a local
+task YAML; its numbers equal lm-eval's own CLI on the same model and adapter. lm-eval is the
+optional `eval` extra (about 25 packages, scipy and scikit-learn among them), so it is not in the
+test extra: these tests skip when it is not installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_jsonl
+from inference_helpers import random_adapter
+
+pytest.importorskip("lm_eval")
+
+QUESTIONS = [("What is LoRA?", ["a low-rank adapter", "a kind of tokenizer"], 0),
+             ("什么是微调？", ["在新数据上继续训练", "删除模型"], 0),
+             ("Which matrices does LoRA train?", ["the frozen weights", "A and B"], 1),
+             ("QLoRA quantizes the base to", ["4 bits", "64 bits"], 0)]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory) -> Path:
+    path = random_adapter(tiny_base, tmp_path_factory.mktemp("harness") / "adapter", seed=3,
+                          target_modules=["q_proj", "v_proj"], scale=0.5)
+    (path / "lora_recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_base)},
+                                                           "data": {"template": "human_assistant"}}))
+    return path
+
+
+def _task_folder(root: Path, dataset_path: str = "json", data_files: Path | None = None) -> Path:
+    folder = root / "tasks"
+    folder.mkdir()
+    config = {"task": "lora_demo_mc", "dataset_path": dataset_path, "test_split": "test",
+              "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+              "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]}
+    if data_files is not None:
+        config["dataset_kwargs"] = {"data_files": {"test": str(data_files)}}
+    (folder / "lora_demo_mc.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("task")
+    data = write_jsonl(root / "mc.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS])
+    return _task_folder(root, data_files=data)
+
+
+def test_local_task_on_base_and_adapter_equals_lm_evals_own_cli(tiny_base, adapter, tasks, cli, tmp_path):
+    out = tmp_path / "out"
+    result = cli("eval", "--tasks", "lora_demo_mc", "--include-path", tasks, "--base",
+                 "-a", f"demo={adapter}", "--out", out)
+    assert result.code == 0, result
+    record = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    ours = {c["name"]: c["tasks"]["lora_demo_mc"]["acc,none"] for c in record["candidates"]}
+    assert set(ours) == {"base", "demo"}
+    for name, extra in (("base", ""), ("demo", f",peft={adapter}")):
+        cli_out = tmp_path / f"lm-eval-{name}"
+        subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                        f"pretrained={tiny_base},dtype=float32{extra}", "--device", "cpu", "--tasks", "lora_demo_mc",
+                        "--include_path", str(tasks), "--output_path", str(cli_out)], check=True, capture_output=True)
+        written = json.loads(next(cli_out.rglob("results*.json")).read_text(encoding="utf-8"))
+        assert written["results"]["lora_demo_mc"]["acc,none"] == ours[name], name
+
+
+def test_unknown_task_and_missing_dataset_are_refused(adapter, tmp_path, cli):
+    result = cli("eval", "--tasks", "lora_demo_nope", "-a", adapter)
+    assert result.code == 2 and "unknown lm-eval task lora_demo_nope" in result.err
+    folder = _task_folder(tmp_path, dataset_path="someone/not-downloaded-dataset")
+    result = cli("eval", "--tasks", "lora_demo_mc", "--include-path", folder, "-a", adapter)
+    assert result.code == 2 and "someone/not-downloaded-dataset" in result.err, result
