@@ -22,6 +22,35 @@ def _sibling(target: Path, prefix: str) -> Path:
     return target.with_name(f"{prefix}{target.name}-{os.getpid()}-{time.time_ns()}")
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(..., "w")` gives a new file under the user's umask. Libraries that
+    write through a private temporary file (safetensors: 0600) are brought back to it, so a
+    group-shared model folder stays readable by the group."""
+    return 0o666 & ~current_umask()
+
+
+def with_user_mode(root: Path) -> None:
+    """Give every file under `root` (or `root` itself, a file) the umask's mode, and every
+    folder the umask's folder mode (mkdtemp makes them 0700)."""
+    root = Path(root)
+    if root.is_file():
+        os.chmod(root, file_mode())
+        return
+    umask = current_umask()
+    for folder, _, names in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     try:
@@ -77,6 +106,7 @@ def staged_file(path: Path):
     tmp = _sibling(path, STAGED_PREFIX).with_suffix(path.suffix)  # keeps .png etc. for writers that look
     try:
         yield tmp
+        with_user_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,6 +132,7 @@ def publish_folder(staged: Path, target: Path, *, replace: bool = False) -> Path
     """Flush `staged` and rename it to `target`. With `replace`, an existing target is moved
     aside first and deleted only after the new folder took its name."""
     staged, target = Path(staged), Path(target)
+    with_user_mode(staged)
     fsync_tree(staged)
     old = None
     if target.exists():
@@ -137,6 +168,7 @@ def move_files_into(staged: Path, dest: Path, *, last: str | None = None) -> lis
     `last` at the end (a file whose presence says the others are there); then drop `staged`.
     Returns the names moved."""
     staged, dest = Path(staged), Path(dest)
+    with_user_mode(staged)
     fsync_tree(staged)
     files = sorted((f for f in staged.iterdir() if f.is_file()), key=lambda f: f.name == last)
     for f in files:

@@ -41,6 +41,12 @@ class Task:
     fields: tuple         # row fields data.columns may map (empty: data.format decides)
     doc: str
 
+    def next_step(self, adapter_dir) -> str:
+        """The command that tries a freshly trained adapter of this task (printed at the end of a run)."""
+        if self.predicts_labels:
+            return f"lora predict --adapter {adapter_dir} --file rows.jsonl --out preds.jsonl"
+        return f'lora generate --adapter {adapter_dir} "..."'
+
     def model_class(self):
         import transformers
 

@@ -71,7 +71,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if ownership.is_empty(output_dir):
         return
     if not overwrite:
-        resumable = ckpt.newest_complete(output_dir)
+        resumable = None if ckpt.run_finished(output_dir) else ckpt.newest_complete(output_dir)  # a finished run is never resumed
         also = f", or continue it from {resumable.name} with --resume" if resumable else ""
         raise LoraError(f"output_dir: {output_dir} already holds files from another run",
                         f"set another output_dir (e.g. --set output_dir=runs/new), pass --overwrite to replace that run{also}")
@@ -357,7 +357,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result)
     finally:
         lock.release()
-    console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
+    console.print(f"adapter saved to {output_dir}  (try: {tasks.get_task(recipe.model.task).next_step(output_dir)})")
     if is_main_process():
         _write_plot(console, output_dir)  # after the summary: matplotlib's import never delays it
     return result
