@@ -15,7 +15,7 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import atomic, ownership
+from lora_cli import atomic, ownership, progress
 from lora_cli.errors import LoraError
 from lora_cli.inputs import check_adapter_name, clip_lines
 
@@ -176,7 +176,8 @@ def _load_variants(adapter, base, template, engine: str = "transformers"):
 
     adapters = parse_adapters(adapter)
     refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter DIR --file rows.jsonl")
-    backend, infos = backend_class(engine).load(adapters, base=base)
+    with progress.spinner("loading the model", console):
+        backend, infos = backend_class(engine).load(adapters, base=base)
     default = template or next((i.template for i in infos.values()), "human_assistant")
     return backend, infos, default
 
@@ -225,7 +226,9 @@ def generate(
         variants = {BASE: (None, default_template)}
     else:
         variants = {name: (name, template or info.template) for name, info in infos.items()}
-    rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
+    shown_on = console if out is not None else err_console  # answers printed on stdout stay clean
+    with progress.task("answering", shown_on, unit="answers") if file else progress.spinner("answering", console):
+        rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
     if out is not None:
         atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
@@ -335,14 +338,13 @@ def predict(
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
 
-    model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base)
+    with progress.spinner("loading the model", console):
+        model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base)
     info = infos["adapter"]
     labels = list(info.model_section["labels"])
-    rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)  # whole or not at all
+    with progress.task("labelling", console, unit="rows"):
+        rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
+    atomic.write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))  # whole or not at all
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
         console.print("  " + line, highlight=False, markup=False)
@@ -361,7 +363,8 @@ def merge(
     generation config, model card) that plain transformers loads."""
     from lora_cli.merge import merge_adapter
 
-    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print)
+    with progress.spinner(f"merging into {out}", console):
+        merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print)
 
 
 @app.command()
@@ -377,7 +380,8 @@ def export(
     training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
     from lora_cli.export import export as run_export
 
-    run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
+    with progress.spinner(f"exporting {out}", console):
+        run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
 
 
 @app.command()
@@ -467,11 +471,15 @@ def build_tiny(
     if arch == "llama":
         from lora_cli.tiny import build_tiny_model
 
-        build_tiny_model(out, data, steps=steps, seed=seed, log=console.print)
+        with progress.task("pre-training the tiny base", console, total=steps):
+            build_tiny_model(out, data, steps=steps, seed=seed, log=console.print)
         return
     from lora_cli.tiny_encoders import build_tiny_encoder_model
 
-    build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, log=console.print)
+    waiting = (progress.spinner(f"building the tiny {arch}", console) if arch == "bert"  # random: nothing to train
+               else progress.task(f"pre-training the tiny {arch}", console, total=steps))
+    with waiting:
+        build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, log=console.print)
 
 
 @app.command("recipe-keys")

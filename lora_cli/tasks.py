@@ -441,6 +441,8 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
     """Softmax probabilities per row (lists), in row order."""
     import torch
 
+    from lora_cli import progress
+
     probs: list[list[float]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -449,6 +451,7 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         probs += torch.softmax(logits.float(), dim=-1).cpu().tolist()
+        progress.advance(len(chunk))  # `lora predict`'s bar; nothing outside a progress task
     return probs
 
 
@@ -477,6 +480,9 @@ def predict_file(model, tokenizer, labels: list[str], path, max_length: int) -> 
     if not Path(path).is_file():
         raise DataError(f"--file {path}: no such file", "give a .jsonl, .json or .csv file of rows with text (and text_pair)")
     rows = read_labeled_rows(str(path), "train", {}, need_label=False)
+    from lora_cli import progress
+
+    progress.set_total(len(rows))
     probs = predict_probabilities(model, tokenizer, rows, max_length)
     out = []
     for r, p in zip(rows, probs):

@@ -654,6 +654,17 @@ class AtomicCheckpoints(TrainerCallback):
                               if last else "free disk space or fix the folder, then start again with --overwrite") from None
 
 
+def progress_columns():
+    """The training bar's columns. The bar and the step count have fixed widths and the loss /
+    lr / tokens-per-second text folds onto further lines, so at 80 columns nothing is dropped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    return (TextColumn("train"), BarColumn(bar_width=20), MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}", table_column=Column(overflow="fold", min_width=20)))
+
+
 class RichProgress(TrainerCallback):
     """A TrainerCallback drawing one progress bar with loss, learning rate, supervised tokens/s,
     eval loss and ETA, and appending every log to metrics.jsonl. Only the main process draws
@@ -666,15 +677,19 @@ class RichProgress(TrainerCallback):
         self.task = None
         self.last_loss: float | None = None
         self.info: dict[str, str] = {}
+        self.max_steps = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from lora_cli.terminal import plain
 
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=self.console, transient=False)
+        self.max_steps = state.max_steps
+        if plain():  # piped or NO_COLOR: one plain line per log (on_log) instead of a redrawn bar
+            return
+        from rich.progress import Progress
+
+        self.progress = Progress(*progress_columns(), console=self.console, transient=False)
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
         self.progress.start()
 
@@ -700,6 +715,9 @@ class RichProgress(TrainerCallback):
             f.write(json.dumps(record) + "\n")
         if self.progress:
             self.progress.update(self.task, info="  ".join(self.info.values()))
+        elif self.info and ("loss" in logs or "eval_loss" in logs or "eval_accuracy" in logs):
+            self.console.print(f"train {state.global_step}/{self.max_steps}  " + "  ".join(self.info.values()),
+                               highlight=False, markup=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:
