@@ -175,7 +175,7 @@ def _load_variants(adapter, base, template, engine: str = "transformers"):
     from lora_cli.tasks import refuse_unless
 
     adapters = parse_adapters(adapter)
-    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter DIR --file rows.jsonl")
+    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
     with progress.spinner("loading the model", console):
         backend, infos = backend_class(engine).load(adapters, base=base)
     default = template or next((i.template for i in infos.values()), "human_assistant")
@@ -334,7 +334,7 @@ def predict(
 
     if out.exists() and not force:
         raise LoraError(f"--out {out} already exists", "choose another --out, or pass --force to replace it")
-    refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", "use lora generate --adapter DIR")
+    refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", 'use lora generate --adapter {adapter} "..."')
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
 

@@ -670,4 +670,5 @@ def refuse_unless(capability: str, adapters: dict, command: str, hint: str) -> N
     for name, path in adapters.items():
         task = get_task(read_adapter(path).model_section.get("task"))
         if not getattr(task, capability):
-            raise LoraError(f"{command}: adapter {path} was trained for model.task {task.name}, which it cannot serve", hint)
+            raise LoraError(f"{command}: adapter {path} was trained for model.task {task.name}, which it cannot serve",
+                            hint.format(adapter=path))  # the hint names this adapter, ready to paste

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_cli import progress
+from lora_cli import atomic, progress
 from lora_cli.formats import read_rows
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -101,6 +101,7 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    atomic.with_user_mode(out)  # safetensors writes 0600; the user's umask decides
     (out / MARKER).write_text(json.dumps(
         {"built_by": "lora build-tiny", "data": str(data), "steps": steps, "seed": seed, "final_loss": loss}, indent=2))
     log(f"tiny base model written to {out}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cli import atomic
 from lora_cli.tiny import MARKER, check_build_folder, optimize
 
 ARCHS = ("llama", "bert", "t5", "bart")
@@ -93,6 +94,7 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    atomic.with_user_mode(out)  # safetensors writes 0600; the user's umask decides
     (out / MARKER).write_text(json.dumps(
         {"built_by": f"lora build-tiny --arch {arch}", "data": str(data), "steps": steps, "seed": seed,
          "final_loss": loss}, indent=2))

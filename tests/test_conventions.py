@@ -228,6 +228,10 @@ def test_progress_is_plain_lines_when_piped(tmp_path):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("pre-training the tiny base:")]
     assert lines[-1].startswith("pre-training the tiny base: 8/8 steps (100%)") and "done" in lines[-1], proc.stdout
     assert len(lines) >= 3 and "\r" not in proc.stdout and "\x1b[" not in proc.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    weights = tmp_path / "m" / "model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask  # not safetensors' 0600
 
 
 def test_progress_bar_on_a_terminal_keeps_bar_and_count_at_80_columns():
