@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class Step:
     line: int                   # README line of the command
     code: int | None = None
     output: str = ""
+    seconds: float = 0.0        # wall time, for the walk-through note (never asserted)
 
 
 @dataclass
@@ -92,14 +94,16 @@ def matches(expected: list[str], actual: list[str]) -> bool:
 
 
 def _cached(key_parts: list[bytes], target: Path, make) -> None:
-    """make() into target, or (LORA_TEST_MODEL_CACHE set) a copy of a cached make() keyed on key_parts."""
+    """make() into target, or (LORA_TEST_MODEL_CACHE set) a copy of a cached successful make()
+    (it returns True on success) keyed on key_parts."""
     cache = os.environ.get("LORA_TEST_MODEL_CACHE")
     if not cache:
         make()
         return
     built = Path(cache) / ("readme-" + hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16])
     if not built.exists():
-        make()
+        if not make():
+            return  # a failed command is reported by the walk, never cached
         staging = built.with_name(f".{built.name}.{os.getpid()}")
         shutil.copytree(target, staging, symlinks=True)
         staging.rename(built)
@@ -135,8 +139,9 @@ def run_step(step: Step, previous: Step | None, repo: Path, root: Path) -> None:
         step.code = 0
         return
     if args == ["train", "recipes/demo.yaml"]:
-        def train():
+        def train() -> bool:
             step.code, step.output = _run_lora(args)
+            return step.code == 0
         key = [b"train", *_sources(repo), (repo / "recipes" / "demo.yaml").read_bytes(),
                (repo / "data" / "demo.jsonl").read_bytes()]
         _cached(key, root / "runs" / "demo", train)
@@ -156,7 +161,9 @@ def walk_readme(repo: Path, root: Path) -> Walk:
     try:
         previous = None
         for step in steps:
+            start = time.monotonic()
             run_step(step, previous, repo, root)
+            step.seconds = time.monotonic() - start
             walk.steps.append(step)
             previous = step
     finally:

@@ -33,5 +33,7 @@ def test_every_readme_block_marked_for_running_is_runnable():
 
 @pytest.mark.slow
 def test_the_readme_runs_in_order_and_prints_what_it_shows(readme_walk):
+    for step in readme_walk.steps:  # shown with -s: the walk-through's timings
+        print(f"{step.seconds:8.1f} s  exit {step.code}  {step.command}")
     found = problems(readme_walk)
     assert not found, "\n\n".join(found)
