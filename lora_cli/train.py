@@ -104,10 +104,10 @@ def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
     output_dir = Path(recipe.output_dir)
     found = ckpt.resolve_resume(output_dir, resume)
     verify_adapter(found)  # a damaged checkpoint is refused before anything loads it
-    ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
-    if ckpt.run_finished(output_dir):
+    if ckpt.run_finished(output_dir):  # before the recipe check: its hint would offer --resume again
         raise LoraError(f"--resume: the run in {output_dir} already finished (its final adapter is there)",
                         "train further in a new run, e.g. --set output_dir=runs/next")
+    ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
     return found
 
 

@@ -108,7 +108,7 @@ def _cached(key_parts: list[bytes], target: Path, make) -> None:
         shutil.copytree(target, staging, symlinks=True)
         staging.rename(built)
     else:
-        shutil.copytree(built, target, symlinks=True)
+        shutil.copytree(built, target, symlinks=True, dirs_exist_ok=True)
 
 
 def _sources(repo: Path) -> list[bytes]:
@@ -138,7 +138,7 @@ def run_step(step: Step, previous: Step | None, repo: Path, root: Path) -> None:
         _tiny_model(root / "models" / "tiny-llama", steps=300, seed=0)
         step.code = 0
         return
-    if args == ["train", "recipes/demo.yaml"]:
+    if args == ["train", "recipes/demo.yaml"] and not (root / "runs" / "demo").exists():  # the first, training run
         def train() -> bool:
             step.code, step.output = _run_lora(args)
             return step.code == 0
