@@ -98,6 +98,35 @@ def _remove_empty(folders: list[Path]) -> None:
             return  # not empty (someone else wrote there meanwhile) or gone: leave it
 
 
+def current_umask() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(..., "w")` gives a new file under the user's umask. Libraries that
+    write through a private temporary file (safetensors: 0600) are brought back to it, so a
+    group-shared model folder stays readable by the group."""
+    return 0o666 & ~current_umask()
+
+
+def with_user_mode(root: Path) -> None:
+    """Give every file under `root` (or `root` itself, a file) the umask's mode, and every
+    folder the umask's folder mode (mkdtemp makes them 0700)."""
+    root = Path(root)
+    if root.is_file():
+        os.chmod(root, file_mode())
+        return
+    umask = current_umask()
+    for folder, _, names in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in `path` durable."""
     try:
@@ -186,6 +215,7 @@ def staged_file(path: Path):
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         fd = _hold(tmp)
         yield tmp
+        with_user_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -215,6 +245,7 @@ def publish_folder(staged: Path, target: Path, *, replace: bool = False) -> Path
     aside first and deleted only after the new folder took its name; it is held meanwhile, so
     a kill between the two renames leaves an abandoned aside copy that `recover` puts back."""
     staged, target = Path(staged), Path(target)
+    with_user_mode(staged)
     fsync_tree(staged)
     old, held = None, None
     if target.exists():
@@ -266,6 +297,7 @@ def move_files_into(staged: Path, dest: Path, *, last: str | None = None) -> lis
     `last` at the end (a file whose presence says the others are there); then drop `staged`.
     Returns the names moved."""
     staged, dest = Path(staged), Path(dest)
+    with_user_mode(staged)
     fsync_tree(staged)
     files = sorted((f for f in staged.iterdir() if f.is_file()), key=lambda f: f.name == last)
     for f in files:

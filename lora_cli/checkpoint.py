@@ -123,7 +123,10 @@ def resolve_resume(output_dir: Path, resume: Resume) -> Path:
     else:
         where = Path(resume.folder).expanduser().resolve()
         if not where.exists():
-            raise LoraError(f"--resume-from: {resume.folder} does not exist",
+            from lora_cli.nearby import listing
+
+            there = listing([p.name for p in complete_checkpoints(output_dir)], "complete checkpoints")
+            raise LoraError(f"--resume-from: {resume.folder} does not exist ({there})",
                             f"pass a checkpoint-N folder inside {output_dir}, or --resume for the newest")
     if where == output_dir:
         if not output_dir.is_dir():

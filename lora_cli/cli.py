@@ -9,28 +9,59 @@ import importlib
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import libraries, ownership
+from lora_cli import libraries, ownership, progress
 from lora_cli.errors import LoraError
 from lora_cli.inputs import check_adapter_name, clip_lines
 
-app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+# Closed sets of values, typed as Literal so --help lists them and click refuses others (exit 2).
+# Each comes from the module that owns it (light imports: no torch at start-up).
+from lora_cli.export import FORMATS as EXPORT_FORMATS  # noqa: E402
+from lora_cli.merge import MERGE_DTYPES  # noqa: E402
+from lora_cli.tiny_encoders import ARCHS  # noqa: E402
+
+ArchChoice = Literal[ARCHS]
+ExportFormat = Literal[EXPORT_FORMATS]
+MergeDtype = Literal[MERGE_DTYPES]
+
+EXIT_CODES = "Exit codes: 0 done, 1 unexpected error (a bug: please report it with `lora env`), 2 bad input, 3 non-finite loss (train), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (train)."
+
+# Typer's own shell completion (--install-completion / --show-completion for bash, zsh, fish,
+# PowerShell): completing a word runs only this module's imports, never torch.
+app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.\n\n" + EXIT_CODES, no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=True)
 console = Console(soft_wrap=True)  # long paths and messages stay on one line
 err_console = Console(stderr=True, soft_wrap=True)
 
 RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.learning_rate=3e-4 (repeatable).")]
 AdapterOption = Annotated[Optional[list[str]], typer.Option("--adapter", "-a", help="Adapter folder (a run's output_dir or a checkpoint), or NAME=DIR.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document (layout: docs/cli.md) instead of text.")]
 BaseOption = Annotated[Optional[str], typer.Option("--base", help="Base model to use instead of the one the adapter names.")]
 # Only the user may allow code shipped in a model, tokenizer or adapter folder to run; never a saved recipe.
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow Python shipped with the base model or tokenizer (auto_map) to run. Only for folders whose author you trust.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lora_cli.env_report import lora_version
+
+        print(f"lora {lora_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print lora's version and exit.")] = False,
+):
+    pass  # options of `lora` itself; the app's help is the Typer(help=...) above
 
 
 def with_resume_path(args: list[str]) -> list[str]:
@@ -87,12 +118,18 @@ def check(
     recipe: RecipePath,
     set_: SetOption = None,
     strict: Annotated[bool, typer.Option("--strict", help="Treat warnings as errors (exit 2), for CI.")] = False,
+    as_json: JsonOption = False,
 ):
     """Validate a recipe and warn about risky hyperparameters, without loading anything heavy."""
     from lora_cli.lint import lint_recipe, refuse_if_strict, verdict
     from lora_cli.recipe import load_recipe
 
     findings = lint_recipe(load_recipe(recipe, set_ or []))
+    if as_json:
+        from lora_cli.json_output import check_doc, emit
+
+        emit("check", check_doc(recipe, findings, strict))
+        raise typer.Exit(2 if findings and strict else 0)
     for finding in findings:
         console.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
     refuse_if_strict(findings, recipe, strict)
@@ -156,8 +193,9 @@ def _load_variants(adapter, base, template, engine: str = "transformers", trust_
     from lora_cli.tasks import refuse_unless
 
     adapters = parse_adapters(adapter)
-    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter DIR --file rows.jsonl")
-    backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
+    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
+    with progress.spinner("loading the model", console):
+        backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
     default = template or next((i.template for i in infos.values()), "human_assistant")
     return backend, infos, default
 
@@ -204,7 +242,9 @@ def generate(
         variants = {BASE: (None, default_template)}
     else:
         variants = {name: (name, template or info.template) for name, info in infos.items()}
-    rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
+    shown_on = console if out is not None else err_console  # answers printed on stdout stay clean
+    with progress.task("answering", shown_on, unit="answers") if file else progress.spinner("answering", console):
+        rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
     if out is not None:
         ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "generate")
         console.print(f"{len(rows)} answers ({len(prompts)} prompts x {len(variants)} variants) written to {out}")
@@ -244,6 +284,7 @@ def chat(
 
 
 ENGINES = ("transformers", "vllm")  # the in-process backends (backends.BACKENDS), and vLLM's own server
+EngineChoice = Literal[ENGINES]
 
 
 @app.command()
@@ -253,7 +294,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on; 0.0.0.0 opens the server to other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORA_API_KEY", help="Require 'Authorization: Bearer KEY' (or set LORA_API_KEY).")] = None,
-    engine: Annotated[str, typer.Option("--engine", help="transformers (this process) or vllm (vLLM's own OpenAI server, GPU).")] = "transformers",
+    engine: Annotated[EngineChoice, typer.Option("--engine", help="transformers (this process) or vllm (vLLM's own OpenAI server, GPU).")] = "transformers",
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most answers generated in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most requests waiting or running; beyond it, 429.")] = 64,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body (bytes, or 512k, 8M); beyond it, 413.")] = "8M",
@@ -319,14 +360,16 @@ def predict(
 
     ownership.check_output(out, "predict", force=force,
                            inputs=[("rows (--file)", file), *adapter_inputs({"adapter": adapter}, base)])
-    refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", "use lora generate --adapter DIR")
+    refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", 'use lora generate --adapter {adapter} "..."')
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
 
-    model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)
+    with progress.spinner("loading the model", console):
+        model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)
     info = infos["adapter"]
     labels = list(info.model_section["labels"])
-    rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
+    with progress.task("labelling", console, unit="rows"):
+        rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
     ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "predict")
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
@@ -413,7 +456,7 @@ def merge(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to merge.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
     base: BaseOption = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Saved precision: float32, bfloat16 or float16 (default: float32).")] = None,
+    dtype: Annotated[Optional[MergeDtype], typer.Option("--dtype", help="Saved precision (default: float32).")] = None,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors file, e.g. 5GB or 500MB; bigger models are sharded.")] = "5GB",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -422,14 +465,15 @@ def merge(
     generation config, model card) that plain transformers loads."""
     from lora_cli.merge import merge_adapter
 
-    merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
-                  trust_remote_code=trust_remote_code)
+    with progress.spinner(f"merging into {out}", console):
+        merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
+                      trust_remote_code=trust_remote_code)
 
 
 @app.command()
 def export(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to export.")],
-    format: Annotated[str, typer.Option("--format", help="gguf (merged model), gguf-adapter (the LoRA alone) or ollama (folder: GGUF + Modelfile).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="gguf (merged model), gguf-adapter (the LoRA alone) or ollama (folder: GGUF + Modelfile).")],
     out: Annotated[Path, typer.Option("--out", help="The .gguf file (gguf, gguf-adapter) or folder (ollama) to write.")],
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="f16 (default), bf16, f32 or q8_0; gguf-adapter: f32 (default), f16, bf16.")] = None,
     base: BaseOption = None,
@@ -439,7 +483,8 @@ def export(
     training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
     from lora_cli.export import export as run_export
 
-    run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
+    with progress.spinner(f"exporting {out}", console):
+        run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
 
 
 @app.command()
@@ -460,6 +505,7 @@ def estimate(
     recipe: RecipePath,
     set_: SetOption = None,
     budget: Annotated[Optional[str], typer.Option("--budget", help="Trainable-parameter budget, e.g. 10M: solve for the largest rank under it.")] = None,
+    as_json: JsonOption = False,
 ):
     """Trainable parameters, adapter size and training memory, from the model's config alone."""
     from lora_cli.recipe import load_recipe
@@ -468,7 +514,13 @@ def estimate(
     from lora_cli.estimate import estimate_recipe, parse_count, print_estimate
 
     limit = parse_count(budget) if budget is not None else None
-    print_estimate(estimate_recipe(r, budget=limit), r, console)
+    est = estimate_recipe(r, budget=limit)
+    if as_json:
+        from lora_cli.json_output import emit, estimate_doc
+
+        emit("estimate", estimate_doc(est, r))
+        return
+    print_estimate(est, r, console)
 
 
 @app.command()
@@ -519,7 +571,7 @@ def build_tiny(
     data: Annotated[Path, typer.Option("--data", help="Text to train tokenizer and base on.")] = Path("data/demo.jsonl"),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Pre-training steps.")] = 300,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    arch: Annotated[str, typer.Option("--arch", help="llama (causal_lm), bert (classification), t5 or bart (seq2seq).")] = "llama",
+    arch: Annotated[ArchChoice, typer.Option("--arch", help="llama (causal_lm), bert (classification), t5 or bart (seq2seq).")] = "llama",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier build-tiny wrote it.")] = False,
 ):
     """Build a tiny offline base: the Llama the demo and tests use, or a BERT, T5 or BART shape."""
@@ -530,12 +582,16 @@ def build_tiny(
     if arch == "llama":
         from lora_cli.tiny import build_tiny_model
 
-        build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
+        with progress.task("pre-training the tiny base", console, total=steps):
+            build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
         return
     from lora_cli.tiny_encoders import build_tiny_encoder_model
 
-    build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, force=force,
-                             log=console.print)
+    waiting = (progress.spinner(f"building the tiny {arch}", console) if arch == "bert"  # random: nothing to train
+               else progress.task(f"pre-training the tiny {arch}", console, total=steps))
+    with waiting:
+        build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, force=force,
+                                 log=console.print)
 
 
 @app.command("recipe-keys")
@@ -550,6 +606,30 @@ def recipe_keys(
         return
     update_reference(update)
     console.print(f"{update}: recipe reference updated")
+
+
+@app.command()
+def schema():
+    """Print the recipe's JSON Schema (generated from the one recipe schema), for editors and CI."""
+    from lora_cli.recipe_schema import schema_text
+
+    sys.stdout.write(schema_text())
+
+
+@app.command()
+def env(as_json: JsonOption = False):
+    """Versions of lora, python, torch, transformers, peft, bitsandbytes and the device: paste it into a bug report."""
+    from lora_cli.env_report import environment
+
+    report = environment()
+    if as_json:
+        from lora_cli.json_output import emit
+
+        emit("env", report)
+        return
+    width = max(map(len, report))
+    for name, value in report.items():
+        print(f"{name:<{width}}  {value}")
 
 
 data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
@@ -617,6 +697,9 @@ def run(argv: list[str] | None = None) -> int:
     return 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     libraries.configure(verbose=_wants_verbose(argv))
+    from lora_cli.terminal import plain
+
+    app.rich_markup_mode = None if plain() else "rich"  # piped / NO_COLOR help: click's plain text, no boxes
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:

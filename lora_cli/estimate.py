@@ -544,6 +544,8 @@ def format_bytes(n: int) -> str:
 def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     from rich.table import Table
 
+    from lora_cli.terminal import table_box
+
     p, m = est.params, est.memory
     lora = recipe.lora
     console.print(f"[bold]model[/]    {est.model_class} from {recipe.model.name_or_path} (config only; no weights loaded)")
@@ -565,7 +567,7 @@ def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     console.print(f"[bold]file[/]     adapter_model.safetensors {format_bytes(p.adapter_bytes)} ({p.adapter_bytes:,d} bytes)")
     table = Table(title=f"training memory on one GPU (batch {batch_shape(recipe.train, recipe.data.max_length).batch_size} "
                         f"x {recipe.data.max_length} tokens)",
-                  title_justify="left")
+                  title_justify="left", box=table_box())
     table.add_column("component")
     table.add_column("size", justify="right")
     table.add_column("counted as")

@@ -208,6 +208,8 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
     exact prompt text the model saw, special tokens included."""
     from lora_cli.backends import GenerationRequest
 
+    from lora_cli import progress
+
     tokenizer = backend.tokenizer
     for p in prompts:
         refuse_overlong_text(backend, len(p.instruction) + len(p.input), p.where)
@@ -216,6 +218,7 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
         ids_of[label] = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input, tools=tools) for p in prompts]
         for p, ids in zip(prompts, ids_of[label]):
             refuse_over_context(backend, len(ids), settings.max_new_tokens, p.where)
+    progress.set_total(len(prompts) * len(variants))
     answers: dict[str, list[str]] = {}
     seen: dict[str, list[str]] = {}
     for label, (adapter, template) in variants.items():
@@ -225,6 +228,7 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
         for start in range(0, len(ids), batch_size):
             requests = [GenerationRequest(x, settings, adapter) for x in ids[start:start + batch_size]]
             answers[label] += [c.text for c in backend.generate(requests)]
+            progress.advance(len(requests))
     return [{"id": i, "instruction": p.instruction, "input": p.input, "adapter": label,
              "template": resolve_template(variants[label][1]).name, "prompt": seen[label][i],
              "response": answers[label][i], "settings": {**settings.as_dict(), "batch_size": batch_size}}

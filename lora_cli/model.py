@@ -310,6 +310,11 @@ def find_recipe_file(adapter_dir: Path) -> Path | None:
 def read_adapter(path: str | Path) -> AdapterInfo:
     path = Path(path)
     cfg_file = path / ADAPTER_CONFIG
+    if not path.exists():
+        from lora_cli.nearby import missing_adapter_hint
+
+        raise LoraError(f"{path} does not exist", missing_adapter_hint(path)
+                        or "pass a run's output_dir, a checkpoint-N folder inside it, or a `lora save` folder")
     if not cfg_file.is_file():
         hint = "pass the run's output_dir or a checkpoint-N folder inside it"
         ckpts = sorted(path.glob("checkpoint-*")) if path.is_dir() else []

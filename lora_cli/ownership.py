@@ -16,7 +16,6 @@ output_dir while it runs; the kernel drops it when the process ends, however it 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
@@ -403,8 +402,9 @@ def check_not_inputs(out: Path, inputs: list[tuple[str, str | Path | None]], fla
 # --------------------------------------------------------------------------- one run per folder
 
 class FolderLock:
-    """An exclusive flock on output_dir/LOCK_FILE, held for the life of the process (or until
-    release). The file keeps the holder's PID so a refused run can name it."""
+    """An exclusive lock on output_dir/LOCK_FILE, held for the life of the process (or until
+    release). The file keeps the holder's PID so a refused run can name it. The lock itself is
+    filelock's (flock on POSIX, LockFileEx on Windows), so the CLI starts on every platform."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_FILE
@@ -412,14 +412,15 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the user's umask decides
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+            locked = _try_lock(fd)
+        except BaseException:
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise _busy(self.path.parent, holder_pid(self.path)) from None
             raise
+        if not locked:
+            os.close(fd)
+            raise _busy(self.path.parent, holder_pid(self.path))
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -436,15 +437,26 @@ def check_unlocked(folder: Path) -> None:
     path = Path(folder) / LOCK_FILE
     if not path.is_file():
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # Windows' LockFileEx needs a handle that may write
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            raise _busy(Path(folder), holder_pid(path)) from None
-        raise
+        free = _try_lock(fd)
     finally:
-        os.close(fd)
+        os.close(fd)  # closing drops the lock this probe may have taken
+    if not free:
+        raise _busy(Path(folder), holder_pid(path))
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on an open descriptor without waiting; False when another
+    process holds it."""
+    from filelock import lock_descriptor
+
+    try:
+        return lock_descriptor(fd, blocking=False)
+    except OSError as e:  # some filesystems report contention as an error
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            return False
+        raise
 
 
 def holder_pid(path: Path) -> str:

@@ -9,15 +9,20 @@ from rich.text import Text
 
 from lora_cli.objectives import objective_of
 from lora_cli.template import IGNORE_INDEX
+from lora_cli.terminal import plain
+
+SUPERVISED_MARKS = ("[[", "]]")  # around supervised text, so colour never carries the meaning alone
 
 
 def highlighted(example: dict, tokenizer) -> Text:
-    """The decoded example, supervised stretches in green, masked ones dimmed."""
+    """The decoded example, supervised stretches in green between SUPERVISED_MARKS, masked ones dimmed."""
     from lora_cli.data import label_runs
 
     text = Text()
+    opening, closing = SUPERVISED_MARKS
     for supervised, ids in label_runs(example):
-        text.append(tokenizer.decode(ids), style="bold green" if supervised else "dim")
+        decoded = tokenizer.decode(ids)
+        text.append(f"{opening}{decoded}{closing}" if supervised else decoded, style="bold green" if supervised else "dim")
     return text
 
 
@@ -31,7 +36,7 @@ def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: 
     lines = []
     for b, c in enumerate(counts):
         lo, hi = b * step + 1, min(max_length, (b + 1) * step)
-        lines.append(f"{lo:>6}-{hi:<6} {'█' * round(width * c / top):<{width}} {c}")
+        lines.append(f"{lo:>6}-{hi:<6} {('#' if plain() else '█') * round(width * c / top):<{width}} {c}")
     return lines
 
 
@@ -55,7 +60,9 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     console.print(f"[bold]data[/]      {data_cfg.path} (format {formats}, template {data_cfg.template}, "
                   f"train_on {data_cfg.train_on}, max_length {data_cfg.max_length})")
     for i in range(min(rows, len(train))):
-        console.print(Text(f"── example {i + 1} ", style="bold").append("(green = supervised, dim = masked)", style="dim"))
+        rule = "--" if plain() else "──"
+        console.print(Text(f"{rule} example {i + 1} ", style="bold")
+                      .append(f"(supervised text between {' and '.join(SUPERVISED_MARKS)}, in green; the rest is masked)", style="dim"))
         console.print(highlighted(train[i], tokenizer))
     console.print("[bold]lengths[/]   (tokens per sequence)")
     for line in length_histogram(lengths_of(train), data_cfg.max_length):

@@ -490,9 +490,18 @@ def recipe_from_dict(raw: dict, base_dir: Path | str = ".", source: str = "recip
     recipe = _build(Recipe, raw, "", problems, Path(base_dir).resolve(), set(cli_paths))
     if not problems:
         problems += cross_checks(recipe)
+    else:  # cross-key checks need every key valid; files named by keys that did parse are still checked
+        problems += file_problems(recipe)
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def file_problems(r: Recipe) -> list[str]:
+    """Missing data files, checked even when other keys are wrong, so one run lists every problem."""
+    return [p for key_name in ("data.path", "data.val_path")
+            for value in [getattr(r.data, key_name.split(".")[1])] if value is not REQUIRED
+            for p in _data_path_problems(key_name, value)]
 
 
 def cross_checks(r: Recipe) -> list[str]:

@@ -589,7 +589,7 @@ def build_server(adapters: dict, *, base: str | None = None, api_key: str | None
     from lora_cli.backends import backend_class
     from lora_cli.tasks import refuse_unless
 
-    refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter DIR --file rows.jsonl")
+    refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
     backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
     base_template = next((i.template for i in infos.values()), "human_assistant")
     base_name = base or next((i.base for i in infos.values()), BASE)

@@ -41,6 +41,12 @@ class Task:
     fields: tuple         # row fields data.columns may map (empty: data.format decides)
     doc: str
 
+    def next_step(self, adapter_dir) -> str:
+        """The command that tries a freshly trained adapter of this task (printed at the end of a run)."""
+        if self.predicts_labels:
+            return f"lora predict --adapter {adapter_dir} --file rows.jsonl --out preds.jsonl"
+        return f'lora generate --adapter {adapter_dir} "..."'
+
     def model_class(self):
         import transformers
 
@@ -435,6 +441,8 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
     """Softmax probabilities per row (lists), in row order."""
     import torch
 
+    from lora_cli import progress
+
     probs: list[list[float]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -443,6 +451,7 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
         with torch.inference_mode():
             logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
         probs += torch.softmax(logits.float(), dim=-1).cpu().tolist()
+        progress.advance(len(chunk))  # `lora predict`'s bar; nothing outside a progress task
     return probs
 
 
@@ -471,6 +480,9 @@ def predict_file(model, tokenizer, labels: list[str], path, max_length: int) -> 
     if not Path(path).is_file():
         raise DataError(f"--file {path}: no such file", "give a .jsonl, .json or .csv file of rows with text (and text_pair)")
     rows = read_labeled_rows(str(path), "train", {}, need_label=False)
+    from lora_cli import progress
+
+    progress.set_total(len(rows))
     probs = predict_probabilities(model, tokenizer, rows, max_length)
     out = []
     for r, p in zip(rows, probs):
@@ -658,4 +670,5 @@ def refuse_unless(capability: str, adapters: dict, command: str, hint: str) -> N
     for name, path in adapters.items():
         task = get_task(read_adapter(path).model_section.get("task"))
         if not getattr(task, capability):
-            raise LoraError(f"{command}: adapter {path} was trained for model.task {task.name}, which it cannot serve", hint)
+            raise LoraError(f"{command}: adapter {path} was trained for model.task {task.name}, which it cannot serve",
+                            hint.format(adapter=path))  # the hint names this adapter, ready to paste

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_cli import atomic, progress
 from lora_cli.formats import read_rows
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -144,5 +145,6 @@ def optimize(model, next_batch, *, steps: int, lr: float) -> float:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        progress.advance()
     model.eval()
     return float(loss.detach())

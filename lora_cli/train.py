@@ -74,7 +74,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if ownership.is_empty(output_dir):
         return
     if not overwrite:
-        resumable = ckpt.newest_complete(output_dir)
+        resumable = None if ckpt.run_finished(output_dir) else ckpt.newest_complete(output_dir)  # a finished run is never resumed
         also = f", or continue it from {resumable.name} with --resume" if resumable else ""
         raise LoraError(f"output_dir: {output_dir} already holds files from another run",
                         f"set another output_dir (e.g. --set output_dir=runs/new), pass --overwrite to replace that run{also}")
@@ -117,11 +117,11 @@ def resume_point(recipe: Recipe, resume: ckpt.Resume) -> Path:
     output_dir = Path(recipe.output_dir)
     found = ckpt.resolve_resume(output_dir, resume)
     verify_adapter(found)  # a damaged checkpoint is refused before anything loads it
-    ckpt.verify_resumable(found)  # a lost optimizer or a pickle that is more than tensors, too
-    ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
-    if ckpt.run_finished(output_dir):
+    if ckpt.run_finished(output_dir):  # before the recipe check: its hint would offer --resume again
         raise LoraError(f"--resume: the run in {output_dir} already finished (its final adapter is there)",
                         "train further in a new run, e.g. --set output_dir=runs/next")
+    ckpt.verify_resumable(found)  # a lost optimizer or a pickle that is more than tensors, too
+    ckpt.check_same_run(output_dir / RECIPE_FILE, recipe.to_dict())
     return found
 
 
@@ -427,7 +427,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result, chosen, callbacks)
     finally:
         lock.release()
-    console.print(f"adapter saved to {output_dir}  (try: lora generate --adapter {output_dir} \"...\")")
+    console.print(f"adapter saved to {output_dir}  (try: {tasks.get_task(recipe.model.task).next_step(output_dir)})")
     if is_main_process():
         _write_plot(console, output_dir)  # after the summary: matplotlib's import never delays it
     return result
@@ -779,6 +779,17 @@ class AtomicCheckpoints(TrainerCallback):
                               if last else "free disk space or fix the folder, then start again with --overwrite") from None
 
 
+def progress_columns():
+    """The training bar's columns. The bar and the step count have fixed widths and the loss /
+    lr / tokens-per-second text folds onto further lines, so at 80 columns nothing is dropped."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    return (TextColumn("train"), BarColumn(bar_width=20), MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}", table_column=Column(overflow="fold", min_width=20)))
+
+
 class RichProgress(TrainerCallback):
     """A TrainerCallback drawing one progress bar with loss, learning rate, supervised tokens/s,
     eval loss and ETA, and appending every log to metrics.jsonl. Only the main process draws
@@ -791,15 +802,19 @@ class RichProgress(TrainerCallback):
         self.task = None
         self.last_loss: float | None = None
         self.info: dict[str, str] = {}
+        self.max_steps = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from lora_cli.terminal import plain
 
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=self.console, transient=False)
+        self.max_steps = state.max_steps
+        if plain():  # piped or NO_COLOR: one plain line per log (on_log) instead of a redrawn bar
+            return
+        from rich.progress import Progress
+
+        self.progress = Progress(*progress_columns(), console=self.console, transient=False)
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
         self.progress.start()
 
@@ -829,6 +844,9 @@ class RichProgress(TrainerCallback):
             f.write(json.dumps(record) + "\n")
         if self.progress:
             self.progress.update(self.task, info="  ".join(self.info.values()))
+        elif self.info and ("loss" in logs or "eval_loss" in logs or "eval_accuracy" in logs):
+            self.console.print(f"train {state.global_step}/{self.max_steps}  " + "  ".join(self.info.values()),
+                               highlight=False, markup=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress:

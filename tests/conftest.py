@@ -184,3 +184,12 @@ def cli(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def readme_walk(tmp_path_factory):
+    """The README's marked blocks run in order in a fresh folder (tests/readme_walk.py); later
+    tests reuse its trained demo run (`walk.root / "runs" / "demo"`)."""
+    from readme_walk import walk_readme
+
+    return walk_readme(REPO, tmp_path_factory.mktemp("readme"))

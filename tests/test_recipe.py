@@ -172,3 +172,14 @@ def test_one_hub_id_rule_for_resolving_and_checking_paths(tmp_path):
     assert not looks_like_hub_id("data/train.jsonl")
     assert resolve_path("data/train.jsonl", tmp_path) == str(tmp_path / "data" / "train.jsonl")
     assert not looks_like_hub_id("./org/name") and not looks_like_hub_id("a/b/c")
+
+
+def test_a_missing_data_file_is_listed_with_the_other_problems(tmp_path):
+    """Key problems used to hide the missing data file until they were fixed (two runs to see
+    three problems)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\nlora: {alpah: 32, r: 0}\ndata: {path: trian.jsonl}\noutput_dir: out\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert len(e.value.problems) == 3, e.value.problems
+    assert "trian.jsonl does not exist" in e.value.problems[2]

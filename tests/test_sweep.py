@@ -58,7 +58,7 @@ def test_interrupted_sweep_keeps_finished_ranks_and_resumes(cli, tmp_path, tiny_
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert [r["rank"] for r in summary["runs"]] == [2, 4]
     assert (out / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "│ 2 │ 4 │ 896 │" in flat(second.out) and "│ 4 │ 8 │ 1,792 │" in flat(second.out)
+    assert "| 2 | 4 | 896 |" in flat(second.out) and "| 4 | 8 | 1,792 |" in flat(second.out)  # piped: Markdown table
 
     # Same ranks, changed recipe: the finished runs are not silently reused.
     changed = cli("sweep", recipe, "--ranks", "2,4", *extra, "--set", "train.learning_rate=5e-4")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CLASSIFY_DATA, REPO, SEQ2SEQ_DATA, make_recipe, write_jsonl
+from hints import as_args, hinted_commands
 
 from lora_cli.errors import RecipeError
 from lora_cli.recipe import load_recipe
@@ -171,6 +172,9 @@ def test_predict_writes_label_and_probabilities(decoder_classifier, tmp_path, cl
     assert res.code == 2 and "bad.jsonl, row 1" in res.err and not (tmp_path / "p2.jsonl").exists()
     res = cli("generate", "--adapter", run_dir, "hello")
     assert res.code == 2 and "lora predict" in res.err
+    (hinted,) = hinted_commands(res.err)  # the refusal's hint, followed
+    followed = cli(*as_args(hinted, {"rows.jsonl": str(src), "preds.jsonl": str(tmp_path / "hinted.jsonl")}))
+    assert followed.code == 0 and (tmp_path / "hinted.jsonl").is_file(), followed
     from lora_cli.errors import LoraError
     from lora_cli.serve import build_server
 
@@ -204,6 +208,10 @@ def test_bundled_classify_recipe_trains_bert(tiny_bert, tmp_path, cli):
     res = cli("train", recipe, *over)
     assert res.code == 0, res
     assert "bert.encoder.layer.{0,1}.attention.self.{query,value}; trained in full: classifier" in res.out
+    (hinted,) = hinted_commands(res.out)  # a classifier's run ends pointing at predict, not generate
+    assert hinted.startswith("lora predict"), res.out
+    followed = cli(*as_args(hinted, {"rows.jsonl": str(CLASSIFY_DATA), "preds.jsonl": str(tmp_path / "p.jsonl")}))
+    assert followed.code == 0 and "rows labelled" in followed.out, followed
     report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
     assert report["accuracy"] >= 0.8, report  # 0.911 when written; chance is 0.33
     res = cli("merge", "--adapter", tmp_path / "run", "--out", tmp_path / "merged")

@@ -1,0 +1,64 @@
+"""Every hint leads somewhere: the next steps and fixes commands print are followed here, on the
+README's own demo run (the `readme_walk` fixture), and errors that name a missing thing list
+what exists instead."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from hints import as_args, hint_text, hinted_commands
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def in_walk(readme_walk):
+    cwd = os.getcwd()
+    os.chdir(readme_walk.root)
+    yield readme_walk.root
+    os.chdir(cwd)
+
+
+def test_the_finished_demo_run_ends_with_a_hint_that_works(in_walk, cli, readme_walk):
+    train = next(s for s in readme_walk.steps if s.command == "lora train recipes/demo.yaml")
+    if train.output:  # empty when the run came from LORA_TEST_MODEL_CACHE
+        (hinted,) = hinted_commands(train.output)
+        res = cli(*as_args(hinted, {"...": "用一句话解释什么是LoRA"}))
+        assert res.code == 0 and res.out.strip(), res
+    from lora_cli.tasks import TASKS
+
+    res = cli(*as_args(TASKS["causal_lm"].next_step("runs/demo"), {"...": "What is LoRA?"}))
+    assert res.code == 0 and res.out.strip(), res
+
+
+def test_a_finished_run_is_not_offered_resume(in_walk, cli):
+    again = cli("train", "recipes/demo.yaml")
+    assert again.code == 2 and "already holds files from another run" in again.err
+    assert "--resume" not in hint_text(again.err), again.err  # it would be refused:
+    resumed = cli("train", "recipes/demo.yaml", "--resume")
+    assert resumed.code == 2 and "already finished" in resumed.err
+    # what the hint does offer works: another output_dir (checked with a dry run) or --overwrite
+    assert "--set output_dir=runs/new" in again.err and "--overwrite" in again.err
+    assert cli("train", "recipes/demo.yaml", "--set", "output_dir=runs/new", "--dry-run").code == 0
+
+
+def test_a_missing_checkpoint_lists_those_that_exist(in_walk, cli):
+    res = cli("save", "runs/demo/checkpoint-40", "--out", "adapters/nope")
+    assert res.code == 2 and "runs/demo/checkpoint-40 does not exist" in res.err, res
+    listed = re.findall(r"runs/demo/checkpoint-\d+", res.err.split("fix:")[1])
+    assert listed, res.err
+    existing = {f"runs/demo/{p.name}" for p in (in_walk / "runs" / "demo").glob("checkpoint-*")}
+    assert set(listed) == existing
+    saved = cli("save", listed[-1], "--out", "adapters/from-hint")
+    assert saved.code == 0, saved
+    resumed = cli("train", "recipes/demo.yaml", "--resume-from", "runs/demo/checkpoint-1")
+    assert resumed.code == 2 and "complete checkpoints here: checkpoint-" in resumed.err, resumed
+
+
+def test_a_missing_adapter_lists_the_adapters_beside_it(in_walk, cli):
+    res = cli("generate", "--adapter", "runs/dmeo", "hi")
+    assert res.code == 2 and "runs/dmeo does not exist" in res.err
+    assert "adapters here: runs/demo" in res.err and "did you mean runs/demo?" in res.err, res.err
