@@ -13,7 +13,6 @@ back an output killed between the two renames of its replacement, and drops the 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import secrets
@@ -52,8 +51,23 @@ def _hold(path: Path) -> int:
     writes it: the kernel drops it when the process dies, however it dies, so a later run
     tells a dead writer's leftovers from a live writer's work (`is_abandoned`)."""
     fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if not _lock_now(fd):
+        os.close(fd)
+        raise OSError(errno.EWOULDBLOCK, f"{path} is held by another process")
     return fd
+
+
+def _lock_now(fd: int) -> bool:
+    """An exclusive lock on an open descriptor without waiting, through filelock (flock on
+    POSIX, LockFileEx on Windows, so nothing here needs fcntl); False when another process holds it."""
+    from filelock import lock_descriptor
+
+    try:
+        return lock_descriptor(fd, blocking=False)
+    except OSError as e:  # some filesystems report contention as an error
+        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            return False
+        raise
 
 
 def _release(fd: int | None) -> None:
@@ -68,12 +82,7 @@ def is_abandoned(path: Path) -> bool:
     except OSError:
         return False  # gone already, or not ours to open
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError as e:
-        if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            return False
-        raise
+        return _lock_now(fd)
     finally:
         os.close(fd)
 

@@ -60,8 +60,12 @@ def _print_version(value: bool) -> None:
 def _main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print lora's version and exit.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries' own logs and warnings through (for bug reports).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (generated text, --json), warnings and errors.")] = False,
 ):
-    pass  # options of `lora` itself; the app's help is the Typer(help=...) above
+    # options of `lora` itself; the app's help is the Typer(help=...) above.
+    # --verbose took effect in run(), before any library was imported.
+    console.quiet = quiet
 
 
 def with_resume_path(args: list[str]) -> list[str]:
@@ -671,15 +675,6 @@ def _optional_click(name: str) -> list[type]:
         return [getattr(importlib.import_module("click.exceptions"), name)]
     except ImportError:
         return []
-
-
-@app.callback()
-def _options(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries' own logs and warnings through (for bug reports).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (generated text, --json), warnings and errors.")] = False,
-):
-    """LoRA and QLoRA fine-tuning driven by YAML recipes."""
-    console.quiet = quiet  # --verbose took effect in run(), before any library was imported
 
 
 def _wants_verbose(argv: list[str]) -> bool:
