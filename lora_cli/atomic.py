@@ -51,13 +51,13 @@ def _hold(path: Path) -> int:
     writes it: the kernel drops it when the process dies, however it dies, so a later run
     tells a dead writer's leftovers from a live writer's work (`is_abandoned`)."""
     fd = os.open(path, os.O_RDONLY)
-    if not _lock_now(fd):
+    if not try_lock(fd):
         os.close(fd)
         raise OSError(errno.EWOULDBLOCK, f"{path} is held by another process")
     return fd
 
 
-def _lock_now(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     """An exclusive lock on an open descriptor without waiting, through filelock (flock on
     POSIX, LockFileEx on Windows, so nothing here needs fcntl); False when another process holds it."""
     from filelock import lock_descriptor
@@ -82,7 +82,7 @@ def is_abandoned(path: Path) -> bool:
     except OSError:
         return False  # gone already, or not ours to open
     try:
-        return _lock_now(fd)
+        return try_lock(fd)
     finally:
         os.close(fd)
 

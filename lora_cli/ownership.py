@@ -414,7 +414,7 @@ class FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the user's umask decides
         try:
-            locked = _try_lock(fd)
+            locked = atomic.try_lock(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -439,24 +439,11 @@ def check_unlocked(folder: Path) -> None:
         return
     fd = os.open(path, os.O_RDWR)  # Windows' LockFileEx needs a handle that may write
     try:
-        free = _try_lock(fd)
+        free = atomic.try_lock(fd)
     finally:
         os.close(fd)  # closing drops the lock this probe may have taken
     if not free:
         raise _busy(Path(folder), holder_pid(path))
-
-
-def _try_lock(fd: int) -> bool:
-    """Take the exclusive lock on an open descriptor without waiting; False when another
-    process holds it."""
-    from filelock import lock_descriptor
-
-    try:
-        return lock_descriptor(fd, blocking=False)
-    except OSError as e:  # some filesystems report contention as an error
-        if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            return False
-        raise
 
 
 def holder_pid(path: Path) -> str:
