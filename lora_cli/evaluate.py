@@ -250,7 +250,12 @@ class GGUFCandidate(Candidate):
         except ImportError:
             raise LoraError("--gguf needs llama-cpp-python", "pip install 'lora-cli[export]'") from None
         try:
-            self.llm = Llama(model_path=source, n_ctx=context, logits_all=True, verbose=False, seed=seed or 0)
+            # n_ubatch=1: llama.cpp's CPU build multiplies quantized weights (q8_0 ...) by several
+            # tokens at once with repacked / AMX kernels that wrote out of bounds and segfaulted
+            # in decode on our AVX-512/AMX machine; token by token takes the plain vector path.
+            # llama-cpp-python does not expose llama.cpp's use_extra_bufts switch to turn them off.
+            self.llm = Llama(model_path=source, n_ctx=context, n_ubatch=1, logits_all=True, verbose=False,
+                             seed=seed or 0)
         except (ValueError, RuntimeError) as e:
             raise LoraError(f"--gguf {source}: llama.cpp cannot load it ({e})",
                             "pass a model file `lora export --format gguf` wrote (not a gguf-adapter file)") from None
@@ -641,8 +646,8 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[lis
         _check_same_tokenizer(asking, cand.backend.tokenizer, f"--merged {folder}")
     context = max((len(ids) for ids, _ in asking.scored), default=0) + request.settings.max_new_tokens + 8
     context = max(context, max((len(p) for p in asking.prompts), default=0) + request.settings.max_new_tokens + 8)
-    for file in request.gguf:  # a context below 512 has crashed llama.cpp's decode (segfault) in our runs
-        candidates.append(GGUFCandidate(Path(file).stem, file, max(512, context), request.settings.seed or 0))
+    for file in request.gguf:
+        candidates.append(GGUFCandidate(Path(file).stem, file, context, request.settings.seed or 0))
     for url in request.endpoint:
         candidates.append(EndpointCandidate("endpoint", url, request.endpoint_model, request.api_key))
     for cand, name in zip(candidates, _unique([c.name for c in candidates])):
