@@ -80,7 +80,7 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
     for where, raw in source.stream():
         if limit and len(rows) >= limit:
             break
-        messages, tools, reference = split_reference(SHAPES[fmt].parse(raw, where, columns))
+        messages, tools, reference = split_reference(SHAPES[fmt].parse(raw, where, columns, answered=False))
         if not messages or messages[-1]["role"] not in ("user", "tool"):
             raise DataError(f"{where}: nothing to ask (no user turn before the answer)",
                             "each row needs a question (instruction / user turn) and its answer")
