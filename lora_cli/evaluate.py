@@ -250,10 +250,10 @@ class GGUFCandidate(Candidate):
         except ImportError:
             raise LoraError("--gguf needs llama-cpp-python", "pip install 'lora-cli[export]'") from None
         try:
-            # n_ubatch=1: llama.cpp's CPU build multiplies quantized weights (q8_0 ...) by several
-            # tokens at once with repacked / AMX kernels that wrote out of bounds and segfaulted
-            # in decode on our AVX-512/AMX machine; token by token takes the plain vector path.
-            # llama-cpp-python does not expose llama.cpp's use_extra_bufts switch to turn them off.
+            # n_ubatch=1: on a CPU with AMX, llama.cpp repacks q8_0 (and other quantized) weights
+            # for its AMX kernels, which it uses only on multi-token batches; those segfaulted in
+            # decode here (tiny model, q8_0). One token per batch takes the plain vector path.
+            # llama-cpp-python does not expose llama.cpp's use_extra_bufts switch to turn AMX off.
             self.llm = Llama(model_path=source, n_ctx=context, n_ubatch=1, logits_all=True, verbose=False,
                              seed=seed or 0)
         except (ValueError, RuntimeError) as e:
