@@ -283,8 +283,9 @@ class GGUFCandidate(Candidate):
                             "with the template the file was exported with")
 
     def answers(self, asking, settings, tick):
-        """llama.cpp's own logits, one token at a time (create_completion segfaulted in
-        llama.cpp's decode in our runs): argmax when greedy, else seeded softmax sampling."""
+        """llama.cpp's own logits, one token at a time: argmax when greedy, else seeded softmax
+        sampling. (This loop replaced create_completion when decode segfaulted; that crash was
+        llama.cpp's AMX kernels on multi-token batches, see __init__'s n_ubatch.)"""
         import numpy as np
 
         rng = np.random.default_rng(settings.seed)
