@@ -81,7 +81,7 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
     for where, raw in source.stream():
         if limit and len(rows) >= limit:
             break
-        messages, tools, reference = split_reference(SHAPES[fmt].parse(raw, where, columns))
+        messages, tools, reference = split_reference(SHAPES[fmt].parse(raw, where, columns, answered=False))
         if not messages or messages[-1]["role"] not in ("user", "tool"):
             raise DataError(f"{where}: nothing to ask (no user turn before the answer)",
                             "each row needs a question (instruction / user turn) and its answer")
@@ -251,7 +251,12 @@ class GGUFCandidate(Candidate):
         except ImportError:
             raise LoraError("--gguf needs llama-cpp-python", install_hint("export")) from None
         try:
-            self.llm = Llama(model_path=source, n_ctx=context, logits_all=True, verbose=False, seed=seed or 0)
+            # n_ubatch=1: on a CPU with AMX, llama.cpp repacks q8_0 (and other quantized) weights
+            # for its AMX kernels, which it uses only on multi-token batches; those segfaulted in
+            # decode here (tiny model, q8_0). One token per batch takes the plain vector path.
+            # llama-cpp-python does not expose llama.cpp's use_extra_bufts switch to turn AMX off.
+            self.llm = Llama(model_path=source, n_ctx=context, n_ubatch=1, logits_all=True, verbose=False,
+                             seed=seed or 0)
         except (ValueError, RuntimeError) as e:
             raise LoraError(f"--gguf {source}: llama.cpp cannot load it ({e})",
                             "pass a model file `lora export --format gguf` wrote (not a gguf-adapter file)") from None
@@ -279,8 +284,9 @@ class GGUFCandidate(Candidate):
                             "with the template the file was exported with")
 
     def answers(self, asking, settings, tick):
-        """llama.cpp's own logits, one token at a time (create_completion segfaulted in
-        llama.cpp's decode in our runs): argmax when greedy, else seeded softmax sampling."""
+        """llama.cpp's own logits, one token at a time: argmax when greedy, else seeded softmax
+        sampling. (This loop replaced create_completion when decode segfaulted; that crash was
+        llama.cpp's AMX kernels on multi-token batches, see __init__'s n_ubatch.)"""
         import numpy as np
 
         rng = np.random.default_rng(settings.seed)
@@ -642,8 +648,8 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[lis
         _check_same_tokenizer(asking, cand.backend.tokenizer, f"--merged {folder}")
     context = max((len(ids) for ids, _ in asking.scored), default=0) + request.settings.max_new_tokens + 8
     context = max(context, max((len(p) for p in asking.prompts), default=0) + request.settings.max_new_tokens + 8)
-    for file in request.gguf:  # a context below 512 has crashed llama.cpp's decode (segfault) in our runs
-        candidates.append(GGUFCandidate(Path(file).stem, file, max(512, context), request.settings.seed or 0))
+    for file in request.gguf:
+        candidates.append(GGUFCandidate(Path(file).stem, file, context, request.settings.seed or 0))
     for url in request.endpoint:
         candidates.append(EndpointCandidate("endpoint", url, request.endpoint_model, request.api_key))
     for cand, name in zip(candidates, _unique([c.name for c in candidates])):

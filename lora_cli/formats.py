@@ -269,22 +269,24 @@ def _check_object(row, where: str, fmt: str) -> None:
 
 # --------------------------------------------------------------------------- alpaca
 
-def alpaca_conversation(row, where: str, columns: dict) -> list[dict]:
+def alpaca_conversation(row, where: str, columns: dict, answered: bool = True) -> list[dict]:
+    """answered=False (`lora eval`'s questions): the output may be missing; it is then left out."""
     _check_object(row, where, "alpaca")
     instruction = _field(row, "instruction", columns, where, "alpaca", required=True)
     input = _field(row, "input", columns, where, "alpaca", required=False) or ""
-    output = _field(row, "output", columns, where, "alpaca", required=True)
+    output = _field(row, "output", columns, where, "alpaca", required=answered)
     system = _field(row, "system", columns, where, "alpaca", required=False)
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": instruction, "input": input},
-                       {"role": "assistant", "content": output}]
+    return messages + [{"role": "user", "content": instruction, "input": input}] + (
+        [{"role": "assistant", "content": output}] if output is not None else [])
 
 
 # --------------------------------------------------------------------------- chat (with tools)
 
-def chat_conversation(row, where: str, columns: dict):
+def chat_conversation(row, where: str, columns: dict, answered: bool = True):
     """OpenAI `messages` (role/content, tool_calls, tool results) or ShareGPT `conversations`
-    (from/value, function_call and observation turns), with an optional `tools` list."""
+    (from/value, function_call and observation turns), with an optional `tools` list.
+    answered=False (`lora eval`'s questions): a conversation without an assistant turn is kept."""
     _check_object(row, where, "chat")
     name = next((columns.get(k, k) for k in ("messages", "conversations") if row.get(columns.get(k, k)) is not None), None)
     if name is None:
@@ -304,12 +306,14 @@ def chat_conversation(row, where: str, columns: dict):
         if message["role"] == "system" and messages:
             raise DataError(f"{where}, turn {j}: a system turn must come first", "move it to the start of the conversation")
         messages.append(message)
+    tools = parse_tools(row.get(columns.get("tools", "tools")), f"{where}, field 'tools'")
+    if not answered and not any(m["role"] == "assistant" for m in messages):
+        return {"messages": messages, "tools": tools}  # a question only: eval refuses it where it needs an answer
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: conversation has no assistant turn, so there is nothing to learn",
                         "add the assistant's answer (role 'assistant', or from 'gpt'), or remove the row")
     while messages[-1]["role"] != "assistant":  # trailing questions have no answer to learn
         messages.pop()
-    tools = parse_tools(row.get(columns.get("tools", "tools")), f"{where}, field 'tools'")
     return {"messages": messages, "tools": tools} if tools else messages
 
 

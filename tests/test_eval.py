@@ -141,6 +141,19 @@ def test_q8_0_difference_is_reported(everything):
         assert set(entry["diff"]) == {"value", "low", "high"}
 
 
+def test_q8_0_gguf_alone_scores_whole_prompts(trained, shipped, data, tmp_path):
+    """A q8_0 file decoding a many-token prompt in one batch segfaulted inside llama.cpp (its
+    repacked / AMX quantized CPU kernels, on this tiny model's shapes); one GGUF, no other candidate."""
+    from lora_cli.cli import run
+
+    out = tmp_path / "out"
+    assert run(["eval", "--data", str(data), "-a", f"trained={trained}", "--gguf", str(shipped["q8_0"]),
+                "--metrics", "loss,exact_match", "--max-new-tokens", "8", "--bootstrap", "10", "--out", str(out)]) == 0
+    record = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert [c["kind"] for c in record["candidates"]] == ["adapter", "gguf"]
+    assert record["candidates"][1]["metrics"]["loss"]["value"] > 0
+
+
 # --------------------------------------------------------------------------- refusals
 
 def test_candidates_that_are_not_what_their_flag_says(trained, shipped, data, cli, tmp_path):
