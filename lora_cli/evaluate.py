@@ -721,11 +721,12 @@ def run_eval(request: Request, out: Path | None = None, force: bool = False, pro
              log: Callable[[str], None] = print) -> dict:
     """Load, ask, score; write OUT/eval.json, answers.jsonl and eval.png when `out` is given.
     Returns the eval.json record."""
-    from lora_cli.merge import check_out
+    from lora_cli import ownership
 
-    if out is not None:
-        check_out(Path(out), force, "eval", [("--data", request.data), *[("--adapter", p) for p in request.adapters.values()],
-                                             *[("--merged", p) for p in request.merged], *[("--gguf", p) for p in request.gguf]])
+    if out is not None:  # the one output rule: never over an input, replaced only with --force and only if eval wrote it
+        ownership.check_output(Path(out), "eval", force=force, folder=True,
+                               inputs=[("--data", request.data), *[("--adapter", p) for p in request.adapters.values()],
+                                       *[("--merged", p) for p in request.merged], *[("--gguf", p) for p in request.gguf]])
     candidates, asking, metrics, task = load_candidates(request)
     names = [c.name for c in candidates]
     baseline = request.baseline or names[0]
@@ -770,9 +771,9 @@ def answer_rows(candidates, asking: Asking, answers: dict[str, list[Answer]]) ->
 
 
 def write_outputs(out: Path, record: dict, rows: list[dict], force: bool) -> None:
-    from lora_cli.merge import staged_output
+    from lora_cli import ownership
 
-    with staged_output(out, force, "eval") as staging:
+    with ownership.writing_folder(out, "eval", force) as staging:
         (staging / EVAL_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
         (staging / ANSWERS_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                             encoding="utf-8")

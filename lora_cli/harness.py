@@ -79,14 +79,15 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
               log: Callable[[str], None] = print) -> dict:
     """{"candidates": [{"name", "kind", "tasks": lm-eval's results}], "settings": ...} for the
     base (with --base, or when no adapter is given) and each adapter; written to OUT/eval.json."""
-    from lora_cli.merge import check_out, staged_output
+    from lora_cli import ownership
     from lora_cli.model import local_device, read_adapter
 
     if request.merged or request.gguf or request.endpoint:
         raise LoraError("--tasks runs lm-eval on the base and adapters only",
                         "drop --merged / --gguf / --endpoint, or run them without --tasks")
     if out is not None:
-        check_out(Path(out), force, "eval", [("--adapter", p) for p in request.adapters.values()])
+        ownership.check_output(Path(out), "eval", force=force, folder=True,
+                               inputs=[("--adapter", p) for p in request.adapters.values()])
     manager = task_manager(include_path)
     check_tasks(manager, tasks)
     infos = {name: read_adapter(p) for name, p in request.adapters.items()}
@@ -104,7 +105,7 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
                                  request.settings.seed or 0)
         record["candidates"].append({"name": name, "kind": kind, "model_args": args, "tasks": results})
     if out is not None:
-        with staged_output(Path(out), force, "eval") as staging:
+        with ownership.writing_folder(Path(out), "eval", force) as staging:
             (staging / TASKS_FILE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     return record
 

@@ -101,7 +101,7 @@ def _predict(u, m, code):
 
     info = types.SimpleNamespace(model_section={"labels": ["neg", "pos"]}, recipe={"data": {"max_length": 16}})
     m.setattr(lora_cli.tasks, "refuse_unless", lambda *a, **k: None)
-    m.setattr(lora_cli.model, "load_for_inference", lambda adapters, base=None: (None, None, {"adapter": info}))
+    m.setattr(lora_cli.model, "load_for_inference", lambda adapters, base=None, **_: (None, None, {"adapter": info}))
     m.setattr(lora_cli.tasks, "predict_file", lambda *a: ([{"text": "a row", "label": "pos"}], None))
     out = u["root"] / "labels.jsonl"
     _failing_staged_text(m, out.name, code)

@@ -66,7 +66,7 @@ def test_dtype_picks_saved_precision(tiny_random, tmp_path, cli):
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     res = cli("merge", "--adapter", adapter, "--out", tmp_path / "x", "--dtype", "int8")
-    assert res.code == 2 and "--dtype 'int8'" in res.err and not (tmp_path / "x").exists()
+    assert res.code == 2 and "--dtype" in res.err and "'int8' is not one of" in res.err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("options, message", [

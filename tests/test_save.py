@@ -70,7 +70,8 @@ def test_save_refuses_what_it_cannot_export(run, tmp_path, cli):
     assert res.code == 2 and "already exists" in res.err and "--force" in res.err
     assert (tmp_path / "clean" / "adapter_model.safetensors").read_bytes() == weights
     res = cli("save", tmp_path / "nowhere", "--out", tmp_path / "x")
-    assert res.code == 2 and "no adapter_config.json" in res.err and not (tmp_path / "x").exists()
+    assert res.code == 2 and "nowhere does not exist" in res.err and not (tmp_path / "x").exists()
+    assert f"adapters here: {tmp_path / 'clean'}" in " ".join(res.err.split())  # what exists instead
     empty_run = tmp_path / "run-without-final"
     (empty_run / "checkpoint-3").mkdir(parents=True)
     res = cli("save", empty_run, "--out", tmp_path / "x")
