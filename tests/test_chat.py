@@ -6,9 +6,10 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from conftest import REPO
 from inference_helpers import two_random_adapters
 
 Q1, Q2 = "What is LoRA?", "And QLoRA?"
@@ -64,7 +65,7 @@ def test_real_command_with_scripted_stdin(adapters, tmp_path):
     script = ["/help", "/params temperature=0 max_new_tokens=6", "/params top_p=5", "/params nonsense",
               "/adapter nope", "/adapter", "/adapter two", "hello there", "/bogus",
               f"/save {saved}", f"/save {saved}", "/exit"]
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "lora"), "chat", "-a", f"one={one}", "-a", f"two={two}",
+    proc = subprocess.run([str(Path(sys.executable).with_name("lora")), "chat", "-a", f"one={one}", "-a", f"two={two}",
                            "--system", "Be brief."], input="\n".join(script) + "\n",
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -12,7 +12,7 @@ from lora_cli.recipe import README_MARKERS, with_reference
 @pytest.mark.parametrize("args, expected", [
     (["nosuch"], "No such command 'nosuch'"),
     (["train"], "Missing argument"),
-    (["train", "recipes/demo.yaml", "--nope"], "No such option: --nope"),
+    (["train", "recipes/demo.yaml", "--nope"], "--nope"),  # click's wording varies by release; the option is named
     (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
     (["merge", "--adapter", "x", "--out", "y", "--dtype", "int3"], "--dtype"),
 ])
@@ -20,6 +20,7 @@ def test_usage_errors_exit_2_without_traceback(cli, args, expected):
     res = cli(*args)
     assert res.code == 2, res
     assert expected in res.err + res.out
+    assert "No such" in res.err or args[-1] != "--nope"
     assert "Traceback" not in res.err + res.out
 
 
