@@ -7,15 +7,17 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import urllib.error
 import urllib.request
 
 import pytest
-from conftest import REPO, write_jsonl
+from conftest import write_jsonl
 from inference_helpers import two_random_adapters
 
 openai = pytest.importorskip("openai")  # the `serve` extra; the test extra installs it
@@ -327,7 +329,7 @@ def test_lora_serve_command_binds_localhost_and_prints_the_curl_line(adapters, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "lora"), "serve", "-a", f"one={adapters[0]}", "--port", str(port)],
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("lora")), "serve", "-a", f"one={adapters[0]}", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                             env={**os.environ, "COLUMNS": "300"})
     try:
