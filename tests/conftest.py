@@ -164,6 +164,22 @@ def make_recipe(tmp_path: Path, model: Path, data: Path | None = None, **section
     return path
 
 
+def train_learned_adapter(base: Path, work: Path, rows: list[dict]) -> Path:
+    """`lora train` on `rows` until their answers are learned (all-linear r=8, 40 epochs, the
+    human_assistant template): an adapter whose answers are learned, not the near ties of random
+    weights, as a user's adapter is. Returns its run folder."""
+    from lora_cli.cli import run
+
+    data = write_jsonl(work / "data.jsonl", rows)
+    recipe = make_recipe(work, base, data, lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
+                         train={"epochs": 40, "max_steps": -1, "learning_rate": 3e-3, "batch_size": len(rows)})
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw["data"]["template"] = "human_assistant"
+    recipe.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    assert run(["train", str(recipe)]) == 0
+    return work / "run"
+
+
 class CliResult:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

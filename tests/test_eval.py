@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import demo_rows, make_recipe, write_jsonl
+from conftest import demo_rows, make_recipe, train_learned_adapter, write_jsonl
 
 ROWS = 12          # demo rows trained on and asked (a few dozen tokens each)
 NEW_TOKENS = 64    # room for a whole learned answer, so exact match can hold
@@ -21,16 +21,7 @@ GENERATION = ("exact_match", "contains", "rouge_l", "bleu", "chrf")
 
 
 def _train(tiny_base: Path, work: Path, rows: list[dict]) -> Path:
-    from lora_cli.cli import run
-
-    data = write_jsonl(work / "data.jsonl", rows)
-    recipe = make_recipe(work, tiny_base, data, lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
-                         train={"epochs": 40, "max_steps": -1, "learning_rate": 3e-3, "batch_size": ROWS})
-    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    raw["data"]["template"] = "human_assistant"
-    recipe.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    assert run(["train", str(recipe)]) == 0
-    return work / "run"
+    return train_learned_adapter(tiny_base, work, rows)
 
 
 @pytest.fixture(scope="module")

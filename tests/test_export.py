@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import demo_rows, make_recipe, write_jsonl
+from conftest import demo_rows, train_learned_adapter
 from inference_helpers import random_adapter
 
 PROMPTS = ["什么是LoRA？", "用一句话解释什么是微调。", "What is LoRA?", "Explain  fine-tuning,\nbriefly: 3 steps!",
@@ -88,17 +88,7 @@ def qwen2_adapter(tiny_qwen2, tmp_path_factory) -> Path:
 def trained_adapter(tiny_base, tmp_path_factory) -> Path:
     """An adapter `lora train` really trained on a few demo rows: its answers are learned, not
     the near ties of random weights, as a user's adapter is."""
-    from lora_cli.cli import run
-
-    work = tmp_path_factory.mktemp("trained")
-    data = write_jsonl(work / "data.jsonl", demo_rows(Q8_PROMPTS))
-    recipe = make_recipe(work, tiny_base, data, lora={"r": 8, "alpha": 16, "target_modules": "all-linear"},
-                         train={"epochs": 40, "max_steps": -1, "learning_rate": 3e-3, "batch_size": Q8_PROMPTS})
-    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
-    raw["data"]["template"] = "human_assistant"
-    recipe.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    assert run(["train", str(recipe)]) == 0
-    return work / "run"
+    return train_learned_adapter(tiny_base, tmp_path_factory.mktemp("trained"), demo_rows(Q8_PROMPTS))
 
 
 @pytest.fixture(scope="module")
