@@ -54,9 +54,9 @@ def main() -> None:
     from inference_helpers import random_adapter
 
     from lora_cli.evaluate import Request, Settings
-    from lora_cli.export import export
-    from lora_cli.merge import merge_adapter
-    from lora_cli.serve import ServerThread, build_server
+    from lora_cli.export.gguf import export
+    from lora_cli.export.merge import merge_adapter
+    from lora_cli.infer.serve import ServerThread, build_server
 
     quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,15 +16,16 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import libraries, ownership, progress
+from lora_cli import libraries, progress
+from lora_cli.files import ownership
 from lora_cli.errors import LoraError
-from lora_cli.inputs import check_adapter_name, clip_lines
+from lora_cli.files.inputs import check_adapter_name, clip_lines
 
 # Closed sets of values, typed as Literal so --help lists them and click refuses others (exit 2).
 # Each comes from the module that owns it (light imports: no torch at start-up).
-from lora_cli.export import FORMATS as EXPORT_FORMATS  # noqa: E402
-from lora_cli.merge import MERGE_DTYPES  # noqa: E402
-from lora_cli.tiny_encoders import ARCHS  # noqa: E402
+from lora_cli.export.gguf import FORMATS as EXPORT_FORMATS  # noqa: E402
+from lora_cli.export.merge import MERGE_DTYPES  # noqa: E402
+from lora_cli.tiny.encoders import ARCHS  # noqa: E402
 
 ArchChoice = Literal[ARCHS]
 ExportFormat = Literal[EXPORT_FORMATS]
@@ -101,11 +102,11 @@ def train(
 
     Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 130 / 143;
     a non-finite loss stops the run with exit code 3."""
-    from lora_cli.checkpoint import Resume
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.checkpoint import Resume
+    from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.train import TrainingStopped, run_training
+    from lora_cli.train.run import TrainingStopped, run_training
 
     try:
         run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=console,
@@ -125,8 +126,8 @@ def check(
     as_json: JsonOption = False,
 ):
     """Validate a recipe and warn about risky hyperparameters, without loading anything heavy."""
-    from lora_cli.lint import lint_recipe, refuse_if_strict, verdict
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.lint import lint_recipe, refuse_if_strict, verdict
+    from lora_cli.recipe.schema import load_recipe
 
     findings = lint_recipe(load_recipe(recipe, set_ or []))
     if as_json:
@@ -157,7 +158,7 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
 def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str, str]]:
     """The folders an adapter command reads, for the output check: each adapter, the base it
     names and --base. A damaged adapter is left to the loader to refuse."""
-    from lora_cli.model import read_adapter
+    from lora_cli.model.load import read_adapter
 
     inputs: list[tuple[str, str]] = [("base model (--base)", base)] if base else []
     for name, path in adapters.items():
@@ -170,7 +171,7 @@ def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str
 
 
 def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
-    from lora_cli.infer import GenerationSettings
+    from lora_cli.infer.generate import GenerationSettings
 
     try:
         return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
@@ -189,8 +190,8 @@ ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list 
 
 def _load_variants(adapter, base, template, engine: str = "transformers", trust_remote_code: bool = False):
     """(inference backend, adapter infos, base template) for generate, chat and serve."""
-    from lora_cli.backends import backend_class
-    from lora_cli.template import resolve_template
+    from lora_cli.infer.engines import backend_class
+    from lora_cli.data.template import resolve_template
 
     if template:
         resolve_template(template)  # unknown names fail before anything heavy loads
@@ -228,7 +229,7 @@ def generate(
     Several --adapter answer the same prompts side by side."""
     import json
 
-    from lora_cli.infer import BASE, Prompt, read_prompts, read_tools
+    from lora_cli.infer.generate import BASE, Prompt, read_prompts, read_tools
 
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     tool_schemas = read_tools(tools) if tools else None
@@ -239,7 +240,7 @@ def generate(
         ownership.check_output(out, "generate", force=force, inputs=[
             ("prompt file (--file)", file), ("tools file (--tools)", tools), *adapter_inputs(parse_adapters(adapter), base)])
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
-    from lora_cli.infer import generate_rows
+    from lora_cli.infer.generate import generate_rows
 
     backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
     if base_only or not infos:
@@ -277,7 +278,7 @@ def chat(
     """Talk to the base with one or more adapters; /adapter NAME switches, /help lists commands.
     Answers stream as they are generated; Ctrl-C stops one, /exit leaves."""
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-    from lora_cli.infer import ChatSession, chat_loop, read_tools
+    from lora_cli.infer.generate import ChatSession, chat_loop, read_tools
 
     tool_schemas = read_tools(tools) if tools else []
     backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
@@ -323,7 +324,7 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise LoraError("lora serve needs FastAPI and uvicorn", libraries.install_hint("serve")) from None
-    from lora_cli.serve import build_server, run_server
+    from lora_cli.infer.serve import build_server, run_server
 
     server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,
                           max_batch=max_batch, max_queue=max_queue, limits=limits, trust_remote_code=trust_remote_code)
@@ -334,7 +335,7 @@ def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> Non
     import subprocess
     import tempfile
 
-    from lora_cli.serve_vllm import missing_for_vllm, prepare_vllm
+    from lora_cli.infer.vllm import missing_for_vllm, prepare_vllm
 
     with tempfile.TemporaryDirectory(prefix="lora-vllm-") as work:
         argv = prepare_vllm(adapters, base=base, host=host, port=port, api_key=api_key, work_dir=Path(work))
@@ -365,7 +366,7 @@ def predict(
     ownership.check_output(out, "predict", force=force,
                            inputs=[("rows (--file)", file), *adapter_inputs({"adapter": adapter}, base)])
     refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", 'use lora generate --adapter {adapter} "..."')
-    from lora_cli.model import load_for_inference
+    from lora_cli.model.load import load_for_inference
     from lora_cli.tasks import predict_file
 
     with progress.spinner("loading the model", console):
@@ -467,7 +468,7 @@ def merge(
 ):
     """Fold the adapter into its base and write a full model folder (safetensors, tokenizer,
     generation config, model card) that plain transformers loads."""
-    from lora_cli.merge import merge_adapter
+    from lora_cli.export.merge import merge_adapter
 
     with progress.spinner(f"merging into {out}", console):
         merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
@@ -485,7 +486,7 @@ def export(
 ):
     """Write the adapter for llama.cpp / Ollama: merged into its base as GGUF (tokenizer and the
     training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
-    from lora_cli.export import export as run_export
+    from lora_cli.export.gguf import export as run_export
 
     with progress.spinner(f"exporting {out}", console):
         run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
@@ -499,7 +500,7 @@ def save(
 ):
     """Export a clean adapter folder (adapter weights and config, tokenizer, recipe, model card;
     no optimizer state)."""
-    from lora_cli.merge import save_adapter
+    from lora_cli.export.merge import save_adapter
 
     save_adapter(source, out, force=force, log=console.print)
 
@@ -512,10 +513,10 @@ def estimate(
     as_json: JsonOption = False,
 ):
     """Trainable parameters, adapter size and training memory, from the model's config alone."""
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.estimate import estimate_recipe, parse_count, print_estimate
+    from lora_cli.train.estimate import estimate_recipe, parse_count, print_estimate
 
     limit = parse_count(budget) if budget is not None else None
     est = estimate_recipe(r, budget=limit)
@@ -537,12 +538,12 @@ def sweep(
     force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora sweep` wrote it.")] = False,
 ):
     """Train the recipe at several ranks (output_dir/r{rank}) and find the knee; reruns skip finished ranks."""
-    from lora_cli.recipe import load_recipe
-    from lora_cli.sweep import parse_ranks
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.sweep import parse_ranks
 
     rank_list = parse_ranks(ranks)
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.sweep import print_sweep, run_sweep
+    from lora_cli.train.sweep import print_sweep, run_sweep
 
     print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, force=force, recipe_path=recipe,
                           console=console), console)
@@ -558,7 +559,7 @@ def analyze(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
-    from lora_cli.analyze import analyze_adapter, plot_analysis, print_analysis
+    from lora_cli.model.analyze import analyze_adapter, plot_analysis, print_analysis
 
     if plot is not None:  # before the work: the plot may not replace what the analysis reads
         ownership.check_output(plot, "analyze", force=force, flag="--plot",
@@ -579,17 +580,17 @@ def build_tiny(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier build-tiny wrote it.")] = False,
 ):
     """Build a tiny offline base: the Llama the demo and tests use, or a BERT, T5 or BART shape."""
-    from lora_cli.tiny_encoders import ARCHS
+    from lora_cli.tiny.encoders import ARCHS
 
     if arch not in ARCHS:
         raise LoraError(f"--arch {arch!r} is not one of {', '.join(ARCHS)}")
     if arch == "llama":
-        from lora_cli.tiny import build_tiny_model
+        from lora_cli.tiny.decoder import build_tiny_model
 
         with progress.task("pre-training the tiny base", console, total=steps):
             build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
         return
-    from lora_cli.tiny_encoders import build_tiny_encoder_model
+    from lora_cli.tiny.encoders import build_tiny_encoder_model
 
     waiting = (progress.spinner(f"building the tiny {arch}", console) if arch == "bert"  # random: nothing to train
                else progress.task(f"pre-training the tiny {arch}", console, total=steps))
@@ -603,7 +604,7 @@ def recipe_keys(
     update: Annotated[Optional[Path], typer.Option("--update", help="Rewrite the reference block of this README in place.")] = None,
 ):
     """Print every recipe key with its type, default and meaning (Markdown)."""
-    from lora_cli.recipe import reference_markdown, update_reference
+    from lora_cli.recipe.schema import reference_markdown, update_reference
 
     if update is None:
         print(reference_markdown())
@@ -647,13 +648,13 @@ def data_preview(
     rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
 ):
     """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
     if r.model.task != "causal_lm":
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
                         f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
-    from lora_cli.preview import preview_data
+    from lora_cli.train.preview import preview_data
 
     preview_data(r, rows=rows, console=console)
 

@@ -79,8 +79,8 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
               log: Callable[[str], None] = print) -> dict:
     """{"candidates": [{"name", "kind", "tasks": lm-eval's results}], "settings": ...} for the
     base (with --base, or when no adapter is given) and each adapter; written to OUT/eval.json."""
-    from lora_cli import ownership
-    from lora_cli.model import local_device, read_adapter
+    from lora_cli.files import ownership
+    from lora_cli.model.load import local_device, read_adapter
 
     if request.merged or request.gguf or request.endpoint:
         raise LoraError("--tasks runs lm-eval on the base and adapters only",

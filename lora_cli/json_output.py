@@ -24,8 +24,8 @@ def check_doc(source, findings, strict: bool) -> dict:
 
 
 def estimate_doc(est, recipe) -> dict:
-    from lora_cli.batching import batch_shape
-    from lora_cli.estimate import fits
+    from lora_cli.data.batching import batch_shape
+    from lora_cli.train.estimate import fits
 
     p, m = est.params, est.memory
     return {

@@ -2,8 +2,8 @@
 Liger's fused kernels, and the token budget of one forward pass.
 
 The choices are pure functions of `DeviceFacts` (what the machine has), so they are tested
-on CPU with made-up facts; lora_cli.model.device_facts reads the real ones, and
-lora_cli.estimate sizes the token budget (sized_tokens_per_batch) with choose_rows. Each choice is reported on
+on CPU with made-up facts; lora_cli.model.load.device_facts reads the real ones, and
+lora_cli.train.estimate sizes the token budget (sized_tokens_per_batch) with choose_rows. Each choice is reported on
 the `batches` line of `lora train`.
 
 - attention (model.attn_implementation auto): on a CUDA GPU, flash_attention_2 where the
@@ -16,7 +16,7 @@ the `batches` line of `lora train`.
 - token budget (train.tokens_per_batch empty): on a CUDA GPU, the most rows per forward pass
   (a power of two, up to the rows of one optimizer step) whose estimated memory fits the card's
   free memory with 10% to spare, through the estimate's activation model; elsewhere 4096 tokens. Rows per
-  optimizer step stay as the recipe says (lora_cli.batching).
+  optimizer step stay as the recipe says (lora_cli.data.batching).
 """
 
 from __future__ import annotations

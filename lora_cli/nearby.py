@@ -26,7 +26,7 @@ def closest(name: str, choices) -> str:
 
 def adapter_folders(folder: Path) -> list[str]:
     """Paths of the adapter folders in `folder` and of the checkpoints inside them, newest checkpoint last."""
-    from lora_cli.checkpoint import ADAPTER_CONFIG, checkpoint_step
+    from lora_cli.train.checkpoint import ADAPTER_CONFIG, checkpoint_step
 
     if not folder.is_dir():
         return []

@@ -35,7 +35,7 @@ def json_type(tp) -> dict[str, Any]:
 
 
 def _key_schema(tp, f: dataclasses.Field, default) -> dict[str, Any]:
-    from lora_cli.recipe import REQUIRED
+    from lora_cli.recipe.schema import REQUIRED
 
     out = {"description": f.metadata["doc"], **json_type(tp)}
     if default is not REQUIRED:
@@ -47,7 +47,7 @@ def _key_schema(tp, f: dataclasses.Field, default) -> dict[str, Any]:
 
 
 def _section_schema(cls, defaults: dict) -> dict[str, Any]:
-    from lora_cli.recipe import REQUIRED
+    from lora_cli.recipe.schema import REQUIRED
 
     hints = typing.get_type_hints(cls)
     properties, required = {}, []
@@ -67,7 +67,7 @@ def _section_schema(cls, defaults: dict) -> dict[str, Any]:
 
 def recipe_json_schema() -> dict[str, Any]:
     """The whole recipe as a JSON Schema (draft 2020-12)."""
-    from lora_cli.recipe import Recipe
+    from lora_cli.recipe.schema import Recipe
 
     schema = _section_schema(Recipe, Recipe().to_dict())
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "lora recipe",
