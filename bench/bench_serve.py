@@ -86,7 +86,8 @@ def raw_seconds(url: str, prompts: list[str], new_tokens: int) -> float:
 
 def direct_seconds(server, prompts: list[str], new_tokens: int) -> float:
     """The same prompts answered one at a time through `lora generate`'s path (generate_rows)."""
-    from lora_cli.infer.generate import GenerationSettings, Prompt, generate_rows
+    from lora_cli.infer.generate import Prompt, generate_rows
+    from lora_cli.infer.settings import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=new_tokens)
     start = time.perf_counter()

@@ -171,7 +171,7 @@ def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str
 
 
 def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
-    from lora_cli.infer.generate import GenerationSettings
+    from lora_cli.infer.settings import GenerationSettings
 
     try:
         return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)

@@ -28,7 +28,7 @@ def _ids(backend, infos, text, adapter="one"):
 
 def _request(backend, infos, text, adapter="one", max_new_tokens=12, **kwargs):
     from lora_cli.infer.engines import GenerationRequest
-    from lora_cli.infer.generate import GenerationSettings
+    from lora_cli.infer.settings import GenerationSettings
 
     return GenerationRequest(_ids(backend, infos, text, adapter), GenerationSettings(max_new_tokens=max_new_tokens),
                              adapter, **kwargs)

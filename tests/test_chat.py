@@ -23,7 +23,8 @@ def adapters(tiny_random, tmp_path_factory):
 
 def _alone(adapter, question, history=(), system="", base=None, max_new_tokens=MAX_NEW):
     """The answer with only this adapter loaded (or the base alone)."""
-    from lora_cli.infer.generate import GenerationSettings, generate_response
+    from lora_cli.infer.generate import generate_response
+    from lora_cli.infer.settings import GenerationSettings
     from lora_cli.model.load import load_for_inference
 
     model, tok, infos = load_for_inference({"x": adapter} if adapter else {}, base=base)
@@ -100,7 +101,8 @@ def test_system_prompt_is_rendered_by_the_template(tiny_random):
 
 def test_ctrl_c_stops_the_answer_not_the_chat(adapters):
     from lora_cli.infer.engines import TransformersBackend
-    from lora_cli.infer.generate import ChatSession, GenerationSettings, chat_loop
+    from lora_cli.infer.generate import ChatSession, chat_loop
+    from lora_cli.infer.settings import GenerationSettings
     from lora_cli.model.load import load_for_inference
 
     model, tok, infos = load_for_inference({"one": adapters[0]})

@@ -155,7 +155,7 @@ def _hf_greedy(model, tokenizer, ids: list[int], n: int) -> list[int]:
     """The ids `lora generate` produces (its own generation settings, greedy)."""
     import torch
 
-    from lora_cli.infer.generate import GenerationSettings
+    from lora_cli.infer.settings import GenerationSettings
 
     kwargs = GenerationSettings(max_new_tokens=n).to_kwargs(tokenizer)
     with torch.inference_mode():

@@ -50,7 +50,8 @@ def test_batched_equals_unbatched_greedy(adapters, prompts, tmp_path, cli):
 def test_batched_answer_matches_generate_response(adapters, tiny_random):
     """The CLI path and the library path render and decode the same way."""
     from lora_cli.infer.engines import TransformersBackend
-    from lora_cli.infer.generate import GenerationSettings, Prompt, generate_response, generate_rows
+    from lora_cli.infer.generate import Prompt, generate_response, generate_rows
+    from lora_cli.infer.settings import GenerationSettings
     from lora_cli.model.load import load_for_inference
 
     model, tok, infos = load_for_inference({"a": adapters[0]})

@@ -261,7 +261,8 @@ def test_each_method_trains_saves_reloads_and_generates(name, tiny_random, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.infer.generate import GenerationSettings, build_prompt_ids, generate_batch, generate_response
+    from lora_cli.infer.generate import build_prompt_ids, generate_batch, generate_response
+    from lora_cli.infer.settings import GenerationSettings
     from lora_cli.model.load import load_for_inference
 
     lora = METHODS[name]

@@ -83,7 +83,8 @@ def test_qlora_reloads_on_a_4bit_base_and_generates(tiny_random_128, tmp_path, c
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_cli.infer.generate import GenerationSettings, build_prompt_ids, generate_batch, generate_response
+    from lora_cli.infer.generate import build_prompt_ids, generate_batch, generate_response
+    from lora_cli.infer.settings import GenerationSettings
     from lora_cli.model.load import load_for_inference
 
     res = cli("train", small_recipe(tmp_path, tiny_random_128, "4bit"))

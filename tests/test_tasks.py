@@ -238,7 +238,8 @@ def test_bundled_seq2seq_recipe_learns_its_targets_where_the_base_does_not(tiny_
     import torch
 
     from lora_cli.infer.engines import TransformersBackend
-    from lora_cli.infer.generate import BASE, GenerationSettings, Prompt, generate_rows
+    from lora_cli.infer.generate import BASE, Prompt, generate_rows
+    from lora_cli.infer.settings import GenerationSettings
 
     run_dir = tmp_path / "run"
     res = cli("train", REPO / "recipes" / "seq2seq.yaml", "--set", f"model.name_or_path={tiny_t5}",

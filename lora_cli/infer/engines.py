@@ -17,12 +17,10 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from lora_cli.errors import LoraError
-
-if TYPE_CHECKING:  # settings live with the commands that parse them
-    from lora_cli.infer.generate import GenerationSettings
+from lora_cli.infer.settings import GenerationSettings
 
 
 @dataclass

@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lora_cli.infer.engines import Completion, GenerationRequest
 from lora_cli.errors import LoraError
-from lora_cli.infer.generate import BASE, GenerationSettings
+from lora_cli.infer.generate import BASE
+from lora_cli.infer.settings import GenerationSettings
 from lora_cli.files.inputs import lone_surrogate_at, printable
 from lora_cli.recipe.schema import SEED_MAX
 from lora_cli.serve_guard import Guard, Limits, header_deadline
