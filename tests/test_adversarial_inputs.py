@@ -683,7 +683,7 @@ def test_unreadable_recipe_is_refused(cli, tmp_path, tiny_random):
 
 def test_valid_adapter_passes_verification(adapter_src):
     """verify_adapter must accept what peft writes, or every refusal above proves nothing."""
-    from lora_cli.files.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
 
     assert verify_adapter(adapter_src).peft_type == "LORA"
 

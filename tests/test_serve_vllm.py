@@ -54,7 +54,7 @@ def test_chat_template_renders_what_training_rendered(tiny_random, data):
 
 def test_vllm_needs_one_template_and_a_rank_it_accepts(adapters, tmp_path):
     from lora_cli.errors import LoraError
-    from lora_cli.model.load import read_adapter
+    from lora_cli.model.adapter_folder import read_adapter
     from lora_cli.infer.vllm import max_lora_rank, one_template, prepare_vllm
 
     one, _ = adapters

@@ -17,7 +17,7 @@ def flat(text: str) -> str:
 def test_interrupted_sweep_keeps_finished_ranks_and_resumes(cli, tmp_path, tiny_random, monkeypatch):
     import lora_cli.train.run
 
-    from lora_cli.train.checkpoint import ADAPTER_WEIGHTS as ADAPTER_FILE
+    from lora_cli.model.adapter_folder import ADAPTER_WEIGHTS as ADAPTER_FILE
     from lora_cli.train.sweep import PLOT_FILE, RESULT_FILE, SUMMARY_FILE
 
     # make_recipe: r=4, alpha=8 (alpha / r = 2), q_proj + v_proj, max_steps 2

@@ -77,7 +77,8 @@ def test_template_saved_with_the_adapter_renders_what_training_rendered(tmp_path
     """Train with a custom template; the adapter's saved recipe gives inference the same spec."""
     import yaml
 
-    from lora_cli.model.load import load_tokenizer, read_adapter
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.model.adapter_folder import read_adapter
 
     chats = [{"messages": conversation(TURNS)} for _ in range(4)]
     recipe = make_recipe(tmp_path, tiny_random, data=write_jsonl(tmp_path / "chat.jsonl", chats),

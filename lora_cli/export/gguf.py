@@ -305,7 +305,7 @@ def _merged(adapter_dir, out: Path, dtype: str, force: bool, base, log, *, folde
     The dtype, the adapter, the output and the base's architecture are checked first, before
     the slow part."""
     from lora_cli.export.merge import check_mergeable, merged_model
-    from lora_cli.files.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
     from lora_cli.model.load import load_tokenizer
 
     _check_dtype(dtype)
@@ -374,7 +374,7 @@ def export_gguf_adapter(adapter_dir, out, *, dtype: str = "f32", force: bool = F
     """The LoRA adapter alone as a GGUF LoRA file (general.type=adapter, adapter.type=lora,
     adapter.lora.alpha; tensors <base tensor>.lora_a / .lora_b), for a GGUF base of the same model."""
     from lora_cli.export.merge import check_mergeable
-    from lora_cli.files.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
 
     out = Path(out)
     _check_dtype(dtype)

@@ -13,11 +13,11 @@ import warnings
 from pathlib import Path
 
 from lora_cli.files import ownership
-from lora_cli.train.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.errors import LoraError
-from lora_cli.files.inputs import verify_adapter
+from lora_cli.model.adapter_folder import verify_adapter
 from lora_cli.model.methods import for_peft_type
-from lora_cli.model.load import RECIPE_FILE, find_recipe_file
+from lora_cli.model.adapter_folder import RECIPE_FILE, find_recipe_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")

@@ -1,5 +1,6 @@
 """Reading what a user hands in, defensively: YAML with bounded size and aliases, text that must
-be UTF-8, adapter names peft can take, and adapter folders checked before anything loads them.
+be UTF-8, adapter names peft can take, model folders and safetensors headers checked before
+anything loads them (the adapter folder's own checks: model/adapter_folder.py).
 
 Every check raises a `lora_cli.errors` exception naming the culprit (file, line, key, tensor),
 so the CLI exits 2 with a message instead of a traceback. Nothing here imports torch."""
@@ -342,134 +343,13 @@ def safetensors_shapes(file: Path) -> dict[str, list[int]]:
     except OSError as e:
         raise LoraError(f"{file}: cannot be read ({e.strerror or e})", "check the file and its permissions") from None
     except Exception as e:  # safetensors raises its own SafetensorError for every damaged header
-        raise LoraError(f"{file}: not a complete safetensors file ({size:,} bytes; {_first_line(e)})",
+        raise LoraError(f"{file}: not a complete safetensors file ({size:,} bytes; {first_line(e)})",
                         "the file is damaged or was cut off while copying; copy or export it again") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-# --------------------------------------------------------------------------- adapter folders
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_(?:embedding_)?([AB])(?:\.weight)?")  # as peft saves them
-
-
-def verify_adapter(path: str | Path):
-    """The one check every command runs before it reads an adapter folder: its config parses
-    (read_adapter), its weights are safetensors (never a pickle), the file is whole, and for
-    LoRA-family adapters every A/B pair has the shapes the config's r says, on a module its
-    target_modules names. Returns the AdapterInfo."""
-    from lora_cli.model.load import read_adapter
-
-    info = read_adapter(path)
-    problems = adapter_config_problems(info.config)
-    if problems:
-        raise LoraError(f"{info.path / 'adapter_config.json'}: {'; '.join(problems)}",
-                        "the file was edited or damaged; export the adapter again with `lora save`")
-    refuse_pickle_weights(info.path, "adapter")
-    weights = info.path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise LoraError(f"{info.path}: no {ADAPTER_WEIGHTS}",
-                        "pass a folder written by `lora train` or `lora save` (safetensors weights)")
-    shapes = safetensors_shapes(weights)
-    if not shapes:
-        raise LoraError(f"{weights}: holds no tensors", "the adapter is empty; export it again")
-    if info.peft_type == "LORA":
-        problems = lora_shape_problems(info.config, shapes)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise LoraError(f"{weights} does not match {info.path / 'adapter_config.json'}: {problems[0]}{more}",
-                            "the two files come from different adapters or were edited; export the adapter again")
-    return info
-
-
-LORA_KINDS = ("LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING")  # what `lora train` writes
-
-
-def _known_peft_type(kind: str) -> bool:
-    if kind in LORA_KINDS:
-        return True
-    from peft import PeftType  # only for adapters another tool wrote: peft imports torch
-
-    return kind in PeftType.__members__
-
-
-def adapter_config_problems(config: dict) -> list[str]:
-    """Values in adapter_config.json that peft would trip over with a traceback."""
-    kind = config.get("peft_type", "LORA")
-    if not isinstance(kind, str) or not _known_peft_type(kind.upper()):
-        return [f"peft_type {shorten(kind)} is not a peft adapter kind"]
-    if kind.upper() != "LORA":
-        return []
-    problems = []
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        problems.append(f"r {shorten(r)} is not a positive integer")
-    alpha = config.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        problems.append(f"lora_alpha {shorten(alpha)} is not a number")
-    targets = config.get("target_modules")
-    if not (targets is None or isinstance(targets, str)
-            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        problems.append(f"target_modules {shorten(targets)} is not a module name, a list of them or a regex")
-    elif isinstance(targets, str) and targets != "all-linear":
-        try:
-            re.compile(targets)
-        except re.error as e:
-            problems.append(f"target_modules {shorten(targets)} is not a valid regex ({e})")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
-            problems.append(f"{name} {shorten(config.get(name))} is not a mapping")
-    return problems
-
-
-def _rank_of(config: dict, module: str) -> int | None:
-    """peft's rank for a module: a rank_pattern key matching the module's name, else r."""
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        try:
-            if re.match(rf"(.*\.)?{pattern}$", module):
-                return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
-        except re.error:
-            return None  # a pattern peft cannot use either; the shapes are not checked against it
-    r = config.get("r")
-    return r if isinstance(r, int) and not isinstance(r, bool) else None
-
-
-def _targets(config: dict, module: str) -> bool:
-    """Whether target_modules names the module (peft's rule: a list matches the name or its
-    last dotted parts, a string is a regex over the full name)."""
-    targets = config.get("target_modules")
-    if targets is None or targets == "all-linear":
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith("." + t) for t in targets)
-
-
-def lora_shape_problems(config: dict, shapes: dict[str, list[int]]) -> list[str]:
-    """What in a LoRA weights file disagrees with its adapter_config.json."""
-    pairs: dict[str, dict[str, list[int]]] = {}
-    for name, shape in shapes.items():
-        m = _LORA_KEY.fullmatch(name)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = shape
-    if not pairs:
-        return ["no lora_A / lora_B tensors"]
-    problems = []
-    for module, sides in sorted(pairs.items()):
-        if set(sides) != {"A", "B"}:
-            problems.append(f"{module} has lora_{next(iter(sides))} but not its pair")
-            continue
-        if not _targets(config, module):
-            problems.append(f"{module} is not among target_modules {config.get('target_modules')}")
-        rank = _rank_of(config, module)
-        # A is (r, in) and B (out, r); embeddings and convolutions keep r at the same places
-        if rank is not None and (sides["A"][:1] != [rank] or sides["B"][1:2] != [rank]):
-            problems.append(f"{module}: lora_A {sides['A']} / lora_B {sides['B']} do not have rank r={rank}")
-    return problems
 
 
 def read_json(path: Path, what: str):

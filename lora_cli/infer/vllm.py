@@ -71,7 +71,7 @@ def missing_for_vllm() -> list[str]:
 def prepare_vllm(adapters: dict, *, base: str | None, host: str, port: int, api_key: str | None,
                  work_dir: Path) -> list[str]:
     """Read the adapters, write the chat template into work_dir, return vLLM's command line."""
-    from lora_cli.files.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
     from lora_cli.model.load import load_tokenizer
 
     infos = {name: verify_adapter(path) for name, path in adapters.items()}  # vLLM gets only whole adapters

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.train.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lora_cli.files import ownership
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import RANKED, for_peft_type
@@ -80,7 +80,7 @@ class AdapterAnalysis:
 # --------------------------------------------------------------------------- reading
 
 def read_lora_config(path: Path) -> dict:
-    from lora_cli.files.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
 
     verify_adapter(path)  # the same checks and messages as every other command that takes an adapter
     config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
@@ -174,7 +174,8 @@ def attach_base_norms(path: Path, modules: list[ModuleAnalysis], base: str | Non
     path inference uses (full precision, so 4-bit bases are measured dequantised)."""
     import torch
 
-    from lora_cli.model.load import inference_model_config, load_base_model, read_adapter
+    from lora_cli.model.load import inference_model_config, load_base_model
+    from lora_cli.model.adapter_folder import read_adapter
 
     model_cfg = inference_model_config(read_adapter(path), base, trust_remote_code=trust_remote_code)
     model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")

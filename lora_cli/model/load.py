@@ -6,18 +6,12 @@ import json
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from lora_cli.model.adapters import refuse_base_changing_with_others
-from lora_cli.train.checkpoint import ADAPTER_CONFIG
 from lora_cli.errors import LoraError
-from lora_cli.files.inputs import MAX_YAML_BYTES, read_text, safe_yaml
 from lora_cli.libraries import install_hint, quiet_libraries
-
-RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
+from lora_cli.model.adapter_folder import AdapterInfo, verify_adapter
 
 
 # --------------------------------------------------------------------------- devices and dtypes
@@ -276,70 +270,6 @@ def format_parameter_counts(trainable: int, total: int) -> str:
 
 # --------------------------------------------------------------------------- saved adapters
 
-@dataclass
-class AdapterInfo:
-    path: Path
-    base: str            # base_model_name_or_path from adapter_config.json
-    recipe: dict | None  # the resolved recipe saved with it, when there is one
-    config: dict = field(default_factory=dict)  # adapter_config.json as saved by peft
-
-    @property
-    def peft_type(self) -> str:
-        return str(self.config.get("peft_type", "LORA")).upper()
-
-    @property
-    def template(self):
-        """The TemplateSpec training rendered prompts with (name, formats, system prompt)."""
-        from lora_cli.data.template import TemplateSpec
-
-        return TemplateSpec.from_data((self.recipe or {}).get("data"))
-
-    @property
-    def model_section(self) -> dict:
-        return dict((self.recipe or {}).get("model") or {})
-
-
-def find_recipe_file(adapter_dir: Path) -> Path | None:
-    """The recipe saved with an adapter; a checkpoint-N folder inherits its run's."""
-    for folder in (adapter_dir, adapter_dir.parent):
-        if (folder / RECIPE_FILE).is_file():
-            return folder / RECIPE_FILE
-    return None
-
-
-def read_adapter(path: str | Path) -> AdapterInfo:
-    path = Path(path)
-    cfg_file = path / ADAPTER_CONFIG
-    if not path.exists():
-        from lora_cli.nearby import missing_adapter_hint
-
-        raise LoraError(f"{path} does not exist", missing_adapter_hint(path)
-                        or "pass a run's output_dir, a checkpoint-N folder inside it, or a `lora save` folder")
-    if not cfg_file.is_file():
-        hint = "pass the run's output_dir or a checkpoint-N folder inside it"
-        ckpts = sorted(path.glob("checkpoint-*")) if path.is_dir() else []
-        if ckpts:
-            hint = f"this folder has checkpoints but no final adapter; try {ckpts[-1]}"
-        raise LoraError(f"{path}: no adapter_config.json, so this is not an adapter folder", hint)
-    try:
-        config = json.loads(read_text(cfg_file, max_bytes=MAX_YAML_BYTES))
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})",
-                        "the adapter folder is damaged; export it again with `lora save`") from None
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not base or not isinstance(base, str):
-        raise LoraError(f"{cfg_file}: no base_model_name_or_path, so the base model is unknown",
-                        "pass --base MODEL, or add base_model_name_or_path to adapter_config.json")
-    recipe_file = find_recipe_file(path)
-    try:
-        recipe = safe_yaml(read_text(recipe_file, max_bytes=MAX_YAML_BYTES), str(recipe_file)) if recipe_file else None
-    except yaml.YAMLError as e:
-        raise LoraError(f"{recipe_file}: not valid YAML ({_first_line(e)})", "remove it or export the adapter again") from None
-    if recipe is not None and not isinstance(recipe, dict):
-        raise LoraError(f"{recipe_file}: not a recipe (a mapping of sections)", "remove it or export the adapter again")
-    return AdapterInfo(path=path, base=base, recipe=recipe, config=config)
-
-
 def inference_model_config(info: AdapterInfo, base: str | None = None, quantization: str | None = None,
                            trust_remote_code: bool = False):
     """The model section to load for inference: the training recipe's, with overrides.
@@ -366,8 +296,6 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
 
     from lora_cli.recipe.schema import ModelConfig
     from lora_cli.tasks import bind_tokenizer
-
-    from lora_cli.files.inputs import verify_adapter
 
     infos = {name: verify_adapter(p) for name, p in adapters.items()}
     first = next(iter(infos.values()), None)

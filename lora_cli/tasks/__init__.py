@@ -665,7 +665,7 @@ def example_lines(recipe, dataset, tokenizer) -> list[str] | None:
 def refuse_unless(capability: str, adapters: dict, command: str, hint: str) -> None:
     """A command that needs a capability (generates, predicts_labels) refuses, before loading
     anything, adapters whose model.task lacks it."""
-    from lora_cli.model.load import read_adapter
+    from lora_cli.model.adapter_folder import read_adapter
 
     for name, path in adapters.items():
         task = get_task(read_adapter(path).model_section.get("task"))

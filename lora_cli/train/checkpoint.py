@@ -20,12 +20,11 @@ import yaml
 
 from lora_cli.files import atomic
 from lora_cli.errors import LoraError
+from lora_cli.model.adapter_folder import ADAPTER_CONFIG
 
 PREFIX = "checkpoint"
 MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder
 STAGING = atomic.STAGED_PREFIX + "checkpoints"  # beside the checkpoints, so the rename stays on one filesystem
-ADAPTER_CONFIG = "adapter_config.json"    # the files peft saves an adapter as
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FINAL_ADAPTER = ADAPTER_CONFIG            # moved into output_dir last: its presence means the run finished
 _STEP = re.compile(rf"^{PREFIX}-(\d+)$")
 

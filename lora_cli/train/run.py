@@ -28,8 +28,8 @@ from lora_cli.files import atomic, ownership
 from lora_cli.train import preflight
 from lora_cli.train import checkpoint as ckpt
 from lora_cli.errors import LoraError
-from lora_cli.files.inputs import verify_adapter
-from lora_cli.model.load import RECIPE_FILE
+from lora_cli.model.adapter_folder import verify_adapter
+from lora_cli.model.adapter_folder import RECIPE_FILE
 from lora_cli.objectives import objective_of
 from lora_cli.train.metrics import METRICS_FILE, read_metrics
 from lora_cli.recipe.schema import Recipe, dump_recipe
