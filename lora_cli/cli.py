@@ -158,7 +158,7 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
 def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str, str]]:
     """The folders an adapter command reads, for the output check: each adapter, the base it
     names and --base. A damaged adapter is left to the loader to refuse."""
-    from lora_cli.model.load import read_adapter
+    from lora_cli.model.adapter_folder import read_adapter
 
     inputs: list[tuple[str, str]] = [("base model (--base)", base)] if base else []
     for name, path in adapters.items():
@@ -195,7 +195,7 @@ def _load_variants(adapter, base, template, engine: str = "transformers", trust_
 
     if template:
         resolve_template(template)  # unknown names fail before anything heavy loads
-    from lora_cli.tasks import refuse_unless
+    from lora_cli.model.adapter_folder import refuse_unless
 
     adapters = parse_adapters(adapter)
     refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
@@ -361,13 +361,13 @@ def predict(
     per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
     import json
 
-    from lora_cli.tasks import refuse_unless
+    from lora_cli.model.adapter_folder import refuse_unless
 
     ownership.check_output(out, "predict", force=force,
                            inputs=[("rows (--file)", file), *adapter_inputs({"adapter": adapter}, base)])
     refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", 'use lora generate --adapter {adapter} "..."')
     from lora_cli.model.load import load_for_inference
-    from lora_cli.tasks import predict_file
+    from lora_cli.tasks.classification import predict_file
 
     with progress.spinner("loading the model", console):
         model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)

@@ -66,7 +66,7 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
     """The rows to ask, read as training reads them (any row shape training accepts)."""
     columns = columns or {}
     if task == "classification":
-        from lora_cli.tasks import read_labeled_rows
+        from lora_cli.tasks.classification import read_labeled_rows
 
         labeled = read_labeled_rows(path, "train", columns)[:limit or None]
         return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
@@ -149,7 +149,7 @@ class Settings:
     batch_size: int = 8
 
     def generation(self):
-        from lora_cli.infer.generate import GenerationSettings
+        from lora_cli.infer.settings import GenerationSettings
 
         return GenerationSettings(self.max_new_tokens, self.temperature, self.top_p, 1.0, self.seed)
 
@@ -231,7 +231,7 @@ class ClassifierCandidate(Candidate):
 
     def labels(self, asking, tick):
         from lora_cli.infer.engines import using_variant
-        from lora_cli.tasks import predict_probabilities
+        from lora_cli.tasks.classification import predict_probabilities
 
         with using_variant(self.model, self.name):
             probs = predict_probabilities(self.model, self.tokenizer, [r.labeled for r in asking.rows], self.max_length)
@@ -583,7 +583,7 @@ def _unique(names: list[str]) -> list[str]:
 def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Metric], str]:
     """(candidates in order, the rendered rows, the metrics, the task)."""
     from lora_cli.metrics import CLASSIFICATION_DEFAULT, GENERATION_DEFAULT, resolve_metrics
-    from lora_cli.model.load import read_adapter
+    from lora_cli.model.adapter_folder import read_adapter
     from lora_cli.tasks import get_task
     from lora_cli.data.template import resolve_template
 

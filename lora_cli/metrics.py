@@ -119,7 +119,7 @@ def _accuracy(stats: list) -> float:
 
 
 def _macro_f1(stats: list) -> float:
-    from lora_cli.tasks import ClassificationReport
+    from lora_cli.tasks.classification import ClassificationReport
 
     names = sorted({g for g, _ in stats} | {p for _, p in stats})
     index = {n: i for i, n in enumerate(names)}

@@ -26,7 +26,8 @@ def closest(name: str, choices) -> str:
 
 def adapter_folders(folder: Path) -> list[str]:
     """Paths of the adapter folders in `folder` and of the checkpoints inside them, newest checkpoint last."""
-    from lora_cli.train.checkpoint import ADAPTER_CONFIG, checkpoint_step
+    from lora_cli.train.checkpoint import checkpoint_step
+    from lora_cli.model.adapter_folder import ADAPTER_CONFIG
 
     if not folder.is_dir():
         return []

@@ -84,7 +84,8 @@ def held_out_accuracies(run: Path) -> dict:
     how often the trained policy's implicit reward (log-ratio to the reference, the base with the
     adapter disabled) ranks chosen above rejected, how often the policy itself prefers it
     (length-normalised, as SimPO's reward), and how often greedy generation answers by the rule."""
-    from lora_cli.infer.generate import GenerationSettings, generate_batch
+    from lora_cli.infer.generate import generate_batch
+    from lora_cli.infer.settings import GenerationSettings
     from lora_cli.model.load import load_for_inference
     from lora_cli.data.template import TemplateSpec, prompt_ids
 

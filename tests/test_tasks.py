@@ -321,7 +321,7 @@ def test_presets_estimate_and_peft_agree_per_model_kind(kind, qv, request, tmp_p
     from lora_cli.train.estimate import estimate_recipe
     from lora_cli.model.load import load_base_model
     from lora_cli.model.targets import resolve_target_modules
-    from lora_cli.tasks import prepare_recipe
+    from lora_cli.tasks.hooks import prepare_recipe
 
     base = request.getfixturevalue(kind)
     make = classify_recipe if kind == "tiny_bert" else seq2seq_recipe

@@ -588,7 +588,7 @@ def build_server(adapters: dict, *, base: str | None = None, api_key: str | None
                  limits: Limits = Limits(), trust_remote_code: bool = False) -> Server:
     """Load base + adapters once through the backend `engine` and wire up what the app serves."""
     from lora_cli.infer.engines import backend_class
-    from lora_cli.tasks import refuse_unless
+    from lora_cli.model.adapter_folder import refuse_unless
 
     refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
     backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)

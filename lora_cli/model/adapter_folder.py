@@ -17,6 +17,7 @@ import yaml
 from lora_cli.data.template import TemplateSpec
 from lora_cli.errors import LoraError
 from lora_cli.nearby import missing_adapter_hint
+from lora_cli.tasks import get_task
 from lora_cli.files.inputs import (MAX_YAML_BYTES, first_line, read_text, refuse_pickle_weights, safe_yaml,
                                    safetensors_shapes, shorten)
 
@@ -201,3 +202,13 @@ def lora_shape_problems(config: dict, shapes: dict[str, list[int]]) -> list[str]
         if rank is not None and (sides["A"][:1] != [rank] or sides["B"][1:2] != [rank]):
             problems.append(f"{module}: lora_A {sides['A']} / lora_B {sides['B']} do not have rank r={rank}")
     return problems
+
+
+def refuse_unless(capability: str, adapters: dict, command: str, hint: str) -> None:
+    """A command that needs a capability (generates, predicts_labels) refuses, before loading
+    anything, adapters whose model.task lacks it."""
+    for name, path in adapters.items():
+        task = get_task(read_adapter(path).model_section.get("task"))
+        if not getattr(task, capability):
+            raise LoraError(f"{command}: adapter {path} was trained for model.task {task.name}, which it cannot serve",
+                            hint.format(adapter=path))  # the hint names this adapter, ready to paste

@@ -59,7 +59,7 @@ def trained_adapter(model, folder: str):
     trained further; its own config (method, rank, targets) is kept."""
     from peft import PeftModel
 
-    from lora_cli.files.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
 
     verify_adapter(folder)
     return PeftModel.from_pretrained(model, folder, is_trainable=True)

@@ -125,9 +125,10 @@ def build_meta_model(recipe: Recipe):
     import torch
 
     from lora_cli import tasks
+    from lora_cli.tasks.hooks import prepare_recipe
 
     config = load_model_config(recipe)
-    tasks.prepare_recipe(recipe)  # a classifier's label count sizes its head
+    prepare_recipe(recipe)  # a classifier's label count sizes its head
     tasks.check_model_can(recipe.model)
     for name, value in tasks.load_kwargs(recipe.model).items():
         setattr(config, name, value)

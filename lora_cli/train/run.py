@@ -31,6 +31,7 @@ from lora_cli.errors import LoraError
 from lora_cli.model.adapter_folder import verify_adapter
 from lora_cli.model.adapter_folder import RECIPE_FILE
 from lora_cli.objectives import objective_of
+from lora_cli.tasks import get_task
 from lora_cli.train.metrics import METRICS_FILE, read_metrics
 from lora_cli.recipe.schema import Recipe, dump_recipe
 
@@ -156,7 +157,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     evaluate = {"eval_strategy": "no"}
     if has_eval:
         evaluate = ({"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "epoch"})
-        from lora_cli.tasks import eval_gathers_predictions
+        from lora_cli.tasks.hooks import eval_gathers_predictions
 
         # A causal LM's eval is its loss only (no vocab-sized logits gathered); a classifier's
         # logits are small and give accuracy and macro-F1.
@@ -258,7 +259,7 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     from transformers.trainer_callback import PrinterCallback
 
     from lora_cli.data.examples import configure_sampling
-    from lora_cli.tasks import make_collator, trainer_kwargs
+    from lora_cli.tasks.hooks import make_collator, trainer_kwargs
 
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None, chosen)
     if objective_of(recipe).preference:  # TRL's trainer, collator and loss; our callbacks and guards
@@ -338,7 +339,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
                  callbacks: list | None = None) -> TrainResult:
     """callbacks: extra TrainerCallbacks (bench/bench_gpu.py times steps with one)."""
     console = (console or Console()) if is_main_process() else Console(quiet=True)
-    from lora_cli.tasks import prepare_recipe
+    from lora_cli.tasks.hooks import prepare_recipe
 
     prepare_recipe(recipe)  # e.g. the label set read from the data: saved with the run, compared on resume
     output_dir = Path(recipe.output_dir)
@@ -361,7 +362,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
     from transformers import set_seed
 
-    from lora_cli import tasks
+    from lora_cli.tasks import hooks
     from lora_cli.model.adapters import describe_adapted_modules
     from lora_cli.model.load import format_parameter_counts, load_tokenizer, parameter_counts
 
@@ -373,7 +374,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 
         data = build_preference_data(recipe, tokenizer)
     else:
-        data = tasks.build_data(recipe, tokenizer)
+        data = hooks.build_data(recipe, tokenizer)
     dataset, stats = data.train, data.stats
     data_record = None if dry_run else ckpt.data_fingerprint(recipe.data, data)
     if checkpoint is not None:
@@ -398,14 +399,14 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
                       f"reference: {reference if objective.reference else 'none (reference-free)'}", highlight=False)
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
-    for line in tasks.data_report_lines(recipe, data):  # classification: class balance
+    for line in hooks.data_report_lines(recipe, data):  # classification: class balance
         console.print(line, highlight=False, markup=False)
     if objective.preference:
         from lora_cli.preference import example_lines as preference_example
 
         example = preference_example(recipe, dataset, tokenizer)
     else:
-        example = tasks.example_lines(recipe, dataset, tokenizer)
+        example = hooks.example_lines(recipe, dataset, tokenizer)
     if example is None:
         _print_example(console, dataset, tokenizer)
     for line in example or []:
@@ -413,7 +414,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     result = TrainResult(output_dir, trainable, total, stats.summary(), resumed_from=checkpoint)
     planned = preflight.planned_steps(recipe, len(dataset))
     if dry_run:
-        tasks.report_held_out(recipe, model, tokenizer, console, "base on the eval split (before training)")
+        hooks.report_held_out(recipe, model, tokenizer, console, "base on the eval split (before training)")
         console.print(f"[bold]plan[/]    {planned} optimizer steps; would write to {output_dir}")
         console.print("dry run: nothing trained, nothing written")
         return result
@@ -428,7 +429,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result, chosen, callbacks)
     finally:
         lock.release()
-    console.print(f"adapter saved to {output_dir}  (try: {tasks.get_task(recipe.model.task).next_step(output_dir)})")
+    console.print(f"adapter saved to {output_dir}  (try: {get_task(recipe.model.task).next_step(output_dir)})")
     if is_main_process():
         _write_plot(console, output_dir)  # after the summary: matplotlib's import never delays it
     return result
@@ -437,7 +438,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: Path | None, console: Console,
            resume_cmd: str, result: TrainResult, chosen=None, callbacks: list | None = None) -> None:
     """The loop, then the final adapter, written once (no checkpoint is taken at the last step)."""
-    from lora_cli import tasks
+    from lora_cli.tasks import hooks
 
     output_dir = Path(recipe.output_dir)
     progress = RichProgress(console, output_dir / METRICS_FILE)
@@ -470,8 +471,8 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     result.final_loss = progress.last_loss
     result.steps = trainer.state.global_step
     if trainer.is_world_process_zero():
-        tasks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
-                              output_file=output_dir / tasks.EVAL_REPORT_FILE)
+        hooks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
+                              output_file=output_dir / hooks.EVAL_REPORT_FILE)
         try:
             from lora_cli.preference import finished_model
 

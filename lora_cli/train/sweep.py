@@ -198,7 +198,7 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
         raise LoraError(f"lora.method {recipe.lora.method} has no rank to sweep", f"sweep a {' or '.join(RANKED)} recipe")
     if not 0 < threshold < 1:
         raise LoraError(f"--threshold {threshold}: must be between 0 and 1", "e.g. 0.02 for 2% per doubling")
-    from lora_cli.tasks import prepare_recipe
+    from lora_cli.tasks.hooks import prepare_recipe
 
     prepare_recipe(recipe)  # e.g. a classifier's labels from the data: recorded runs compare equal on rerun
     plot = check_sweep_outputs(recipe, plot, force, recipe_path)  # before hours of training
