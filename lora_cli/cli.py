@@ -102,10 +102,12 @@ def train(
 
     Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 130 / 143;
     a non-finite loss stops the run with exit code 3."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.train.checkpoint import Resume
     from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.train.run import TrainingStopped, run_training
 
     try:
@@ -126,6 +128,7 @@ def check(
     as_json: JsonOption = False,
 ):
     """Validate a recipe and warn about risky hyperparameters, without loading anything heavy."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.train.lint import lint_recipe, refuse_if_strict, verdict
     from lora_cli.recipe.schema import load_recipe
 
@@ -171,6 +174,7 @@ def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str
 
 
 def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.settings import GenerationSettings
 
     try:
@@ -190,11 +194,13 @@ ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list 
 
 def _load_variants(adapter, base, template, engine: str = "transformers", trust_remote_code: bool = False):
     """(inference backend, adapter infos, base template) for generate, chat and serve."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.engines import backend_class
     from lora_cli.data.template import resolve_template
 
     if template:
         resolve_template(template)  # unknown names fail before anything heavy loads
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.model.adapter_folder import refuse_unless
 
     adapters = parse_adapters(adapter)
@@ -229,6 +235,7 @@ def generate(
     Several --adapter answer the same prompts side by side."""
     import json
 
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.generate import BASE, Prompt, read_prompts, read_tools
 
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
@@ -240,6 +247,7 @@ def generate(
         ownership.check_output(out, "generate", force=force, inputs=[
             ("prompt file (--file)", file), ("tools file (--tools)", tools), *adapter_inputs(parse_adapters(adapter), base)])
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.generate import generate_rows
 
     backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
@@ -278,6 +286,7 @@ def chat(
     """Talk to the base with one or more adapters; /adapter NAME switches, /help lists commands.
     Answers stream as they are generated; Ctrl-C stops one, /exit leaves."""
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.generate import ChatSession, chat_loop, read_tools
 
     tool_schemas = read_tools(tools) if tools else []
@@ -324,6 +333,7 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise LoraError("lora serve needs FastAPI and uvicorn", libraries.install_hint("serve")) from None
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.serve import build_server, run_server
 
     server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,
@@ -335,6 +345,7 @@ def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> Non
     import subprocess
     import tempfile
 
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.infer.vllm import missing_for_vllm, prepare_vllm
 
     with tempfile.TemporaryDirectory(prefix="lora-vllm-") as work:
@@ -361,11 +372,13 @@ def predict(
     per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
     import json
 
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.model.adapter_folder import refuse_unless
 
     ownership.check_output(out, "predict", force=force,
                            inputs=[("rows (--file)", file), *adapter_inputs({"adapter": adapter}, base)])
     refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", 'use lora generate --adapter {adapter} "..."')
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.model.load import load_for_inference
     from lora_cli.tasks.classification import predict_file
 
@@ -468,6 +481,7 @@ def merge(
 ):
     """Fold the adapter into its base and write a full model folder (safetensors, tokenizer,
     generation config, model card) that plain transformers loads."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.export.merge import merge_adapter
 
     with progress.spinner(f"merging into {out}", console):
@@ -486,6 +500,7 @@ def export(
 ):
     """Write the adapter for llama.cpp / Ollama: merged into its base as GGUF (tokenizer and the
     training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.export.gguf import export as run_export
 
     with progress.spinner(f"exporting {out}", console):
@@ -500,6 +515,7 @@ def save(
 ):
     """Export a clean adapter folder (adapter weights and config, tokenizer, recipe, model card;
     no optimizer state)."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.export.merge import save_adapter
 
     save_adapter(source, out, force=force, log=console.print)
@@ -513,9 +529,11 @@ def estimate(
     as_json: JsonOption = False,
 ):
     """Trainable parameters, adapter size and training memory, from the model's config alone."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.train.estimate import estimate_recipe, parse_count, print_estimate
 
     limit = parse_count(budget) if budget is not None else None
@@ -538,11 +556,13 @@ def sweep(
     force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora sweep` wrote it.")] = False,
 ):
     """Train the recipe at several ranks (output_dir/r{rank}) and find the knee; reruns skip finished ranks."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.recipe.schema import load_recipe
     from lora_cli.train.sweep import parse_ranks
 
     rank_list = parse_ranks(ranks)
     r = load_recipe(recipe, set_ or [])
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.train.sweep import print_sweep, run_sweep
 
     print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, force=force, recipe_path=recipe,
@@ -559,6 +579,7 @@ def analyze(
     trust_remote_code: TrustRemoteCode = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.model.analyze import analyze_adapter, plot_analysis, print_analysis
 
     if plot is not None:  # before the work: the plot may not replace what the analysis reads
@@ -580,16 +601,19 @@ def build_tiny(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier build-tiny wrote it.")] = False,
 ):
     """Build a tiny offline base: the Llama the demo and tests use, or a BERT, T5 or BART shape."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.tiny.encoders import ARCHS
 
     if arch not in ARCHS:
         raise LoraError(f"--arch {arch!r} is not one of {', '.join(ARCHS)}")
     if arch == "llama":
+        # here, not at the top: `lora --help` starts fast
         from lora_cli.tiny.decoder import build_tiny_model
 
         with progress.task("pre-training the tiny base", console, total=steps):
             build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
         return
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.tiny.encoders import build_tiny_encoder_model
 
     waiting = (progress.spinner(f"building the tiny {arch}", console) if arch == "bert"  # random: nothing to train
@@ -604,6 +628,7 @@ def recipe_keys(
     update: Annotated[Optional[Path], typer.Option("--update", help="Rewrite the reference block of this README in place.")] = None,
 ):
     """Print every recipe key with its type, default and meaning (Markdown)."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.recipe.schema import reference_markdown, update_reference
 
     if update is None:
@@ -648,12 +673,14 @@ def data_preview(
     rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
 ):
     """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
     if r.model.task != "causal_lm":
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
                         f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
+    # here, not at the top: `lora --help` starts fast
     from lora_cli.train.preview import preview_data
 
     preview_data(r, rows=rows, console=console)
