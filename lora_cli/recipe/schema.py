@@ -28,6 +28,8 @@ from lora_cli.objectives import LOSS_TYPES, OBJECTIVE_KEYS, OBJECTIVE_NAMES, OBJ
 from lora_cli.objectives import column_fields as objective_fields
 from lora_cli.objectives import recipe_problems as objective_problems
 from lora_cli.data.template import TEMPLATE_NAMES, placeholder_problems
+from lora_cli.tasks import TASK_NAMES, column_fields, recipe_problems
+from lora_cli.files import atomic
 
 PATH = "path"  # metadata kind: resolved against the recipe's folder
 
@@ -63,7 +65,7 @@ class ModelConfig:
     quantization: Literal["none", "8bit", "4bit"] = key("none", "none, 8bit (LLM.int8) or 4bit (NF4 + double quantization = QLoRA). Needs bitsandbytes.")
     trust_remote_code: bool = key(False, "Run code shipped with the model. Off unless you trust its author.")
     attn_implementation: Optional[Literal["auto", "sdpa", "flash_attention_2", "eager"]] = key("auto", "Attention kernel; auto (or empty) = flash_attention_2 on a GPU where flash-attn is installed and the model supports it, else sdpa where the model has it, else eager.")
-    task: Literal["causal_lm", "classification", "seq2seq"] = key("causal_lm", "What the model learns: causal_lm (prompt -> answer, decoder-only), classification (text -> label; BERT-like or decoder + head), seq2seq (source -> target; T5, BART).")
+    task: Literal[TASK_NAMES] = key("causal_lm", "What the model learns: causal_lm (prompt -> answer, decoder-only), classification (text -> label; BERT-like or decoder + head), seq2seq (source -> target; T5, BART).")
     labels: Optional[list[str]] = key(None, "classification: label names in id order (rows' label: a name or an id into this list); empty = read from the training data, sorted, and saved with the adapter.")
 
 
@@ -517,8 +519,6 @@ def cross_checks(r: Recipe) -> list[str]:
             problems.append(f"lora.target_modules: {shorten(tm)} is not a valid regex ({e}); use a list of names, "
                             f"a preset ({', '.join(TARGET_PRESETS)}), or a valid regex")
     problems += lora_method_problems(r)
-    from lora_cli.tasks import column_fields, recipe_problems
-
     problems += data_problems(r.data, column_fields(r) or objective_fields(r))
     problems += recipe_problems(r)
     problems += objective_problems(r, explicit_keys(r.train))
@@ -632,8 +632,6 @@ def update_reference(readme_file: Path) -> None:
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{readme_file}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block",
                         "add both markers where the table goes")
-    from lora_cli.files import atomic
-
     atomic.write_text(Path(readme_file), with_reference(text))
 
 
