@@ -16,7 +16,7 @@ PACKAGE_DIR = Path(lora_cli.__file__).parent
 # Low to high: a module may import its own layer and the layers below it, never one above.
 # A module belongs to the first layer with a pattern that matches it ("room.*" = any module of the room).
 LAYERS = [
-    ("errors", ["errors"]),
+    ("errors", ["errors", "libraries"]),  # libraries: master's flat module that configures third-party libraries
     ("files", ["files", "files.*"]),
     ("registries", ["tasks", "model.methods", "model.targets", "data.template", "data.formats", "data.batching"]),
     ("recipe", ["recipe", "recipe.*"]),
