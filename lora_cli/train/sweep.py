@@ -131,7 +131,9 @@ def final_loss(output_dir: Path) -> tuple[float | None, str]:
 
 
 def train_rank(recipe: Recipe, console: Console) -> RankRun:
-    from lora_cli.train import run as train_module  # looked up at call time: tests stand in for it
+    # imported here: the run pulls in transformers, whose typing unions change how the schema's
+    # types print when evaluated after it (test_cli's README check); tests stand in for run_training
+    from lora_cli.train import run as train_module
 
     result = train_module.run_training(recipe, overwrite=True, console=console)
     loss, kind = final_loss(Path(recipe.output_dir))
