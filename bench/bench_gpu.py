@@ -23,7 +23,7 @@ transformers' Llama code stays in its own process):
   source         the source workflow by hand: Dataset.map per row, Trainer + DataCollatorForSeq2Seq,
                  batch 1 x accumulation 8, bf16 on a GPU, transformers' default attention (sdpa)
   defaults       `lora train` with no batching or kernel key set (lora_cli.data.batching and
-                 lora_cli.kernels choose)
+                 lora_cli.model.kernels choose)
   packing        + data.packing: true
   checkpointing  + train.gradient_checkpointing: true
   qlora          + model.quantization: 4bit (CUDA only here)

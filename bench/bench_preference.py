@@ -61,11 +61,11 @@ def recipe_for(objective: str, model: str, data: Path, out: Path, args):
 def forward_tokens(recipe) -> float:
     """Tokens per training row as the forward passes see them (both sequences of a pair)."""
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.objectives import objective_of
+    from lora_cli.train.objectives import objective_of
 
     tokenizer = load_tokenizer(recipe.model.name_or_path)
     if objective_of(recipe).preference:
-        from lora_cli.preference import build_preference_data
+        from lora_cli.train.preference import build_preference_data
 
         data = build_preference_data(recipe, tokenizer)
         per_row = data.stats.total_tokens / len(data.train)

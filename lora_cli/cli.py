@@ -16,7 +16,8 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import libraries, progress
+from lora_cli import libraries
+from lora_cli.ui import progress
 from lora_cli.files import ownership
 from lora_cli.errors import LoraError
 from lora_cli.files.inputs import check_adapter_name, clip_lines
@@ -319,7 +320,7 @@ def serve(
     On an open network put it behind a TLS reverse proxy (docs/serve.md)."""
     import os
 
-    from lora_cli.serve_guard import Limits, check_api_key, parse_size
+    from lora_cli.infer.guard import Limits, check_api_key, parse_size
 
     if engine not in ENGINES:
         raise LoraError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -405,7 +406,7 @@ def eval_(
     endpoint: Annotated[Optional[list[str]], typer.Option("--endpoint", help="An OpenAI-compatible server URL (e.g. `lora serve`'s); repeatable.")] = None,
     endpoint_model: Annotated[Optional[str], typer.Option("--endpoint-model", help="The model id to ask at --endpoint (needed when it serves several).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORA_API_KEY", help="Bearer key for --endpoint.")] = None,
-    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (lora_cli/metrics.py) or module:function; default: all that fit.")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (lora_cli/eval/metrics.py) or module:function; default: all that fit.")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="lm-evaluation-harness tasks (e.g. mmlu,gsm8k) run on the base and each adapter.")] = None,
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder of local lm-eval task YAML files for --tasks.")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Candidate the differences are taken to (default: the first).")] = None,
@@ -422,7 +423,7 @@ def eval_(
 ):
     """Ask the base, adapters, merged folders, GGUF files and endpoints the same rows; one table
     of metrics with each candidate's difference to the first and a bootstrap interval."""
-    from lora_cli.evaluate import Request, Settings
+    from lora_cli.eval.run import Request, Settings
 
     _generation_settings(max_new_tokens, temperature, top_p, 1.0, seed)  # checked, named by flag
     if data is None and not tasks:
@@ -433,15 +434,15 @@ def eval_(
                       [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, baseline, limit,
                       bootstrap, Settings(max_new_tokens, temperature, top_p, seed, batch_size))
     if tasks:
-        from lora_cli.harness import run_tasks
+        from lora_cli.eval.harness import run_tasks
 
         record = run_tasks(request, [t.strip() for t in tasks.split(",") if t.strip()], include_path, out, force,
                            log=console.print)
-        from lora_cli.harness import print_tasks
+        from lora_cli.eval.harness import print_tasks
 
         print_tasks(record, console)
         return
-    from lora_cli.evaluate import print_table, run_eval
+    from lora_cli.eval.run import print_table, run_eval
 
     with _eval_progress() as progress:
         record = run_eval(request, out, force, progress=progress, log=console.print)
@@ -641,7 +642,7 @@ def recipe_keys(
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (generated from the one recipe schema), for editors and CI."""
-    from lora_cli.recipe_schema import schema_text
+    from lora_cli.recipe.json_schema import schema_text
 
     sys.stdout.write(schema_text())
 
@@ -720,7 +721,7 @@ def run(argv: list[str] | None = None) -> int:
     return 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     libraries.configure(verbose=_wants_verbose(argv))
-    from lora_cli.terminal import plain
+    from lora_cli.ui.terminal import plain
 
     app.rich_markup_mode = None if plain() else "rich"  # piped / NO_COLOR help: click's plain text, no boxes
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})

@@ -715,7 +715,7 @@ def test_enormous_row_is_never_tokenised_whole(tmp_path, tiny_random, monkeypatc
     the example built from it equals the one built from the whole text."""
     from lora_cli.data import examples as data
     from lora_cli.data.template import tokenize_texts
-    from lora_cli.token_budget import chars_for
+    from lora_cli.data.token_budget import chars_for
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_random)

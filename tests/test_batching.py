@@ -243,11 +243,11 @@ def test_a_model_not_masking_by_position_ids_trains_length_grouped(tmp_path, cli
     assert all(0 < x < 20 for x in losses(tmp_path / "run"))
 
 
-# --------------------------------------------------------------------------- kernel choice (lora_cli.kernels)
+# --------------------------------------------------------------------------- kernel choice (lora_cli.model.kernels)
 
 def test_attention_choice_from_device_facts(tmp_path):
     """Padding-free attention on CUDA without flash-attn: flex attention where torch has it."""
-    from lora_cli.kernels import DeviceFacts, choose_attention
+    from lora_cli.model.kernels import DeviceFacts, choose_attention
 
     gpu = DeviceFacts(cuda=True, half=True, flex_attention=True, model_flash=True, model_flex=True)
     assert choose_attention("auto", DeviceFacts(flex_attention=True, model_flex=True)) is None  # CPU: sdpa
@@ -262,7 +262,7 @@ def test_attention_choice_from_device_facts(tmp_path):
 
 
 def test_liger_choice_from_device_facts():
-    from lora_cli.kernels import DeviceFacts, choose_liger
+    from lora_cli.model.kernels import DeviceFacts, choose_liger
 
     assert choose_liger("auto", DeviceFacts(cuda=True, liger=True))
     assert not choose_liger("auto", DeviceFacts(cuda=True, liger=False))
@@ -272,7 +272,7 @@ def test_liger_choice_from_device_facts():
 
 
 def test_rows_per_pass_fit_the_free_memory_and_keep_the_step():
-    from lora_cli.kernels import choose_rows
+    from lora_cli.model.kernels import choose_rows
 
     per_row = 10 * 1024 ** 3
 
@@ -294,7 +294,7 @@ def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random)
 
     from lora_cli.model.adapters import add_adapter
     from lora_cli.train.estimate import sized_tokens_per_batch
-    from lora_cli.kernels import DeviceFacts, RunKernels
+    from lora_cli.model.kernels import DeviceFacts, RunKernels
     from lora_cli.model.load import load_base_model
     from lora_cli.train.run import describe_batching, training_arguments_kwargs
 
@@ -319,7 +319,7 @@ def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random)
 def test_inference_never_gets_flex_attention(tmp_path, tiny_random, monkeypatch):
     """Training on CUDA without flash-attn asks for flex attention; generation (new shapes every
     token, each compiled again) keeps transformers' default."""
-    from lora_cli import kernels
+    from lora_cli.model import kernels
     from lora_cli.model import load as model
     from lora_cli.model.load import resolve_attn_implementation
 

@@ -60,7 +60,7 @@ def test_help_and_completion_never_import_torch():
 
 def test_schema_is_generated_from_the_one_recipe_schema(cli):
     from lora_cli.recipe.schema import iter_keys
-    from lora_cli.recipe_schema import SCHEMA_FILE, SCHEMA_LINE
+    from lora_cli.recipe.json_schema import SCHEMA_FILE, SCHEMA_LINE
 
     res = cli("schema")
     assert res.code == 0, res
@@ -83,7 +83,7 @@ def test_schema_is_generated_from_the_one_recipe_schema(cli):
 def test_bundled_recipes_satisfy_the_json_schema():
     """A small structural check of each bundled recipe against the schema (keys exist, enums
     hold), so the schema cannot refuse what the loader accepts."""
-    from lora_cli.recipe_schema import recipe_json_schema
+    from lora_cli.recipe.json_schema import recipe_json_schema
 
     schema = recipe_json_schema()
 

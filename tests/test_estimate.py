@@ -343,10 +343,10 @@ def _counting_recipe(tmp_path, folder, **keys):
 
 
 def _predicted(recipe, model, tokens: int, **facts) -> int:
-    """lora_cli.activations' count for one row without a mask (what saved_bytes runs)."""
+    """lora_cli.train.activations' count for one row without a mask (what saved_bytes runs)."""
     import dataclasses
 
-    from lora_cli.activations import forward_saved_bytes
+    from lora_cli.train.activations import forward_saved_bytes
     from lora_cli.train.estimate import activation_shapes, saving_of, with_weight_copies
 
     saving = with_weight_copies(saving_of(recipe, layout="padded", attention="sdpa"), model)
@@ -465,7 +465,7 @@ def test_estimate_is_within_ten_percent_of_the_h200_peaks(tmp_path, shape, seq, 
     the fp32 upcast under 4-bit, sdpa with a dense mask for flattened and packed rows), lands
     within 10% of every peak measured; the code it measured is then fixed, and the estimate of
     the fixed code (facts from saving_of) is what `lora estimate` prints."""
-    from lora_cli.activations import Saving
+    from lora_cli.train.activations import Saving
     from lora_cli.train.estimate import GiB, build_meta_model, estimate_memory
 
     recipe = _h200_recipe(tmp_path, shape, seq, variant)

@@ -62,7 +62,7 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[tuple[float, flo
     rendered through the template path training used."""
     import torch
 
-    from lora_cli.preference import render
+    from lora_cli.train.preference import render
     from lora_cli.data.template import TemplateSpec
 
     out = []
@@ -140,7 +140,7 @@ def test_reference_is_the_base_with_the_adapter_disabled(tmp_path, tiny_random):
     import torch
 
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import build_preference_data, setup_trainer
+    from lora_cli.train.preference import build_preference_data, setup_trainer
     from lora_cli.recipe.schema import load_recipe
     from lora_cli.train.run import SafeTrainer, _setup_model, training_arguments_kwargs
 
@@ -172,7 +172,7 @@ def test_init_from_adapter_is_the_reference_and_is_trained_further(tmp_path, tin
     import torch
 
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import build_preference_data, setup_trainer
+    from lora_cli.train.preference import build_preference_data, setup_trainer
     from lora_cli.recipe.schema import load_recipe
     from lora_cli.train.run import SafeTrainer, _setup_model, training_arguments_kwargs
 
@@ -282,7 +282,7 @@ SHAPE_NAMES = ["pairs", "alpaca_pairs", "chat_pairs", "sharegpt_pairs", "implici
 @pytest.mark.parametrize("row,shape", list(zip(SAME_PAIR, SHAPE_NAMES)), ids=SHAPE_NAMES)
 def test_every_pair_shape_is_detected_and_renders_the_inference_prompt(tmp_path, tiny_random, row, shape):
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import read_preference_rows, render
+    from lora_cli.train.preference import read_preference_rows, render
     from lora_cli.data.template import TemplateSpec, prompt_ids
 
     path = write_jsonl(tmp_path / "p.jsonl", [row, row])
@@ -299,7 +299,7 @@ def test_every_pair_shape_is_detected_and_renders_the_inference_prompt(tmp_path,
 
 def test_columns_map_your_field_names(tmp_path, tiny_random):
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import build_preference_data
+    from lora_cli.train.preference import build_preference_data
     from lora_cli.recipe.schema import load_recipe
 
     rows = [{"question": "Is LoRA small?", "good": "yes", "bad": "no"}] * 2
@@ -313,7 +313,7 @@ def test_columns_map_your_field_names(tmp_path, tiny_random):
 
 def test_val_fraction_and_weights_split_and_sample_pairs(tmp_path, tiny_random):
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import build_preference_data
+    from lora_cli.train.preference import build_preference_data
     from lora_cli.recipe.schema import load_recipe
 
     recipe = load_recipe(preference_recipe(tmp_path, tiny_random, "dpo"), ["data.val_fraction=0.25", "data.weights=[2]"])
@@ -324,7 +324,7 @@ def test_val_fraction_and_weights_split_and_sample_pairs(tmp_path, tiny_random):
 @pytest.mark.parametrize("template", ["alpaca", "chat_template"])
 def test_pairs_render_through_every_template_as_inference_does(tiny_random, template):
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import render
+    from lora_cli.train.preference import render
     from lora_cli.data.template import TemplateSpec, prompt_ids
 
     tokenizer = load_tokenizer(str(tiny_random))
@@ -339,7 +339,7 @@ def test_pairs_render_through_every_template_as_inference_does(tiny_random, temp
 
 
 def test_chat_pairs_keep_the_shared_history(tmp_path):
-    from lora_cli.preference import read_preference_rows
+    from lora_cli.train.preference import read_preference_rows
 
     row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Is LoRA small?"}],
@@ -359,7 +359,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("bad,kind,words", BAD_ROWS, ids=[w for *_, w in BAD_ROWS])
 def test_bad_rows_name_file_row_and_field(tmp_path, bad, kind, words):
-    from lora_cli.preference import read_preference_rows
+    from lora_cli.train.preference import read_preference_rows
 
     good = {"prompt": "q", "chosen": "a", "rejected": "b"} if kind == "pairs" else \
         {"prompt": "q", "completion": "a", "label": True}
@@ -380,7 +380,7 @@ def test_bad_row_exits_2_from_train(tmp_path, tiny_random, cli):
 
 def test_truncation_keeps_the_answers_and_reports_the_cut(tiny_random):
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import Pair, tokenize_pairs
+    from lora_cli.train.preference import Pair, tokenize_pairs
     from lora_cli.data.template import TemplateSpec
 
     tokenizer = load_tokenizer(str(tiny_random))
@@ -397,7 +397,7 @@ def test_truncation_keeps_the_answers_and_reports_the_cut(tiny_random):
 
 def test_kto_needs_good_and_bad_answers(tmp_path, tiny_random):
     from lora_cli.model.load import load_tokenizer
-    from lora_cli.preference import build_preference_data
+    from lora_cli.train.preference import build_preference_data
     from lora_cli.recipe.schema import load_recipe
 
     rows = [{"prompt": "q", "completion": "a", "label": True}] * 4
@@ -429,7 +429,7 @@ def test_objective_keys_are_validated(tmp_path, tiny_random, train, words):
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "orpo", "simpo", "kto"])
 def test_saved_recipe_loads_again_with_only_its_objective_keys(tmp_path, tiny_random, objective):
-    from lora_cli.objectives import OBJECTIVE_KEYS, get_objective
+    from lora_cli.train.objectives import OBJECTIVE_KEYS, get_objective
     from lora_cli.recipe.schema import dump_recipe, load_recipe, recipe_from_dict
 
     recipe = load_recipe(_recipe(tmp_path, tiny_random, objective=objective))

@@ -32,7 +32,7 @@ def problems_of(raw: dict, base_dir=".") -> list[str]:
 def test_defaults_fill_unset_keys(tmp_path):
     r = recipe_from_dict(minimal(tmp_path))
     assert r.lora.r == 8 and r.lora.alpha == 16 and r.lora.target_modules == ["q_proj", "v_proj"]
-    assert r.train.gradient_accumulation is None and r.train.tokens_per_batch is None  # sized on a GPU (lora_cli.kernels), 4096 elsewhere
+    assert r.train.gradient_accumulation is None and r.train.tokens_per_batch is None  # sized on a GPU (lora_cli.model.kernels), 4096 elsewhere
     assert r.model.attn_implementation == "auto" and r.data.template == "human_assistant"
     assert r.model.name_or_path == "some-org/some-model"  # a hub id is left as it is
 

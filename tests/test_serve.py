@@ -395,7 +395,7 @@ def _post_head(path: str, length: int, key: str | None = None, extra: str = "") 
 def keyed(server):
     """The module's server behind --api-key s3cret, 64 KiB bodies and 1 s deadlines."""
     from lora_cli.infer.serve import Scheduler, Server, ServerThread
-    from lora_cli.serve_guard import Limits
+    from lora_cli.infer.guard import Limits
 
     limits = Limits(max_body=64 << 10, body_timeout=1.0, header_timeout=1.0, max_rows=8)
     keyed = Server(server.backend, server.models, Scheduler(server.backend, max_batch=4), api_key="s3cret", limits=limits)
@@ -545,6 +545,6 @@ def test_an_empty_lora_api_key_is_refused_not_taken_for_no_key(adapters, cli, mo
 
 
 def test_sizes_parse():
-    from lora_cli.serve_guard import parse_size
+    from lora_cli.infer.guard import parse_size
 
     assert [parse_size(s) for s in ("1048576", "512k", "8M", "8MiB", "1G")] == [1 << 20, 512 << 10, 8 << 20, 8 << 20, 1 << 30]

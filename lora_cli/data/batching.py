@@ -46,7 +46,7 @@ class BatchShape:
         return f"batch {self.batch_size} x accumulation {self.gradient_accumulation}{how}"
 
 
-DEFAULT_TOKENS_PER_BATCH = 4096  # train.tokens_per_batch left empty, off a CUDA GPU (lora_cli.kernels sizes it on one)
+DEFAULT_TOKENS_PER_BATCH = 4096  # train.tokens_per_batch left empty, off a CUDA GPU (lora_cli.model.kernels sizes it on one)
 
 
 def batch_shape(train_cfg, max_length: int, tokens_per_batch: int | None = None) -> BatchShape:
@@ -54,7 +54,7 @@ def batch_shape(train_cfg, max_length: int, tokens_per_batch: int | None = None)
     fit the token budget, and enough forward passes to make STEP_ROWS rows per step. A power of
     two divides STEP_ROWS, so the step size never changes with the budget. One key set: the
     other keeps the meaning it always had (batch 1, accumulation 8). tokens_per_batch: the budget
-    sized for this card (lora_cli.kernels), when the recipe leaves train.tokens_per_batch empty."""
+    sized for this card (lora_cli.model.kernels), when the recipe leaves train.tokens_per_batch empty."""
     batch, accumulation = train_cfg.batch_size, train_cfg.gradient_accumulation
     if batch is None and accumulation is None:
         budget = train_cfg.tokens_per_batch or tokens_per_batch or DEFAULT_TOKENS_PER_BATCH

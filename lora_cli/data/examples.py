@@ -31,7 +31,7 @@ from lora_cli.errors import DataError
 from lora_cli.data.formats import SHAPES, data_paths, detect_format, parse_stream, read_source
 from lora_cli.data.template import (IGNORE_INDEX, SpecialIds, conversation_segments, encode_segments,
                                resolve_template, tokenize_texts)
-from lora_cli.token_budget import clip_for_tokens
+from lora_cli.data.token_budget import clip_for_tokens
 
 MIN_TOKENS = 2  # a sequence needs two tokens for one next-token prediction
 BATCH_ROWS = 4096  # rows tokenised per fast-tokenizer call; peak memory follows this, not the file

@@ -497,7 +497,7 @@ FORMATS = ("auto", *SHAPES)  # the recipe's data.format choices: a shape, or det
 def detect_format(source: Source, columns: dict, shapes: dict[str, Shape] | None = None) -> str:
     """The shape of a source's first rows when data.format is left out. A row that fits two
     shapes, fits none, or differs from the rows before it is refused, naming the row.
-    `shapes`: another family of shapes (preference rows, lora_cli.preference); default SHAPES."""
+    `shapes`: another family of shapes (preference rows, lora_cli.train.preference); default SHAPES."""
     if source.shape and shapes is None:
         return source.shape
     family = shapes or SHAPES

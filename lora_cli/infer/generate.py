@@ -16,7 +16,7 @@ from lora_cli.errors import DataError, LoraError
 from lora_cli.files.inputs import read_text, refuse_lone_surrogates
 from lora_cli.data.formats import parse_tools
 from lora_cli.data.template import history_messages, prompt_ids, resolve_template
-from lora_cli.token_budget import chars_for
+from lora_cli.data.token_budget import chars_for
 from lora_cli.infer.engines import GenerationRequest, TransformersBackend
 from lora_cli.infer.settings import GenerationSettings
 
@@ -131,7 +131,7 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
     """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
     Rows come out prompt by prompt, variants side by side in the order given; each keeps the
     exact prompt text the model saw, special tokens included."""
-    from lora_cli import progress
+    from lora_cli.ui import progress
 
     tokenizer = backend.tokenizer
     for p in prompts:

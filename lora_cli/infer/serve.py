@@ -41,9 +41,9 @@ from lora_cli.infer.generate import BASE
 from lora_cli.infer.settings import GenerationSettings
 from lora_cli.files.inputs import lone_surrogate_at, printable
 from lora_cli.recipe.schema import SEED_MAX
-from lora_cli.serve_guard import Guard, Limits, header_deadline
+from lora_cli.infer.guard import Guard, Limits, header_deadline
 from lora_cli.data.template import prompt_ids
-from lora_cli.token_budget import chars_for
+from lora_cli.data.token_budget import chars_for
 
 DEFAULT_MAX_TOKENS = 128  # `lora generate`'s default; clipped to what the context leaves
 RETRY_AFTER_S = 1

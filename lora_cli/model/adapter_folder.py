@@ -16,7 +16,7 @@ import yaml
 
 from lora_cli.data.template import TemplateSpec
 from lora_cli.errors import LoraError
-from lora_cli.nearby import missing_adapter_hint
+from lora_cli.ui.nearby import closest, listing
 from lora_cli.tasks import get_task
 from lora_cli.files.inputs import (MAX_YAML_BYTES, first_line, read_text, refuse_pickle_weights, safe_yaml,
                                    safetensors_shapes, shorten)
@@ -24,6 +24,8 @@ from lora_cli.files.inputs import (MAX_YAML_BYTES, first_line, read_text, refuse
 ADAPTER_CONFIG = "adapter_config.json"    # the files peft saves an adapter as
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECIPE_FILE = "lora_recipe.yaml"  # the resolved recipe, saved beside every adapter
+CHECKPOINT_PREFIX = "checkpoint"  # checkpoint-N: an adapter folder a run saved at step N
+_STEP = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 
 
 @dataclass
@@ -45,6 +47,12 @@ class AdapterInfo:
     @property
     def model_section(self) -> dict:
         return dict((self.recipe or {}).get("model") or {})
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N for a checkpoint-N folder, else None."""
+    m = _STEP.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def find_recipe_file(adapter_dir: Path) -> Path | None:
@@ -84,6 +92,34 @@ def read_adapter(path: str | Path) -> AdapterInfo:
     if recipe is not None and not isinstance(recipe, dict):
         raise LoraError(f"{recipe_file}: not a recipe (a mapping of sections)", "remove it or export the adapter again")
     return AdapterInfo(path=path, base=base, recipe=recipe, config=config)
+
+
+# --------------------------------------------------------------------------- what exists instead
+
+def adapter_folders(folder: Path) -> list[str]:
+    """Paths of the adapter folders in `folder` and of the checkpoints inside them, newest checkpoint last."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (child / ADAPTER_CONFIG).is_file():
+            found.append(child)
+    checkpoints = [p for p in found if checkpoint_step(p) is not None]
+    others = [p for p in found if checkpoint_step(p) is None]
+    return [str(p) for p in others + sorted(checkpoints, key=checkpoint_step)]
+
+
+def missing_adapter_hint(path: Path) -> str | None:
+    """For an adapter path that does not exist: the adapter folders and checkpoints beside it
+    (a run's checkpoints when `path` names a checkpoint of a run), or None when nothing is near."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    while not parent.is_dir() and parent != parent.parent:  # runs/nosuch/checkpoint-9: look in runs/
+        parent = parent.parent
+    found = adapter_folders(parent)
+    if not found:
+        return None
+    return listing(found, "adapters") + closest(str(path), found)
 
 
 # --------------------------------------------------------------------------- checking before loading

@@ -230,7 +230,7 @@ def print_analysis(a: AdapterAnalysis, console) -> None:
 
     from rich import box
 
-    from lora_cli.terminal import plain
+    from lora_cli.ui.terminal import plain
 
     table = Table(title=f"{a.path}: {len(a.modules)} adapted modules (rank90/99: effective rank at 90/99% "
                         "of the energy; dW/W: ||dW||_F / ||W||_F)", title_justify="left", box=box.MARKDOWN if plain() else box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)

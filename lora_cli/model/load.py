@@ -133,7 +133,7 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     """The model.task's Auto class (AutoModelForCausalLM by default) from a folder or hub id.
     quantize=False reloads a QLoRA base in full precision (what merging needs). sharded: FSDP /
     ZeRO-3 will place the weights, so no device_map. training: the attention kernel is chosen
-    for training (lora_cli.kernels)."""
+    for training (lora_cli.model.kernels)."""
     quiet_libraries()
     from lora_cli.tasks import check_model_can, get_task, load_kwargs
 
@@ -174,11 +174,11 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
 
 def resolve_attn_implementation(model_cfg, training: bool = False) -> str | None:
     """The attention kernel to ask transformers for: the recipe's, or for auto the fastest one
-    this machine has for the model (lora_cli.kernels.choose_attention): flash_attention_2, else
+    this machine has for the model (lora_cli.model.kernels.choose_attention): flash_attention_2, else
     for training flex attention, on a CUDA GPU; otherwise None, with which transformers takes
     sdpa where the model has it, else eager. Inference never gets flex attention: generation
     changes shapes every token, and each new shape would compile it again."""
-    from lora_cli.kernels import choose_attention
+    from lora_cli.model.kernels import choose_attention
 
     if model_cfg.attn_implementation not in (None, "auto"):
         return model_cfg.attn_implementation
@@ -193,7 +193,7 @@ def device_facts(model_cfg, free_bytes: int | None = None):
     import torch
     from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
-    from lora_cli.kernels import DeviceFacts
+    from lora_cli.model.kernels import DeviceFacts
 
     cuda = torch.cuda.is_available()
     cls = causal_lm_class(model_cfg) if cuda else None
@@ -211,7 +211,7 @@ def gpu_facts(model_cfg):
 
     from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
 
-    from lora_cli.kernels import DeviceFacts
+    from lora_cli.model.kernels import DeviceFacts
 
     cls = causal_lm_class(model_cfg)
     return DeviceFacts(

@@ -24,9 +24,9 @@ from lora_cli.errors import LoraError, RecipeError
 from lora_cli.data.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.files.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
 from lora_cli.model.methods import METHOD_NAMES, METHODS
-from lora_cli.objectives import LOSS_TYPES, OBJECTIVE_KEYS, OBJECTIVE_NAMES, OBJECTIVES
-from lora_cli.objectives import column_fields as objective_fields
-from lora_cli.objectives import recipe_problems as objective_problems
+from lora_cli.train.objectives import LOSS_TYPES, OBJECTIVE_KEYS, OBJECTIVE_NAMES, OBJECTIVES
+from lora_cli.train.objectives import column_fields as objective_fields
+from lora_cli.train.objectives import recipe_problems as objective_problems
 from lora_cli.data.template import TEMPLATE_NAMES, placeholder_problems
 from lora_cli.tasks import TASK_NAMES, column_fields, recipe_problems
 from lora_cli.files import atomic
@@ -211,7 +211,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = key(None, "Generation metrics scored on the validation split at the end of training (lora_cli/metrics.py: loss, perplexity, exact_match, contains, rouge_l, bleu, chrf, or module:function), into metrics.jsonl and the run summary; empty = none.", factory=list)
+    metrics: list[str] = key(None, "Generation metrics scored on the validation split at the end of training (lora_cli/eval/metrics.py: loss, perplexity, exact_match, contains, rouge_l, bleu, chrf, or module:function), into metrics.jsonl and the run summary; empty = none.", factory=list)
     max_new_tokens: int = key(64, "Most tokens generated per validation row for eval.metrics.", min=1)
     limit: int = key(200, "Most validation rows eval.metrics answers (generation is slow); 0 = all.", min=0)
     bootstrap_resamples: int = key(1000, "Bootstrap resamples over rows for each metric's confidence interval.", min=1)
@@ -530,7 +530,7 @@ def cross_checks(r: Recipe) -> list[str]:
     if r.train.max_steps < 0 and r.train.epochs == 0:
         problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
     problems += _parallel_checks(r.train)
-    from lora_cli.metrics import metric_name_problems
+    from lora_cli.eval.metrics import metric_name_problems
 
     problems += metric_name_problems(r.eval.metrics, "eval.metrics")
     if r.train.fsdp or r.train.deepspeed:

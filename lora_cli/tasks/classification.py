@@ -12,6 +12,7 @@ from lora_cli.data.examples import DataStats, held_out, weighted
 from lora_cli.data.formats import data_paths as paths_of
 from lora_cli.data.formats import read_source
 from lora_cli.errors import DataError
+from lora_cli.eval.metrics import ClassificationReport
 from lora_cli.tasks import CLASSIFICATION_FIELDS
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this is reported as imbalanced
@@ -224,54 +225,6 @@ def pad_right(rows: list[list[int]], pad: int):
 
 # --------------------------------------------------------------------------- classification metrics
 
-@dataclass
-class ClassificationReport:
-    labels: list[str]
-    confusion: list[list[int]]  # confusion[gold][predicted]
-
-    @classmethod
-    def of(cls, gold: list[int], predicted: list[int], labels: list[str]) -> ClassificationReport:
-        n = len(labels)
-        confusion = [[0] * n for _ in range(n)]
-        for g, p in zip(gold, predicted):
-            confusion[g][p] += 1
-        return cls(list(labels), confusion)
-
-    @property
-    def rows(self) -> int:
-        return sum(map(sum, self.confusion))
-
-    @property
-    def accuracy(self) -> float:
-        return sum(self.confusion[i][i] for i in range(len(self.labels))) / max(1, self.rows)
-
-    def f1(self, i: int) -> float:
-        tp = self.confusion[i][i]
-        predicted = sum(row[i] for row in self.confusion)
-        gold = sum(self.confusion[i])
-        return 0.0 if tp == 0 else 2 * tp / (predicted + gold)
-
-    @property
-    def macro_f1(self) -> float:
-        """Mean F1 over classes that occur (as gold or predicted): sklearn's macro average."""
-        present = [i for i in range(len(self.labels))
-                   if sum(self.confusion[i]) or sum(row[i] for row in self.confusion)]
-        return sum(self.f1(i) for i in present) / max(1, len(present))
-
-    def to_dict(self) -> dict:
-        return {"rows": self.rows, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
-                "labels": self.labels, "confusion": self.confusion}
-
-    def lines(self) -> list[str]:
-        width = max(len(n) for n in self.labels + ["gold \\ predicted"])
-        cell = max(5, *(len(n) for n in self.labels))
-        out = [f"accuracy {self.accuracy:.3f}  macro-F1 {self.macro_f1:.3f}  ({self.rows} rows)",
-               "gold \\ predicted".ljust(width) + " " + " ".join(n.rjust(cell) for n in self.labels)]
-        out += [name.ljust(width) + " " + " ".join(str(c).rjust(cell) for c in row)
-                for name, row in zip(self.labels, self.confusion)]
-        return out
-
-
 def classification_metrics(labels: list[str]):
     """compute_metrics for the Trainer: accuracy and macro-F1 of the eval split."""
 
@@ -289,7 +242,7 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
     """Softmax probabilities per row (lists), in row order."""
     import torch
 
-    from lora_cli import progress
+    from lora_cli.ui import progress
 
     probs: list[list[float]] = []
     for start in range(0, len(rows), batch_size):
@@ -328,7 +281,7 @@ def predict_file(model, tokenizer, labels: list[str], path, max_length: int) -> 
     if not Path(path).is_file():
         raise DataError(f"--file {path}: no such file", "give a .jsonl, .json or .csv file of rows with text (and text_pair)")
     rows = read_labeled_rows(str(path), "train", {}, need_label=False)
-    from lora_cli import progress
+    from lora_cli.ui import progress
 
     progress.set_total(len(rows))
     probs = predict_probabilities(model, tokenizer, rows, max_length)

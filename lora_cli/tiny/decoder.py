@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_cli import progress
+from lora_cli.ui import progress
 from lora_cli.files import atomic
 from lora_cli.data.formats import read_rows
 

@@ -10,7 +10,6 @@ Nothing here imports torch, so resume checks answer before anything heavy loads.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -20,18 +19,12 @@ import yaml
 
 from lora_cli.files import atomic
 from lora_cli.errors import LoraError
-from lora_cli.model.adapter_folder import ADAPTER_CONFIG
+from lora_cli.model.adapter_folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, checkpoint_step
 
-PREFIX = "checkpoint"
+PREFIX = CHECKPOINT_PREFIX
 MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder
 STAGING = atomic.STAGED_PREFIX + "checkpoints"  # beside the checkpoints, so the rename stays on one filesystem
 FINAL_ADAPTER = ADAPTER_CONFIG            # moved into output_dir last: its presence means the run finished
-_STEP = re.compile(rf"^{PREFIX}-(\d+)$")
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = _STEP.match(Path(path).name)
-    return int(m.group(1)) if m else None
 
 
 def run_finished(output_dir: Path) -> bool:
@@ -122,7 +115,7 @@ def resolve_resume(output_dir: Path, resume: Resume) -> Path:
     else:
         where = Path(resume.folder).expanduser().resolve()
         if not where.exists():
-            from lora_cli.nearby import listing
+            from lora_cli.ui.nearby import listing
 
             there = listing([p.name for p in complete_checkpoints(output_dir)], "complete checkpoints")
             raise LoraError(f"--resume-from: {resume.folder} does not exist ({there})",
@@ -245,7 +238,7 @@ def examples_fingerprint(dataset) -> dict:
     table = dataset.with_format("arrow")[:]  # in dataset order, selections applied
     h = hashlib.sha256()
     tokens = 0
-    # preference rows (lora_cli.preference) keep their prompt and answers apart
+    # preference rows (lora_cli.train.preference) keep their prompt and answers apart
     columns = {"input_ids", "labels", "position_ids", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "label"}
     for name in sorted(columns & set(table.column_names)):
         column = table.column(name).combine_chunks()

@@ -13,7 +13,7 @@ itself and the counts equal what `lora train` prints. Memory is arithmetic over 
   gradients in the same dtype, and the state train.optimizer keeps for them, counted tensor by
   tensor as each optimizer allocates it (see optimizer_state_bytes).
 - activations of one forward pass of batch_size x data.max_length tokens (the batch shape of
-  lora_cli.data.batching): what autograd keeps for backward, op by op, as lora_cli.activations
+  lora_cli.data.batching): what autograd keeps for backward, op by op, as lora_cli.train.activations
   counts it for the code that runs (dtypes, shared or copied adapter inputs, Liger, the mask),
   plus the loss at its peak. With gradient checkpointing only each layer's input is kept,
   and one layer is recomputed at a time.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from lora_cli.model.adapters import BASE_CHANGING_INITS, add_adapter
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import RANKED, method_of
-from lora_cli.objectives import objective_of
+from lora_cli.train.objectives import objective_of
 from lora_cli.data.batching import batch_shape
 from lora_cli.recipe.schema import Recipe
 
@@ -359,10 +359,10 @@ def quantized_bytes(kind: str, numel: int, out_features: int) -> int:
 
 
 def activation_shapes(config, model):
-    """(Shapes, adapted layers) of lora_cli.activations for this config and peft model."""
+    """(Shapes, adapted layers) of lora_cli.train.activations for this config and peft model."""
     from peft.tuners.lora import LoraLayer
 
-    from lora_cli.activations import Shapes, adapted_layer
+    from lora_cli.train.activations import Shapes, adapted_layer
 
     arch = _architecture(config)
     shapes = Shapes(h=arch["h"], q=arch["q"], kv=arch["kv"], inter=arch["inter"], heads=arch["heads"],
@@ -377,7 +377,7 @@ def expected_attention(recipe) -> str:
     transformers' default."""
     if recipe.model.attn_implementation not in (None, "auto"):
         return recipe.model.attn_implementation
-    from lora_cli.kernels import choose_attention
+    from lora_cli.model.kernels import choose_attention
     from lora_cli.model.load import gpu_facts
 
     return choose_attention("auto", gpu_facts(recipe.model)) or "sdpa"
@@ -387,21 +387,21 @@ def uses_liger(recipe, facts=None) -> bool:
     """Whether the run uses Liger's kernels (for the estimate: on a GPU with this machine's packages)."""
     import importlib.util
 
-    from lora_cli.kernels import DeviceFacts, choose_liger
+    from lora_cli.model.kernels import DeviceFacts, choose_liger
 
     facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
     return choose_liger(recipe.train.kernels, facts, recipe.model.task == "causal_lm")
 
 
 def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None = None, liger: bool | None = None):
-    """The facts of lora_cli.activations.Saving for this recipe as `lora train` runs it on a CUDA
+    """The facts of lora_cli.train.activations.Saving for this recipe as `lora train` runs it on a CUDA
     GPU: dtype auto is bfloat16 and precision auto is bf16 (autocast); lora keeps the weights
     bitsandbytes leaves alone in the model's dtype, and under autocast peft's cast of each
     adapted layer's input is off (adapters.keep_one_input_copy). layout / attention / liger:
-    what the run chose (lora_cli.kernels), else what it would choose on a GPU."""
+    what the run chose (lora_cli.model.kernels), else what it would choose on a GPU."""
     import torch
 
-    from lora_cli.activations import Saving
+    from lora_cli.train.activations import Saving
     from lora_cli.data.batching import batch_layout
 
     storage = storage_dtype(recipe).itemsize
@@ -436,7 +436,7 @@ def with_weight_copies(saving, model):
 def _dense_mask(recipe: Recipe, layout: str, attention: str) -> str:
     """Which dense mask reaches attention: none for padding-free kernels and single padded rows."""
     from lora_cli.data.batching import FLATTENED, PADDED
-    from lora_cli.kernels import PADDING_FREE
+    from lora_cli.model.kernels import PADDING_FREE
 
     if attention in PADDING_FREE:
         return ""
@@ -449,7 +449,7 @@ def _dense_mask(recipe: Recipe, layout: str, attention: str) -> str:
 
 def activations(recipe: Recipe, model, config, saving=None) -> tuple[int, int]:
     """(bytes without, bytes with gradient checkpointing) for one batch."""
-    from lora_cli.activations import pass_bytes
+    from lora_cli.train.activations import pass_bytes
 
     shapes, adapted = activation_shapes(config, model)
     rows = batch_shape(recipe.train, recipe.data.max_length).batch_size
@@ -461,10 +461,10 @@ def activations(recipe: Recipe, model, config, saving=None) -> tuple[int, int]:
 def sized_tokens_per_batch(recipe, model, facts) -> int | None:
     """train.tokens_per_batch for a run whose recipe leaves it empty: sized from the card's free
     memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies).
-    facts: lora_cli.kernels.DeviceFacts, free_bytes read after the model was loaded."""
-    from lora_cli.activations import pass_bytes
+    facts: lora_cli.model.kernels.DeviceFacts, free_bytes read after the model was loaded."""
+    from lora_cli.train.activations import pass_bytes
     from lora_cli.data.batching import STEP_ROWS
-    from lora_cli.kernels import choose_liger, choose_rows
+    from lora_cli.model.kernels import choose_liger, choose_rows
 
     if recipe.train.tokens_per_batch is not None or not facts.cuda or facts.free_bytes is None:
         return None
@@ -545,7 +545,7 @@ def format_bytes(n: int) -> str:
 def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     from rich.table import Table
 
-    from lora_cli.terminal import table_box
+    from lora_cli.ui.terminal import table_box
 
     p, m = est.params, est.memory
     lora = recipe.lora

@@ -18,7 +18,7 @@ from pathlib import Path
 from lora_cli.errors import LoraError
 from lora_cli.data.formats import data_paths
 from lora_cli.model.methods import method_of
-from lora_cli.objectives import objective_of, red_flags
+from lora_cli.train.objectives import objective_of, red_flags
 from lora_cli.train.preflight import planned_steps
 from lora_cli.data.batching import batch_shape
 from lora_cli.recipe.schema import Recipe

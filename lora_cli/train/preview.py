@@ -7,9 +7,9 @@ from dataclasses import replace
 from rich.console import Console
 from rich.text import Text
 
-from lora_cli.objectives import objective_of
+from lora_cli.train.objectives import objective_of
 from lora_cli.data.template import IGNORE_INDEX
-from lora_cli.terminal import plain
+from lora_cli.ui.terminal import plain
 
 SUPERVISED_MARKS = ("[[", "]]")  # around supervised text, so colour never carries the meaning alone
 
@@ -45,7 +45,7 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     of supervised tokens and the counts kept / truncated / dropped."""
     console = console or Console()
     if objective_of(recipe).preference:  # a pair (or a labelled answer) per row, not one sequence
-        from lora_cli.preference import preview_pairs
+        from lora_cli.train.preference import preview_pairs
 
         return preview_pairs(recipe, console, rows)
     from lora_cli.data.examples import build_sft_data, lengths_of, pack_bins

@@ -30,7 +30,7 @@ from lora_cli.train import checkpoint as ckpt
 from lora_cli.errors import LoraError
 from lora_cli.model.adapter_folder import verify_adapter
 from lora_cli.model.adapter_folder import RECIPE_FILE
-from lora_cli.objectives import objective_of
+from lora_cli.train.objectives import objective_of
 from lora_cli.tasks import get_task
 from lora_cli.train.metrics import METRICS_FILE, read_metrics
 from lora_cli.recipe.schema import Recipe, dump_recipe
@@ -144,11 +144,11 @@ def prepare_resumed_dir(output_dir: Path, step: int) -> None:
 def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict, has_eval: bool,
                               chosen=None) -> dict:
     """Everything TrainingArguments gets, as a dict tests can read without building it.
-    chosen: the run's lora_cli.kernels.RunKernels (Liger, token budget)."""
+    chosen: the run's lora_cli.model.kernels.RunKernels (Liger, token budget)."""
     import torch
 
     from lora_cli.data.batching import batch_shape
-    from lora_cli.kernels import RunKernels
+    from lora_cli.model.kernels import RunKernels
 
     t = recipe.train
     chosen = chosen or RunKernels(liger=t.kernels == "liger")
@@ -263,7 +263,7 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
 
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None, chosen)
     if objective_of(recipe).preference:  # TRL's trainer, collator and loss; our callbacks and guards
-        from lora_cli.preference import setup_trainer
+        from lora_cli.train.preference import setup_trainer
 
         return setup_trainer(recipe, model, tokenizer, data, kwargs, callbacks, carried_loss, SafeTrainer)
     layout, grouped = _setup_batching(recipe, model, chosen)
@@ -295,7 +295,7 @@ def _setup_batching(recipe: Recipe, model, chosen=None) -> tuple[str, bool]:
 def describe_batching(recipe: Recipe, model, chosen=None) -> str:
     """The `batches` line: shape, layout, attention kernel, fused kernels, token budget."""
     from lora_cli.data.batching import batch_shape
-    from lora_cli.kernels import RunKernels
+    from lora_cli.model.kernels import RunKernels
     from lora_cli.model.load import attention_in_use
 
     chosen = chosen or RunKernels(liger=recipe.train.kernels == "liger")
@@ -310,10 +310,10 @@ def describe_batching(recipe: Recipe, model, chosen=None) -> str:
 
 
 def _choose_kernels(recipe: Recipe, model):
-    """The run's lora_cli.kernels choices on this machine, once the model is loaded (its weights
+    """The run's lora_cli.model.kernels choices on this machine, once the model is loaded (its weights
     are then out of the free memory the token budget is sized from)."""
     from lora_cli.train.estimate import sized_tokens_per_batch
-    from lora_cli.kernels import RunKernels, choose_liger, free_memory
+    from lora_cli.model.kernels import RunKernels, choose_liger, free_memory
     from lora_cli.model.load import device_facts
 
     free = free_memory()
@@ -356,7 +356,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
     precision = preflight.check_before_loading(recipe)  # fail in seconds, before loading anything
-    from lora_cli.metrics import resolve_metrics
+    from lora_cli.eval.metrics import resolve_metrics
 
     resolve_metrics(recipe.eval.metrics, "eval.metrics")  # a user's module:function imports now, not after training
 
@@ -370,7 +370,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     objective = objective_of(recipe)
     if objective.preference:  # pairs or labelled answers, tokenised through the same template path
-        from lora_cli.preference import build_preference_data
+        from lora_cli.train.preference import build_preference_data
 
         data = build_preference_data(recipe, tokenizer)
     else:
@@ -390,7 +390,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
     console.print(f"[bold]batches[/] {describe_batching(recipe, model, chosen)}")
     if objective.preference:
-        from lora_cli.preference import reference_description
+        from lora_cli.train.preference import reference_description
 
         reference = reference_description(recipe)
         settings = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
@@ -402,7 +402,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     for line in hooks.data_report_lines(recipe, data):  # classification: class balance
         console.print(line, highlight=False, markup=False)
     if objective.preference:
-        from lora_cli.preference import example_lines as preference_example
+        from lora_cli.train.preference import example_lines as preference_example
 
         example = preference_example(recipe, dataset, tokenizer)
     else:
@@ -474,7 +474,7 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
         hooks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
                               output_file=output_dir / hooks.EVAL_REPORT_FILE)
         try:
-            from lora_cli.preference import finished_model
+            from lora_cli.train.preference import finished_model
 
             save_final_adapter(finished_model(model), output_dir)
         except OSError as e:
@@ -491,7 +491,7 @@ def _evaluate_generation(recipe: Recipe, model, tokenizer, console: Console, res
     appended to metrics.jsonl as one record at the final step, kept in the run's result."""
     if not recipe.eval.metrics:
         return
-    from lora_cli.evaluate import evaluate_trained
+    from lora_cli.eval.run import evaluate_trained
 
     scores = evaluate_trained(recipe, model, tokenizer, log=lambda line: console.print(line, highlight=False))
     if not scores:
@@ -809,7 +809,7 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from lora_cli.terminal import plain
+        from lora_cli.ui.terminal import plain
 
         self.max_steps = state.max_steps
         if plain():  # piped or NO_COLOR: one plain line per log (on_log) instead of a redrawn bar

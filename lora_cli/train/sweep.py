@@ -239,7 +239,7 @@ def print_sweep(result: SweepResult, console: Console) -> None:
 
     kinds = {r.loss_kind for r in result.runs}
     loss_name = "eval loss" if kinds == {"eval"} else "train loss" if kinds == {"train"} else "loss (eval/train)"
-    from lora_cli.terminal import table_box
+    from lora_cli.ui.terminal import table_box
 
     table = Table(title=f"rank sweep ({loss_name}; knee threshold {100 * result.threshold:g}% per doubling)",
                   title_justify="left", box=table_box())

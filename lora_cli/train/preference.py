@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from lora_cli.data.examples import DataStats, fit_to_length, held_out, weighted
 from lora_cli.errors import DataError
 from lora_cli.data.formats import Shape, chat_message, data_paths, detect_format, read_source
-from lora_cli.objectives import PAIRS, UNPAIRED, objective_of
+from lora_cli.train.objectives import PAIRS, UNPAIRED, objective_of
 
 
 

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 
-from lora_cli.terminal import plain
+from lora_cli.ui.terminal import plain
 
 PLAIN_EVERY_S = 10.0      # a plain line at least this often while work moves
 PLAIN_EVERY_SHARE = 0.25  # and at every quarter of the work

@@ -1,5 +1,5 @@
 """What one training forward pass keeps for backward, in bytes: the activation model of
-`lora estimate` and of the token budget per forward pass (lora_cli.kernels).
+`lora estimate` and of the token budget per forward pass (lora_cli.model.kernels).
 
 Counted op by op in a Llama-style decoder layer, and checked against the bytes
 torch.autograd.graph.saved_tensors_hooks sees on CPU (tests/test_estimate.py) and against

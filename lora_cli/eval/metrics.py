@@ -114,13 +114,60 @@ def _labels(a: Answer):
     return (a.label, a.predicted)
 
 
+# accuracy and macro-F1 also report a classifier's held-out split and `lora predict` (tasks/classification.py)
+@dataclass
+class ClassificationReport:
+    labels: list[str]
+    confusion: list[list[int]]  # confusion[gold][predicted]
+
+    @classmethod
+    def of(cls, gold: list[int], predicted: list[int], labels: list[str]) -> ClassificationReport:
+        n = len(labels)
+        confusion = [[0] * n for _ in range(n)]
+        for g, p in zip(gold, predicted):
+            confusion[g][p] += 1
+        return cls(list(labels), confusion)
+
+    @property
+    def rows(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.confusion[i][i] for i in range(len(self.labels))) / max(1, self.rows)
+
+    def f1(self, i: int) -> float:
+        tp = self.confusion[i][i]
+        predicted = sum(row[i] for row in self.confusion)
+        gold = sum(self.confusion[i])
+        return 0.0 if tp == 0 else 2 * tp / (predicted + gold)
+
+    @property
+    def macro_f1(self) -> float:
+        """Mean F1 over classes that occur (as gold or predicted): sklearn's macro average."""
+        present = [i for i in range(len(self.labels))
+                   if sum(self.confusion[i]) or sum(row[i] for row in self.confusion)]
+        return sum(self.f1(i) for i in present) / max(1, len(present))
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
+                "labels": self.labels, "confusion": self.confusion}
+
+    def lines(self) -> list[str]:
+        width = max(len(n) for n in self.labels + ["gold \\ predicted"])
+        cell = max(5, *(len(n) for n in self.labels))
+        out = [f"accuracy {self.accuracy:.3f}  macro-F1 {self.macro_f1:.3f}  ({self.rows} rows)",
+               "gold \\ predicted".ljust(width) + " " + " ".join(n.rjust(cell) for n in self.labels)]
+        out += [name.ljust(width) + " " + " ".join(str(c).rjust(cell) for c in row)
+                for name, row in zip(self.labels, self.confusion)]
+        return out
+
+
 def _accuracy(stats: list) -> float:
     return mean([float(gold == predicted) for gold, predicted in stats])
 
 
 def _macro_f1(stats: list) -> float:
-    from lora_cli.tasks.classification import ClassificationReport
-
     names = sorted({g for g, _ in stats} | {p for _, p in stats})
     index = {n: i for i, n in enumerate(names)}
     return ClassificationReport.of([index[g] for g, _ in stats], [index[p] for _, p in stats], names).macro_f1

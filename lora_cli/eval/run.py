@@ -22,7 +22,7 @@ from typing import Callable
 
 from lora_cli.errors import DataError, LoraError
 from lora_cli.libraries import install_hint
-from lora_cli.metrics import Answer, Metric
+from lora_cli.eval.metrics import Answer, Metric
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
@@ -582,7 +582,7 @@ def _unique(names: list[str]) -> list[str]:
 
 def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Metric], str]:
     """(candidates in order, the rendered rows, the metrics, the task)."""
-    from lora_cli.metrics import CLASSIFICATION_DEFAULT, GENERATION_DEFAULT, resolve_metrics
+    from lora_cli.eval.metrics import CLASSIFICATION_DEFAULT, GENERATION_DEFAULT, resolve_metrics
     from lora_cli.model.adapter_folder import read_adapter
     from lora_cli.tasks import get_task
     from lora_cli.data.template import resolve_template
@@ -840,7 +840,7 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     {metric: {value, low, high}}; nothing when the recipe asks for none or has no eval split."""
     from lora_cli.infer.engines import TransformersBackend
     from lora_cli.data.examples import load_items
-    from lora_cli.metrics import resolve_metrics
+    from lora_cli.eval.metrics import resolve_metrics
     from lora_cli.data.template import TemplateSpec
 
     names = list(recipe.eval.metrics)
