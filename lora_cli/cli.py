@@ -52,7 +52,7 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allo
 
 def _print_version(value: bool) -> None:
     if value:
-        from lora_cli.env_report import lora_version
+        from lora_cli.env_report import lora_version  # here, not at the top: `lora --help` starts fast
 
         print(f"lora {lora_version()}")
         raise typer.Exit(0)
@@ -135,7 +135,7 @@ def check(
 
     findings = lint_recipe(load_recipe(recipe, set_ or []))
     if as_json:
-        from lora_cli.json_output import check_doc, emit
+        from lora_cli.json_output import check_doc, emit  # here, not at the top: `lora --help` starts fast
 
         emit("check", check_doc(recipe, findings, strict))
         raise typer.Exit(2 if findings and strict else 0)
@@ -162,7 +162,7 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
 def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str, str]]:
     """The folders an adapter command reads, for the output check: each adapter, the base it
     names and --base. A damaged adapter is left to the loader to refuse."""
-    from lora_cli.model.adapter_folder import read_adapter
+    from lora_cli.model.adapter_folder import read_adapter  # here, not at the top: `lora --help` starts fast
 
     inputs: list[tuple[str, str]] = [("base model (--base)", base)] if base else []
     for name, path in adapters.items():
@@ -320,7 +320,7 @@ def serve(
     On an open network put it behind a TLS reverse proxy (docs/serve.md)."""
     import os
 
-    from lora_cli.infer.guard import Limits, check_api_key, parse_size
+    from lora_cli.infer.guard import Limits, check_api_key, parse_size  # here, not at the top: `lora --help` starts fast
 
     if engine not in ENGINES:
         raise LoraError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -423,7 +423,7 @@ def eval_(
 ):
     """Ask the base, adapters, merged folders, GGUF files and endpoints the same rows; one table
     of metrics with each candidate's difference to the first and a bootstrap interval."""
-    from lora_cli.eval.run import Request, Settings
+    from lora_cli.eval.run import Request, Settings  # here, not at the top: `lora --help` starts fast
 
     _generation_settings(max_new_tokens, temperature, top_p, 1.0, seed)  # checked, named by flag
     if data is None and not tasks:
@@ -434,15 +434,15 @@ def eval_(
                       [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, baseline, limit,
                       bootstrap, Settings(max_new_tokens, temperature, top_p, seed, batch_size))
     if tasks:
-        from lora_cli.eval.harness import run_tasks
+        from lora_cli.eval.harness import run_tasks  # here, not at the top: `lora --help` starts fast
 
         record = run_tasks(request, [t.strip() for t in tasks.split(",") if t.strip()], include_path, out, force,
                            log=console.print)
-        from lora_cli.eval.harness import print_tasks
+        from lora_cli.eval.harness import print_tasks  # here, not at the top: `lora --help` starts fast
 
         print_tasks(record, console)
         return
-    from lora_cli.eval.run import print_table, run_eval
+    from lora_cli.eval.run import print_table, run_eval  # here, not at the top: `lora --help` starts fast
 
     with _eval_progress() as progress:
         record = run_eval(request, out, force, progress=progress, log=console.print)
@@ -540,7 +540,7 @@ def estimate(
     limit = parse_count(budget) if budget is not None else None
     est = estimate_recipe(r, budget=limit)
     if as_json:
-        from lora_cli.json_output import emit, estimate_doc
+        from lora_cli.json_output import emit, estimate_doc  # here, not at the top: `lora --help` starts fast
 
         emit("estimate", estimate_doc(est, r))
         return
@@ -642,7 +642,7 @@ def recipe_keys(
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (generated from the one recipe schema), for editors and CI."""
-    from lora_cli.recipe.json_schema import schema_text
+    from lora_cli.recipe.json_schema import schema_text  # here, not at the top: `lora --help` starts fast
 
     sys.stdout.write(schema_text())
 
@@ -650,11 +650,11 @@ def schema():
 @app.command()
 def env(as_json: JsonOption = False):
     """Versions of lora, python, torch, transformers, peft, bitsandbytes and the device: paste it into a bug report."""
-    from lora_cli.env_report import environment
+    from lora_cli.env_report import environment  # here, not at the top: `lora --help` starts fast
 
     report = environment()
     if as_json:
-        from lora_cli.json_output import emit
+        from lora_cli.json_output import emit  # here, not at the top: `lora --help` starts fast
 
         emit("env", report)
         return
@@ -721,7 +721,7 @@ def run(argv: list[str] | None = None) -> int:
     return 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     libraries.configure(verbose=_wants_verbose(argv))
-    from lora_cli.ui.terminal import plain
+    from lora_cli.ui.terminal import plain  # here, not at the top: `lora --help` starts fast
 
     app.rich_markup_mode = None if plain() else "rich"  # piped / NO_COLOR help: click's plain text, no boxes
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
+from lora_cli.data.batching import batch_shape
+from lora_cli.train.estimate import fits
 
 LAYOUT_VERSION = 1
 
@@ -24,9 +26,6 @@ def check_doc(source, findings, strict: bool) -> dict:
 
 
 def estimate_doc(est, recipe) -> dict:
-    from lora_cli.data.batching import batch_shape
-    from lora_cli.train.estimate import fits
-
     p, m = est.params, est.memory
     return {
         "model": {"class": est.model_class, "name_or_path": recipe.model.name_or_path},

@@ -32,6 +32,8 @@ from lora_cli.data.formats import SHAPES, data_paths, detect_format, parse_strea
 from lora_cli.data.template import (IGNORE_INDEX, SpecialIds, conversation_segments, encode_segments,
                                resolve_template, tokenize_texts)
 from lora_cli.data.token_budget import clip_for_tokens
+from lora_cli.data.template import TemplateSpec
+from lora_cli.data.batching import FLATTENED, PACKED
 
 MIN_TOKENS = 2  # a sequence needs two tokens for one next-token prediction
 BATCH_ROWS = 4096  # rows tokenised per fast-tokenizer call; peak memory follows this, not the file
@@ -210,8 +212,6 @@ def tokenize_items(items: list, data_cfg, tokenizer, kind: str = "conversation")
 
 
 def _spec(data_cfg):
-    from lora_cli.data.template import TemplateSpec
-
     return TemplateSpec.from_data(data_cfg)
 
 
@@ -628,7 +628,6 @@ def split_pack(feature: dict) -> list[dict]:
 
 def make_collator(layout: str, tokenizer):
     """The collator for a batch layout (lora_cli.data.batching.batch_layout)."""
-    from lora_cli.data.batching import FLATTENED, PACKED
 
     if layout == FLATTENED:
         return FlattenedCollator()

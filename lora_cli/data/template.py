@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from lora_cli.errors import LoraError
+from lora_cli.files.inputs import shorten
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -91,7 +92,6 @@ def placeholder_problems(key: str, fmt: str) -> list[str]:
     unknown one (usually a typo). Used by the recipe checks, before anything loads."""
     required, allowed = PLACEHOLDERS[key]
     found = set(re.findall(r"\{(\w+)\}", fmt))
-    from lora_cli.files.inputs import shorten
 
     problems = [f"data.{key}: {shorten(fmt)} has no {{{name}}} placeholder; add it where the "
                 f"{name} text goes" for name in sorted(required - found)]

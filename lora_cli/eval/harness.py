@@ -15,6 +15,9 @@ from typing import Callable
 
 from lora_cli.errors import LoraError
 from lora_cli.libraries import install_hint
+from lora_cli.files import ownership
+from lora_cli.model.load import local_device
+from lora_cli.model.adapter_folder import read_adapter
 
 TASKS_FILE = "eval.json"
 
@@ -79,9 +82,6 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
               log: Callable[[str], None] = print) -> dict:
     """{"candidates": [{"name", "kind", "tasks": lm-eval's results}], "settings": ...} for the
     base (with --base, or when no adapter is given) and each adapter; written to OUT/eval.json."""
-    from lora_cli.files import ownership
-    from lora_cli.model.load import local_device
-    from lora_cli.model.adapter_folder import read_adapter
 
     if request.merged or request.gguf or request.endpoint:
         raise LoraError("--tasks runs lm-eval on the base and adapters only",

@@ -22,7 +22,20 @@ from typing import Callable
 
 from lora_cli.errors import DataError, LoraError
 from lora_cli.libraries import install_hint
-from lora_cli.eval.metrics import Answer, Metric
+from lora_cli.eval.metrics import Answer, CLASSIFICATION_DEFAULT, GENERATION_DEFAULT, Metric, resolve_metrics
+from lora_cli.data.formats import detect_format, read_source, SHAPES, split_conversation
+from lora_cli.data.template import (conversation_segments, encode_segments, IGNORE_INDEX, jinja_chat_template,
+                                    prompt_ids, resolve_template, TemplateSpec, tokenize_texts, tool_calls_text,
+                                    user_content)
+from lora_cli.tasks.classification import predict_probabilities, read_labeled_rows
+from lora_cli.model.adapter_folder import read_adapter
+from lora_cli.tasks import get_task
+from lora_cli.infer.engines import active_adapter, GenerationRequest, TransformersBackend, using_variant
+from lora_cli.model.load import load_base_model, load_for_inference, load_tokenizer, local_device
+from lora_cli.recipe.schema import ModelConfig
+from lora_cli.files import ownership
+from lora_cli.data.examples import load_items
+from lora_cli.infer.settings import GenerationSettings
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
@@ -47,8 +60,6 @@ class EvalRow:
 def split_reference(conversation) -> tuple[list[dict], list[dict], str | None]:
     """(messages before the last assistant turn, tools, that turn's text); no assistant turn:
     (all messages, tools, None)."""
-    from lora_cli.data.formats import split_conversation
-    from lora_cli.data.template import tool_calls_text
 
     messages, tools = split_conversation(conversation)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
@@ -66,11 +77,9 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
     """The rows to ask, read as training reads them (any row shape training accepts)."""
     columns = columns or {}
     if task == "classification":
-        from lora_cli.tasks.classification import read_labeled_rows
 
         labeled = read_labeled_rows(path, "train", columns)[:limit or None]
         return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
-    from lora_cli.data.formats import SHAPES, detect_format, read_source
 
     source = read_source(path)
     fmt = detect_format(source, columns) if fmt == "auto" else fmt
@@ -113,8 +122,6 @@ class Asking:
 
     @classmethod
     def render(cls, tokenizer, template, rows: list[EvalRow]) -> Asking:
-        from lora_cli.data.template import conversation_segments, encode_segments, prompt_ids
-
         asking = cls(tokenizer, template, rows)
         for row in rows:
             if row.labeled is not None:
@@ -129,7 +136,6 @@ class Asking:
     def check_texts(self) -> list[str]:
         """Texts whose ids another tokenizer must reproduce: each checked row's prompt pieces
         and reference."""
-        from lora_cli.data.template import conversation_segments
 
         texts = []
         for row in self.rows[:CHECKED_ROWS]:
@@ -149,8 +155,6 @@ class Settings:
     batch_size: int = 8
 
     def generation(self):
-        from lora_cli.infer.settings import GenerationSettings
-
         return GenerationSettings(self.max_new_tokens, self.temperature, self.top_p, 1.0, self.seed)
 
 
@@ -195,8 +199,6 @@ class TransformersCandidate(Candidate):
         return {"source": self.source, "sha256": files_digest(self.files)}
 
     def answers(self, asking, settings, tick):
-        from lora_cli.infer.engines import GenerationRequest
-
         generation, out = settings.generation(), []
         for start in range(0, len(asking.prompts), settings.batch_size):
             chunk = asking.prompts[start:start + settings.batch_size]
@@ -206,8 +208,6 @@ class TransformersCandidate(Candidate):
         return out
 
     def losses(self, asking, tick, batch_size: int = 8):
-        from lora_cli.infer.engines import using_variant
-
         out = []
         with using_variant(self.backend.model, self.adapter):
             for start in range(0, len(asking.scored), batch_size):
@@ -230,9 +230,6 @@ class ClassifierCandidate(Candidate):
         return {"source": self.source, "sha256": files_digest(self.files)}
 
     def labels(self, asking, tick):
-        from lora_cli.infer.engines import using_variant
-        from lora_cli.tasks.classification import predict_probabilities
-
         with using_variant(self.model, self.name):
             probs = predict_probabilities(self.model, self.tokenizer, [r.labeled for r in asking.rows], self.max_length)
         tick(len(probs))
@@ -265,8 +262,6 @@ class GGUFCandidate(Candidate):
         return {"source": self.source, "sha256": files_digest([Path(self.source)])}
 
     def check(self, asking):
-        from lora_cli.data.template import jinja_chat_template, tokenize_texts
-
         texts = asking.check_texts()
         ours = tokenize_texts(asking.tokenizer, texts)
         for text, want in zip(texts, ours):
@@ -410,7 +405,6 @@ class EndpointCandidate(Candidate):
 
 def openai_message(m: dict) -> dict:
     """A parsed message (formats.py) in the OpenAI shape a server reads."""
-    from lora_cli.data.template import user_content
 
     out = {"role": m["role"], "content": user_content(m) if m["role"] == "user" else m["content"]}
     if m.get("tool_calls"):
@@ -439,8 +433,6 @@ def sequence_nll(model, pad_id: int, chunk: list[tuple[list[int], list[int]]]) -
 def _nll_of(logits, labels: list[int]) -> tuple[float, int]:
     """Position t's logits predict token t+1; labels are unshifted (IGNORE_INDEX where unsupervised)."""
     import numpy as np
-
-    from lora_cli.data.template import IGNORE_INDEX
 
     logits = np.asarray(logits, dtype=np.float64)
     total, count = 0.0, 0
@@ -582,10 +574,6 @@ def _unique(names: list[str]) -> list[str]:
 
 def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Metric], str]:
     """(candidates in order, the rendered rows, the metrics, the task)."""
-    from lora_cli.eval.metrics import CLASSIFICATION_DEFAULT, GENERATION_DEFAULT, resolve_metrics
-    from lora_cli.model.adapter_folder import read_adapter
-    from lora_cli.tasks import get_task
-    from lora_cli.data.template import resolve_template
 
     check_kinds(request)
     if request.template:
@@ -610,11 +598,6 @@ def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Met
 
 
 def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[list[Candidate], Asking]:
-    from lora_cli.infer.engines import TransformersBackend
-    from lora_cli.model.load import load_base_model, load_tokenizer, local_device
-    from lora_cli.recipe.schema import ModelConfig
-    from lora_cli.data.template import resolve_template
-
     if not infos and not request.base_model and not request.merged:
         # the prompts are rendered by an adapter's (or a model folder's) tokenizer and template
         raise LoraError("nothing to render the rows with: --gguf and --endpoint are compared with an adapter or model"
@@ -660,8 +643,6 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[lis
 
 
 def _check_same_tokenizer(asking: Asking, other, flag: str) -> None:
-    from lora_cli.data.template import tokenize_texts
-
     texts = asking.check_texts()
     for text, want, got in zip(texts, tokenize_texts(asking.tokenizer, texts), tokenize_texts(other, texts)):
         if want != got:
@@ -674,8 +655,6 @@ def _check_same_tokenizer(asking: Asking, other, flag: str) -> None:
 
 
 def _classifiers(request: Request, infos: dict) -> list[Candidate]:
-    from lora_cli.model.load import load_for_inference
-
     if request.base or request.merged or request.gguf or request.endpoint:
         raise LoraError("classification adapters are compared with each other only (--adapter ...)",
                         "drop --base / --merged / --gguf / --endpoint; a base has no trained label head")
@@ -721,7 +700,6 @@ def run_eval(request: Request, out: Path | None = None, force: bool = False, pro
              log: Callable[[str], None] = print) -> dict:
     """Load, ask, score; write OUT/eval.json, answers.jsonl and eval.png when `out` is given.
     Returns the eval.json record."""
-    from lora_cli.files import ownership
 
     if out is not None:  # the one output rule: never over an input, replaced only with --force and only if eval wrote it
         ownership.check_output(Path(out), "eval", force=force, folder=True,
@@ -771,8 +749,6 @@ def answer_rows(candidates, asking: Asking, answers: dict[str, list[Answer]]) ->
 
 
 def write_outputs(out: Path, record: dict, rows: list[dict], force: bool) -> None:
-    from lora_cli.files import ownership
-
     with ownership.writing_folder(out, "eval", force) as staging:
         (staging / EVAL_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=2), encoding="utf-8")
         (staging / ANSWERS_FILE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
@@ -838,10 +814,6 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     """eval.metrics of the recipe on its validation split, by the model just trained (its
     answers generated through the backend, as `lora eval` asks an adapter). Returns
     {metric: {value, low, high}}; nothing when the recipe asks for none or has no eval split."""
-    from lora_cli.infer.engines import TransformersBackend
-    from lora_cli.data.examples import load_items
-    from lora_cli.eval.metrics import resolve_metrics
-    from lora_cli.data.template import TemplateSpec
 
     names = list(recipe.eval.metrics)
     if not names or recipe.model.task != "causal_lm":
@@ -879,6 +851,4 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
 
 
 def _active(model):
-    from lora_cli.infer.engines import active_adapter
-
     return active_adapter(model)

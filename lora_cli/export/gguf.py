@@ -27,7 +27,11 @@ from pathlib import Path
 
 from lora_cli.files import ownership
 from lora_cli.errors import LoraError
-from lora_cli.data.template import jinja_chat_template
+from lora_cli.data.template import adds_bos, jinja_chat_template, resolve_template
+from lora_cli.libraries import install_hint, quiet_libraries
+from lora_cli.model.load import inference_model_config, load_tokenizer, refuse_remote_code
+from lora_cli.export.merge import check_mergeable, merged_model
+from lora_cli.model.adapter_folder import verify_adapter
 
 FORMATS = ("gguf", "gguf-adapter", "ollama")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -58,8 +62,6 @@ PRE_TOKENIZERS = {
 
 
 def _gguf():
-    from lora_cli.libraries import install_hint
-
     try:
         import gguf
     except ImportError:
@@ -87,7 +89,6 @@ def ollama_template(spec, eos_token: str) -> str:
     """The training template as an Ollama (Go text/template) TEMPLATE over .Messages. Ollama
     messages have no alpaca input, so a user turn is the template's without-input form, and Go
     templates cannot trim, so human_assistant's strip of trailing whitespace is not applied."""
-    from lora_cli.data.template import resolve_template
 
     spec = resolve_template(spec)
     if spec.name == "chat_template":
@@ -110,8 +111,6 @@ def ollama_template(spec, eos_token: str) -> str:
 
 
 def modelfile(spec, eos_token: str, gguf_name: str = OLLAMA_GGUF) -> str:
-    from lora_cli.data.template import resolve_template
-
     spec = resolve_template(spec)
     lines = [MODELFILE_HEADER, f"FROM ./{gguf_name}", f'TEMPLATE """{ollama_template(spec, eos_token)}"""']
     if spec.system_prompt:
@@ -147,7 +146,6 @@ def add_tokenizer(writer, tokenizer, tokenizer_dir: Path, n_vocab: int, chat_tem
     """Vocabulary, merges, token types, special ids, add_bos and the chat template. Ids and
     add_bos come from the tokenizer training used (pad is EOS when it had none, as in training)."""
     gguf = _gguf()
-    from lora_cli.data.template import adds_bos
 
     tokenizer_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     writer.add_tokenizer_model("gpt2")
@@ -292,8 +290,6 @@ def _finish(writer) -> None:
 
 def check_out(out: Path, info, base, force: bool, *, folder: bool = False) -> None:
     """The one output check (lora_cli.files.ownership.check_output), with this command's inputs."""
-    from lora_cli.files import ownership
-    from lora_cli.model.load import inference_model_config
 
     base_path = inference_model_config(info, base, quantization="none").name_or_path
     ownership.check_output(out, "export", force=force, folder=folder,
@@ -304,9 +300,6 @@ def _merged(adapter_dir, out: Path, dtype: str, force: bool, base, log, *, folde
     """(info, merged float32 model, tokenizer, tokenizer folder): the merge `lora merge` does.
     The dtype, the adapter, the output and the base's architecture are checked first, before
     the slow part."""
-    from lora_cli.export.merge import check_mergeable, merged_model
-    from lora_cli.model.adapter_folder import verify_adapter
-    from lora_cli.model.load import load_tokenizer
 
     _check_dtype(dtype)
     info = verify_adapter(adapter_dir)
@@ -373,8 +366,6 @@ def export_gguf_adapter(adapter_dir, out, *, dtype: str = "f32", force: bool = F
                         log=print) -> Path:
     """The LoRA adapter alone as a GGUF LoRA file (general.type=adapter, adapter.type=lora,
     adapter.lora.alpha; tensors <base tensor>.lora_a / .lora_b), for a GGUF base of the same model."""
-    from lora_cli.export.merge import check_mergeable
-    from lora_cli.model.adapter_folder import verify_adapter
 
     out = Path(out)
     _check_dtype(dtype)
@@ -409,9 +400,6 @@ def _plain_lora_alpha(info) -> float:
 
 def _base_config(info, base):
     from transformers import AutoConfig
-
-    from lora_cli.libraries import quiet_libraries
-    from lora_cli.model.load import inference_model_config, refuse_remote_code
 
     quiet_libraries()
     name = inference_model_config(info, base, quantization="none").name_or_path

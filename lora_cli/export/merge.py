@@ -13,11 +13,12 @@ import warnings
 from pathlib import Path
 
 from lora_cli.files import ownership
-from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_recipe_file, RECIPE_FILE, verify_adapter
 from lora_cli.errors import LoraError
-from lora_cli.model.adapter_folder import verify_adapter
 from lora_cli.model.methods import for_peft_type
-from lora_cli.model.adapter_folder import RECIPE_FILE, find_recipe_file
+from lora_cli.libraries import quiet_libraries
+from lora_cli.model.load import inference_model_config, load_base_model, load_tokenizer
+from lora_cli.tasks import bind_tokenizer, get_task
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
@@ -59,8 +60,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
                   log=print, trust_remote_code: bool = False) -> Path:
     """Fold the adapter into its base and save a full model plain transformers loads.
     The base is always reloaded unquantized: merging into 4-bit weights would round the update away."""
-    from lora_cli.libraries import quiet_libraries
-    from lora_cli.model.load import inference_model_config, load_tokenizer
 
     max_shard_size = check_merge_options(dtype, max_shard_size)
     quiet_libraries()  # before torch/peft imports: bitsandbytes logs a CPU-kernel notice on import
@@ -93,8 +92,6 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
 def merged_model(adapter_dir: str | Path, *, base: str | None = None, log=print, trust_remote_code: bool = False):
     """(info, merged float32 model, model config): the merge `lora merge` saves, in memory, for
     writers of other formats (`lora export`)."""
-    from lora_cli.libraries import quiet_libraries
-    from lora_cli.model.load import inference_model_config, load_tokenizer
 
     quiet_libraries()
     info = verify_adapter(adapter_dir)
@@ -122,9 +119,6 @@ def _merged_model(info, model_cfg, tokenizer):
     (saved whole by peft) replaces the base's and its label names are in the saved config."""
     import torch
     from peft import PeftModel
-
-    from lora_cli.model.load import load_base_model
-    from lora_cli.tasks import bind_tokenizer
 
     model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
     bind_tokenizer(model, tokenizer)
@@ -183,7 +177,6 @@ def model_card(info, base: str, *, merged: bool, dtype: str | None = None) -> st
         rows.append(("saved dtype", dtype))
     what = ("The adapter folded into its base with `lora merge`: a plain transformers model, no peft needed."
             if merged else "A LoRA-family adapter exported with `lora save`; load it on its base with peft.")
-    from lora_cli.tasks import get_task
 
     auto = get_task(info.model_section.get("task")).auto_class
     load = (f"from transformers import {auto}\nmodel = {auto}.from_pretrained(\"<this folder>\")"

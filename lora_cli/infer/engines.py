@@ -21,6 +21,7 @@ from typing import Callable
 
 from lora_cli.errors import LoraError
 from lora_cli.infer.settings import GenerationSettings
+from lora_cli.model.load import load_for_inference
 
 
 @dataclass
@@ -61,7 +62,6 @@ class TransformersBackend:
     def load(cls, adapters: dict, *, base: str | None = None, device: str | None = None,
              trust_remote_code: bool = False):
         """(backend, adapter infos by name) for base + adapters, as `lora generate` loads them."""
-        from lora_cli.model.load import load_for_inference
 
         model, tokenizer, infos = load_for_inference(adapters, base=base, device=device,
                                                      trust_remote_code=trust_remote_code)

@@ -19,6 +19,7 @@ from lora_cli.data.template import history_messages, prompt_ids, resolve_templat
 from lora_cli.data.token_budget import chars_for
 from lora_cli.infer.engines import GenerationRequest, TransformersBackend
 from lora_cli.infer.settings import GenerationSettings
+from lora_cli.ui import progress
 
 BASE = "base"  # the label rows and transcripts give the base with adapters switched off
 MAX_PROMPT_FILE_BYTES = 256 << 20  # --file: also what is read of a pipe before it is refused
@@ -131,7 +132,6 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
     """Every prompt answered by every variant (label -> (adapter name or None, template name or spec)).
     Rows come out prompt by prompt, variants side by side in the order given; each keeps the
     exact prompt text the model saw, special tokens included."""
-    from lora_cli.ui import progress
 
     tokenizer = backend.tokenizer
     for p in prompts:

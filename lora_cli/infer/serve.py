@@ -35,15 +35,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lora_cli.infer.engines import Completion, GenerationRequest
+from lora_cli.infer.engines import backend_class, Completion, GenerationRequest
 from lora_cli.errors import LoraError
-from lora_cli.infer.generate import BASE
+from lora_cli.infer.generate import BASE, build_prompt_ids
 from lora_cli.infer.settings import GenerationSettings
 from lora_cli.files.inputs import lone_surrogate_at, printable
 from lora_cli.recipe.schema import SEED_MAX
 from lora_cli.infer.guard import Guard, Limits, header_deadline
 from lora_cli.data.template import prompt_ids
 from lora_cli.data.token_budget import chars_for
+from lora_cli.data.formats import chat_message, parse_tools
+from lora_cli.model.adapter_folder import refuse_unless
 
 DEFAULT_MAX_TOKENS = 128  # `lora generate`'s default; clipped to what the context leaves
 RETRY_AFTER_S = 1
@@ -342,7 +344,6 @@ class Server:
 def chat_prompt_ids(tokenizer, served: ServedModel, body: ChatBody) -> list[int]:
     """The request's conversation read by the data reader (tool calls, tool results, text
     parts) and rendered by the adapter's training template, tools included."""
-    from lora_cli.data.formats import chat_message, parse_tools
 
     messages = body.messages
     if messages[-1].role not in ("user", "tool"):
@@ -387,7 +388,6 @@ def chat_chars(body: ChatBody) -> int:
 
 def completion_prompt_ids(tokenizer, served: ServedModel, prompt: str) -> list[int]:
     """A completion prompt is an instruction, rendered by the template as `lora generate` does."""
-    from lora_cli.infer.generate import build_prompt_ids
 
     return build_prompt_ids(tokenizer, served.template, prompt)
 
@@ -587,8 +587,6 @@ def build_server(adapters: dict, *, base: str | None = None, api_key: str | None
                  engine: str = "transformers", max_batch: int = 16, max_queue: int = 64,
                  limits: Limits = Limits(), trust_remote_code: bool = False) -> Server:
     """Load base + adapters once through the backend `engine` and wire up what the app serves."""
-    from lora_cli.infer.engines import backend_class
-    from lora_cli.model.adapter_folder import refuse_unless
 
     refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
     backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)

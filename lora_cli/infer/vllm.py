@@ -16,6 +16,8 @@ from lora_cli.files import atomic
 from lora_cli.errors import LoraError
 from lora_cli.infer.generate import BASE
 from lora_cli.data.template import TemplateSpec, jinja_chat_template
+from lora_cli.model.adapter_folder import verify_adapter
+from lora_cli.model.load import load_tokenizer
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
@@ -71,8 +73,6 @@ def missing_for_vllm() -> list[str]:
 def prepare_vllm(adapters: dict, *, base: str | None, host: str, port: int, api_key: str | None,
                  work_dir: Path) -> list[str]:
     """Read the adapters, write the chat template into work_dir, return vLLM's command line."""
-    from lora_cli.model.adapter_folder import verify_adapter
-    from lora_cli.model.load import load_tokenizer
 
     infos = {name: verify_adapter(path) for name, path in adapters.items()}  # vLLM gets only whole adapters
     if BASE in infos:

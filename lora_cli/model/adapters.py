@@ -12,6 +12,7 @@ import re
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import method_of
 from lora_cli.model.targets import linear_module_names
+from lora_cli.model.adapter_folder import verify_adapter
 
 # Inits that rewrite the base weights (W - B0·A0); peft redoes them whenever the adapter is loaded.
 BASE_CHANGING_INITS = {"pissa", "olora"}
@@ -58,8 +59,6 @@ def trained_adapter(model, folder: str):
     """lora.init_from: the base with a trained adapter (e.g. an SFT run) loaded trainable, to be
     trained further; its own config (method, rank, targets) is kept."""
     from peft import PeftModel
-
-    from lora_cli.model.adapter_folder import verify_adapter
 
     verify_adapter(folder)
     return PeftModel.from_pretrained(model, folder, is_trainable=True)

@@ -19,10 +19,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, verify_adapter
 from lora_cli.files import ownership
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import RANKED, for_peft_type
+from lora_cli.model.load import inference_model_config, load_base_model
+from lora_cli.ui.terminal import plain
+from lora_cli.libraries import install_hint
 
 FULL_SHARE = 0.75   # eff. rank (90%) at this share of r or more: the module uses its whole rank
 LOW_SHARE = 0.5     # eff. rank (99%) at this share of r or less: half the rank would do
@@ -80,8 +83,6 @@ class AdapterAnalysis:
 # --------------------------------------------------------------------------- reading
 
 def read_lora_config(path: Path) -> dict:
-    from lora_cli.model.adapter_folder import verify_adapter
-
     verify_adapter(path)  # the same checks and messages as every other command that takes an adapter
     config = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     kind = str(config.get("peft_type", "LORA")).upper()
@@ -174,9 +175,6 @@ def attach_base_norms(path: Path, modules: list[ModuleAnalysis], base: str | Non
     path inference uses (full precision, so 4-bit bases are measured dequantised)."""
     import torch
 
-    from lora_cli.model.load import inference_model_config, load_base_model
-    from lora_cli.model.adapter_folder import read_adapter
-
     model_cfg = inference_model_config(read_adapter(path), base, trust_remote_code=trust_remote_code)
     model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
     for m in modules:
@@ -230,8 +228,6 @@ def print_analysis(a: AdapterAnalysis, console) -> None:
 
     from rich import box
 
-    from lora_cli.ui.terminal import plain
-
     table = Table(title=f"{a.path}: {len(a.modules)} adapted modules (rank90/99: effective rank at 90/99% "
                         "of the energy; dW/W: ||dW||_F / ||W||_F)", title_justify="left", box=box.MARKDOWN if plain() else box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for col in ("module", "r", "rank90", "rank99", "stable", "|dW|_F", "dW/W", "σ1 σ2 σ3"):
@@ -256,7 +252,6 @@ def plot_analysis(a: AdapterAnalysis, out: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from lora_cli.libraries import install_hint
 
         raise LoraError("--plot needs matplotlib, which is not installed", install_hint("plot")) from None
     labels = [m.short for m in a.modules]

@@ -12,6 +12,10 @@ from lora_cli.model.adapters import refuse_base_changing_with_others
 from lora_cli.errors import LoraError
 from lora_cli.libraries import install_hint, quiet_libraries
 from lora_cli.model.adapter_folder import AdapterInfo, verify_adapter
+from lora_cli.files.inputs import verify_model_folder, verify_tokenizer_folder
+from lora_cli.tasks import bind_tokenizer, check_model_can, get_task, load_kwargs
+from lora_cli.model.kernels import choose_attention, DeviceFacts
+from lora_cli.recipe.schema import ModelConfig
 
 
 # --------------------------------------------------------------------------- devices and dtypes
@@ -78,8 +82,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     quiet_libraries()
     from transformers import AutoTokenizer
 
-    from lora_cli.files.inputs import verify_tokenizer_folder
-
     verify_tokenizer_folder(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
@@ -135,7 +137,6 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     ZeRO-3 will place the weights, so no device_map. training: the attention kernel is chosen
     for training (lora_cli.model.kernels)."""
     quiet_libraries()
-    from lora_cli.tasks import check_model_can, get_task, load_kwargs
 
     check_model_can(model_cfg)
     kwargs = {
@@ -146,7 +147,6 @@ def load_base_model(model_cfg, *, quantize: bool = True, dtype=None, device: str
     attn = resolve_attn_implementation(model_cfg, training)
     if attn:
         kwargs["attn_implementation"] = attn
-    from lora_cli.files.inputs import verify_model_folder
 
     verify_model_folder(model_cfg.name_or_path)  # pickles refused, truncated shards named, before loading
     qconfig = quantization_config(model_cfg, sharded) if quantize else None
@@ -178,7 +178,6 @@ def resolve_attn_implementation(model_cfg, training: bool = False) -> str | None
     for training flex attention, on a CUDA GPU; otherwise None, with which transformers takes
     sdpa where the model has it, else eager. Inference never gets flex attention: generation
     changes shapes every token, and each new shape would compile it again."""
-    from lora_cli.model.kernels import choose_attention
 
     if model_cfg.attn_implementation not in (None, "auto"):
         return model_cfg.attn_implementation
@@ -192,8 +191,6 @@ def device_facts(model_cfg, free_bytes: int | None = None):
 
     import torch
     from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
-
-    from lora_cli.model.kernels import DeviceFacts
 
     cuda = torch.cuda.is_available()
     cls = causal_lm_class(model_cfg) if cuda else None
@@ -210,8 +207,6 @@ def gpu_facts(model_cfg):
     import importlib.util
 
     from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
-
-    from lora_cli.model.kernels import DeviceFacts
 
     cls = causal_lm_class(model_cfg)
     return DeviceFacts(
@@ -275,7 +270,6 @@ def inference_model_config(info: AdapterInfo, base: str | None = None, quantizat
     """The model section to load for inference: the training recipe's, with overrides.
     An adapter folder is data someone may have downloaded: the recipe saved in it never
     switches remote code on; only the user's own command line (trust_remote_code) does."""
-    from lora_cli.recipe.schema import ModelConfig
 
     section = {k: v for k, v in info.model_section.items() if k in ModelConfig.__dataclass_fields__}
     section["name_or_path"] = base or section.get("name_or_path") or info.base
@@ -293,9 +287,6 @@ def load_for_inference(adapters: dict[str, str | Path], *, base: str | None = No
     user's --trust-remote-code, never read from the adapters."""
     quiet_libraries()
     from peft import PeftModel
-
-    from lora_cli.recipe.schema import ModelConfig
-    from lora_cli.tasks import bind_tokenizer
 
     infos = {name: verify_adapter(p) for name, p in adapters.items()}
     first = next(iter(infos.values()), None)

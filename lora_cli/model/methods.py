@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lora_cli.model.targets import ia3_feedforward, resolve_target_modules
+from lora_cli.tasks import get_task
 
 # The lora.* keys each kind of method reads. Any other lora.* key written in the recipe is an
 # error, so an option never silently does nothing.
@@ -52,8 +53,6 @@ class Method:
 def _task_type(recipe):
     """peft's task type for model.task (SEQ_CLS also trains and saves the classification head whole)."""
     from peft import TaskType
-
-    from lora_cli.tasks import get_task
 
     return TaskType[get_task(recipe.model.task).peft_task_type]
 

@@ -12,6 +12,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
+from lora_cli.recipe.schema import Recipe, REQUIRED
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "recipe.schema.json"  # what the recipes point at
 SCHEMA_LINE = "# yaml-language-server: $schema="
@@ -35,8 +36,6 @@ def json_type(tp) -> dict[str, Any]:
 
 
 def _key_schema(tp, f: dataclasses.Field, default) -> dict[str, Any]:
-    from lora_cli.recipe.schema import REQUIRED
-
     out = {"description": f.metadata["doc"], **json_type(tp)}
     if default is not REQUIRED:
         out["default"] = default
@@ -47,8 +46,6 @@ def _key_schema(tp, f: dataclasses.Field, default) -> dict[str, Any]:
 
 
 def _section_schema(cls, defaults: dict) -> dict[str, Any]:
-    from lora_cli.recipe.schema import REQUIRED
-
     hints = typing.get_type_hints(cls)
     properties, required = {}, []
     for f in dataclasses.fields(cls):
@@ -67,7 +64,6 @@ def _section_schema(cls, defaults: dict) -> dict[str, Any]:
 
 def recipe_json_schema() -> dict[str, Any]:
     """The whole recipe as a JSON Schema (draft 2020-12)."""
-    from lora_cli.recipe.schema import Recipe
 
     schema = _section_schema(Recipe, Recipe().to_dict())
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "lora recipe",

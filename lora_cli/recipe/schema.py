@@ -24,12 +24,12 @@ from lora_cli.errors import LoraError, RecipeError
 from lora_cli.data.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.files.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
 from lora_cli.model.methods import METHOD_NAMES, METHODS
-from lora_cli.train.objectives import LOSS_TYPES, OBJECTIVE_KEYS, OBJECTIVE_NAMES, OBJECTIVES
-from lora_cli.train.objectives import column_fields as objective_fields
-from lora_cli.train.objectives import recipe_problems as objective_problems
+from lora_cli.train.objectives import (column_fields as objective_fields, LOSS_TYPES, OBJECTIVE_KEYS,
+                                       OBJECTIVE_NAMES, OBJECTIVES, recipe_problems as objective_problems)
 from lora_cli.data.template import TEMPLATE_NAMES, placeholder_problems
 from lora_cli.tasks import TASK_NAMES, column_fields, recipe_problems
 from lora_cli.files import atomic
+from lora_cli.eval.metrics import metric_name_problems
 
 PATH = "path"  # metadata kind: resolved against the recipe's folder
 
@@ -530,7 +530,6 @@ def cross_checks(r: Recipe) -> list[str]:
     if r.train.max_steps < 0 and r.train.epochs == 0:
         problems.append("train.epochs: 0 with max_steps -1 would train nothing; set epochs > 0 or max_steps > 0")
     problems += _parallel_checks(r.train)
-    from lora_cli.eval.metrics import metric_name_problems
 
     problems += metric_name_problems(r.eval.metrics, "eval.metrics")
     if r.train.fsdp or r.train.deepspeed:

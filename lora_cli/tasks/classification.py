@@ -9,11 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from lora_cli.data.examples import DataStats, held_out, weighted
-from lora_cli.data.formats import data_paths as paths_of
-from lora_cli.data.formats import read_source
+from lora_cli.data.formats import data_paths as paths_of, read_source
 from lora_cli.errors import DataError
 from lora_cli.eval.metrics import ClassificationReport
 from lora_cli.tasks import CLASSIFICATION_FIELDS
+from lora_cli.ui import progress
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this is reported as imbalanced
 
@@ -242,8 +242,6 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
     """Softmax probabilities per row (lists), in row order."""
     import torch
 
-    from lora_cli.ui import progress
-
     probs: list[list[float]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -281,7 +279,6 @@ def predict_file(model, tokenizer, labels: list[str], path, max_length: int) -> 
     if not Path(path).is_file():
         raise DataError(f"--file {path}: no such file", "give a .jsonl, .json or .csv file of rows with text (and text_pair)")
     rows = read_labeled_rows(str(path), "train", {}, need_label=False)
-    from lora_cli.ui import progress
 
     progress.set_total(len(rows))
     probs = predict_probabilities(model, tokenizer, rows, max_length)

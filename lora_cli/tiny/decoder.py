@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 from lora_cli.ui import progress
-from lora_cli.files import atomic
+from lora_cli.files import atomic, ownership
 from lora_cli.data.formats import read_rows
+from lora_cli.libraries import quiet_libraries
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 
@@ -65,14 +66,12 @@ MARKER = "TINY_MODEL.json"  # how the model was built (data, steps, seed, final 
 def check_build_folder(out: Path, data: str | Path, force: bool = False) -> None:
     """The one output check (lora_cli.files.ownership.check_output): a new or empty folder, or with
     --force one an earlier build-tiny wrote and nothing else touched; never the --data file."""
-    from lora_cli.files import ownership
 
     ownership.check_output(Path(out), "build-tiny", force=force, folder=True, inputs=[("data (--data)", data)])
 
 
 def save_tiny(out: Path, model, tokenizer, record: dict, force: bool) -> None:
     """Model, tokenizer and MARKER staged and renamed into place whole (lora_cli.files.ownership)."""
-    from lora_cli.files import ownership
 
     with ownership.writing_folder(Path(out), "build-tiny", force) as staging:
         model.save_pretrained(staging, safe_serialization=True)
@@ -85,8 +84,6 @@ def build_tiny_model(out: str | Path, data: str | Path, *, hidden: int = 128, la
                      tie_word_embeddings: bool = False, force: bool = False, log=print) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     out = Path(out)

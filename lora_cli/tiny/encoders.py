@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_cli.tiny.decoder import check_build_folder, optimize, save_tiny
+from lora_cli.tiny.decoder import check_build_folder, optimize, save_tiny, train_tokenizer
+from lora_cli.data.formats import read_rows
+from lora_cli.libraries import quiet_libraries
 
 ARCHS = ("llama", "bert", "t5", "bart")
 PAD = "<pad>"
@@ -35,8 +37,6 @@ def texts_of_rows(rows: list[dict]) -> list[str]:
 
 
 def tokenizer_with_pad(texts: list[str], vocab_size: int):
-    from lora_cli.tiny.decoder import train_tokenizer
-
     tok = train_tokenizer(texts, vocab_size)
     tok.add_special_tokens({"pad_token": PAD})
     return tok
@@ -72,9 +72,6 @@ def build_tiny_encoder_model(out: str | Path, data: str | Path, arch: str, *, hi
                              heads: int = 4, steps: int | None = None, seed: int = 0, vocab_size: int = 1024,
                              force: bool = False, log=print) -> Path:
     import torch
-
-    from lora_cli.data.formats import read_rows
-    from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
     out = Path(out)

@@ -20,6 +20,9 @@ import yaml
 from lora_cli.files import atomic
 from lora_cli.errors import LoraError
 from lora_cli.model.adapter_folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, checkpoint_step
+from lora_cli.ui.nearby import listing
+from lora_cli.data.cache import source_fingerprint
+from lora_cli.data.formats import data_paths
 
 PREFIX = CHECKPOINT_PREFIX
 MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder
@@ -115,7 +118,6 @@ def resolve_resume(output_dir: Path, resume: Resume) -> Path:
     else:
         where = Path(resume.folder).expanduser().resolve()
         if not where.exists():
-            from lora_cli.ui.nearby import listing
 
             there = listing([p.name for p in complete_checkpoints(output_dir)], "complete checkpoints")
             raise LoraError(f"--resume-from: {resume.folder} does not exist ({there})",
@@ -255,8 +257,6 @@ def examples_fingerprint(dataset) -> dict:
 
 def data_fingerprint(data_cfg, data) -> dict:
     """Digests of every data source the recipe names and of the tokenised examples built from them."""
-    from lora_cli.data.cache import source_fingerprint
-    from lora_cli.data.formats import data_paths
 
     sources = {p: source_fingerprint(p, data_cfg.split) for p in data_paths(data_cfg.path) + data_paths(data_cfg.val_path)}
     return {"sources": sources, "train": examples_fingerprint(data.train),

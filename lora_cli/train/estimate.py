@@ -33,8 +33,15 @@ from lora_cli.model.adapters import BASE_CHANGING_INITS, add_adapter
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import RANKED, method_of
 from lora_cli.train.objectives import objective_of
-from lora_cli.data.batching import batch_shape
+from lora_cli.data.batching import batch_layout, batch_shape, FLATTENED, PADDED, STEP_ROWS
 from lora_cli.recipe.schema import Recipe
+from lora_cli.libraries import quiet_libraries
+from lora_cli import tasks
+from lora_cli.tasks.hooks import prepare_recipe
+from lora_cli.train.activations import adapted_layer, pass_bytes, Saving, Shapes
+from lora_cli.model.kernels import choose_attention, choose_liger, choose_rows, DeviceFacts, PADDING_FREE
+from lora_cli.model.load import gpu_facts
+from lora_cli.ui.terminal import table_box
 
 GPU_SIZES_GB = (16, 24, 40, 48, 80)
 GPU_USABLE = 0.9  # share of a card left after CUDA context, workspaces and fragmentation
@@ -107,8 +114,6 @@ def storage_dtype(recipe: Recipe):
 
 
 def load_model_config(recipe: Recipe):
-    from lora_cli.libraries import quiet_libraries
-
     quiet_libraries()
     from transformers import AutoConfig
 
@@ -123,9 +128,6 @@ def load_model_config(recipe: Recipe):
 def build_meta_model(recipe: Recipe):
     """(peft model on the meta device, its config, ids of the weights bitsandbytes would quantize)."""
     import torch
-
-    from lora_cli import tasks
-    from lora_cli.tasks.hooks import prepare_recipe
 
     config = load_model_config(recipe)
     prepare_recipe(recipe)  # a classifier's label count sizes its head
@@ -362,8 +364,6 @@ def activation_shapes(config, model):
     """(Shapes, adapted layers) of lora_cli.train.activations for this config and peft model."""
     from peft.tuners.lora import LoraLayer
 
-    from lora_cli.train.activations import Shapes, adapted_layer
-
     arch = _architecture(config)
     shapes = Shapes(h=arch["h"], q=arch["q"], kv=arch["kv"], inter=arch["inter"], heads=arch["heads"],
                     layers=arch["layers"], vocab=arch["vocab"], gated=_is_gated_mlp(model))
@@ -377,8 +377,6 @@ def expected_attention(recipe) -> str:
     transformers' default."""
     if recipe.model.attn_implementation not in (None, "auto"):
         return recipe.model.attn_implementation
-    from lora_cli.model.kernels import choose_attention
-    from lora_cli.model.load import gpu_facts
 
     return choose_attention("auto", gpu_facts(recipe.model)) or "sdpa"
 
@@ -386,8 +384,6 @@ def expected_attention(recipe) -> str:
 def uses_liger(recipe, facts=None) -> bool:
     """Whether the run uses Liger's kernels (for the estimate: on a GPU with this machine's packages)."""
     import importlib.util
-
-    from lora_cli.model.kernels import DeviceFacts, choose_liger
 
     facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
     return choose_liger(recipe.train.kernels, facts, recipe.model.task == "causal_lm")
@@ -400,9 +396,6 @@ def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None =
     adapted layer's input is off (adapters.keep_one_input_copy). layout / attention / liger:
     what the run chose (lora_cli.model.kernels), else what it would choose on a GPU."""
     import torch
-
-    from lora_cli.train.activations import Saving
-    from lora_cli.data.batching import batch_layout
 
     storage = storage_dtype(recipe).itemsize
     autocast = recipe.train.precision != "fp32"  # auto is bf16 on a GPU
@@ -435,8 +428,6 @@ def with_weight_copies(saving, model):
 
 def _dense_mask(recipe: Recipe, layout: str, attention: str) -> str:
     """Which dense mask reaches attention: none for padding-free kernels and single padded rows."""
-    from lora_cli.data.batching import FLATTENED, PADDED
-    from lora_cli.model.kernels import PADDING_FREE
 
     if attention in PADDING_FREE:
         return ""
@@ -449,7 +440,6 @@ def _dense_mask(recipe: Recipe, layout: str, attention: str) -> str:
 
 def activations(recipe: Recipe, model, config, saving=None) -> tuple[int, int]:
     """(bytes without, bytes with gradient checkpointing) for one batch."""
-    from lora_cli.train.activations import pass_bytes
 
     shapes, adapted = activation_shapes(config, model)
     rows = batch_shape(recipe.train, recipe.data.max_length).batch_size
@@ -462,9 +452,6 @@ def sized_tokens_per_batch(recipe, model, facts) -> int | None:
     """train.tokens_per_batch for a run whose recipe leaves it empty: sized from the card's free
     memory on a CUDA GPU (rows x max_length); None elsewhere (batching's default applies).
     facts: lora_cli.model.kernels.DeviceFacts, free_bytes read after the model was loaded."""
-    from lora_cli.train.activations import pass_bytes
-    from lora_cli.data.batching import STEP_ROWS
-    from lora_cli.model.kernels import choose_liger, choose_rows
 
     if recipe.train.tokens_per_batch is not None or not facts.cuda or facts.free_bytes is None:
         return None
@@ -544,8 +531,6 @@ def format_bytes(n: int) -> str:
 
 def print_estimate(est: Estimate, recipe: Recipe, console) -> None:
     from rich.table import Table
-
-    from lora_cli.ui.terminal import table_box
 
     p, m = est.params, est.memory
     lora = recipe.lora

@@ -27,6 +27,9 @@ from lora_cli.data.examples import DataStats, fit_to_length, held_out, weighted
 from lora_cli.errors import DataError
 from lora_cli.data.formats import Shape, chat_message, data_paths, detect_format, read_source
 from lora_cli.train.objectives import PAIRS, UNPAIRED, objective_of
+from lora_cli.data.template import adds_bos, conversation_segments, encode_segments, IGNORE_INDEX, TemplateSpec
+from lora_cli.model.adapters import BASE_CHANGING_INITS
+from lora_cli.model.load import load_tokenizer
 
 
 
@@ -219,7 +222,6 @@ def read_preference_rows(path: str, split: str, columns: dict, rows_kind: str) -
 def render(spec, tokenizer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids + EOS) of one answer to a prompt, through the template path SFT
     and inference share: the prompt ids are exactly those `lora generate` builds for it."""
-    from lora_cli.data.template import IGNORE_INDEX, conversation_segments, encode_segments
 
     segments = conversation_segments(spec, messages + [{"role": "assistant", "content": answer}], tokenizer,
                                      train_on="last")
@@ -240,8 +242,6 @@ def _fit(prompt: list[int], answers: list[list[int]], max_length: int, keep_firs
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, spec, max_length: int) -> tuple[list[dict], DataStats]:
-    from lora_cli.data.template import adds_bos
-
     stats = DataStats(rows=len(pairs))
     keep_first = 1 if adds_bos(tokenizer) else 0
     examples = []
@@ -261,8 +261,6 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, spec, max_length: int) -> tuple
 
 
 def tokenize_labelled(rows: list[Labelled], tokenizer, spec, max_length: int) -> tuple[list[dict], DataStats]:
-    from lora_cli.data.template import adds_bos
-
     stats = DataStats(rows=len(rows))
     keep_first = 1 if adds_bos(tokenizer) else 0
     examples = []
@@ -296,7 +294,6 @@ def _to_dataset(examples: list[dict]):
 
 def build_preference_data(recipe, tokenizer) -> PreferenceData:
     """Rows read and checked (exit 2 naming file, row and field), split, rendered and tokenised."""
-    from lora_cli.data.template import TemplateSpec
 
     d, kind = recipe.data, objective_of(recipe).rows
     spec = TemplateSpec.from_data(d)
@@ -452,7 +449,6 @@ def starts_trained(recipe) -> bool:
     """Whether the adapter training starts from already differs from the base: a lora.init_from
     adapter, or an init that rewrites the base weights (pissa / olora: the base with the adapter
     off is no longer the original model). Then TRL's frozen copy of it is the reference."""
-    from lora_cli.model.adapters import BASE_CHANGING_INITS
 
     return bool(recipe.lora.init_from) or recipe.lora.init in BASE_CHANGING_INITS
 
@@ -484,8 +480,6 @@ def preview_pairs(recipe, console, rows: int = 3) -> None:
     """`lora data preview` for a preference recipe: each shown row's prompt (masked) and what is
     supervised on each side, then the counts."""
     from rich.text import Text
-
-    from lora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     data = build_preference_data(recipe, tokenizer)

@@ -14,6 +14,7 @@ from lora_cli.files import atomic
 from lora_cli.errors import LoraError
 from lora_cli.libraries import install_hint
 from lora_cli.recipe.schema import BITSANDBYTES_OPTIMIZERS, quantized_sharding_problems
+from lora_cli.data.batching import batch_shape
 
 # Packages that train.report_to names, and the module that proves each is installed.
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
@@ -227,7 +228,6 @@ def planned_steps(recipe, rows: int, processes: int | None = None) -> int:
     ceil(rows / (batch_size x processes)) of them, and an epoch ends with a partial accumulation
     step, so it has ceil(batches / gradient_accumulation) optimizer steps, at least one
     (transformers' Trainer.set_initial_training_values). The batch shape is lora_cli.data.batching's."""
-    from lora_cli.data.batching import batch_shape
 
     train_cfg = recipe.train
     if train_cfg.max_steps > 0:

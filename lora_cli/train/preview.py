@@ -10,13 +10,15 @@ from rich.text import Text
 from lora_cli.train.objectives import objective_of
 from lora_cli.data.template import IGNORE_INDEX
 from lora_cli.ui.terminal import plain
+from lora_cli.data.examples import build_sft_data, label_runs, lengths_of, pack_bins
+from lora_cli.model.load import load_tokenizer
+from lora_cli.train.preference import preview_pairs
 
 SUPERVISED_MARKS = ("[[", "]]")  # around supervised text, so colour never carries the meaning alone
 
 
 def highlighted(example: dict, tokenizer) -> Text:
     """The decoded example, supervised stretches in green between SUPERVISED_MARKS, masked ones dimmed."""
-    from lora_cli.data.examples import label_runs
 
     text = Text()
     opening, closing = SUPERVISED_MARKS
@@ -45,11 +47,8 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     of supervised tokens and the counts kept / truncated / dropped."""
     console = console or Console()
     if objective_of(recipe).preference:  # a pair (or a labelled answer) per row, not one sequence
-        from lora_cli.train.preference import preview_pairs
 
         return preview_pairs(recipe, console, rows)
-    from lora_cli.data.examples import build_sft_data, lengths_of, pack_bins
-    from lora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     data_cfg = recipe.data

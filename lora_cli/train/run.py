@@ -25,15 +25,30 @@ from rich.console import Console
 from transformers import Trainer, TrainerCallback  # this module is imported only by commands that train
 
 from lora_cli.files import atomic, ownership
-from lora_cli.train import preflight
-from lora_cli.train import checkpoint as ckpt
+from lora_cli.train import checkpoint as ckpt, preflight
 from lora_cli.errors import LoraError
-from lora_cli.model.adapter_folder import verify_adapter
-from lora_cli.model.adapter_folder import RECIPE_FILE
+from lora_cli.model.adapter_folder import RECIPE_FILE, verify_adapter
 from lora_cli.train.objectives import objective_of
-from lora_cli.tasks import get_task
-from lora_cli.train.metrics import METRICS_FILE, read_metrics
+from lora_cli.tasks import bind_tokenizer, get_task, hooks
+from lora_cli.train.metrics import METRICS_FILE, plot_losses, read_metrics
 from lora_cli.recipe.schema import Recipe, dump_recipe
+from lora_cli.data.formats import data_paths
+from lora_cli.data.batching import batch_layout, batch_shape, groups_by_length
+from lora_cli.model.kernels import choose_liger, free_memory, RunKernels
+from lora_cli.tasks.hooks import eval_gathers_predictions, make_collator, prepare_recipe, trainer_kwargs
+from lora_cli.model.adapters import add_adapter, describe_adapted_modules
+from lora_cli.model.load import (attention_in_use, device_facts, format_parameter_counts, load_base_model,
+                                 load_tokenizer, parameter_counts)
+from lora_cli.train.preflight import sharding_engine
+from lora_cli.data.examples import configure_sampling, label_runs
+from lora_cli.train.preference import (build_preference_data, example_lines as preference_example, finished_model,
+                                       reference_description, setup_trainer)
+from lora_cli.train.estimate import sized_tokens_per_batch
+from lora_cli.eval.metrics import resolve_metrics
+from lora_cli.eval.run import evaluate_trained
+from lora_cli.libraries import install_hint
+from lora_cli.train.preview import highlighted
+from lora_cli.ui.terminal import plain
 
 PLOT_FILE = "loss.png"
 EXIT_NONFINITE = 3  # the run diverged; distinct from 2 (bad input) so scripts can tell them apart
@@ -86,7 +101,6 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 def check_inputs_apart(recipe: Recipe, recipe_path: str | Path | None) -> None:
     """output_dir may not be, hold, or sit inside anything the run reads: --overwrite and
     resume tidy-ups would delete it, and the run would write into it."""
-    from lora_cli.data.formats import data_paths
 
     output_dir = Path(recipe.output_dir)
     if recipe_path and Path(recipe_path).resolve() == (output_dir / RECIPE_FILE).resolve():
@@ -147,9 +161,6 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     chosen: the run's lora_cli.model.kernels.RunKernels (Liger, token budget)."""
     import torch
 
-    from lora_cli.data.batching import batch_shape
-    from lora_cli.model.kernels import RunKernels
-
     t = recipe.train
     chosen = chosen or RunKernels(liger=t.kernels == "liger")
     shape = batch_shape(t, recipe.data.max_length, chosen.tokens_per_batch)
@@ -157,7 +168,6 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
     evaluate = {"eval_strategy": "no"}
     if has_eval:
         evaluate = ({"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "epoch"})
-        from lora_cli.tasks.hooks import eval_gathers_predictions
 
         # A causal LM's eval is its loss only (no vocab-sized logits gathered); a classifier's
         # logits are small and give accuracy and macro-F1.
@@ -204,12 +214,6 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
 
 
 def _setup_model(recipe: Recipe, tokenizer):
-    from lora_cli.model.adapters import add_adapter
-    from lora_cli.model.load import load_base_model
-    from lora_cli.tasks import bind_tokenizer
-
-    from lora_cli.train.preflight import sharding_engine
-
     # QLoRA + FSDP / ZeRO-3: the packed 4-bit weights are stored in the model dtype so they shard
     model = load_base_model(recipe.model, sharded=sharding_engine(recipe) is not None, training=True)
     bind_tokenizer(model, tokenizer)
@@ -258,12 +262,8 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from lora_cli.data.examples import configure_sampling
-    from lora_cli.tasks.hooks import make_collator, trainer_kwargs
-
     kwargs = training_arguments_kwargs(recipe, Path(recipe.output_dir), precision, data.eval is not None, chosen)
     if objective_of(recipe).preference:  # TRL's trainer, collator and loss; our callbacks and guards
-        from lora_cli.train.preference import setup_trainer
 
         return setup_trainer(recipe, model, tokenizer, data, kwargs, callbacks, carried_loss, SafeTrainer)
     layout, grouped = _setup_batching(recipe, model, chosen)
@@ -284,7 +284,6 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
 
 def _setup_batching(recipe: Recipe, model, chosen=None) -> tuple[str, bool]:
     """(batch layout, length-grouped?) for the attention kernel the loaded model runs."""
-    from lora_cli.data.batching import batch_layout, batch_shape, groups_by_length
     from lora_cli.model.load import attention_in_use, masks_from_positions
 
     budget = chosen.tokens_per_batch if chosen else None
@@ -294,9 +293,6 @@ def _setup_batching(recipe: Recipe, model, chosen=None) -> tuple[str, bool]:
 
 def describe_batching(recipe: Recipe, model, chosen=None) -> str:
     """The `batches` line: shape, layout, attention kernel, fused kernels, token budget."""
-    from lora_cli.data.batching import batch_shape
-    from lora_cli.model.kernels import RunKernels
-    from lora_cli.model.load import attention_in_use
 
     chosen = chosen or RunKernels(liger=recipe.train.kernels == "liger")
     shape = batch_shape(recipe.train, recipe.data.max_length, chosen.tokens_per_batch)
@@ -312,9 +308,6 @@ def describe_batching(recipe: Recipe, model, chosen=None) -> str:
 def _choose_kernels(recipe: Recipe, model):
     """The run's lora_cli.model.kernels choices on this machine, once the model is loaded (its weights
     are then out of the free memory the token budget is sized from)."""
-    from lora_cli.train.estimate import sized_tokens_per_batch
-    from lora_cli.model.kernels import RunKernels, choose_liger, free_memory
-    from lora_cli.model.load import device_facts
 
     free = free_memory()
     facts = device_facts(recipe.model, free)
@@ -339,7 +332,6 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
                  callbacks: list | None = None) -> TrainResult:
     """callbacks: extra TrainerCallbacks (bench/bench_gpu.py times steps with one)."""
     console = (console or Console()) if is_main_process() else Console(quiet=True)
-    from lora_cli.tasks.hooks import prepare_recipe
 
     prepare_recipe(recipe)  # e.g. the label set read from the data: saved with the run, compared on resume
     output_dir = Path(recipe.output_dir)
@@ -356,21 +348,15 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     if not dry_run and checkpoint is None:
         check_output_dir(output_dir, overwrite)
     precision = preflight.check_before_loading(recipe)  # fail in seconds, before loading anything
-    from lora_cli.eval.metrics import resolve_metrics
 
     resolve_metrics(recipe.eval.metrics, "eval.metrics")  # a user's module:function imports now, not after training
 
     from transformers import set_seed
 
-    from lora_cli.tasks import hooks
-    from lora_cli.model.adapters import describe_adapted_modules
-    from lora_cli.model.load import format_parameter_counts, load_tokenizer, parameter_counts
-
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     objective = objective_of(recipe)
     if objective.preference:  # pairs or labelled answers, tokenised through the same template path
-        from lora_cli.train.preference import build_preference_data
 
         data = build_preference_data(recipe, tokenizer)
     else:
@@ -390,7 +376,6 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     console.print(f"[bold]data[/]    {recipe.data.path}: {stats.summary()}")
     console.print(f"[bold]batches[/] {describe_batching(recipe, model, chosen)}")
     if objective.preference:
-        from lora_cli.train.preference import reference_description
 
         reference = reference_description(recipe)
         settings = ", ".join(f"{k} {','.join(v) if isinstance(v, list) else v}"
@@ -402,7 +387,6 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     for line in hooks.data_report_lines(recipe, data):  # classification: class balance
         console.print(line, highlight=False, markup=False)
     if objective.preference:
-        from lora_cli.train.preference import example_lines as preference_example
 
         example = preference_example(recipe, dataset, tokenizer)
     else:
@@ -438,7 +422,6 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
 def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: Path | None, console: Console,
            resume_cmd: str, result: TrainResult, chosen=None, callbacks: list | None = None) -> None:
     """The loop, then the final adapter, written once (no checkpoint is taken at the last step)."""
-    from lora_cli.tasks import hooks
 
     output_dir = Path(recipe.output_dir)
     progress = RichProgress(console, output_dir / METRICS_FILE)
@@ -474,7 +457,6 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
         hooks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
                               output_file=output_dir / hooks.EVAL_REPORT_FILE)
         try:
-            from lora_cli.train.preference import finished_model
 
             save_final_adapter(finished_model(model), output_dir)
         except OSError as e:
@@ -491,7 +473,6 @@ def _evaluate_generation(recipe: Recipe, model, tokenizer, console: Console, res
     appended to metrics.jsonl as one record at the final step, kept in the run's result."""
     if not recipe.eval.metrics:
         return
-    from lora_cli.eval.run import evaluate_trained
 
     scores = evaluate_trained(recipe, model, tokenizer, log=lambda line: console.print(line, highlight=False))
     if not scores:
@@ -525,12 +506,9 @@ def save_final_adapter(model, output_dir: Path) -> None:
 
 
 def _write_plot(console: Console, output_dir: Path) -> None:
-    from lora_cli.train.metrics import plot_losses
-
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        from lora_cli.libraries import install_hint
 
         console.print(f"loss curve skipped: matplotlib is not installed ({install_hint('plot')})")
         return
@@ -546,9 +524,6 @@ def _print_example(console: Console, dataset, tokenizer) -> None:
     row; every masked and every supervised stretch (one each for alpaca, one per turn in a
     conversation, one per row in a pack) listed apart, joined by ' … '."""
     from rich.text import Text
-
-    from lora_cli.data.examples import label_runs
-    from lora_cli.train.preview import highlighted
 
     example = dataset[1 if len(dataset) > 1 else 0]
     runs = label_runs(example)
@@ -809,7 +784,6 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from lora_cli.ui.terminal import plain
 
         self.max_steps = state.max_steps
         if plain():  # piped or NO_COLOR: one plain line per log (on_log) instead of a redrawn bar

@@ -25,6 +25,9 @@ from lora_cli.model.methods import RANKED, method_of
 from lora_cli.train.metrics import METRICS_FILE, read_metrics
 from lora_cli.files.inputs import read_json
 from lora_cli.recipe.schema import Recipe
+from lora_cli.data.formats import data_paths
+from lora_cli.tasks.hooks import prepare_recipe
+from lora_cli.ui.terminal import table_box
 
 RESULT_FILE = "sweep_result.json"  # written into each rank's folder once its run has finished
 SUMMARY_FILE = "sweep.json"
@@ -181,7 +184,6 @@ def check_sweep_outputs(recipe: Recipe, plot: Path | None, force: bool, recipe_p
     its summary and plot (the default ones in output_dir are its own to replace on a rerun; a
     --plot elsewhere needs --force to replace a plot of an earlier sweep). None may be, hold or
     sit inside the recipe, the base or the data. Returns the plot path."""
-    from lora_cli.data.formats import data_paths
 
     inputs = [("recipe", recipe_path), ("base model (model.name_or_path)", recipe.model.name_or_path)]
     inputs += [("training data (data.path)", p) for p in data_paths(recipe.data.path)]
@@ -200,7 +202,6 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
         raise LoraError(f"lora.method {recipe.lora.method} has no rank to sweep", f"sweep a {' or '.join(RANKED)} recipe")
     if not 0 < threshold < 1:
         raise LoraError(f"--threshold {threshold}: must be between 0 and 1", "e.g. 0.02 for 2% per doubling")
-    from lora_cli.tasks.hooks import prepare_recipe
 
     prepare_recipe(recipe)  # e.g. a classifier's labels from the data: recorded runs compare equal on rerun
     plot = check_sweep_outputs(recipe, plot, force, recipe_path)  # before hours of training
@@ -239,7 +240,6 @@ def print_sweep(result: SweepResult, console: Console) -> None:
 
     kinds = {r.loss_kind for r in result.runs}
     loss_name = "eval loss" if kinds == {"eval"} else "train loss" if kinds == {"train"} else "loss (eval/train)"
-    from lora_cli.ui.terminal import table_box
 
     table = Table(title=f"rank sweep ({loss_name}; knee threshold {100 * result.threshold:g}% per doubling)",
                   title_justify="left", box=table_box())
