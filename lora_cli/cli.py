@@ -26,6 +26,7 @@ from lora_cli.files.inputs import check_adapter_name, clip_lines
 # Each comes from the module that owns it (light imports: no torch at start-up).
 from lora_cli.export.gguf import FORMATS as EXPORT_FORMATS  # noqa: E402
 from lora_cli.export.merge import MERGE_DTYPES  # noqa: E402
+from lora_cli.infer.engines import ENGINES  # noqa: E402
 from lora_cli.tiny.encoders import ARCHS  # noqa: E402
 
 ArchChoice = Literal[ARCHS]
@@ -298,7 +299,6 @@ def chat(
     chat_loop(session)
 
 
-ENGINES = ("transformers", "vllm")  # the in-process backends (backends.BACKENDS), and vLLM's own server
 EngineChoice = Literal[ENGINES]
 
 
@@ -676,9 +676,10 @@ def data_preview(
     """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
     # here, not at the top: `lora --help` starts fast
     from lora_cli.recipe.schema import load_recipe
+    from lora_cli.tasks import get_task
 
     r = load_recipe(recipe, set_ or [])
-    if r.model.task != "causal_lm":
+    if not get_task(r.model.task).token_stream:
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
                         f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
     # here, not at the top: `lora --help` starts fast

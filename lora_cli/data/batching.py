@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lora_cli.model.methods import method_of
+from lora_cli.tasks import get_task
 
 # Rows per optimizer step when the recipe sets neither batch_size nor gradient_accumulation:
 # the source workflow's batch 1 x accumulation 8, so the default optimises the same objective
@@ -77,7 +78,7 @@ def batch_layout(recipe, attn_implementation: str | None, masks_from_positions: 
     left empty) flattens there too: no padding and, unlike length-grouped rows, the examples
     of a step are the random ones the source workflow's steps hold (the same loss, measured)."""
     data_cfg = recipe.data
-    if recipe.model.task != "causal_lm":
+    if not get_task(recipe.model.task).token_stream:
         return PADDED  # classification and seq2seq rows are padded by their task's collator (tasks.make_collator)
     if method_of(recipe).learns_virtual_tokens:
         # peft drops position_ids for methods that put virtual tokens before the input, so examples

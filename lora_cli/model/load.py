@@ -319,7 +319,7 @@ def _check_same_base(infos: dict[str, AdapterInfo]) -> None:
         listing = ", ".join(f"{n} -> {infos[n].base}" for n in bases)
         raise LoraError(f"adapters were trained on different base models ({listing})",
                         "load adapters of one base together; run the others in a separate session")
-    tasks = {name: i.model_section.get("task") or "causal_lm" for name, i in infos.items()}
+    tasks = {name: get_task(i.model_section.get("task")).name for name, i in infos.items()}
     if len(set(tasks.values())) > 1:  # each task loads its own model class and head
         listing = ", ".join(f"{n} -> {t}" for n, t in tasks.items())
         raise LoraError(f"adapters of different model.task cannot share one model ({listing})",

@@ -110,19 +110,28 @@ def _no_rank_parameters(model) -> int:
     return 0
 
 
+def _virtual_token_problems(recipe) -> list[str]:
+    """Virtual tokens go in front of a token stream, which only some tasks are."""
+    if get_task(recipe.model.task).token_stream:
+        return []
+    return [f"lora.method: {recipe.lora.method} is only wired for model.task causal_lm; use lora, dora, rslora or ia3"]
+
+
 def _prompt_tuning_problems(recipe) -> list[str]:
+    problems = _virtual_token_problems(recipe)
     text = recipe.lora.prompt_init_text
     if text is not None and not text.strip():
-        return ["lora.prompt_init_text: empty text; write the text to start from, or remove the key for random tokens"]
-    return []
+        problems.append("lora.prompt_init_text: empty text; write the text to start from, or remove the key for random tokens")
+    return problems
 
 
 def _prefix_tuning_problems(recipe) -> list[str]:
+    problems = _virtual_token_problems(recipe)
     if recipe.train.gradient_checkpointing:
-        return ["lora.method: prefix_tuning cannot run with train.gradient_checkpointing (peft feeds the prefix "
-                "in as a key/value cache, which checkpointing turns off); set train.gradient_checkpointing: "
-                "false or use prompt_tuning"]
-    return []
+        problems.append("lora.method: prefix_tuning cannot run with train.gradient_checkpointing (peft feeds the prefix "
+                        "in as a key/value cache, which checkpointing turns off); set train.gradient_checkpointing: "
+                        "false or use prompt_tuning")
+    return problems
 
 
 # --------------------------------------------------------------------------- the registry

@@ -39,6 +39,16 @@ class Task:
     predicts_labels: bool  # lora predict labels rows with it
     fields: tuple         # row fields data.columns may map (empty: data.format decides)
     doc: str
+    # prompt + answer as one token stream a decoder reads: rows can be flattened or packed into one
+    # sequence, the LM loss fused with the head (Liger), trained on preference pairs (TRL) and shown
+    # by `lora data preview`; the other tasks pad their rows through their own collators
+    token_stream: bool = False
+    # accuracy, macro-F1 and the confusion matrix on held-out rows are what say it learned
+    judged_on_held_out: bool = False
+
+    def head_size(self, model_cfg) -> int:
+        """Outputs of the new head this task trains whole (0: the base's own LM head)."""
+        return len(model_cfg.labels or []) if self.predicts_labels else 0
 
     def next_step(self, adapter_dir) -> str:
         """The command that tries a freshly trained adapter of this task (printed at the end of a run)."""
@@ -63,10 +73,11 @@ class Task:
 
 TASKS = {
     "causal_lm": Task("causal_lm", "AutoModelForCausalLM", "CAUSAL_LM", generates=True, predicts_labels=False,
-                      fields=(), doc="decoder-only language model; rows per data.format"),
+                      fields=(), doc="decoder-only language model; rows per data.format", token_stream=True),
     "classification": Task("classification", "AutoModelForSequenceClassification", "SEQ_CLS", generates=False,
                            predicts_labels=True, fields=CLASSIFICATION_FIELDS,
-                           doc="a label per text (BERT-like encoders, or decoders with a classification head)"),
+                           doc="a label per text (BERT-like encoders, or decoders with a classification head)",
+                           judged_on_held_out=True),
     "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", generates=True, predicts_labels=False,
                     fields=SEQ2SEQ_FIELDS, doc="encoder-decoder (T5, BART): source text in, target text out"),
 }
@@ -92,8 +103,6 @@ def recipe_problems(r) -> list[str]:
                 problems.append(f"model.labels: {dupes} listed more than once; each label once, in id order")
     if task == "causal_lm":
         return problems
-    if r.lora.method in ("prompt_tuning", "prefix_tuning"):
-        problems.append(f"lora.method: {r.lora.method} is only wired for model.task causal_lm; use lora, dora, rslora or ia3")
     if r.data.packing:
         problems.append(f"data.packing: only for model.task causal_lm (task is {task}); set data.packing: false")
     fmt = r.data.format if r.data.format not in ("auto",) else "alpaca"  # auto: the task's own rows

@@ -135,7 +135,7 @@ def build_meta_model(recipe: Recipe):
     for name, value in tasks.load_kwargs(recipe.model).items():
         setattr(config, name, value)
     with torch.device("meta"):  # (accelerate's init_empty_weights does not tie embeddings)
-        base = tasks.get_task(recipe.model.task).model_class().from_config(
+        base = tasks.tasks.get_task(recipe.model.task).model_class().from_config(
             config, dtype=storage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code)
     quantized = quantized_weights(base) if recipe.model.quantization != "none" else {}
     lora = recipe.lora
@@ -386,7 +386,7 @@ def uses_liger(recipe, facts=None) -> bool:
     import importlib.util
 
     facts = facts or DeviceFacts(cuda=True, liger=importlib.util.find_spec("liger_kernel") is not None)
-    return choose_liger(recipe.train.kernels, facts, recipe.model.task == "causal_lm")
+    return choose_liger(recipe.train.kernels, facts, tasks.get_task(recipe.model.task).token_stream)
 
 
 def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None = None, liger: bool | None = None):
@@ -414,7 +414,7 @@ def saving_of(recipe: Recipe, layout: str | None = None, attention: str | None =
         liger=uses_liger(recipe) if liger is None else liger,
         dense_mask=_dense_mask(recipe, layout, attention),
         eager=attention == "eager",
-        classification=len(recipe.model.labels) if recipe.model.task == "classification" else 0)
+        classification=tasks.get_task(recipe.model.task).head_size(recipe.model))
 
 
 def with_weight_copies(saving, model):
@@ -459,7 +459,7 @@ def sized_tokens_per_batch(recipe, model, facts) -> int | None:
     shapes, adapted = activation_shapes(base.config, model)
     attention = getattr(base.config, "_attn_implementation", None)
     saving = with_weight_copies(saving_of(recipe, attention=attention, liger=choose_liger(
-        recipe.train.kernels, facts, recipe.model.task == "causal_lm")), model)
+        recipe.train.kernels, facts, tasks.get_task(recipe.model.task).token_stream)), model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fixed = sum(p.numel() * p.element_size() for p in trainable) + optimizer_state_bytes(
         recipe.train.optimizer, [(tuple(p.shape), p.element_size()) for p in trainable])

@@ -22,6 +22,7 @@ from lora_cli.train.objectives import objective_of, red_flags
 from lora_cli.train.preflight import planned_steps
 from lora_cli.data.batching import batch_shape
 from lora_cli.recipe.schema import Recipe
+from lora_cli.tasks import get_task
 
 # The guide's usual ranges for the peak learning rate.
 LORA_LR = (1e-4, 5e-4)
@@ -328,7 +329,7 @@ def warmup_longer_than_run(r: Recipe) -> Finding | None:
 
 
 def classifier_without_eval(r: Recipe) -> Finding | None:
-    if r.model.task != "classification" or r.data.val_path or r.data.val_fraction > 0:
+    if not get_task(r.model.task).judged_on_held_out or r.data.val_path or r.data.val_fraction > 0:
         return None
     return Finding("data.val_fraction", "a classifier trained with no held-out rows",
                    "accuracy, macro-F1 and the confusion matrix are measured on held-out rows; without "
@@ -346,7 +347,7 @@ ATTENTION_NAMES = {"bert": ("query", "key", "value"), "roberta": ("query", "key"
 
 def targets_foreign_to_model_kind(r: Recipe) -> Finding | None:
     targets = r.lora.target_modules
-    if not isinstance(targets, list) or r.lora.method in ("prompt_tuning", "prefix_tuning"):
+    if not isinstance(targets, list) or method_of(r).learns_virtual_tokens:
         return None
     config = read_model_config(r.model.name_or_path) or {}
     names = ATTENTION_NAMES.get(config.get("model_type"))

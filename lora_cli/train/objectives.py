@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lora_cli.tasks import get_task
+
 # The loss variants TRL 1.16's trainers accept, per objective (their loss_type); the first is the default.
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                   "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
@@ -146,7 +148,7 @@ def recipe_problems(r, explicit: frozenset) -> list[str]:
                         f"{obj.default_beta} is the usual start")
     if not obj.preference:
         return problems
-    if r.model.task != "causal_lm":
+    if not get_task(r.model.task).token_stream:
         problems.append(f"train.objective: {obj.name} trains a causal language model (model.task is {r.model.task}); "
                         "use train.objective sft, or model.task causal_lm")
     if r.data.packing:

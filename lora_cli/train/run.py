@@ -312,7 +312,7 @@ def _choose_kernels(recipe: Recipe, model):
     free = free_memory()
     facts = device_facts(recipe.model, free)
     # Liger patches a causal LM's SFT loss; TRL's preference trainers compute their own
-    fused_loss_applies = recipe.model.task == "causal_lm" and not objective_of(recipe).preference
+    fused_loss_applies = get_task(recipe.model.task).token_stream and not objective_of(recipe).preference
     return RunKernels(liger=choose_liger(recipe.train.kernels, facts, fused_loss_applies),
                       tokens_per_batch=sized_tokens_per_batch(recipe, model, facts), free_bytes=free)
 
