@@ -476,6 +476,7 @@ class Shape:
     signatures: tuple[tuple[str, ...], ...]
     needs: str
     example: str  # one row, for hints
+    fields: tuple = ()  # the field names data.columns may map onto this shape
 
     def matches(self, row: dict, columns: dict) -> bool:
         return any(all(row.get(columns.get(f, f)) is not None for f in group) for group in self.signatures)
@@ -484,11 +485,12 @@ class Shape:
 SHAPES: dict[str, Shape] = {s.name: s for s in (
     Shape("alpaca", alpaca_conversation, "conversation", (("instruction", "output"),),
           "'instruction' and 'output' ('input' and 'system' optional)",
-          '{"instruction": "...", "input": "", "output": "..."}'),
+          '{"instruction": "...", "input": "", "output": "..."}', ("instruction", "input", "output", "system")),
     Shape("chat", chat_conversation, "conversation", (("messages",), ("conversations",)),
           "'messages' (role/content) or 'conversations' (from/value)",
-          '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'),
-    Shape("text", text_document, "document", (("text",),), "'text'", '{"text": "..."}'),
+          '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
+          ("messages", "conversations", "system", "tools")),
+    Shape("text", text_document, "document", (("text",),), "'text'", '{"text": "..."}', ("text",)),
 )}
 PARSERS = {name: shape.parse for name, shape in SHAPES.items()}
 FORMATS = ("auto", *SHAPES)  # the recipe's data.format choices: a shape, or detected

@@ -33,7 +33,6 @@ from lora_cli.model.load import inference_model_config, load_tokenizer, refuse_r
 from lora_cli.export.merge import check_mergeable, merged_model
 from lora_cli.model.adapter_folder import verify_adapter
 
-FORMATS = ("gguf", "gguf-adapter", "ollama")
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 OWNER_KEY = "lora_cli.export.written_by"  # GGUF metadata naming the writer (ownership is the file claim)
 OWNER_VALUE = "lora export"
@@ -446,6 +445,7 @@ def write_adapter_gguf(path: Path, info, config, alpha: float, dtype: str) -> No
 
 
 EXPORTERS = {"gguf": export_gguf, "gguf-adapter": export_gguf_adapter, "ollama": export_ollama}
+FORMATS = tuple(EXPORTERS)  # what --format takes
 
 
 def export(adapter_dir, out, *, format: str, dtype: str | None = None, force: bool = False,

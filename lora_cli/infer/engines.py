@@ -225,6 +225,8 @@ def active_adapter(model) -> str | None:
 
 
 BACKENDS: dict[str, type] = {"transformers": TransformersBackend}
+# what --engine takes: the in-process backends, and vLLM, which runs its own server (infer/vllm.py)
+ENGINES = (*BACKENDS, "vllm")
 
 
 def backend_class(engine: str) -> type:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lora_cli.errors import LoraError, RecipeError
-from lora_cli.data.formats import FORMATS, SUFFIXES, data_paths, looks_like_hub_id
+from lora_cli.data.formats import FORMATS, SHAPES, SUFFIXES, data_paths, looks_like_hub_id
 from lora_cli.files.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
 from lora_cli.model.methods import METHOD_NAMES, METHODS
 from lora_cli.train.objectives import (column_fields as objective_fields, LOSS_TYPES, OBJECTIVE_KEYS,
@@ -113,9 +113,7 @@ class DataConfig:
     cache_dir: Optional[str] = key(None, "Where tokenised data is cached; empty = $LORA_CACHE_DIR or ~/.cache/lora.", kind=PATH)
 
 
-DATA_FIELDS = {"alpaca": ("instruction", "input", "output", "system"),
-               "chat": ("messages", "conversations", "system", "tools"),
-               "text": ("text",)}  # format -> the field names data.columns may map
+DATA_FIELDS = {name: shape.fields for name, shape in SHAPES.items()}  # format -> the fields data.columns may map
 DATA_FIELDS["auto"] = tuple(dict.fromkeys(f for fields in list(DATA_FIELDS.values()) for f in fields))
 
 
