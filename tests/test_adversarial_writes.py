@@ -96,13 +96,14 @@ def _generate(u, m, code):
 
 def _predict(u, m, code):
     """The model part stands in (a classifier is trained elsewhere): only the write is under test."""
+    import lora_cli.model.adapter_folder
     import lora_cli.model.load
-    import lora_cli.tasks
+    import lora_cli.tasks.classification
 
     info = types.SimpleNamespace(model_section={"labels": ["neg", "pos"]}, recipe={"data": {"max_length": 16}})
-    m.setattr(lora_cli.tasks, "refuse_unless", lambda *a, **k: None)
+    m.setattr(lora_cli.model.adapter_folder, "refuse_unless", lambda *a, **k: None)
     m.setattr(lora_cli.model.load, "load_for_inference", lambda adapters, base=None, **_: (None, None, {"adapter": info}))
-    m.setattr(lora_cli.tasks, "predict_file", lambda *a: ([{"text": "a row", "label": "pos"}], None))
+    m.setattr(lora_cli.tasks.classification, "predict_file", lambda *a: ([{"text": "a row", "label": "pos"}], None))
     out = u["root"] / "labels.jsonl"
     _failing_staged_text(m, out.name, code)
     rows = write_jsonl(u["root"] / "rows.jsonl", [{"text": "a row"}])

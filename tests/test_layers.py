@@ -38,7 +38,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 # Function-level lora_cli imports outside cli.py that are still there, each with its reason. Exact,
 # like KNOWN_UPWARD.
 KNOWN_FUNCTION_LEVEL: set[tuple[str, str]] = {
-    ("train.run", "model.load"),  # _setup_batching: test_batching stands in for model.load.masks_from_positions
     ("train.sweep", "train.run"),  # train_rank: importing the run (transformers) at sweep's import changes
     # how typing prints the schema's Optional[Union[...]] keys afterwards; see train/sweep.py
 }

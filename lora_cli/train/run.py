@@ -37,8 +37,9 @@ from lora_cli.data.batching import batch_layout, batch_shape, groups_by_length
 from lora_cli.model.kernels import choose_liger, free_memory, RunKernels
 from lora_cli.tasks.hooks import eval_gathers_predictions, make_collator, prepare_recipe, trainer_kwargs
 from lora_cli.model.adapters import add_adapter, describe_adapted_modules
-from lora_cli.model.load import (attention_in_use, device_facts, format_parameter_counts, load_base_model,
-                                 load_tokenizer, parameter_counts)
+from lora_cli.model import load as model_load  # attention_in_use, masks_from_positions: looked up at call time
+from lora_cli.model.load import (device_facts, format_parameter_counts, load_base_model, load_tokenizer,
+                                 parameter_counts)
 from lora_cli.train.preflight import sharding_engine
 from lora_cli.data.examples import configure_sampling, label_runs
 from lora_cli.train.preference import (build_preference_data, example_lines as preference_example, finished_model,
@@ -284,10 +285,9 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
 
 def _setup_batching(recipe: Recipe, model, chosen=None) -> tuple[str, bool]:
     """(batch layout, length-grouped?) for the attention kernel the loaded model runs."""
-    from lora_cli.model.load import attention_in_use, masks_from_positions
-
+    # through the module, so tests can stand in for what the kernel reports (test_batching)
     budget = chosen.tokens_per_batch if chosen else None
-    layout = batch_layout(recipe, attention_in_use(model), masks_from_positions(model), budget)
+    layout = batch_layout(recipe, model_load.attention_in_use(model), model_load.masks_from_positions(model), budget)
     return layout, groups_by_length(recipe.data, layout, batch_shape(recipe.train, recipe.data.max_length, budget))
 
 
@@ -299,10 +299,10 @@ def describe_batching(recipe: Recipe, model, chosen=None) -> str:
     objective = objective_of(recipe)
     if objective.preference:  # TRL pads each batch's rows; a pair is two sequences in one forward pass
         per_row = f"{objective.sequences_per_row} sequences per row, " if objective.sequences_per_row > 1 else ""
-        return f"{shape.describe()}, {per_row}padded rows, attention {attention_in_use(model)}"
+        return f"{shape.describe()}, {per_row}padded rows, attention {model_load.attention_in_use(model)}"
     layout, grouped = _setup_batching(recipe, model, chosen)
     return (f"{shape.describe()}, {layout} rows{', length-grouped' if grouped else ''}, "
-            f"attention {attention_in_use(model)}, {chosen.describe()}")
+            f"attention {model_load.attention_in_use(model)}, {chosen.describe()}")
 
 
 def _choose_kernels(recipe: Recipe, model):
