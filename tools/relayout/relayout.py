@@ -290,6 +290,8 @@ SYMBOL_MOVES = [
       "predict_probabilities", "evaluate_rows", "eval_rows", "predict_file", "IMBALANCE_RATIO"]),
     ("tasks.seq2seq", "tasks", ["seq2seq_pair", "tokenize_seq2seq", "build_seq2seq_data", "Seq2SeqCollator"]),
     ("model.adapter_folder", "tasks", ["refuse_unless"]),
+    # second pass: the adapter-folder listing lives with the adapter folder (ui/nearby keeps the text helpers)
+    ("model.adapter_folder", "ui.nearby", ["adapter_folders", "missing_adapter_hint"]),
     # data/formats.py keeps the row shapes; reading sources moved out
     ("data.sources", "data.formats", ["TEXT_SUFFIXES", "SUFFIXES", "Source", "data_paths", "looks_like_hub_id",
                                       "read_source", "read_rows", "load_hub_dataset"]),
