@@ -27,6 +27,7 @@ from lora_cli.data import DataStats, fit_to_length, held_out, weighted
 from lora_cli.errors import DataError
 from lora_cli.formats import Shape, chat_message, data_paths, detect_format, read_source
 from lora_cli.objectives import PAIRS, UNPAIRED, objective_of
+from lora_cli.terminal import plain
 
 
 
@@ -492,14 +493,17 @@ def preview_pairs(recipe, console, rows: int = 3) -> None:
     console.print(f"[bold]data[/]      {recipe.data.path} (objective {recipe.train.objective}, "
                   f"format {', '.join(sorted(set(data.stats.formats.values())))}, template {recipe.data.template}, "
                   f"max_length {recipe.data.max_length})")
+    rule = "--" if plain() else "──"
     for i in range(min(rows, len(data.train))):
         ex = data.train[i]
-        console.print(Text(f"── row {i + 1} ", style="bold").append("(dim = prompt, masked; green = supervised)", style="dim"))
-        console.print(Text(tokenizer.decode(ex["prompt_ids"]), style="dim"))
+        # each line says in words what is masked and what is supervised: colour only repeats it
+        console.print(Text(f"{rule} row {i + 1}", style="bold"))
+        console.print(Text("  prompt (masked): ", style="bold").append(tokenizer.decode(ex["prompt_ids"]), style="dim"))
         sides = (("chosen", "chosen_ids"), ("rejected", "rejected_ids")) if "chosen_ids" in ex else \
-            (("good" if ex["label"] else "bad", "completion_ids"),)
+            (("completion (good" if ex["label"] else "completion (bad", "completion_ids"),)
         for name, column in sides:
-            console.print(Text(f"  {name}: ", style="bold").append(tokenizer.decode(ex[column]), style="green"))
+            label = f"{name}, supervised): " if name.startswith("completion") else f"{name} (supervised): "
+            console.print(Text(f"  {label}", style="bold").append(tokenizer.decode(ex[column]), style="green"))
     for line in summary_lines(data):
         console.print(line, highlight=False, markup=False)
     if data.eval is not None:

@@ -470,7 +470,22 @@ def test_estimate_counts_two_sequences_and_the_reference_pass(tmp_path, tiny_ran
 def test_data_preview_shows_a_pair(tmp_path, tiny_random, cli):
     result = cli("data", "preview", _recipe(tmp_path, tiny_random))
     assert result.code == 0, result
-    assert "chosen:" in result.out and "rejected:" in result.out and "pairs (detected)" in result.out
+    assert "pairs (detected)" in result.out
+    # piped (plain) output says in words what is masked and what is supervised: colour never carries it alone
+    first = result.out[result.out.index("-- row 1"):result.out.index("-- row 2")]
+    assert f"prompt (masked): <s>Human: {TRAIN_ROWS[0]['prompt']}" in first
+    sides = [line.split() for line in first.splitlines() if "(supervised):" in line]
+    assert sides == [["chosen", "(supervised):", f"{TRAIN_ROWS[0]['chosen']}</s>"],
+                     ["rejected", "(supervised):", f"{TRAIN_ROWS[0]['rejected']}</s>"]]
+    assert "─" not in result.out
+
+
+@pytest.mark.slow
+def test_data_preview_shows_a_labelled_answer(tmp_path, tiny_random, cli):
+    result = cli("data", "preview", _recipe(tmp_path, tiny_random, objective="kto"))
+    assert result.code == 0, result
+    assert "completion (good, supervised):" in result.out and "completion (bad, supervised):" in result.out
+    assert "labels  32 good, 32 bad" in result.out
 
 
 @pytest.mark.slow
