@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -63,13 +64,12 @@ def split_reference(conversation) -> tuple[list[dict], list[dict], str | None]:
 
 def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None, limit: int | None = None,
                    task: str = "causal_lm") -> list[EvalRow]:
-    """The rows to ask, read as training reads them (any row shape training accepts)."""
-    columns = columns or {}
-    if task == "classification":
-        from lora_cli.tasks import read_labeled_rows
+    """The rows to ask, read as training reads them for the adapter's model.task (ROW_READERS)."""
+    return ROW_READERS[task](path, fmt, columns or {}, limit)
 
-        labeled = read_labeled_rows(path, "train", columns)[:limit or None]
-        return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
+
+def _conversation_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """causal_lm: any row shape training accepts; the reference is the last assistant turn."""
     from lora_cli.formats import SHAPES, detect_format, read_source
 
     source = read_source(path)
@@ -87,6 +87,33 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
                             "each row needs a question (instruction / user turn) and its answer")
         rows.append(EvalRow(where, messages, tools, reference))
     return rows
+
+
+def _labeled_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """classification: text (+ text_pair) and the gold label, as `lora predict` reads them."""
+    from lora_cli.tasks import read_labeled_rows
+
+    labeled = read_labeled_rows(path, "train", columns)[:limit or None]
+    return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
+
+
+def _seq2seq_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """seq2seq: source / target rows (or alpaca rows), read by the parser seq2seq training uses;
+    the reference is the target."""
+    from lora_cli.formats import read_source
+    from lora_cli.tasks import seq2seq_pair
+
+    rows = []
+    for where, raw in read_source(path).stream():
+        if limit and len(rows) >= limit:
+            break
+        messages, target = seq2seq_pair(raw, where, columns)
+        rows.append(EvalRow(where, messages, [], target))
+    return rows
+
+
+ROW_READERS: dict[str, Callable] = {"causal_lm": _conversation_rows, "classification": _labeled_rows,
+                                    "seq2seq": _seq2seq_rows}  # one per model.task (tasks.TASK_NAMES)
 
 
 def refuse_rows_without_reference(rows: list[EvalRow], metrics: list[Metric]) -> None:
@@ -109,21 +136,31 @@ class Asking:
     template: object               # the TemplateSpec
     rows: list[EvalRow]
     prompts: list[list[int]] = field(default_factory=list)
+    # decoder: (prompt + reference ids, labels aligned with them); encoder-decoder: (the prompt
+    # ids the encoder reads, the reference ids + EOS the decoder is scored on), as training builds them
     scored: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    encoder_decoder: bool = False
 
     @classmethod
-    def render(cls, tokenizer, template, rows: list[EvalRow]) -> Asking:
+    def render(cls, tokenizer, template, rows: list[EvalRow], encoder_decoder: bool = False) -> Asking:
         from lora_cli.template import conversation_segments, encode_segments, prompt_ids
 
-        asking = cls(tokenizer, template, rows)
+        asking = cls(tokenizer, template, rows, encoder_decoder=encoder_decoder)
         for row in rows:
             if row.labeled is not None:
                 continue
             asking.prompts.append(prompt_ids(tokenizer, template, row.messages, row.tools or None))
-            if row.reference is not None:
+            if row.reference is not None and not encoder_decoder:
                 full = row.messages + [{"role": "assistant", "content": row.reference}]
                 segments = conversation_segments(template, full, tokenizer, tools=row.tools or None, train_on="last")
                 asking.scored.append(encode_segments(tokenizer, segments))
+        if encoder_decoder:
+            from lora_cli.tasks import tokenize_seq2seq
+
+            answered = [(r.messages, r.reference) for r in rows if r.reference is not None]
+            # the encoder input and labels seq2seq training builds (nothing cut: eval asks whole rows)
+            examples, _ = tokenize_seq2seq(answered, tokenizer, template, max_length=sys.maxsize)
+            asking.scored = [(e["input_ids"], e["labels"]) for e in examples]
         return asking
 
     def check_texts(self) -> list[str]:
@@ -425,29 +462,40 @@ CANDIDATES: dict[str, type] = {"base": TransformersCandidate, "adapter": Transfo
 
 
 def sequence_nll(model, pad_id: int, chunk: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) of each row's supervised tokens, one right-padded forward pass."""
+    """(summed NLL, tokens) of each row's supervised tokens, one right-padded forward pass. An
+    encoder-decoder reads the prompt in its encoder and scores the labels in its decoder (built
+    from the labels as in training), so its logits line up with the labels unshifted."""
     import torch
+
+    from lora_cli.template import IGNORE_INDEX
 
     width = max(len(ids) for ids, _ in chunk)
     ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in chunk], device=model.device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk], device=model.device)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
+        return [_nll_of(logits[i, :len(x)].numpy(), labels) for i, (x, labels) in enumerate(chunk)]
+    longest = max(len(labels) for _, labels in chunk)
+    targets = torch.tensor([y + [IGNORE_INDEX] * (longest - len(y)) for _, y in chunk], device=model.device)
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
-    return [_nll_of(logits[i, :len(x)].numpy(), labels) for i, (x, labels) in enumerate(chunk)]
+        logits = model(input_ids=ids, attention_mask=mask, labels=targets).logits.float().cpu()
+    return [_nll_of(logits[i, :len(y)].numpy(), y, shift=0) for i, (_, y) in enumerate(chunk)]
 
 
-def _nll_of(logits, labels: list[int]) -> tuple[float, int]:
-    """Position t's logits predict token t+1; labels are unshifted (IGNORE_INDEX where unsupervised)."""
+def _nll_of(logits, labels: list[int], shift: int = 1) -> tuple[float, int]:
+    """A decoder's position t predicts token t+1 (shift 1; labels unshifted, IGNORE_INDEX where
+    unsupervised); an encoder-decoder's decoder position t predicts labels[t] (shift 0)."""
     import numpy as np
 
     from lora_cli.template import IGNORE_INDEX
 
     logits = np.asarray(logits, dtype=np.float64)
     total, count = 0.0, 0
-    for t in range(1, len(labels)):
+    for t in range(shift, len(labels)):
         if labels[t] == IGNORE_INDEX:
             continue
-        row = logits[t - 1]
+        row = logits[t - shift]
         top = row.max()
         total += float(top + np.log(np.exp(row - top).sum()) - row[labels[t]])
         count += 1
@@ -592,10 +640,7 @@ def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Met
         resolve_template(request.template)  # unknown names fail before anything loads
     infos = {name: read_adapter(folder) for name, folder in request.adapters.items()}
     first = next(iter(infos.values()), None)
-    task = get_task((first.model_section.get("task") if first else None) or "causal_lm").name
-    if task == "seq2seq":
-        raise LoraError("lora eval compares decoder (causal_lm) and classification adapters; this one is seq2seq",
-                        "use lora generate --file for a seq2seq adapter's answers")
+    task = get_task(first.model_section.get("task")).name if first else _merged_task(request.merged)
     metrics = resolve_metrics(request.metrics or (CLASSIFICATION_DEFAULT if task == "classification" else GENERATION_DEFAULT))
     wrong = [m.name for m in metrics if (m.needs == "labels") != (task == "classification")]
     if wrong:
@@ -606,10 +651,26 @@ def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Met
     refuse_rows_without_reference(rows, metrics)
     if task == "classification":
         return _classifiers(request, infos), Asking(None, None, rows), metrics, task
-    return (*_generators(request, infos, rows), metrics, task)
+    return (*_generators(request, infos, rows, task), metrics, task)
 
 
-def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[list[Candidate], Asking]:
+def _merged_task(folders: list[str]) -> str:
+    """Without an adapter, the model.task of the first merged folder: the generating task its
+    config can do (a T5 or BART folder is seq2seq, a decoder causal_lm)."""
+    from lora_cli.tasks import TASKS
+
+    if not folders:
+        return "causal_lm"
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folders[0])
+    except (OSError, ValueError):
+        return "causal_lm"  # load_base_model names the unreadable folder in its own words
+    return next((t.name for t in TASKS.values() if t.generates and t.can_load(config)), "causal_lm")
+
+
+def _generators(request: Request, infos: dict, rows: list[EvalRow], task: str) -> tuple[list[Candidate], Asking]:
     from lora_cli.backends import TransformersBackend
     from lora_cli.model import load_base_model, load_tokenizer, local_device
     from lora_cli.recipe import ModelConfig
@@ -638,12 +699,17 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[lis
         candidates.append(TransformersCandidate(name, str(info.path), "adapter", backend, name, _weights(info.path)))
     for folder in request.merged:
         merged_tokenizer = load_tokenizer(folder)
-        model = load_base_model(ModelConfig(name_or_path=folder), device=local_device())
+        model = load_base_model(ModelConfig(name_or_path=folder, task=task), device=local_device())
         model.eval()
         cand = TransformersCandidate(Path(folder).name or "merged", folder, "merged",
                                      TransformersBackend(model, merged_tokenizer), None, _weights(Path(folder)))
         candidates.append(cand)
-    asking = Asking.render(tokenizer, template, rows)
+    model = backend.model if backend is not None else candidates[0].backend.model
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))  # as backends.generate_batch asks
+    if encoder_decoder and request.gguf:
+        raise LoraError(f"--gguf {request.gguf[0]}: the candidates are encoder-decoder ({task}) models; a GGUF file "
+                        "is compared with decoder-only (causal_lm) adapters", "drop --gguf")
+    asking = Asking.render(tokenizer, template, rows, encoder_decoder=encoder_decoder)
     for folder, cand in zip(request.merged, [c for c in candidates if c.kind == "merged"]):
         _check_same_tokenizer(asking, cand.backend.tokenizer, f"--merged {folder}")
     context = max((len(ids) for ids, _ in asking.scored), default=0) + request.settings.max_new_tokens + 8
