@@ -905,24 +905,18 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     answers generated through the backend, as `lora eval` asks an adapter). Returns
     {metric: {value, low, high}}; nothing when the recipe asks for none or has no eval split."""
     from lora_cli.backends import TransformersBackend
-    from lora_cli.data import load_items
     from lora_cli.metrics import resolve_metrics
     from lora_cli.template import TemplateSpec
 
     names = list(recipe.eval.metrics)
-    if not names or recipe.model.task != "causal_lm":
+    if not names or recipe.model.task not in HELD_OUT_READERS:  # recipe checks refuse eval.metrics elsewhere
         return {}
-    _, held = load_items(recipe.data)
-    conversations = list(held)
-    if not conversations:
+    rows = HELD_OUT_READERS[recipe.model.task](recipe)
+    if not rows:
         log("eval.metrics skipped: no validation split (set data.val_fraction or data.val_path)")
         return {}
     if recipe.eval.limit:
-        conversations = conversations[:recipe.eval.limit]
-    rows = []
-    for i, conv in enumerate(conversations, 1):
-        messages, tools, reference = split_reference(conv)
-        rows.append(EvalRow(f"validation row {i}", messages, tools, reference))
+        rows = rows[:recipe.eval.limit]
     rows = [r for r in rows if r.reference is not None and r.messages and r.messages[-1]["role"] in ("user", "tool")]
     metrics = resolve_metrics(names, "eval.metrics")
     if not rows:
@@ -931,7 +925,8 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     was_training = model.training
     model.eval()
     try:
-        asking = Asking.render(tokenizer, TemplateSpec.from_data(recipe.data), rows)
+        asking = Asking.render(tokenizer, TemplateSpec.from_data(recipe.data), rows,
+                               encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)))
         cand = TransformersCandidate("trained", str(recipe.output_dir), "adapter", TransformersBackend(model, tokenizer),
                                      None, [])
         cand.adapter = _active(model)
@@ -942,6 +937,29 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     scores = score(answers, metrics, {"trained": capabilities(cand)}, "trained", recipe.eval.bootstrap_resamples,
                    recipe.train.seed)
     return {name: {k: v for k, v in entry.items() if k != "diff"} for name, entry in scores["trained"].items()}
+
+
+def _held_out_conversations(recipe) -> list[EvalRow]:
+    """causal_lm: the validation conversations as training split them (data.load_items)."""
+    from lora_cli.data import load_items
+
+    _, held = load_items(recipe.data)
+    return [EvalRow(f"validation row {i}", *split_reference(conv)) for i, conv in enumerate(held, 1)]
+
+
+def _held_out_seq2seq(recipe) -> list[EvalRow]:
+    """seq2seq: the validation source/target rows as seq2seq training splits them (tasks.split_items)."""
+    from lora_cli.formats import read_source
+    from lora_cli.tasks import seq2seq_pair, split_items
+
+    d = recipe.data
+    _, held = split_items(d, lambda path: [seq2seq_pair(row, where, d.columns)
+                                           for where, row in read_source(path, d.split).stream()])
+    return [EvalRow(f"validation row {i}", messages, [], target) for i, (messages, target) in enumerate(held, 1)]
+
+
+# the model.task values eval.metrics scores at the end of training (tasks.recipe_problems refuses the others)
+HELD_OUT_READERS: dict[str, Callable] = {"causal_lm": _held_out_conversations, "seq2seq": _held_out_seq2seq}
 
 
 def _active(model):

@@ -93,6 +93,9 @@ def recipe_problems(r) -> list[str]:
                 problems.append(f"model.labels: {dupes} listed more than once; each label once, in id order")
     if task == "causal_lm":
         return problems
+    if task == "classification" and r.eval.metrics:  # the end-of-run eval generates answers; a classifier has none
+        problems.append("eval.metrics: generation metrics are for causal_lm and seq2seq runs; a classifier's eval "
+                        "(data.val_fraction) already logs eval_accuracy and eval_macro_f1; remove eval.metrics")
     if r.lora.method in ("prompt_tuning", "prefix_tuning"):
         problems.append(f"lora.method: {r.lora.method} is only wired for model.task causal_lm; use lora, dora, rslora or ia3")
     if r.data.packing:

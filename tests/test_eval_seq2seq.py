@@ -112,3 +112,35 @@ def test_seq2seq_alpaca_rows_merged_alone_and_gguf_refused(trained, merged, tmp_
     missing = write_jsonl(tmp_path / "bad.jsonl", [{"source": "What is the capital of Peru?", "target": ""}])
     result = cli("eval", "--data", missing, "-a", trained, "--metrics", "exact_match")
     assert result.code == 2 and "bad.jsonl, row 1" in result.err and "'target'" in result.err, result
+
+
+@pytest.mark.slow
+def test_train_scores_eval_metrics_on_a_seq2seq_validation_split(tiny_t5, tmp_path):
+    """eval.metrics at the end of a seq2seq run (it was skipped without a word before)."""
+    from test_tasks import seq2seq_recipe
+
+    from lora_cli.recipe import load_recipe
+    from lora_cli.train import run_training
+
+    recipe = seq2seq_recipe(tmp_path, tiny_t5, data={"path": str(SEQ2SEQ_DATA), "max_length": 64, "val_fraction": 0.25},
+                            eval={"metrics": ["loss", "rouge_l", "exact_match"], "max_new_tokens": 8,
+                                  "bootstrap_resamples": 20})
+    result = run_training(load_recipe(recipe))
+    assert set(result.eval_metrics) == {"loss", "rouge_l", "exact_match"}
+    assert result.eval_metrics["loss"]["value"] > 0
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["eval_rouge_l"] == result.eval_metrics["rouge_l"]["value"] and "eval_loss_interval" in last
+
+
+def test_eval_metrics_refused_where_the_end_of_run_eval_cannot_score(tiny_random, tmp_path, cli):
+    """A classifier (no generated answers) and a preference objective (no SFT rows) said so at
+    check time, not after training."""
+    from test_preference import preference_recipe
+    from test_tasks import classify_recipe
+
+    dpo = preference_recipe(tmp_path / "dpo", tiny_random, "dpo")
+    result = cli("check", dpo, "--set", "eval.metrics=[rouge_l]", "--set", "data.val_fraction=0.25")
+    assert result.code == 2 and "eval.metrics: scores answers to SFT validation rows" in result.err, result
+    classifier = classify_recipe(tmp_path / "cls", tiny_random)
+    result = cli("check", classifier, "--set", "eval.metrics=[rouge_l]")
+    assert result.code == 2 and "eval.metrics: generation metrics are for causal_lm and seq2seq" in result.err, result
