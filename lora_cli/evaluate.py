@@ -69,10 +69,13 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
 
 
 def _conversation_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
-    """causal_lm: any row shape training accepts; the reference is the last assistant turn."""
+    """causal_lm: any row shape training accepts; the reference is the last assistant turn (of
+    preference pairs, the chosen answer)."""
     from lora_cli.formats import SHAPES, detect_format, read_source
 
     source = read_source(path)
+    if fmt == "auto" and _holds_pairs(source, columns):
+        return _pair_rows(source, columns, limit)
     fmt = detect_format(source, columns) if fmt == "auto" else fmt
     if SHAPES[fmt].kind != "conversation":
         raise DataError(f"--data {path}: {fmt} rows are documents, with no answer to compare an answer with",
@@ -86,6 +89,28 @@ def _conversation_rows(path: str, fmt: str, columns: dict, limit: int | None) ->
             raise DataError(f"{where}: nothing to ask (no user turn before the answer)",
                             "each row needs a question (instruction / user turn) and its answer")
         rows.append(EvalRow(where, messages, tools, reference))
+    return rows
+
+
+def _holds_pairs(source, columns: dict) -> bool:
+    """Whether the first row is a preference pair (chosen and rejected: what dpo / orpo / simpo train on)."""
+    first = next(iter(source.stream()), (None, None))[1]
+    return isinstance(first, dict) and all(first.get(columns.get(f, f)) is not None for f in ("chosen", "rejected"))
+
+
+def _pair_rows(source, columns: dict, limit: int | None) -> list[EvalRow]:
+    """Preference pairs, read and checked as preference training reads them (every pair shape):
+    the prompt is asked and the chosen answer is the reference."""
+    from lora_cli.formats import detect_format
+    from lora_cli.preference import PAIR_SHAPES
+
+    shape = PAIR_SHAPES[detect_format(source, columns, PAIR_SHAPES)]
+    rows = []
+    for where, raw in source.stream():
+        if limit and len(rows) >= limit:
+            break
+        pair = shape.parse(raw, where, columns)
+        rows.append(EvalRow(where, pair.messages, [], pair.chosen))
     return rows
 
 

@@ -132,6 +132,32 @@ def test_objective_learns_a_rule_the_base_does_not_know(tmp_path, tiny_random, c
     assert "eval_perplexity" not in logged
 
 
+@pytest.mark.slow
+def test_dpo_adapter_is_an_ordinary_adapter_for_generate_merge_and_eval(tmp_path, tiny_random, cli):
+    """What DPO writes is used like any adapter: generate, merge (merged = adapter), and lora eval
+    reads the held-out pair file itself (the chosen answer is the reference): the adapter answers
+    by the rule, the base does not, the merged folder scores as the adapter."""
+    recipe = preference_recipe(tmp_path, tiny_random, "dpo", max_steps=STEPS["dpo"])
+    assert cli("train", recipe).code == 0
+    run = tmp_path / "run"
+    result = cli("generate", "--adapter", run, HELD_OUT[0]["prompt"], "--max-new-tokens", "1")
+    assert result.code == 0 and result.out.strip() == HELD_OUT[0]["chosen"], result
+    assert cli("merge", "--adapter", run, "--out", tmp_path / "merged").code == 0
+    held = write_jsonl(tmp_path / "held.jsonl", HELD_OUT)
+    out = tmp_path / "eval"
+    result = cli("eval", "--data", held, "--base", "-a", f"dpo={run}", "--merged", tmp_path / "merged",
+                 "--metrics", "exact_match,loss", "--max-new-tokens", "1", "--baseline", "dpo", "--bootstrap", "200",
+                 "--out", out)
+    assert result.code == 0, result
+    record = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    scores = {c["name"]: c["metrics"] for c in record["candidates"]}
+    assert record["settings"]["rows"] == len(HELD_OUT)
+    assert scores["dpo"]["exact_match"]["value"] >= 0.9, scores
+    assert scores["base"]["exact_match"]["diff"]["high"] < 0, scores["base"]
+    assert scores["merged"]["exact_match"]["value"] == scores["dpo"]["exact_match"]["value"]
+    assert scores["merged"]["loss"]["value"] == pytest.approx(scores["dpo"]["loss"]["value"], rel=1e-3)
+
+
 # --------------------------------------------------------------------------- the reference policy
 
 @pytest.mark.slow
