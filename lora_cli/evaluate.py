@@ -164,13 +164,12 @@ class Asking:
     # decoder: (prompt + reference ids, labels aligned with them); encoder-decoder: (the prompt
     # ids the encoder reads, the reference ids + EOS the decoder is scored on), as training builds them
     scored: list[tuple[list[int], list[int]]] = field(default_factory=list)
-    encoder_decoder: bool = False
 
     @classmethod
     def render(cls, tokenizer, template, rows: list[EvalRow], encoder_decoder: bool = False) -> Asking:
         from lora_cli.template import conversation_segments, encode_segments, prompt_ids
 
-        asking = cls(tokenizer, template, rows, encoder_decoder=encoder_decoder)
+        asking = cls(tokenizer, template, rows)
         for row in rows:
             if row.labeled is not None:
                 continue

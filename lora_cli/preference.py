@@ -499,11 +499,10 @@ def preview_pairs(recipe, console, rows: int = 3) -> None:
         # each line says in words what is masked and what is supervised: colour only repeats it
         console.print(Text(f"{rule} row {i + 1}", style="bold"))
         console.print(Text("  prompt (masked): ", style="bold").append(tokenizer.decode(ex["prompt_ids"]), style="dim"))
-        sides = (("chosen", "chosen_ids"), ("rejected", "rejected_ids")) if "chosen_ids" in ex else \
-            (("completion (good" if ex["label"] else "completion (bad", "completion_ids"),)
-        for name, column in sides:
-            label = f"{name}, supervised): " if name.startswith("completion") else f"{name} (supervised): "
-            console.print(Text(f"  {label}", style="bold").append(tokenizer.decode(ex[column]), style="green"))
+        sides = (("chosen (supervised)", "chosen_ids"), ("rejected (supervised)", "rejected_ids")) if "chosen_ids" in ex \
+            else ((f"completion ({'good' if ex['label'] else 'bad'}, supervised)", "completion_ids"),)
+        for label, column in sides:
+            console.print(Text(f"  {label}: ", style="bold").append(tokenizer.decode(ex[column]), style="green"))
     for line in summary_lines(data):
         console.print(line, highlight=False, markup=False)
     if data.eval is not None:
