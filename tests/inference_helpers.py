@@ -18,7 +18,8 @@ def random_adapter(base: Path, out: Path, *, seed: int, target_modules=("q_proj"
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), task_type="CAUSAL_LM",
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)  # "all-linear": peft's preset
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM",
                         modules_to_save=list(modules_to_save) if modules_to_save else None)
     peft_model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,7 @@
 """`lora eval --tasks`: lm-evaluation-harness on the base and an adapter, offline, with a local
 task YAML; its numbers equal lm-eval's own CLI on the same model and adapter. lm-eval is the
-optional `eval` extra (about 25 packages, scipy and scikit-learn among them), so it is not in the
-test extra: these tests skip when it is not installed."""
+optional `eval` extra for users and part of the test extra, so these tests run in `make test`
+(and fail, not skip, where it is missing)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import yaml
 from conftest import write_jsonl
 from inference_helpers import random_adapter
 
-pytest.importorskip("lm_eval")
 
 QUESTIONS = [("What is LoRA?", ["a low-rank adapter", "a kind of tokenizer"], 0),
              ("什么是微调？", ["在新数据上继续训练", "删除模型"], 0),

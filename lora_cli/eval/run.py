@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,15 +28,17 @@ from lora_cli.data.formats import detect_format, read_source, SHAPES, split_conv
 from lora_cli.data.template import (conversation_segments, encode_segments, IGNORE_INDEX, jinja_chat_template,
                                     prompt_ids, resolve_template, TemplateSpec, tokenize_texts, tool_calls_text,
                                     user_content)
-from lora_cli.tasks.classification import predict_probabilities, read_labeled_rows
+from lora_cli.tasks.classification import predict_probabilities, read_labeled_rows, split_items
 from lora_cli.model.adapter_folder import read_adapter
-from lora_cli.tasks import get_task
+from lora_cli.tasks import get_task, TASKS
 from lora_cli.infer.engines import active_adapter, GenerationRequest, TransformersBackend, using_variant
 from lora_cli.model.load import load_base_model, load_for_inference, load_tokenizer, local_device
 from lora_cli.recipe.schema import ModelConfig
 from lora_cli.files import ownership
 from lora_cli.data.examples import load_items
 from lora_cli.infer.settings import GenerationSettings
+from lora_cli.data.pairs import PAIR_SHAPES
+from lora_cli.tasks.seq2seq import seq2seq_pair, tokenize_seq2seq
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
@@ -74,14 +77,17 @@ def split_reference(conversation) -> tuple[list[dict], list[dict], str | None]:
 
 def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None, limit: int | None = None,
                    task: str = "causal_lm") -> list[EvalRow]:
-    """The rows to ask, read as training reads them (any row shape training accepts)."""
-    columns = columns or {}
-    if task == "classification":
+    """The rows to ask, read as training reads them for the adapter's model.task (ROW_READERS)."""
+    return ROW_READERS[task](path, fmt, columns or {}, limit)
 
-        labeled = read_labeled_rows(path, "train", columns)[:limit or None]
-        return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
+
+def _conversation_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """causal_lm: any row shape training accepts; the reference is the last assistant turn (of
+    preference pairs, the chosen answer)."""
 
     source = read_source(path)
+    if fmt == "auto" and _holds_pairs(source, columns):
+        return _pair_rows(source, columns, limit)
     fmt = detect_format(source, columns) if fmt == "auto" else fmt
     if SHAPES[fmt].kind != "conversation":
         raise DataError(f"--data {path}: {fmt} rows are documents, with no answer to compare an answer with",
@@ -96,6 +102,50 @@ def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None,
                             "each row needs a question (instruction / user turn) and its answer")
         rows.append(EvalRow(where, messages, tools, reference))
     return rows
+
+
+def _holds_pairs(source, columns: dict) -> bool:
+    """Whether the first row is a preference pair (chosen and rejected: what dpo / orpo / simpo train on)."""
+    first = next(iter(source.stream()), (None, None))[1]
+    return isinstance(first, dict) and all(first.get(columns.get(f, f)) is not None for f in ("chosen", "rejected"))
+
+
+def _pair_rows(source, columns: dict, limit: int | None) -> list[EvalRow]:
+    """Preference pairs, read and checked as preference training reads them (every pair shape):
+    the prompt is asked and the chosen answer is the reference."""
+
+    shape = PAIR_SHAPES[detect_format(source, columns, PAIR_SHAPES)]
+    rows = []
+    for where, raw in source.stream():
+        if limit and len(rows) >= limit:
+            break
+        pair = shape.parse(raw, where, columns)
+        rows.append(EvalRow(where, pair.messages, [], pair.chosen))
+    return rows
+
+
+def _labeled_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """classification: text (+ text_pair) and the gold label, as `lora predict` reads them."""
+
+    labeled = read_labeled_rows(path, "train", columns)[:limit or None]
+    return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
+
+
+def _seq2seq_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """seq2seq: source / target rows (or alpaca rows), read by the parser seq2seq training uses;
+    the reference is the target."""
+
+    rows = []
+    for where, raw in read_source(path).stream():
+        if limit and len(rows) >= limit:
+            break
+        messages, target = seq2seq_pair(raw, where, columns)
+        rows.append(EvalRow(where, messages, [], target))
+    return rows
+
+
+ROW_READERS: dict[str, Callable] = {"causal_lm": _conversation_rows, "classification": _labeled_rows,
+                                    "seq2seq": _seq2seq_rows}  # one per model.task (tasks.TASK_NAMES)
 
 
 def refuse_rows_without_reference(rows: list[EvalRow], metrics: list[Metric]) -> None:
@@ -118,19 +168,27 @@ class Asking:
     template: object               # the TemplateSpec
     rows: list[EvalRow]
     prompts: list[list[int]] = field(default_factory=list)
+    # decoder: (prompt + reference ids, labels aligned with them); encoder-decoder: (the prompt
+    # ids the encoder reads, the reference ids + EOS the decoder is scored on), as training builds them
     scored: list[tuple[list[int], list[int]]] = field(default_factory=list)
 
     @classmethod
-    def render(cls, tokenizer, template, rows: list[EvalRow]) -> Asking:
+    def render(cls, tokenizer, template, rows: list[EvalRow], encoder_decoder: bool = False) -> Asking:
         asking = cls(tokenizer, template, rows)
         for row in rows:
             if row.labeled is not None:
                 continue
             asking.prompts.append(prompt_ids(tokenizer, template, row.messages, row.tools or None))
-            if row.reference is not None:
+            if row.reference is not None and not encoder_decoder:
                 full = row.messages + [{"role": "assistant", "content": row.reference}]
                 segments = conversation_segments(template, full, tokenizer, tools=row.tools or None, train_on="last")
                 asking.scored.append(encode_segments(tokenizer, segments))
+        if encoder_decoder:
+
+            answered = [(r.messages, r.reference) for r in rows if r.reference is not None]
+            # the encoder input and labels seq2seq training builds (nothing cut: eval asks whole rows)
+            examples, _ = tokenize_seq2seq(answered, tokenizer, template, max_length=sys.maxsize)
+            asking.scored = [(e["input_ids"], e["labels"]) for e in examples]
         return asking
 
     def check_texts(self) -> list[str]:
@@ -419,27 +477,36 @@ CANDIDATES: dict[str, type] = {"base": TransformersCandidate, "adapter": Transfo
 
 
 def sequence_nll(model, pad_id: int, chunk: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) of each row's supervised tokens, one right-padded forward pass."""
+    """(summed NLL, tokens) of each row's supervised tokens, one right-padded forward pass. An
+    encoder-decoder reads the prompt in its encoder and scores the labels in its decoder (built
+    from the labels as in training), so its logits line up with the labels unshifted."""
     import torch
 
     width = max(len(ids) for ids, _ in chunk)
     ids = torch.tensor([x + [pad_id] * (width - len(x)) for x, _ in chunk], device=model.device)
     mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk], device=model.device)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
+        return [_nll_of(logits[i, :len(x)].numpy(), labels) for i, (x, labels) in enumerate(chunk)]
+    longest = max(len(labels) for _, labels in chunk)
+    targets = torch.tensor([y + [IGNORE_INDEX] * (longest - len(y)) for _, y in chunk], device=model.device)
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu()
-    return [_nll_of(logits[i, :len(x)].numpy(), labels) for i, (x, labels) in enumerate(chunk)]
+        logits = model(input_ids=ids, attention_mask=mask, labels=targets).logits.float().cpu()
+    return [_nll_of(logits[i, :len(y)].numpy(), y, shift=0) for i, (_, y) in enumerate(chunk)]
 
 
-def _nll_of(logits, labels: list[int]) -> tuple[float, int]:
-    """Position t's logits predict token t+1; labels are unshifted (IGNORE_INDEX where unsupervised)."""
+def _nll_of(logits, labels: list[int], shift: int = 1) -> tuple[float, int]:
+    """A decoder's position t predicts token t+1 (shift 1; labels unshifted, IGNORE_INDEX where
+    unsupervised); an encoder-decoder's decoder position t predicts labels[t] (shift 0)."""
     import numpy as np
 
     logits = np.asarray(logits, dtype=np.float64)
     total, count = 0.0, 0
-    for t in range(1, len(labels)):
+    for t in range(shift, len(labels)):
         if labels[t] == IGNORE_INDEX:
             continue
-        row = logits[t - 1]
+        row = logits[t - shift]
         top = row.max()
         total += float(top + np.log(np.exp(row - top).sum()) - row[labels[t]])
         count += 1
@@ -580,24 +647,36 @@ def load_candidates(request: Request) -> tuple[list[Candidate], Asking, list[Met
         resolve_template(request.template)  # unknown names fail before anything loads
     infos = {name: read_adapter(folder) for name, folder in request.adapters.items()}
     first = next(iter(infos.values()), None)
-    task = get_task((first.model_section.get("task") if first else None) or "causal_lm").name
-    if task == "seq2seq":
-        raise LoraError("lora eval compares decoder (causal_lm) and classification adapters; this one is seq2seq",
-                        "use lora generate --file for a seq2seq adapter's answers")
-    metrics = resolve_metrics(request.metrics or (CLASSIFICATION_DEFAULT if task == "classification" else GENERATION_DEFAULT))
-    wrong = [m.name for m in metrics if (m.needs == "labels") != (task == "classification")]
+    task = get_task(first.model_section.get("task")).name if first else _merged_task(request.merged)
+    metrics = resolve_metrics(request.metrics or (CLASSIFICATION_DEFAULT if TASKS[task].predicts_labels else GENERATION_DEFAULT))
+    wrong = [m.name for m in metrics if (m.needs == "labels") != TASKS[task].predicts_labels]
     if wrong:
         raise LoraError(f"--metrics {', '.join(wrong)}: not for {task} candidates",
                         "accuracy and macro_f1 are for classification adapters; the others for generating ones")
     rows = read_eval_rows(request.data, limit=request.limit, task=task,
                           columns=dict(((first.recipe or {}).get("data") or {}).get("columns") or {}) if first else {})
     refuse_rows_without_reference(rows, metrics)
-    if task == "classification":
+    if TASKS[task].predicts_labels:
         return _classifiers(request, infos), Asking(None, None, rows), metrics, task
-    return (*_generators(request, infos, rows), metrics, task)
+    return (*_generators(request, infos, rows, task), metrics, task)
 
 
-def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[list[Candidate], Asking]:
+def _merged_task(folders: list[str]) -> str:
+    """Without an adapter, the model.task of the first merged folder: the generating task its
+    config can do (a T5 or BART folder is seq2seq, a decoder causal_lm)."""
+
+    if not folders:
+        return "causal_lm"
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folders[0])
+    except (OSError, ValueError):
+        return "causal_lm"  # load_base_model names the unreadable folder in its own words
+    return next((t.name for t in TASKS.values() if t.generates and t.can_load(config)), "causal_lm")
+
+
+def _generators(request: Request, infos: dict, rows: list[EvalRow], task: str) -> tuple[list[Candidate], Asking]:
     if not infos and not request.base_model and not request.merged:
         # the prompts are rendered by an adapter's (or a model folder's) tokenizer and template
         raise LoraError("nothing to render the rows with: --gguf and --endpoint are compared with an adapter or model"
@@ -621,12 +700,17 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow]) -> tuple[lis
         candidates.append(TransformersCandidate(name, str(info.path), "adapter", backend, name, _weights(info.path)))
     for folder in request.merged:
         merged_tokenizer = load_tokenizer(folder)
-        model = load_base_model(ModelConfig(name_or_path=folder), device=local_device())
+        model = load_base_model(ModelConfig(name_or_path=folder, task=task), device=local_device())
         model.eval()
         cand = TransformersCandidate(Path(folder).name or "merged", folder, "merged",
                                      TransformersBackend(model, merged_tokenizer), None, _weights(Path(folder)))
         candidates.append(cand)
-    asking = Asking.render(tokenizer, template, rows)
+    model = backend.model if backend is not None else candidates[0].backend.model
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))  # as backends.generate_batch asks
+    if encoder_decoder and request.gguf:
+        raise LoraError(f"--gguf {request.gguf[0]}: the candidates are encoder-decoder ({task}) models; a GGUF file "
+                        "is compared with decoder-only (causal_lm) adapters", "drop --gguf")
+    asking = Asking.render(tokenizer, template, rows, encoder_decoder=encoder_decoder)
     for folder, cand in zip(request.merged, [c for c in candidates if c.kind == "merged"]):
         _check_same_tokenizer(asking, cand.backend.tokenizer, f"--merged {folder}")
     context = max((len(ids) for ids, _ in asking.scored), default=0) + request.settings.max_new_tokens + 8
@@ -816,19 +900,14 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     {metric: {value, low, high}}; nothing when the recipe asks for none or has no eval split."""
 
     names = list(recipe.eval.metrics)
-    if not names or recipe.model.task != "causal_lm":
+    if not names or recipe.model.task not in HELD_OUT_READERS:  # recipe checks refuse eval.metrics elsewhere
         return {}
-    _, held = load_items(recipe.data)
-    conversations = list(held)
-    if not conversations:
+    rows = HELD_OUT_READERS[recipe.model.task](recipe)
+    if not rows:
         log("eval.metrics skipped: no validation split (set data.val_fraction or data.val_path)")
         return {}
     if recipe.eval.limit:
-        conversations = conversations[:recipe.eval.limit]
-    rows = []
-    for i, conv in enumerate(conversations, 1):
-        messages, tools, reference = split_reference(conv)
-        rows.append(EvalRow(f"validation row {i}", messages, tools, reference))
+        rows = rows[:recipe.eval.limit]
     rows = [r for r in rows if r.reference is not None and r.messages and r.messages[-1]["role"] in ("user", "tool")]
     metrics = resolve_metrics(names, "eval.metrics")
     if not rows:
@@ -837,7 +916,8 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     was_training = model.training
     model.eval()
     try:
-        asking = Asking.render(tokenizer, TemplateSpec.from_data(recipe.data), rows)
+        asking = Asking.render(tokenizer, TemplateSpec.from_data(recipe.data), rows,
+                               encoder_decoder=bool(getattr(model.config, "is_encoder_decoder", False)))
         cand = TransformersCandidate("trained", str(recipe.output_dir), "adapter", TransformersBackend(model, tokenizer),
                                      None, [])
         cand.adapter = _active(model)
@@ -848,6 +928,26 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     scores = score(answers, metrics, {"trained": capabilities(cand)}, "trained", recipe.eval.bootstrap_resamples,
                    recipe.train.seed)
     return {name: {k: v for k, v in entry.items() if k != "diff"} for name, entry in scores["trained"].items()}
+
+
+def _held_out_conversations(recipe) -> list[EvalRow]:
+    """causal_lm: the validation conversations as training split them (data.load_items)."""
+
+    _, held = load_items(recipe.data)
+    return [EvalRow(f"validation row {i}", *split_reference(conv)) for i, conv in enumerate(held, 1)]
+
+
+def _held_out_seq2seq(recipe) -> list[EvalRow]:
+    """seq2seq: the validation source/target rows as seq2seq training splits them (tasks.split_items)."""
+
+    d = recipe.data
+    _, held = split_items(d, lambda path: [seq2seq_pair(row, where, d.columns)
+                                           for where, row in read_source(path, d.split).stream()])
+    return [EvalRow(f"validation row {i}", messages, [], target) for i, (messages, target) in enumerate(held, 1)]
+
+
+# the model.task values eval.metrics scores at the end of training (tasks.recipe_problems refuses the others)
+HELD_OUT_READERS: dict[str, Callable] = {"causal_lm": _held_out_conversations, "seq2seq": _held_out_seq2seq}
 
 
 def _active(model):

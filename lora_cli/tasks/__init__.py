@@ -103,6 +103,9 @@ def recipe_problems(r) -> list[str]:
                 problems.append(f"model.labels: {dupes} listed more than once; each label once, in id order")
     if task == "causal_lm":
         return problems
+    if TASKS[task].predicts_labels and r.eval.metrics:  # the end-of-run eval generates answers; a classifier has none
+        problems.append("eval.metrics: generation metrics are for causal_lm and seq2seq runs; a classifier's eval "
+                        "(data.val_fraction) already logs eval_accuracy and eval_macro_f1; remove eval.metrics")
     if r.data.packing:
         problems.append(f"data.packing: only for model.task causal_lm (task is {task}); set data.packing: false")
     fmt = r.data.format if r.data.format not in ("auto",) else "alpaca"  # auto: the task's own rows

@@ -157,6 +157,10 @@ def recipe_problems(r, explicit: frozenset) -> list[str]:
     if r.data.format not in ("auto",):
         problems.append(f"data.format: train.objective {obj.name} reads preference rows (detected from the file); "
                         "remove data.format")
+    if r.eval.metrics:  # the end-of-run eval asks SFT rows' questions; a pair file has none of its shape
+        problems.append(f"eval.metrics: scores answers to SFT validation rows; train.objective {obj.name} logs its "
+                        "held-out reward metrics (eval_rewards/*) with data.val_fraction or data.val_path instead; "
+                        "remove eval.metrics and score the adapter with `lora eval --data ROWS` after training")
     if r.train.kernels == "liger":  # auto never picks Liger for TRL's losses
         problems.append(f"train.kernels: liger is not wired for train.objective {obj.name}; set train.kernels: auto or none")
     return problems
