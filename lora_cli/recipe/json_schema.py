@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 from lora_cli.recipe.schema import Recipe, REQUIRED
 
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "recipe.schema.json"  # what the recipes point at
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "docs" / "recipe.schema.json"  # what the recipes point at
 SCHEMA_LINE = "# yaml-language-server: $schema="
 
 
