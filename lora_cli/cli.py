@@ -429,30 +429,11 @@ def eval_(
         return
     from lora_cli.evaluate import print_table, run_eval
 
-    with _eval_progress() as progress:
-        record = run_eval(request, out, force, progress=progress, log=console.print)
+    with progress.task("lora eval", console, unit="answers"):  # rows x passes, every candidate
+        record = run_eval(request, out, force, log=console.print)
     print_table(record, console)
     if out is not None:
         console.print(f"written to {out}: eval.json, answers.jsonl, eval.png")
-
-
-def _eval_progress():
-    """A progress bar per candidate on stderr (lora's own lines), gone when done."""
-    from contextlib import contextmanager
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    @contextmanager
-    def bars():
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err_console, transient=True) as progress:
-            def start(name: str, total: int):
-                task = progress.add_task(name, total=total)
-                return lambda n: progress.advance(task, n)
-
-            yield start
-
-    return bars()
 
 
 @app.command()
@@ -469,7 +450,7 @@ def merge(
     generation config, model card) that plain transformers loads."""
     from lora_cli.merge import merge_adapter
 
-    with progress.spinner(f"merging into {out}", console):
+    with progress.task(f"merging into {out}", console):  # the stages merge_adapter names
         merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
                       trust_remote_code=trust_remote_code)
 
@@ -487,7 +468,7 @@ def export(
     training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
     from lora_cli.export import export as run_export
 
-    with progress.spinner(f"exporting {out}", console):
+    with progress.task(f"exporting {out}", console):  # the merge's stages, each tensor, the file
         run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
 
 

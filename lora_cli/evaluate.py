@@ -693,16 +693,24 @@ def capabilities(candidate: Candidate) -> set[str]:
     return {"text"} | ({"logits"} if candidate.has_logits else set())
 
 
-def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], settings: Settings,
-            progress=None) -> dict[str, list[Answer]]:
-    """Every candidate's Answer per row, for the metrics asked."""
+def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], settings: Settings
+            ) -> dict[str, list[Answer]]:
+    """Every candidate's Answer per row, for the metrics asked. Progress (lora_cli.progress,
+    `lora eval`'s bar) counts rows x passes over every candidate, noting which one is asked."""
+    from lora_cli import progress
+
     needs = {m.needs for m in metrics}
+
+    def passes(cand: Candidate) -> int:
+        can = capabilities(cand)
+        return ("text" in needs and "text" in can) + ("logits" in needs and "logits" in can) + ("labels" in needs and "labels" in can)
+
+    progress.set_total(len(asking.rows) * sum(passes(c) for c in candidates))
+    tick = progress.advance
     out = {}
     for cand in candidates:
         can = capabilities(cand)
-        work = len(asking.rows) * (("text" in needs and "text" in can) + ("logits" in needs and "logits" in can)
-                                   + ("labels" in needs and "labels" in can))
-        tick = progress(cand.name, work) if progress else (lambda n: None)
+        progress.note(f"asking {cand.name} ({len(asking.rows)} rows)")
         answers = [Answer(reference=r.reference, label=r.label) for r in asking.rows]
         if "text" in needs and "text" in can:
             for a, text in zip(answers, cand.answers(asking, settings, tick)):
@@ -717,7 +725,7 @@ def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], 
     return out
 
 
-def run_eval(request: Request, out: Path | None = None, force: bool = False, progress=None,
+def run_eval(request: Request, out: Path | None = None, force: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Load, ask, score; write OUT/eval.json, answers.jsonl and eval.png when `out` is given.
     Returns the eval.json record."""
@@ -732,7 +740,7 @@ def run_eval(request: Request, out: Path | None = None, force: bool = False, pro
     baseline = request.baseline or names[0]
     if baseline not in names:
         raise LoraError(f"--baseline {baseline!r} is not a candidate", f"candidates: {', '.join(names)}")
-    answers = ask_all(candidates, asking, metrics, request.settings, progress)
+    answers = ask_all(candidates, asking, metrics, request.settings)
     scores = score(answers, metrics, {c.name: capabilities(c) for c in candidates}, baseline,
                    request.resamples, request.settings.seed or 0)
     record = eval_record(request, candidates, asking, metrics, scores, baseline, task)
