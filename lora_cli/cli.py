@@ -355,6 +355,7 @@ def predict(
     base: BaseOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     trust_remote_code: TrustRemoteCode = False,
+    as_json: JsonOption = False,
 ):
     """Label rows with a classification adapter: predicted label and every label's probability
     per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
@@ -368,13 +369,19 @@ def predict(
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
 
-    with progress.spinner("loading the model", console):
+    shown_on = err_console if as_json else console  # stdout carries the one JSON document
+    with progress.spinner("loading the model", shown_on):
         model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)
     info = infos["adapter"]
     labels = list(info.model_section["labels"])
-    with progress.task("labelling", console, unit="rows"):
+    with progress.task("labelling", shown_on, unit="rows"):
         rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
     ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "predict")
+    if as_json:
+        from lora_cli.json_output import emit, predict_doc
+
+        emit("predict", predict_doc(adapter, file, out, rows, labels, report))
+        return
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
         console.print("  " + line, highlight=False, markup=False)
@@ -537,6 +544,7 @@ def analyze(
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip loading the base (no ||dW|| / ||W|| column).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora analyze` wrote it.")] = False,
     trust_remote_code: TrustRemoteCode = False,
+    as_json: JsonOption = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
     from lora_cli.analyze import analyze_adapter, plot_analysis, print_analysis
@@ -545,6 +553,11 @@ def analyze(
         ownership.check_output(plot, "analyze", force=force, flag="--plot",
                                inputs=adapter_inputs({"adapter": str(adapter)}, base))
     result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
+    if as_json:
+        from lora_cli.json_output import analyze_doc, emit
+
+        emit("analyze", analyze_doc(result, plot_analysis(result, plot) if plot is not None else None))
+        return
     print_analysis(result, console)
     if plot is not None:
         console.print(f"[bold]plot[/]    {plot_analysis(result, plot)}")
@@ -626,6 +639,7 @@ def data_preview(
     recipe: RecipePath,
     set_: SetOption = None,
     rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
+    as_json: JsonOption = False,
 ):
     """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
     from lora_cli.recipe import load_recipe
@@ -634,6 +648,12 @@ def data_preview(
     if r.model.task != "causal_lm":
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
                         f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
+    if as_json:
+        from lora_cli.json_output import emit, preview_doc
+        from lora_cli.preview import load_preview
+
+        emit("data_preview", preview_doc(r, recipe, *load_preview(r), rows=rows))
+        return
     from lora_cli.preview import preview_data
 
     preview_data(r, rows=rows, console=console)
