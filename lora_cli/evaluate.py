@@ -828,8 +828,11 @@ def format_cell(entry: dict | None, is_baseline: bool) -> str:
 def print_table(record: dict, console) -> None:
     from rich.table import Table
 
+    from lora_cli.terminal import table_box
+
     table = Table(title=f"{record['settings']['rows']} rows of {record['settings']['data']}; "
-                        f"Δ = difference to {record['baseline']}, [{CONFIDENCE:.0%} bootstrap interval]")
+                        f"Δ = difference to {record['baseline']}, [{CONFIDENCE:.0%} bootstrap interval]",
+                  box=table_box())  # piped / NO_COLOR: no box drawing
     table.add_column("candidate")
     table.add_column("kind")
     for metric, about in record["metrics"].items():

@@ -113,7 +113,9 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
 def print_tasks(record: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title="lm-evaluation-harness")
+    from lora_cli.terminal import table_box
+
+    table = Table(title="lm-evaluation-harness", box=table_box())  # piped / NO_COLOR: no box drawing
     for column in ("candidate", "task", "metric", "value", "stderr"):
         table.add_column(column)
     for c in record["candidates"]:

@@ -83,6 +83,8 @@ class _Plain:
         self.done += n
         now = time.monotonic()
         share = self.done / self.total if self.total else 0.0
+        if self.total and self.done >= self.total:
+            return  # the final line (finish) says it
         if line and (now - self.last_time >= PLAIN_EVERY_S or share - self.last_share >= PLAIN_EVERY_SHARE):
             self.last_time, self.last_share = now, share
             self._line(now)
