@@ -486,6 +486,7 @@ def preview_pairs(recipe, console, rows: int = 3) -> None:
     from rich.text import Text
 
     from lora_cli.model import load_tokenizer
+    from lora_cli.terminal import plain
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     data = build_preference_data(recipe, tokenizer)
@@ -494,8 +495,9 @@ def preview_pairs(recipe, console, rows: int = 3) -> None:
                   f"max_length {recipe.data.max_length})")
     for i in range(min(rows, len(data.train))):
         ex = data.train[i]
-        console.print(Text(f"── row {i + 1} ", style="bold").append("(dim = prompt, masked; green = supervised)", style="dim"))
-        console.print(Text(tokenizer.decode(ex["prompt_ids"]), style="dim"))
+        rule = "--" if plain() else "──"  # and each part named: colour never carries the meaning alone
+        console.print(Text(f"{rule} row {i + 1} ", style="bold").append("(prompt: masked; the answers: supervised)", style="dim"))
+        console.print(Text("  prompt: ", style="bold").append(tokenizer.decode(ex["prompt_ids"]), style="dim"))
         sides = (("chosen", "chosen_ids"), ("rejected", "rejected_ids")) if "chosen_ids" in ex else \
             (("good" if ex["label"] else "bad", "completion_ids"),)
         for name, column in sides:

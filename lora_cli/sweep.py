@@ -21,6 +21,7 @@ from rich.console import Console
 from lora_cli.checkpoint import run_finished
 from lora_cli import atomic, ownership
 from lora_cli.errors import LoraError
+from lora_cli.terminal import plain
 from lora_cli.methods import RANKED, method_of
 from lora_cli.plot import METRICS_FILE, read_metrics
 from lora_cli.inputs import read_json
@@ -214,7 +215,8 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
         if r in done_ranks:
             console.print(f"[bold]rank {r}[/]  finished earlier in {plan.output_dir}: skipped")
             continue
-        console.rule(f"rank {r}, alpha {plan.lora.alpha:g} -> {plan.output_dir}")
+        console.rule(f"rank {r}, alpha {plan.lora.alpha:g} -> {plan.output_dir}",
+                     characters="-" if plain() else "─")  # piped / NO_COLOR: no box drawing
         try:
             runs.append(train_rank(plan, console))
         except BaseException:  # Ctrl-C, a signal the trainer turned into an error, a failed run
