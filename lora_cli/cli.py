@@ -187,6 +187,12 @@ TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Promp
 ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list of function schemas offered to the model, rendered as training rendered a row's tools.")]
 
 
+def progress_console(stdout_busy: bool) -> Console:
+    """Where progress goes: stderr while stdout carries results (answers, a JSON document),
+    stdout otherwise; --quiet silences it either way."""
+    return err_console if stdout_busy and not console.quiet else console
+
+
 def _load_variants(adapter, base, template, engine: str = "transformers", trust_remote_code: bool = False):
     """(inference backend, adapter infos, base template) for generate, chat and serve."""
     from lora_cli.backends import backend_class
@@ -246,7 +252,7 @@ def generate(
         variants = {BASE: (None, default_template)}
     else:
         variants = {name: (name, template or info.template) for name, info in infos.items()}
-    shown_on = console if out is not None else err_console  # answers printed on stdout stay clean
+    shown_on = progress_console(stdout_busy=out is None)  # answers printed on stdout stay clean
     with progress.task("answering", shown_on, unit="answers") if file else progress.spinner("answering", console):
         rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
     if out is not None:
@@ -369,7 +375,7 @@ def predict(
     from lora_cli.model import load_for_inference
     from lora_cli.tasks import predict_file
 
-    shown_on = err_console if as_json else console  # stdout carries the one JSON document
+    shown_on = progress_console(stdout_busy=as_json)  # stdout carries the one JSON document
     with progress.spinner("loading the model", shown_on):
         model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)
     info = infos["adapter"]

@@ -735,6 +735,9 @@ def run_eval(request: Request, out: Path | None = None, force: bool = False,
         ownership.check_output(Path(out), "eval", force=force, folder=True,
                                inputs=[("--data", request.data), *[("--adapter", p) for p in request.adapters.values()],
                                        *[("--merged", p) for p in request.merged], *[("--gguf", p) for p in request.gguf]])
+    from lora_cli import progress
+
+    progress.note("loading the candidates")
     candidates, asking, metrics, task = load_candidates(request)
     names = [c.name for c in candidates]
     baseline = request.baseline or names[0]

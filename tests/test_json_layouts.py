@@ -88,6 +88,8 @@ def test_predict_json_summarises_what_out_holds(classifier, tmp_path, cli):
     unlabelled = write_jsonl(tmp_path / "bare.jsonl", [{"text": r["text"]} for r in rows[:2]])
     bare = _doc(cli("predict", "-a", classifier, "-f", unlabelled, "-o", tmp_path / "p2.jsonl", "--json"), "predict")
     assert bare["report"] is None and bare["rows"] == 2 and sum(bare["predicted"].values()) == 2
+    quiet = cli("-q", "predict", "-a", classifier, "-f", unlabelled, "-o", tmp_path / "p3.jsonl", "--json")
+    assert _doc(quiet, "predict")["rows"] == 2 and "labelling" not in quiet.err  # --quiet: no progress anywhere
 
 
 def test_analyze_json_holds_each_modules_spectrum(tiny_random, tmp_path, cli):

@@ -67,6 +67,7 @@ def test_eval_counts_rows_of_every_candidate(tiny_random, tmp_path, cli):
               "--max-new-tokens", "4", "--bootstrap", "10")
     assert res.code == 0, res
     lines = _lines(res.out, "lora eval")
+    assert lines[0].startswith("loading the candidates (0 answers"), lines
     assert [line.split(" (")[0] for line in lines if line.startswith("asking")] == ["asking base", "asking tuned"]
     # 3 rows, each asked for text (exact_match) and scored by loss, by 2 candidates
     assert _done(lines) == (12, 12) and sum(line.startswith("12/12") for line in lines) == 1
