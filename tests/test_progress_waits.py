@@ -96,3 +96,15 @@ def test_live_bar_keeps_bar_and_count_at_80_columns_with_a_long_stage():
     shown = lines[0].split("━")[0][2:] + "".join(line.strip() for line in lines[1:])
     assert shown.replace(" ", "") == ("merging into /a/rather/long/path/to/runs/demo-merged: "
                                       "loading the adapter /a/rather/long/path/to/runs/demo").replace(" ", "")
+
+
+def test_generate_file_progress_leaves_stdout_to_the_answers(tiny_random, tmp_path, cli):
+    adapter = random_adapter(tiny_random, tmp_path / "adapter", seed=4, template="human_assistant")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is LoRA?\nWhat is a rank?\n", encoding="utf-8")
+    res = cli("generate", "-a", adapter, "--file", prompts, "--max-new-tokens", "2")
+    assert res.code == 0, res
+    assert _done(_lines(res.err, "answering")) == (2, 2) and "answering" not in res.out
+    quiet = cli("-q", "generate", "-a", adapter, "--file", prompts, "--max-new-tokens", "2")
+    assert quiet.code == 0 and "answering" not in quiet.err + quiet.out, quiet
+    assert quiet.out.count("\n\n") == 2  # the two answers themselves still print
