@@ -44,8 +44,8 @@ def recipe_dict(out: Path, steps: int, save_steps: int, cache: Path) -> dict:
 def run(recipe_raw: dict, resume: "ckpt.Resume | None" = None):
     from rich.console import Console
 
-    from lora_cli import train as train_module
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.train import run as train_module
+    from lora_cli.recipe.schema import recipe_from_dict
 
     saves: list[float] = []
     original = train_module.SafeTrainer._save_checkpoint
@@ -79,8 +79,8 @@ def main() -> int:
     if not (MODEL / "config.json").is_file():
         print(f"{MODEL} missing: run `make tiny` first")
         return 1
-    from lora_cli import checkpoint as ckpt
-    from lora_cli import preflight
+    from lora_cli.train import checkpoint as ckpt
+    from lora_cli.train import preflight
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -108,7 +108,7 @@ def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Pa
 # --------------------------------------------------------------------------- lora
 
 def lora_recipe(data_path: Path, out: Path, epochs: int, cache_dir: Path, **data):
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.recipe.schema import recipe_from_dict
 
     raw = {"model": {"name_or_path": str(MODEL)}, "lora": {**LORA, "init": LORA_INIT},
            "data": {"path": str(data_path), "max_length": MAX_LENGTH, "cache_dir": str(cache_dir), **data},
@@ -123,7 +123,7 @@ def lora_train(recipe):
     """`lora train` in-process; returns (its TrainResult, Trainer train_runtime)."""
     from rich.console import Console
 
-    from lora_cli import train as train_module
+    from lora_cli.train import run as train_module
 
     result = train_module.run_training(recipe, overwrite=True, console=Console(quiet=True))
     records = [json.loads(line) for line in (Path(recipe.output_dir) / train_module.METRICS_FILE).read_text().splitlines()]
@@ -145,7 +145,7 @@ def mean_supervised_loss(model, examples, pad_id: int) -> float:
     """Cross-entropy over every supervised token of `examples`, unpacked, in batches of 8."""
     import torch
 
-    from lora_cli.data import PadCollator
+    from lora_cli.data.examples import PadCollator
 
     model.eval()
     collate = PadCollator(pad_id)
@@ -290,9 +290,9 @@ def main() -> int:
 
     from datasets.utils.logging import disable_progress_bar
 
-    from lora_cli.data import build_sft_data
+    from lora_cli.data.examples import build_sft_data
     from lora_cli.libraries import quiet_libraries
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     quiet_libraries()
     disable_progress_bar()

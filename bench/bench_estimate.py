@@ -42,8 +42,8 @@ def model_folders(tmp: Path) -> dict[str, Path]:
 
 
 def main() -> None:
-    from lora_cli.estimate import GiB, estimate_recipe
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.train.estimate import GiB, estimate_recipe
+    from lora_cli.recipe.schema import recipe_from_dict
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ DATA = REPO / "data" / "demo.jsonl"
 
 def timed(request, kind: str) -> float:
     """Rows/s of the candidates `request` names: asking only, loading excluded."""
-    from lora_cli.evaluate import ask_all, load_candidates
+    from lora_cli.eval.run import ask_all, load_candidates
 
     candidates, asking, metrics, _ = load_candidates(request)
     chosen = [c for c in candidates if c.kind == kind]
@@ -53,10 +53,10 @@ def main() -> None:
     import yaml
     from inference_helpers import random_adapter
 
-    from lora_cli.evaluate import Request, Settings
-    from lora_cli.export import export
-    from lora_cli.merge import merge_adapter
-    from lora_cli.serve import ServerThread, build_server
+    from lora_cli.eval.run import Request, Settings
+    from lora_cli.export.gguf import export
+    from lora_cli.export.merge import merge_adapter
+    from lora_cli.infer.serve import ServerThread, build_server
 
     quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
         sys.exit(f"{args.model} is missing: run `make tiny` first")
-    from lora_cli.export import export
+    from lora_cli.export.gguf import export
 
     runs = [("gguf", d) for d in (("f16", "q8_0") if args.quick else ("f32", "f16", "bf16", "q8_0"))]
     if not args.quick:

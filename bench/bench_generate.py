@@ -73,8 +73,8 @@ def variants(base: Path, adapter: Path, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.merge import merge_adapter
-    from lora_cli.model import load_for_inference
+    from lora_cli.export.merge import merge_adapter
+    from lora_cli.model.load import load_for_inference
 
     merged_dir = merge_adapter(adapter, work / f"merged-{base.name}", log=lambda *_: None)
     unmerged, _, _ = load_for_inference({"a": adapter}, device="cpu")
@@ -89,7 +89,7 @@ def batch_inputs(tokenizer, batch: int):
     """Left-padded prompt ids, rendered by the training template (as `lora generate` does)."""
     import torch
 
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     ids = [build_prompt_ids(tokenizer, "human_assistant", p) for p in (PROMPTS * 4)[:batch]]
     width = max(map(len, ids))
@@ -112,7 +112,7 @@ def timed_generate(model, inputs, new_tokens: int, tokenizer):
 
 
 def bench_model(label: str, base: Path, work: Path, batches: list[int], new_tokens: int, repeats: int) -> list[tuple]:
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     models = variants(base, random_adapter(base, work / f"adapter-{base.name}"), work)

@@ -22,8 +22,8 @@ Variants, each in its own process (a fresh CUDA context and allocator, and Liger
 transformers' Llama code stays in its own process):
   source         the source workflow by hand: Dataset.map per row, Trainer + DataCollatorForSeq2Seq,
                  batch 1 x accumulation 8, bf16 on a GPU, transformers' default attention (sdpa)
-  defaults       `lora train` with no batching or kernel key set (lora_cli.batching and
-                 lora_cli.kernels choose)
+  defaults       `lora train` with no batching or kernel key set (lora_cli.data.batching and
+                 lora_cli.model.kernels choose)
   packing        + data.packing: true
   checkpointing  + train.gradient_checkpointing: true
   qlora          + model.quantization: 4bit (CUDA only here)
@@ -110,7 +110,7 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40
 # --------------------------------------------------------------------------- models and data
 
 def bench_tokenizer():
-    from lora_cli.tiny import corpus_from_rows, train_tokenizer
+    from lora_cli.tiny.decoder import corpus_from_rows, train_tokenizer
 
     tokenizer = train_tokenizer(corpus_from_rows(bench_data.read_jsonl(bench_data.DATA)), 2048)
     tokenizer.pad_token = tokenizer.eos_token  # as lora's load_tokenizer does; the by-hand collator needs one
@@ -232,7 +232,7 @@ def skip_reason(variant: str) -> str | None:
 def variant_recipe(variant: str, model: Path, data: Path, out: Path, seq: int, cache: Path):
     """The `lora train` recipe of a variant; `source` gets the recipe that describes the source
     workflow (batch 1 x 8, no packing), which only the estimate reads."""
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.recipe.schema import recipe_from_dict
 
     raw = {"model": {"name_or_path": str(model)}, "lora": dict(LORA),
            "data": {"path": str(data), "max_length": seq, "cache_dir": str(cache)},
@@ -245,7 +245,7 @@ def variant_recipe(variant: str, model: Path, data: Path, out: Path, seq: int, c
 
 
 def predicted_bytes(recipe) -> int:
-    from lora_cli.estimate import estimate_recipe
+    from lora_cli.train.estimate import estimate_recipe
 
     memory = estimate_recipe(recipe).memory
     return memory.total_checkpointed if recipe.train.gradient_checkpointing else memory.total
@@ -280,7 +280,7 @@ class StepTimer:
                 self._last = None
 
             def on_train_begin(self, args, state, control, model=None, **kwargs):
-                from lora_cli.model import attention_in_use
+                from lora_cli.model.load import attention_in_use
 
                 self.attention = attention_in_use(model)
                 self.shape = (args.per_device_train_batch_size, args.gradient_accumulation_steps)
@@ -342,7 +342,7 @@ def run_variant(variant: str, recipe, rows: list[dict], tokenizer, work: Path, t
         return {"final_loss": None, "batches": "batch 1 x accumulation 8, padded rows (by hand)"}
     from rich.console import Console
 
-    from lora_cli import train as train_module
+    from lora_cli.train import run as train_module
 
     console = Console(record=True, width=400, file=open(os.devnull, "w"))
     result = train_module.run_training(recipe, overwrite=True, console=console, callbacks=[timer])
@@ -435,7 +435,7 @@ DOC_END = "<!-- bench_gpu table: end -->"
 
 def write_doc(doc: Path, table: str) -> None:
     """Replace the table between the markers of docs/benchmarks.md (added at the end if absent)."""
-    from lora_cli import atomic
+    from lora_cli.files import atomic
 
     text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
     block = f"{DOC_BEGIN}\n{table}{DOC_END}"

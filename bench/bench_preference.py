@@ -45,7 +45,7 @@ def rows_for(objective: str, pairs: list[dict]) -> list[dict]:
 
 
 def recipe_for(objective: str, model: str, data: Path, out: Path, args):
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.recipe.schema import recipe_from_dict
 
     return recipe_from_dict({
         "model": {"name_or_path": model},
@@ -60,17 +60,17 @@ def recipe_for(objective: str, model: str, data: Path, out: Path, args):
 
 def forward_tokens(recipe) -> float:
     """Tokens per training row as the forward passes see them (both sequences of a pair)."""
-    from lora_cli.model import load_tokenizer
-    from lora_cli.objectives import objective_of
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.objectives import objective_of
 
     tokenizer = load_tokenizer(recipe.model.name_or_path)
     if objective_of(recipe).preference:
-        from lora_cli.preference import build_preference_data
+        from lora_cli.train.preference import build_preference_data
 
         data = build_preference_data(recipe, tokenizer)
         per_row = data.stats.total_tokens / len(data.train)
         return per_row * (2 if "completion_ids" in data.train.column_names and recipe.train.loss_type != "apo_zero_unpaired" else 1)
-    from lora_cli.data import build_sft_data
+    from lora_cli.data.examples import build_sft_data
 
     data = build_sft_data(recipe.data, tokenizer)
     return data.stats.total_tokens / len(data.train)
@@ -90,8 +90,8 @@ def run_one(objective: str, args) -> dict:
     import torch
     from rich.console import Console
 
-    from lora_cli.plot import METRICS_FILE, read_metrics
-    from lora_cli.train import run_training
+    from lora_cli.train.metrics import METRICS_FILE, read_metrics
+    from lora_cli.train.run import run_training
 
     pairs = [json.loads(x) for x in (REPO / "data" / "dpo_demo.jsonl").read_text().splitlines() if x.strip()]
     work = Path(args.work)

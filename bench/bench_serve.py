@@ -86,7 +86,8 @@ def raw_seconds(url: str, prompts: list[str], new_tokens: int) -> float:
 
 def direct_seconds(server, prompts: list[str], new_tokens: int) -> float:
     """The same prompts answered one at a time through `lora generate`'s path (generate_rows)."""
-    from lora_cli.infer import GenerationSettings, Prompt, generate_rows
+    from lora_cli.infer.generate import Prompt, generate_rows
+    from lora_cli.infer.settings import GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=new_tokens)
     start = time.perf_counter()
@@ -100,7 +101,7 @@ def bench_model(label: str, base: Path, work: Path, client_counts: list[int], re
     """Every client count `rounds` times in turn (the best round of each is kept: other work on a
     shared machine only adds time), then `lora generate`'s path and one client alternately,
     `pairs` times (the overhead is a few percent: it needs more runs than the throughput)."""
-    from lora_cli.serve import ServerThread, build_server
+    from lora_cli.infer.serve import ServerThread, build_server
 
     adapter = random_adapter(base, work / f"adapter-{base.name}")
     server = build_server({"a": adapter}, max_batch=max(client_counts), max_queue=4 * max(client_counts))

@@ -8,7 +8,7 @@ The source workflow is bench_data.py's (seed article 002): rows tokenised one at
 Dataset.map, then the Hugging Face Trainer with DataCollatorForSeq2Seq, batch 1 x gradient
 accumulation 8. `lora train` gets the same model, rows, LoRA settings, learning rate, epochs and
 seed, and nothing about batching: data.packing, data.group_by_length, train.batch_size and
-train.gradient_accumulation are left empty, so lora_cli.batching chooses (on CPU: sdpa, 8 rows
+train.gradient_accumulation are left empty, so lora_cli.data.batching chooses (on CPU: sdpa, 8 rows
 per forward pass flattened into one row (positions restarting per example, so sdpa masks the
 examples apart), 8 rows per optimizer step like the baseline).
 
@@ -57,8 +57,8 @@ def default_recipe(base: Path, data_path: Path, out: Path, epochs: float, cache_
 
 
 def measure(name: str, base: Path, rows: list[dict], args, work: Path) -> dict:
-    from lora_cli.data import build_sft_data
-    from lora_cli.model import load_tokenizer
+    from lora_cli.data.examples import build_sft_data
+    from lora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
     data_path = work / f"{name}.jsonl"

@@ -16,15 +16,18 @@ from typer.core import TyperCommand
 from rich.console import Console
 from rich.markup import escape
 
-from lora_cli import libraries, ownership, progress
+from lora_cli import libraries
+from lora_cli.ui import progress
+from lora_cli.files import ownership
 from lora_cli.errors import LoraError
-from lora_cli.inputs import check_adapter_name, clip_lines
+from lora_cli.files.inputs import check_adapter_name, clip_lines
 
 # Closed sets of values, typed as Literal so --help lists them and click refuses others (exit 2).
 # Each comes from the module that owns it (light imports: no torch at start-up).
-from lora_cli.export import FORMATS as EXPORT_FORMATS  # noqa: E402
-from lora_cli.merge import MERGE_DTYPES  # noqa: E402
-from lora_cli.tiny_encoders import ARCHS  # noqa: E402
+from lora_cli.export.gguf import FORMATS as EXPORT_FORMATS  # noqa: E402
+from lora_cli.export.merge import MERGE_DTYPES  # noqa: E402
+from lora_cli.infer.engines import ENGINES  # noqa: E402
+from lora_cli.tiny.encoders import ARCHS  # noqa: E402
 
 ArchChoice = Literal[ARCHS]
 ExportFormat = Literal[EXPORT_FORMATS]
@@ -50,7 +53,7 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allo
 
 def _print_version(value: bool) -> None:
     if value:
-        from lora_cli.env_report import lora_version
+        from lora_cli.env_report import lora_version  # here, not at the top: `lora --help` starts fast
 
         print(f"lora {lora_version()}")
         raise typer.Exit(0)
@@ -101,11 +104,13 @@ def train(
 
     Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits 130 / 143;
     a non-finite loss stops the run with exit code 3."""
-    from lora_cli.checkpoint import Resume
-    from lora_cli.recipe import load_recipe
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.train.checkpoint import Resume
+    from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.train import TrainingStopped, run_training
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.train.run import TrainingStopped, run_training
 
     try:
         run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=console,
@@ -125,12 +130,13 @@ def check(
     as_json: JsonOption = False,
 ):
     """Validate a recipe and warn about risky hyperparameters, without loading anything heavy."""
-    from lora_cli.lint import lint_recipe, refuse_if_strict, verdict
-    from lora_cli.recipe import load_recipe
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.train.lint import lint_recipe, refuse_if_strict, verdict
+    from lora_cli.recipe.schema import load_recipe
 
     findings = lint_recipe(load_recipe(recipe, set_ or []))
     if as_json:
-        from lora_cli.json_output import check_doc, emit
+        from lora_cli.json_output import check_doc, emit  # here, not at the top: `lora --help` starts fast
 
         emit("check", check_doc(recipe, findings, strict))
         raise typer.Exit(2 if findings and strict else 0)
@@ -157,7 +163,7 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
 def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str, str]]:
     """The folders an adapter command reads, for the output check: each adapter, the base it
     names and --base. A damaged adapter is left to the loader to refuse."""
-    from lora_cli.model import read_adapter
+    from lora_cli.model.adapter_folder import read_adapter  # here, not at the top: `lora --help` starts fast
 
     inputs: list[tuple[str, str]] = [("base model (--base)", base)] if base else []
     for name, path in adapters.items():
@@ -170,7 +176,8 @@ def adapter_inputs(adapters: dict[str, str], base: str | None) -> list[tuple[str
 
 
 def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed):
-    from lora_cli.infer import GenerationSettings
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.settings import GenerationSettings
 
     try:
         return GenerationSettings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
@@ -195,12 +202,14 @@ def progress_console(stdout_busy: bool) -> Console:
 
 def _load_variants(adapter, base, template, engine: str = "transformers", trust_remote_code: bool = False):
     """(inference backend, adapter infos, base template) for generate, chat and serve."""
-    from lora_cli.backends import backend_class
-    from lora_cli.template import resolve_template
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.engines import backend_class
+    from lora_cli.data.template import resolve_template
 
     if template:
         resolve_template(template)  # unknown names fail before anything heavy loads
-    from lora_cli.tasks import refuse_unless
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.model.adapter_folder import refuse_unless
 
     adapters = parse_adapters(adapter)
     refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
@@ -234,7 +243,8 @@ def generate(
     Several --adapter answer the same prompts side by side."""
     import json
 
-    from lora_cli.infer import BASE, Prompt, read_prompts, read_tools
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.generate import BASE, Prompt, read_prompts, read_tools
 
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
     tool_schemas = read_tools(tools) if tools else None
@@ -245,7 +255,8 @@ def generate(
         ownership.check_output(out, "generate", force=force, inputs=[
             ("prompt file (--file)", file), ("tools file (--tools)", tools), *adapter_inputs(parse_adapters(adapter), base)])
     prompts = read_prompts(file) if file else [Prompt(instruction, input)]
-    from lora_cli.infer import generate_rows
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.generate import generate_rows
 
     backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
     if base_only or not infos:
@@ -283,7 +294,8 @@ def chat(
     """Talk to the base with one or more adapters; /adapter NAME switches, /help lists commands.
     Answers stream as they are generated; Ctrl-C stops one, /exit leaves."""
     settings = _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-    from lora_cli.infer import ChatSession, chat_loop, read_tools
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.generate import ChatSession, chat_loop, read_tools
 
     tool_schemas = read_tools(tools) if tools else []
     backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
@@ -293,7 +305,6 @@ def chat(
     chat_loop(session)
 
 
-ENGINES = ("transformers", "vllm")  # the in-process backends (backends.BACKENDS), and vLLM's own server
 EngineChoice = Literal[ENGINES]
 
 
@@ -315,7 +326,7 @@ def serve(
     On an open network put it behind a TLS reverse proxy (docs/serve.md)."""
     import os
 
-    from lora_cli.serve_guard import Limits, check_api_key, parse_size
+    from lora_cli.infer.guard import Limits, check_api_key, parse_size  # here, not at the top: `lora --help` starts fast
 
     if engine not in ENGINES:
         raise LoraError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -329,7 +340,8 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise LoraError("lora serve needs FastAPI and uvicorn", libraries.install_hint("serve")) from None
-    from lora_cli.serve import build_server, run_server
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.serve import build_server, run_server
 
     server = build_server(parse_adapters(adapter), base=base, api_key=api_key, engine=engine,
                           max_batch=max_batch, max_queue=max_queue, limits=limits, trust_remote_code=trust_remote_code)
@@ -340,7 +352,8 @@ def _serve_with_vllm(adapters: dict, base, host: str, port: int, api_key) -> Non
     import subprocess
     import tempfile
 
-    from lora_cli.serve_vllm import missing_for_vllm, prepare_vllm
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.infer.vllm import missing_for_vllm, prepare_vllm
 
     with tempfile.TemporaryDirectory(prefix="lora-vllm-") as work:
         argv = prepare_vllm(adapters, base=base, host=host, port=port, api_key=api_key, work_dir=Path(work))
@@ -367,13 +380,15 @@ def predict(
     per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
     import json
 
-    from lora_cli.tasks import refuse_unless
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.model.adapter_folder import refuse_unless
 
     ownership.check_output(out, "predict", force=force,
                            inputs=[("rows (--file)", file), *adapter_inputs({"adapter": adapter}, base)])
     refuse_unless("predicts_labels", {"adapter": adapter}, "lora predict", 'use lora generate --adapter {adapter} "..."')
-    from lora_cli.model import load_for_inference
-    from lora_cli.tasks import predict_file
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.model.load import load_for_inference
+    from lora_cli.tasks.classification import predict_file
 
     shown_on = progress_console(stdout_busy=as_json)  # stdout carries the one JSON document
     with progress.spinner("loading the model", shown_on):
@@ -384,7 +399,7 @@ def predict(
         rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
     ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "predict")
     if as_json:
-        from lora_cli.json_output import emit, predict_doc
+        from lora_cli.json_output import emit, predict_doc  # here, not at the top: `lora --help` starts fast
 
         emit("predict", predict_doc(adapter, file, out, rows, labels, report))
         return
@@ -404,7 +419,7 @@ def eval_(
     endpoint: Annotated[Optional[list[str]], typer.Option("--endpoint", help="An OpenAI-compatible server URL (e.g. `lora serve`'s); repeatable.")] = None,
     endpoint_model: Annotated[Optional[str], typer.Option("--endpoint-model", help="The model id to ask at --endpoint (needed when it serves several).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORA_API_KEY", help="Bearer key for --endpoint.")] = None,
-    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (lora_cli/metrics.py) or module:function; default: all that fit.")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (lora_cli/eval/metrics.py) or module:function; default: all that fit.")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="lm-evaluation-harness tasks (e.g. mmlu,gsm8k) run on the base and each adapter.")] = None,
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder of local lm-eval task YAML files for --tasks.")] = None,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="Candidate the differences are taken to (default: the first).")] = None,
@@ -421,7 +436,7 @@ def eval_(
 ):
     """Ask the base, adapters, merged folders, GGUF files and endpoints the same rows; one table
     of metrics with each candidate's difference to the first and a bootstrap interval."""
-    from lora_cli.evaluate import Request, Settings
+    from lora_cli.eval.run import Request, Settings  # here, not at the top: `lora --help` starts fast
 
     _generation_settings(max_new_tokens, temperature, top_p, 1.0, seed)  # checked, named by flag
     if data is None and not tasks:
@@ -432,15 +447,15 @@ def eval_(
                       [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None, baseline, limit,
                       bootstrap, Settings(max_new_tokens, temperature, top_p, seed, batch_size))
     if tasks:
-        from lora_cli.harness import run_tasks
+        from lora_cli.eval.harness import run_tasks  # here, not at the top: `lora --help` starts fast
 
         record = run_tasks(request, [t.strip() for t in tasks.split(",") if t.strip()], include_path, out, force,
                            log=console.print)
-        from lora_cli.harness import print_tasks
+        from lora_cli.eval.harness import print_tasks  # here, not at the top: `lora --help` starts fast
 
         print_tasks(record, console)
         return
-    from lora_cli.evaluate import print_table, run_eval
+    from lora_cli.eval.run import print_table, run_eval  # here, not at the top: `lora --help` starts fast
 
     with progress.task("lora eval", console, unit="answers"):  # rows x passes, every candidate
         record = run_eval(request, out, force, log=console.print)
@@ -461,7 +476,8 @@ def merge(
 ):
     """Fold the adapter into its base and write a full model folder (safetensors, tokenizer,
     generation config, model card) that plain transformers loads."""
-    from lora_cli.merge import merge_adapter
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.export.merge import merge_adapter
 
     with progress.task(f"merging into {out}", console):  # the stages merge_adapter names
         merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
@@ -479,7 +495,8 @@ def export(
 ):
     """Write the adapter for llama.cpp / Ollama: merged into its base as GGUF (tokenizer and the
     training template as chat template included), as a GGUF LoRA adapter, or as an Ollama folder."""
-    from lora_cli.export import export as run_export
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.export.gguf import export as run_export
 
     with progress.task(f"exporting {out}", console):  # the merge's stages, each tensor, the file
         run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
@@ -493,7 +510,8 @@ def save(
 ):
     """Export a clean adapter folder (adapter weights and config, tokenizer, recipe, model card;
     no optimizer state)."""
-    from lora_cli.merge import save_adapter
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.export.merge import save_adapter
 
     save_adapter(source, out, force=force, log=console.print)
 
@@ -506,15 +524,17 @@ def estimate(
     as_json: JsonOption = False,
 ):
     """Trainable parameters, adapter size and training memory, from the model's config alone."""
-    from lora_cli.recipe import load_recipe
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.estimate import estimate_recipe, parse_count, print_estimate
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.train.estimate import estimate_recipe, parse_count, print_estimate
 
     limit = parse_count(budget) if budget is not None else None
     est = estimate_recipe(r, budget=limit)
     if as_json:
-        from lora_cli.json_output import emit, estimate_doc
+        from lora_cli.json_output import emit, estimate_doc  # here, not at the top: `lora --help` starts fast
 
         emit("estimate", estimate_doc(est, r))
         return
@@ -531,12 +551,14 @@ def sweep(
     force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora sweep` wrote it.")] = False,
 ):
     """Train the recipe at several ranks (output_dir/r{rank}) and find the knee; reruns skip finished ranks."""
-    from lora_cli.recipe import load_recipe
-    from lora_cli.sweep import parse_ranks
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.sweep import parse_ranks
 
     rank_list = parse_ranks(ranks)
     r = load_recipe(recipe, set_ or [])
-    from lora_cli.sweep import print_sweep, run_sweep
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.train.sweep import print_sweep, run_sweep
 
     print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, force=force, recipe_path=recipe,
                           console=console), console)
@@ -553,14 +575,15 @@ def analyze(
     as_json: JsonOption = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
-    from lora_cli.analyze import analyze_adapter, plot_analysis, print_analysis
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.model.analyze import analyze_adapter, plot_analysis, print_analysis
 
     if plot is not None:  # before the work: the plot may not replace what the analysis reads
         ownership.check_output(plot, "analyze", force=force, flag="--plot",
                                inputs=adapter_inputs({"adapter": str(adapter)}, base))
     result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
     if as_json:
-        from lora_cli.json_output import analyze_doc, emit
+        from lora_cli.json_output import analyze_doc, emit  # here, not at the top: `lora --help` starts fast
 
         emit("analyze", analyze_doc(result, plot_analysis(result, plot) if plot is not None else None))
         return
@@ -579,17 +602,20 @@ def build_tiny(
     force: Annotated[bool, typer.Option("--force", help="Replace --out if an earlier build-tiny wrote it.")] = False,
 ):
     """Build a tiny offline base: the Llama the demo and tests use, or a BERT, T5 or BART shape."""
-    from lora_cli.tiny_encoders import ARCHS
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.tiny.encoders import ARCHS
 
     if arch not in ARCHS:
         raise LoraError(f"--arch {arch!r} is not one of {', '.join(ARCHS)}")
     if arch == "llama":
-        from lora_cli.tiny import build_tiny_model
+        # here, not at the top: `lora --help` starts fast
+        from lora_cli.tiny.decoder import build_tiny_model
 
         with progress.task("pre-training the tiny base", console, total=steps):
             build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
         return
-    from lora_cli.tiny_encoders import build_tiny_encoder_model
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.tiny.encoders import build_tiny_encoder_model
 
     waiting = (progress.spinner(f"building the tiny {arch}", console) if arch == "bert"  # random: nothing to train
                else progress.task(f"pre-training the tiny {arch}", console, total=steps))
@@ -603,7 +629,8 @@ def recipe_keys(
     update: Annotated[Optional[Path], typer.Option("--update", help="Rewrite the reference block of this README in place.")] = None,
 ):
     """Print every recipe key with its type, default and meaning (Markdown)."""
-    from lora_cli.recipe import reference_markdown, update_reference
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.recipe.schema import reference_markdown, update_reference
 
     if update is None:
         print(reference_markdown())
@@ -615,7 +642,7 @@ def recipe_keys(
 @app.command()
 def schema():
     """Print the recipe's JSON Schema (generated from the one recipe schema), for editors and CI."""
-    from lora_cli.recipe_schema import schema_text
+    from lora_cli.recipe.json_schema import schema_text  # here, not at the top: `lora --help` starts fast
 
     sys.stdout.write(schema_text())
 
@@ -623,11 +650,11 @@ def schema():
 @app.command()
 def env(as_json: JsonOption = False):
     """Versions of lora, python, torch, transformers, peft, bitsandbytes and the device: paste it into a bug report."""
-    from lora_cli.env_report import environment
+    from lora_cli.env_report import environment  # here, not at the top: `lora --help` starts fast
 
     report = environment()
     if as_json:
-        from lora_cli.json_output import emit
+        from lora_cli.json_output import emit  # here, not at the top: `lora --help` starts fast
 
         emit("env", report)
         return
@@ -648,19 +675,23 @@ def data_preview(
     as_json: JsonOption = False,
 ):
     """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
-    from lora_cli.recipe import load_recipe
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.tasks import get_task
 
     r = load_recipe(recipe, set_ or [])
-    if r.model.task != "causal_lm":
+    if not get_task(r.model.task).token_stream:
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
                         f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
     if as_json:
+        # here, not at the top: `lora --help` starts fast
         from lora_cli.json_output import emit, preview_doc
-        from lora_cli.preview import load_preview
+        from lora_cli.train.preview import load_preview
 
         emit("data_preview", preview_doc(r, recipe, *load_preview(r), rows=rows))
         return
-    from lora_cli.preview import preview_data
+    # here, not at the top: `lora --help` starts fast
+    from lora_cli.train.preview import preview_data
 
     preview_data(r, rows=rows, console=console)
 
@@ -699,7 +730,7 @@ def run(argv: list[str] | None = None) -> int:
     return 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     libraries.configure(verbose=_wants_verbose(argv))
-    from lora_cli.terminal import plain
+    from lora_cli.ui.terminal import plain  # here, not at the top: `lora --help` starts fast
 
     app.rich_markup_mode = None if plain() else "rich"  # piped / NO_COLOR help: click's plain text, no boxes
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})

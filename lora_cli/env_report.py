@@ -8,6 +8,7 @@ from __future__ import annotations
 import platform
 import sys
 from importlib import metadata
+from lora_cli import __version__
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "trl", "filelock", "typer")
 
@@ -16,7 +17,6 @@ def lora_version() -> str:
     try:
         return metadata.version("lora-cli")
     except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        from lora_cli import __version__
 
         return __version__
 

@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
+
+from lora_cli.data.batching import batch_shape
+from lora_cli.data.examples import label_runs, lengths_of, pack_bins
+from lora_cli.train.estimate import fits
+from lora_cli.train.preview import length_bins
 
 LAYOUT_VERSION = 1
 
@@ -24,9 +30,6 @@ def check_doc(source, findings, strict: bool) -> dict:
 
 
 def estimate_doc(est, recipe) -> dict:
-    from lora_cli.batching import batch_shape
-    from lora_cli.estimate import fits
-
     p, m = est.params, est.memory
     return {
         "model": {"class": est.model_class, "name_or_path": recipe.model.name_or_path},
@@ -50,9 +53,6 @@ def estimate_doc(est, recipe) -> dict:
 def preview_doc(recipe, source, tokenizer, data, rows: int) -> dict:
     """`lora data preview --json`: the first `rows` examples decoded, cut into supervised and
     masked stretches (an SFT recipe) or prompt and answers (a preference recipe), and the counts."""
-    from lora_cli.data import lengths_of, pack_bins
-    from lora_cli.preview import length_bins
-
     d, stats, train = recipe.data, data.stats, data.train
     pairs = "prompt_ids" in train.column_names
     shown = [train[i] for i in range(min(rows, len(train)))]
@@ -79,8 +79,6 @@ def preview_doc(recipe, source, tokenizer, data, rows: int) -> dict:
 
 
 def _sft_example(example: dict, tokenizer) -> dict:
-    from lora_cli.data import label_runs
-
     runs = label_runs(example)
     return {"tokens": len(example["input_ids"]), "supervised_tokens": sum(len(ids) for sup, ids in runs if sup),
             "segments": [{"supervised": sup, "text": tokenizer.decode(ids)} for sup, ids in runs]}
@@ -97,8 +95,6 @@ def _pair_example(example: dict, tokenizer) -> dict:
 
 def predict_doc(adapter, file, out, rows: list[dict], labels: list[str], report) -> dict:
     """`lora predict --json`: the summary (each row's label and probabilities are in --out)."""
-    from collections import Counter
-
     counts = Counter(r["label"] for r in rows)
     return {"adapter": str(adapter), "file": str(file), "out": str(out), "rows": len(rows), "labels": list(labels),
             "predicted": {name: counts.get(name, 0) for name in labels},

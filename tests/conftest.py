@@ -1,6 +1,6 @@
 """Shared fixtures: tiny models built here, recipes written here, the CLI driven in-process.
 
-Nothing reaches a model hub: every model and tokenizer comes from `lora_cli.tiny`, the same
+Nothing reaches a model hub: every model and tokenizer comes from `lora_cli.tiny.decoder`, the same
 builder `make tiny` uses, and is loaded afterwards through the product's own loading code."""
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _tiny_model(out: Path, **kwargs) -> Path:
     """Build a tiny Llama into `out`. With LORA_TEST_MODEL_CACHE set (a developer's opt-in, never
     CI), the build is reused across pytest sessions (_cached_build); the copy is still loaded
     through the product's code."""
-    from lora_cli import tiny
-    from lora_cli.tiny import build_tiny_model
+    from lora_cli.tiny import decoder as tiny
+    from lora_cli.tiny.decoder import build_tiny_model
 
     def build(folder: Path) -> Path:
         return build_tiny_model(folder, DEMO_DATA, log=lambda *_: None, **kwargs)
@@ -81,8 +81,8 @@ def tiny_bart(tmp_path_factory) -> Path:
 
 def _tiny_kind(out: Path, arch: str, data: Path, **kwargs) -> Path:
     """build-tiny --arch ARCH into `out`, reused across sessions like _tiny_model."""
-    from lora_cli import tiny, tiny_encoders
-    from lora_cli.tiny_encoders import build_tiny_encoder_model
+    from lora_cli.tiny import decoder as tiny, encoders as tiny_encoders
+    from lora_cli.tiny.encoders import build_tiny_encoder_model
 
     def build(folder: Path) -> Path:
         return build_tiny_encoder_model(folder, data, arch, log=lambda *_: None, **kwargs)
@@ -122,8 +122,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def tokenize_alpaca(rows: list[dict], tokenizer, template, max_length: int, train_on: str = "assistant"):
     """Alpaca rows through the path training takes them: checked and parsed into conversations
     (formats.parse_rows), then tokenised and masked (data.tokenize_conversations)."""
-    from lora_cli.data import tokenize_conversations
-    from lora_cli.formats import Source, parse_rows
+    from lora_cli.data.examples import tokenize_conversations
+    from lora_cli.data.formats import Source, parse_rows
 
     conversations = parse_rows(Source("rows", lambda: ((f"row {i}", r) for i, r in enumerate(rows, 1))), "alpaca", {})
     return tokenize_conversations(conversations, tokenizer, template, max_length, train_on)

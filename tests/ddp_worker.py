@@ -9,7 +9,7 @@ from pathlib import Path
 def main() -> int:
     import torch
 
-    from lora_cli import train as train_module
+    from lora_cli.train import run as train_module
     from lora_cli.cli import run
 
     dump = Path(os.environ["LORA_TEST_RANK_DUMP"])

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from conftest import demo_rows, write_jsonl
-from lora_cli import checkpoint as ckpt
-from lora_cli import ownership
+from lora_cli.train import checkpoint as ckpt
+from lora_cli.files import ownership
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -399,7 +399,7 @@ def test_resume_on_changed_data_is_refused(world, cli, change, culprit):
 
 @pytest.mark.slow
 def test_printed_resume_command_keeps_the_set_overrides(world, cli, monkeypatch):
-    from lora_cli.train import RichProgress
+    from lora_cli.train.run import RichProgress
 
     shutil.rmtree(world / "run")
     original = RichProgress.on_step_end

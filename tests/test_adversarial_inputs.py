@@ -385,8 +385,8 @@ def _empty_weights(ctx):
 
 def _resume_truncated_checkpoint(ctx):
     """A run folder whose newest checkpoint's adapter was cut off (copied from a full disk)."""
-    from lora_cli import checkpoint as ckpt
-    from lora_cli.recipe import dump_recipe, load_recipe
+    from lora_cli.train import checkpoint as ckpt
+    from lora_cli.recipe.schema import dump_recipe, load_recipe
 
     recipe = ctx.recipe()
     run = Path(load_recipe(recipe).output_dir)
@@ -441,8 +441,8 @@ def _truncated_base(ctx):
 
 def _sweep_record_damaged(ctx):
     """A rank folder whose sweep record was cut off: the rerun refuses instead of crashing."""
-    from lora_cli.checkpoint import FINAL_ADAPTER
-    from lora_cli.sweep import RESULT_FILE
+    from lora_cli.train.checkpoint import FINAL_ADAPTER
+    from lora_cli.train.sweep import RESULT_FILE
 
     rank_dir = ctx.root / "sweep" / "r2"
     rank_dir.mkdir(parents=True)
@@ -518,10 +518,10 @@ def _merge_disk_full(ctx):
 
 
 def _save_disk_full(ctx):
-    import lora_cli.merge
+    import lora_cli.export.merge
 
     fail = _disk_full_after(1024)
-    ctx.monkeypatch.setattr(lora_cli.merge.shutil, "copy2", lambda src, dst, **kw: fail(dst))
+    ctx.monkeypatch.setattr(lora_cli.export.merge.shutil, "copy2", lambda src, dst, **kw: fail(dst))
     return ["save", ctx.adapter(), "--out", ctx.root / "exported"]
 
 
@@ -651,7 +651,7 @@ def test_refused_cleanly_and_nothing_changed(case, cli, tmp_path, tiny_random, a
 def test_alias_bomb_is_refused_quickly(tmp_path):
     """Billion laughs: refused after composing the document, before anything expands it."""
     from lora_cli.errors import LoraError
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     ctx = Ctx(tmp_path, Path("."), Path("."), None)
     _, path = _billion_laughs(ctx)
@@ -663,7 +663,7 @@ def test_alias_bomb_is_refused_quickly(tmp_path):
 
 def test_recipe_with_moderate_aliases_still_loads(tmp_path, tiny_random):
     """The alias bound leaves ordinary anchors alone."""
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     path = make_recipe(tmp_path, tiny_random)
     text = path.read_text(encoding="utf-8").replace("target_modules:", "target_modules: &targets")
@@ -683,7 +683,7 @@ def test_unreadable_recipe_is_refused(cli, tmp_path, tiny_random):
 
 def test_valid_adapter_passes_verification(adapter_src):
     """verify_adapter must accept what peft writes, or every refusal above proves nothing."""
-    from lora_cli.inputs import verify_adapter
+    from lora_cli.model.adapter_folder import verify_adapter
 
     assert verify_adapter(adapter_src).peft_type == "LORA"
 
@@ -700,7 +700,7 @@ def test_printed_resume_command_works_when_pasted(tmp_path):
     back into exactly lora's arguments."""
     import subprocess
 
-    from lora_cli.train import saved_recipe_resume_command
+    from lora_cli.train.run import saved_recipe_resume_command
 
     run = tmp_path / "my runs" / "it's $HOME"
     command = saved_recipe_resume_command(run)
@@ -713,9 +713,9 @@ def test_printed_resume_command_works_when_pasted(tmp_path):
 def test_enormous_row_is_never_tokenised_whole(tmp_path, tiny_random, monkeypatch):
     """The 10 MB row is cut to the ends truncation can keep before the tokenizer sees it, and
     the example built from it equals the one built from the whole text."""
-    from lora_cli import data
-    from lora_cli.template import tokenize_texts
-    from lora_cli.token_budget import chars_for
+    from lora_cli.data import examples as data
+    from lora_cli.data.template import tokenize_texts
+    from lora_cli.data.token_budget import chars_for
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_random)

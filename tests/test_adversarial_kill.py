@@ -27,12 +27,12 @@ import pytest
 from conftest import REPO, make_recipe
 from inference_helpers import random_adapter
 
-from lora_cli import atomic, ownership
+from lora_cli.files import atomic, ownership
 
 CHILD = r"""
 import os, signal, sys
 from pathlib import Path
-from lora_cli import ownership
+from lora_cli.files import ownership
 
 kill_at, kind, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 calls = 0
@@ -179,7 +179,7 @@ def test_two_writers_of_one_output_never_share_a_staging_name(tmp_path):
 KILL_AT = r"""
 import os, signal, sys
 from pathlib import Path
-import lora_cli.atomic as atomic
+import lora_cli.files.atomic as atomic
 from lora_cli.cli import run
 
 when = os.environ["KILL_WHEN"]

@@ -1,5 +1,5 @@
 """Outputs over inputs (issue 26, class 5): every command that writes a file goes through the
-one output check (lora_cli.ownership.check_output). No --out / --plot may be, hold or sit inside
+one output check (lora_cli.files.ownership.check_output). No --out / --plot may be, hold or sit inside
 one of the command's inputs (adapter, base, data, prompt file, the recipe and its data); an
 existing file is replaced only with --force, and only when the same lora command wrote it.
 
@@ -187,7 +187,7 @@ def test_force_replaces_a_file_the_same_command_wrote_and_nothing_else(user, cli
 def test_the_file_claim_survives_a_claim_of_the_folder(tmp_path):
     """A folder claim (a run writing checkpoints) and file claims share one marker; neither
     rewrite drops the other."""
-    from lora_cli import ownership
+    from lora_cli.files import ownership
 
     ownership.check_output(tmp_path / "a.jsonl", "generate", force=False, inputs=[])
     ownership.write_output_text(tmp_path / "a.jsonl", "x\n", "generate")

@@ -56,9 +56,9 @@ def _merge(u, m, code):
 
 
 def _save(u, m, code):
-    import lora_cli.merge
+    import lora_cli.export.merge
 
-    m.setattr(lora_cli.merge.shutil, "copy2", lambda src, dst, **kw: _partial_then(_os_error(code, dst))(dst))
+    m.setattr(lora_cli.export.merge.shutil, "copy2", lambda src, dst, **kw: _partial_then(_os_error(code, dst))(dst))
     return ["save", u["adapter"], "--out", u["root"] / "exported"], u["root"] / "exported"
 
 
@@ -96,12 +96,12 @@ def _generate(u, m, code):
 
 def _predict(u, m, code):
     """The model part stands in (a classifier is trained elsewhere): only the write is under test."""
-    import lora_cli.model
+    import lora_cli.model.load
     import lora_cli.tasks
 
     info = types.SimpleNamespace(model_section={"labels": ["neg", "pos"]}, recipe={"data": {"max_length": 16}})
     m.setattr(lora_cli.tasks, "refuse_unless", lambda *a, **k: None)
-    m.setattr(lora_cli.model, "load_for_inference", lambda adapters, base=None, **_: (None, None, {"adapter": info}))
+    m.setattr(lora_cli.model.load, "load_for_inference", lambda adapters, base=None, **_: (None, None, {"adapter": info}))
     m.setattr(lora_cli.tasks, "predict_file", lambda *a: ([{"text": "a row", "label": "pos"}], None))
     out = u["root"] / "labels.jsonl"
     _failing_staged_text(m, out.name, code)
@@ -126,7 +126,7 @@ def _analyze(u, m, code):
 
 def _sweep(u, m, code):
     """Training stands in (sweep's own seam): only the summary and plot writes are under test."""
-    import lora_cli.sweep as sweep
+    import lora_cli.train.sweep as sweep
 
     def fake_train(plan, console):
         return sweep.RankRun(plan.lora.r, plan.lora.alpha, plan.output_dir, 10 * plan.lora.r, 1000, 2.0 / plan.lora.r,

@@ -71,7 +71,7 @@ def _spectra(q: list[list[float]], v: list[list[float]]) -> dict[str, list[float
 
 
 def test_low_rank_updates_are_found_and_called_over_provisioned(tmp_path, tiny_random):
-    from lora_cli.analyze import analyze_adapter
+    from lora_cli.model.analyze import analyze_adapter
 
     # energies 9, 4, 1 of 14: 64% / 93% / 100% -> rank 2 at 90%, 3 at 99%; stable rank 14/9
     spectra = _spectra(q=[[3, 2, 1], [4]], v=[[1, 0.5], [2, 1, 1]])
@@ -98,7 +98,7 @@ def test_low_rank_updates_are_found_and_called_over_provisioned(tmp_path, tiny_r
 
 
 def test_flat_full_rank_updates_are_called_under_provisioned(tmp_path, tiny_random):
-    from lora_cli.analyze import analyze_adapter
+    from lora_cli.model.analyze import analyze_adapter
 
     flat = [1.0] * R  # every direction equal: 90% of the energy needs all 8 (7/8 = 87.5%)
     path = _adapter(tmp_path, tiny_random, _spectra(q=[flat, flat], v=[flat, flat]), "flat")
@@ -111,7 +111,7 @@ def test_flat_full_rank_updates_are_called_under_provisioned(tmp_path, tiny_rand
 
 def test_rslora_scaling_and_modules_to_save(tmp_path, tiny_random):
     """rsLoRA multiplies by alpha / sqrt(r); embed_tokens saved whole is reported, not analysed."""
-    from lora_cli.analyze import analyze_adapter
+    from lora_cli.model.analyze import analyze_adapter
 
     spectra = _spectra(q=[[3, 2, 1]], v=[])
     path = _adapter(tmp_path, tiny_random, spectra, "rs", use_rslora=True, modules_to_save=["embed_tokens"])
@@ -123,7 +123,7 @@ def test_rslora_scaling_and_modules_to_save(tmp_path, tiny_random):
 
 
 def test_untrained_adapter_is_reported_as_zero(tmp_path, tiny_random):
-    from lora_cli.analyze import analyze_adapter
+    from lora_cli.model.analyze import analyze_adapter
 
     path = _adapter(tmp_path, tiny_random, {}, "fresh")  # peft's start: B = 0
     a = analyze_adapter(path, with_base=False)

@@ -13,7 +13,7 @@ PROMPTS = ["What is LoRA?", "Explain the rank of an adapter in one sentence.", "
 
 @pytest.fixture(scope="module")
 def loaded(tiny_random, tmp_path_factory):
-    from lora_cli.backends import TransformersBackend
+    from lora_cli.infer.engines import TransformersBackend
 
     one, two = two_random_adapters(tiny_random, tmp_path_factory.mktemp("backend-adapters"), seeds=(31, 32))
     backend, infos = TransformersBackend.load({"one": one, "two": two})
@@ -21,14 +21,14 @@ def loaded(tiny_random, tmp_path_factory):
 
 
 def _ids(backend, infos, text, adapter="one"):
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     return build_prompt_ids(backend.tokenizer, infos["one" if adapter is None else adapter].template, text)
 
 
 def _request(backend, infos, text, adapter="one", max_new_tokens=12, **kwargs):
-    from lora_cli.backends import GenerationRequest
-    from lora_cli.infer import GenerationSettings
+    from lora_cli.infer.engines import GenerationRequest
+    from lora_cli.infer.settings import GenerationSettings
 
     return GenerationRequest(_ids(backend, infos, text, adapter), GenerationSettings(max_new_tokens=max_new_tokens),
                              adapter, **kwargs)
@@ -36,8 +36,8 @@ def _request(backend, infos, text, adapter="one", max_new_tokens=12, **kwargs):
 
 def _alone(backend, request):
     """The request answered on its own, through the legacy one-model path (infer.generate_batch)."""
-    from lora_cli.backends import using_variant
-    from lora_cli.infer import generate_batch
+    from lora_cli.infer.engines import using_variant
+    from lora_cli.infer.generate import generate_batch
 
     with using_variant(backend.model, request.adapter):
         return generate_batch(backend.model, backend.tokenizer, [request.prompt_ids], request.settings)[0]
@@ -87,7 +87,7 @@ def test_cancel_stops_one_row_and_not_its_batch(loaded):
 
 
 def test_registry_names_the_engines():
-    from lora_cli.backends import BACKENDS, TransformersBackend, backend_class
+    from lora_cli.infer.engines import BACKENDS, TransformersBackend, backend_class
 
     assert backend_class("transformers") is TransformersBackend
     assert all(getattr(cls, "name") == name for name, cls in BACKENDS.items())

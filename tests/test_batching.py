@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import demo_rows, make_recipe, write_jsonl
-from lora_cli.batching import (FLATTENED, PACKED, PADDED, BatchShape, batch_layout, batch_shape,
+from lora_cli.data.batching import (FLATTENED, PACKED, PADDED, BatchShape, batch_layout, batch_shape,
                                groups_by_length)
-from lora_cli.recipe import load_recipe, recipe_from_dict
+from lora_cli.recipe.schema import load_recipe, recipe_from_dict
 
 OLD_WAY = {"data": {"packing": False}, "train": {"batch_size": 1, "gradient_accumulation": 8}}
 
@@ -78,7 +78,7 @@ def test_which_models_mask_by_position_ids():
     position_ids) would let flattened examples attend to each other."""
     from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from lora_cli.model import masks_from_positions
+    from lora_cli.model.load import masks_from_positions
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
@@ -114,7 +114,7 @@ def fake_model(attn: str):
 
 
 def test_trainer_settings_default_and_old_way(tmp_path):
-    from lora_cli.train import _setup_batching, training_arguments_kwargs
+    from lora_cli.train.run import _setup_batching, training_arguments_kwargs
 
     flags = {"bf16": False, "fp16": False}
     default = recipe(tmp_path)
@@ -135,7 +135,7 @@ def test_trainer_settings_default_and_old_way(tmp_path):
 def test_saved_recipe_of_a_default_run_loads_as_a_default_run(tmp_path):
     """lora_recipe.yaml writes empty keys as empty: reloading it must not turn the chosen shape
     into an explicit batch 1 x 8."""
-    from lora_cli.recipe import dump_recipe
+    from lora_cli.recipe.schema import dump_recipe
 
     (tmp_path / "saved.yaml").write_text(dump_recipe(recipe(tmp_path)), encoding="utf-8")
     again = load_recipe(tmp_path / "saved.yaml")
@@ -147,8 +147,8 @@ def test_saved_recipe_of_a_default_run_loads_as_a_default_run(tmp_path):
 def test_auto_attention_is_sdpa_on_cpu_and_flash_where_it_fits(tmp_path, tiny_random, monkeypatch):
     import torch
 
-    from lora_cli import model as model_module
-    from lora_cli.model import attention_in_use, load_base_model, resolve_attn_implementation
+    from lora_cli.model import load as model_module
+    from lora_cli.model.load import attention_in_use, load_base_model, resolve_attn_implementation
 
     cfg = recipe(tmp_path, model={"name_or_path": str(tiny_random)}).model
     assert resolve_attn_implementation(cfg) is None  # transformers' own choice: sdpa
@@ -201,7 +201,7 @@ def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_
     collator run for real, told the model runs flash_attention_2 while it runs sdpa, which reads
     the same restarted positions; the kernel itself needs a GPU). A different seed (the
     control) moves the losses."""
-    from lora_cli import model as model_module
+    from lora_cli.model import load as model_module
 
     data = write_jsonl(tmp_path / "d.jsonl", demo_rows(32))
     common = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "learning_rate": 1e-2}
@@ -234,7 +234,7 @@ def test_default_shape_trains_the_same_steps_as_the_old_way(tmp_path, cli, tiny_
 
 @pytest.mark.slow
 def test_a_model_not_masking_by_position_ids_trains_length_grouped(tmp_path, cli, tiny_random, monkeypatch):
-    monkeypatch.setattr("lora_cli.model.masks_from_positions", lambda model: False)
+    monkeypatch.setattr("lora_cli.model.load.masks_from_positions", lambda model: False)
     rec = make_recipe(tmp_path, tiny_random, data=write_jsonl(tmp_path / "d.jsonl", demo_rows(24)),
                       train={"batch_size": None, "gradient_accumulation": None})
     r = cli("train", rec)
@@ -243,11 +243,11 @@ def test_a_model_not_masking_by_position_ids_trains_length_grouped(tmp_path, cli
     assert all(0 < x < 20 for x in losses(tmp_path / "run"))
 
 
-# --------------------------------------------------------------------------- kernel choice (lora_cli.kernels)
+# --------------------------------------------------------------------------- kernel choice (lora_cli.model.kernels)
 
 def test_attention_choice_from_device_facts(tmp_path):
     """Padding-free attention on CUDA without flash-attn: flex attention where torch has it."""
-    from lora_cli.kernels import DeviceFacts, choose_attention
+    from lora_cli.model.kernels import DeviceFacts, choose_attention
 
     gpu = DeviceFacts(cuda=True, half=True, flex_attention=True, model_flash=True, model_flex=True)
     assert choose_attention("auto", DeviceFacts(flex_attention=True, model_flex=True)) is None  # CPU: sdpa
@@ -262,7 +262,7 @@ def test_attention_choice_from_device_facts(tmp_path):
 
 
 def test_liger_choice_from_device_facts():
-    from lora_cli.kernels import DeviceFacts, choose_liger
+    from lora_cli.model.kernels import DeviceFacts, choose_liger
 
     assert choose_liger("auto", DeviceFacts(cuda=True, liger=True))
     assert not choose_liger("auto", DeviceFacts(cuda=True, liger=False))
@@ -272,7 +272,7 @@ def test_liger_choice_from_device_facts():
 
 
 def test_rows_per_pass_fit_the_free_memory_and_keep_the_step():
-    from lora_cli.kernels import choose_rows
+    from lora_cli.model.kernels import choose_rows
 
     per_row = 10 * 1024 ** 3
 
@@ -292,11 +292,11 @@ def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random)
     the rows per optimizer step stay 8; a written budget, or no CUDA, is left alone."""
     import dataclasses
 
-    from lora_cli.adapters import add_adapter
-    from lora_cli.estimate import sized_tokens_per_batch
-    from lora_cli.kernels import DeviceFacts, RunKernels
-    from lora_cli.model import load_base_model
-    from lora_cli.train import describe_batching, training_arguments_kwargs
+    from lora_cli.model.adapters import add_adapter
+    from lora_cli.train.estimate import sized_tokens_per_batch
+    from lora_cli.model.kernels import DeviceFacts, RunKernels
+    from lora_cli.model.load import load_base_model
+    from lora_cli.train.run import describe_batching, training_arguments_kwargs
 
     r = recipe(tmp_path, model={"name_or_path": str(tiny_random)}, data={"max_length": 512},
                lora={"target_modules": "all-linear"}, train={"kernels": "none"})
@@ -319,8 +319,9 @@ def test_token_budget_is_sized_from_the_cards_free_memory(tmp_path, tiny_random)
 def test_inference_never_gets_flex_attention(tmp_path, tiny_random, monkeypatch):
     """Training on CUDA without flash-attn asks for flex attention; generation (new shapes every
     token, each compiled again) keeps transformers' default."""
-    from lora_cli import kernels, model
-    from lora_cli.model import resolve_attn_implementation
+    from lora_cli.model import kernels
+    from lora_cli.model import load as model
+    from lora_cli.model.load import resolve_attn_implementation
 
     monkeypatch.setattr(model, "device_facts", lambda cfg, free=None: kernels.DeviceFacts(
         cuda=True, half=True, flex_attention=True, model_flex=True))

@@ -23,8 +23,9 @@ def adapters(tiny_random, tmp_path_factory):
 
 def _alone(adapter, question, history=(), system="", base=None, max_new_tokens=MAX_NEW):
     """The answer with only this adapter loaded (or the base alone)."""
-    from lora_cli.infer import GenerationSettings, generate_response
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.generate import generate_response
+    from lora_cli.infer.settings import GenerationSettings
+    from lora_cli.model.load import load_for_inference
 
     model, tok, infos = load_for_inference({"x": adapter} if adapter else {}, base=base)
     template = infos["x"].template if adapter else "human_assistant"
@@ -90,8 +91,8 @@ def test_real_command_with_scripted_stdin(adapters, tmp_path):
 
 
 def test_system_prompt_is_rendered_by_the_template(tiny_random):
-    from lora_cli.infer import build_prompt_ids
-    from lora_cli.model import load_tokenizer
+    from lora_cli.infer.generate import build_prompt_ids
+    from lora_cli.model.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_random))
     text = tok.decode(build_prompt_ids(tok, "human_assistant", Q1, history=[("hi", "hello")], system="Be brief."))
@@ -99,9 +100,10 @@ def test_system_prompt_is_rendered_by_the_template(tiny_random):
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(adapters):
-    from lora_cli.backends import TransformersBackend
-    from lora_cli.infer import ChatSession, GenerationSettings, chat_loop
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.engines import TransformersBackend
+    from lora_cli.infer.generate import ChatSession, chat_loop
+    from lora_cli.infer.settings import GenerationSettings
+    from lora_cli.model.load import load_for_inference
 
     model, tok, infos = load_for_inference({"one": adapters[0]})
     session = ChatSession(TransformersBackend(model, tok), {"one": infos["one"].template}, GenerationSettings(max_new_tokens=MAX_NEW),

@@ -130,7 +130,7 @@ def test_small_embedding_in_modules_to_save_is_fine(cli, tmp_path):
 def test_rows_counted_in_json_and_saved_dataset(tmp_path):
     from datasets import Dataset
 
-    from lora_cli.lint import count_rows
+    from lora_cli.train.lint import count_rows
 
     rows = demo_rows(7)
     (tmp_path / "d.json").write_text(json.dumps(rows), encoding="utf-8")
@@ -170,8 +170,8 @@ def test_rank_rules_follow_the_method(cli, tmp_path, model_dir):
 
 
 def test_rows_add_up_over_mixed_sources_and_held_out_share(tmp_path, model_dir):
-    from lora_cli.lint import training_rows
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.lint import training_rows
+    from lora_cli.recipe.schema import load_recipe
 
     a = write_jsonl(tmp_path / "a.jsonl", demo_rows(10))
     b = write_jsonl(tmp_path / "b.jsonl", demo_rows(30))
@@ -210,17 +210,17 @@ def recipe_keys_read(source: str) -> set[str]:
                 found.add(f"{aliases[node.value.id]}.{node.attr}")
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            found |= {f"{s}.{k}" for s, k in re.findall(rf"\b({'|'.join(SECTIONS)})\.([a-z_]+)\b", node.value)}
+            found |= {f"{s}.{k}" for s, k in re.findall(rf"(?<![.\w])({'|'.join(SECTIONS)})\.([a-z_]+)\b", node.value)}
     return found
 
 
-@pytest.mark.parametrize("module", ["lint", "sweep", "estimate", "preflight"])
+@pytest.mark.parametrize("module", ["train.lint", "train.sweep", "train.estimate", "train.preflight"])
 def test_rules_read_only_keys_the_schema_has(module):
     """Rename or drop a recipe key and this fails, instead of a rule silently never firing
     (as one did, reading lora.use_rslora, which never existed)."""
     import importlib
 
-    from lora_cli.recipe import iter_keys
+    from lora_cli.recipe.schema import iter_keys
 
     source = Path(importlib.import_module(f"lora_cli.{module}").__file__).read_text(encoding="utf-8")
     schema = {dotted for dotted, _, _ in iter_keys()}

@@ -59,8 +59,8 @@ def test_help_and_completion_never_import_torch():
 
 
 def test_schema_is_generated_from_the_one_recipe_schema(cli):
-    from lora_cli.recipe import iter_keys
-    from lora_cli.recipe_schema import SCHEMA_FILE, SCHEMA_LINE
+    from lora_cli.recipe.schema import iter_keys
+    from lora_cli.recipe.json_schema import SCHEMA_FILE, SCHEMA_LINE
 
     res = cli("schema")
     assert res.code == 0, res
@@ -83,7 +83,7 @@ def test_schema_is_generated_from_the_one_recipe_schema(cli):
 def test_bundled_recipes_satisfy_the_json_schema():
     """A small structural check of each bundled recipe against the schema (keys exist, enums
     hold), so the schema cannot refuse what the loader accepts."""
-    from lora_cli.recipe_schema import recipe_json_schema
+    from lora_cli.recipe.json_schema import recipe_json_schema
 
     schema = recipe_json_schema()
 
@@ -145,13 +145,13 @@ def test_closed_choices_are_listed_in_help(cli):
 def test_exit_codes(cli, monkeypatch):
     """0 done, 2 bad input, 130 interrupted, and an unexpected error is not turned into 2 (the
     interpreter exits 1 with the traceback a bug report needs); all documented in --help."""
-    import lora_cli.lint
+    import lora_cli.train.lint
 
     assert cli("check", REPO / "recipes" / "demo.yaml").code == 0
     assert cli("check", "no-such.yaml").code == 2
-    monkeypatch.setattr(lora_cli.lint, "lint_recipe", lambda r: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(lora_cli.train.lint, "lint_recipe", lambda r: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert cli("check", REPO / "recipes" / "demo.yaml").code == 130
-    proc = subprocess.run([sys.executable, "-c", "import lora_cli.cli as c, lora_cli.lint as l\n"
+    proc = subprocess.run([sys.executable, "-c", "import lora_cli.cli as c, lora_cli.train.lint as l\n"
                            "l.lint_recipe = lambda r: 1 / 0\nc.main()", "check", "recipes/demo.yaml"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr
@@ -180,9 +180,9 @@ def test_cli_starts_and_checks_without_fcntl(tmp_path):
 
 def test_folder_lock_refuses_a_second_holder(tmp_path):
     from lora_cli.errors import LoraError
-    from lora_cli.ownership import FolderLock, check_unlocked
+    from lora_cli.files.ownership import FolderLock, check_unlocked
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lora_cli.ownership import FolderLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom lora_cli.files.ownership import FolderLock\n"
                                f"FolderLock({str(tmp_path)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -206,7 +206,7 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     import torch
     from safetensors.torch import save_file
 
-    from lora_cli import atomic
+    from lora_cli.files import atomic
 
     old = os.umask(umask)
     try:
@@ -240,7 +240,7 @@ def test_progress_bar_on_a_terminal_keeps_bar_and_count_at_80_columns():
     from rich.console import Console
     from rich.progress import Progress
 
-    from lora_cli.train import progress_columns
+    from lora_cli.train.run import progress_columns
 
     buf = io.StringIO()
     console = Console(file=buf, width=80, force_terminal=True, color_system=None)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import demo_rows, make_recipe, write_jsonl
-from lora_cli.recipe import recipe_from_dict
-from lora_cli.template import IGNORE_INDEX
+from lora_cli.recipe.schema import recipe_from_dict
+from lora_cli.data.template import IGNORE_INDEX
 
 ROWS = [
     {"instruction": "用一句话解释什么是LoRA", "input": "", "output": "低秩适配：只训练小矩阵A和B。"},
@@ -32,7 +32,7 @@ CHAT = {"messages": [
 
 @pytest.fixture(scope="module")
 def tok(tiny_random):
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_random))
 
@@ -45,7 +45,7 @@ def data_cfg(tmp_path: Path, **data):
 
 
 def build(tmp_path, tok, **data):
-    from lora_cli.data import build_sft_data
+    from lora_cli.data.examples import build_sft_data
 
     return build_sft_data(data_cfg(tmp_path, **data), tok)
 
@@ -258,7 +258,7 @@ def test_cache_reuses_and_invalidates(tmp_path, tok):
     changed = build(tmp_path, tok, **settings)
     assert not changed.stats.from_cache and len(changed.train) == 2
     # and a change in the tokenizer (here its chat template) too
-    from lora_cli.cache import tokenizer_fingerprint
+    from lora_cli.data.cache import tokenizer_fingerprint
 
     before = tokenizer_fingerprint(tok)
     original, tok.chat_template = tok.chat_template, "{{ messages }}"
@@ -269,12 +269,12 @@ def test_cache_reuses_and_invalidates(tmp_path, tok):
 
 
 def test_cache_key_covers_every_module_the_data_path_imports():
-    from lora_cli.cache import imported_modules
+    from lora_cli.data.cache import imported_modules
 
-    found = imported_modules("lora_cli.data")
+    found = imported_modules("lora_cli.data.examples")
     # what data.py imports at module level, inside functions, and through the modules it imports
-    assert {"lora_cli.data", "lora_cli.formats", "lora_cli.template", "lora_cli.cache", "lora_cli.errors"} <= set(found)
-    assert "lora_cli.train" not in found and "lora_cli.infer" not in found  # nothing the data path does not run
+    assert {"lora_cli.data.examples", "lora_cli.data.formats", "lora_cli.data.template", "lora_cli.data.cache", "lora_cli.errors"} <= set(found)
+    assert "lora_cli.train.run" not in found and "lora_cli.infer.generate" not in found  # nothing the data path does not run
 
 
 def test_a_new_module_the_data_path_imports_changes_the_cache_key(tmp_path):
@@ -283,13 +283,13 @@ def test_a_new_module_the_data_path_imports_changes_the_cache_key(tmp_path):
     import shutil
 
     import lora_cli
-    from lora_cli.cache import code_fingerprint
+    from lora_cli.data.cache import code_fingerprint
 
     package = tmp_path / "lora_cli"
     shutil.copytree(Path(lora_cli.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     assert code_fingerprint(package_dir=package) == code_fingerprint()
     (package / "shaping.py").write_text("SEPARATOR = '\\n'\n")
-    template = package / "template.py"
+    template = package / "data" / "template.py"
     template.write_text(template.read_text() + "\n\ndef separator():\n    from lora_cli.shaping import SEPARATOR\n\n"
                         "    return SEPARATOR\n")
     before = code_fingerprint(package_dir=package)
@@ -304,12 +304,12 @@ def test_a_new_module_the_data_path_imports_changes_the_cache_key(tmp_path):
 def test_cache_and_data_do_not_import_each_other():
     import ast
 
-    import lora_cli.cache
+    import lora_cli.data.cache
 
-    tree = ast.parse(Path(lora_cli.cache.__file__).read_text(encoding="utf-8"))
+    tree = ast.parse(Path(lora_cli.data.cache.__file__).read_text(encoding="utf-8"))
     names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     names |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert not any(name.startswith("lora_cli.data") for name in names if name)
+    assert not any(name.startswith("lora_cli.data.examples") for name in names if name)
 
 
 # --------------------------------------------------------------------------- errors, through the CLI
@@ -386,7 +386,7 @@ def test_preview_shows_rows_histogram_share_and_counts(tmp_path, cli, tiny_rando
 
 
 def test_batched_backend_tokenisation_equals_the_tokenizer_call(tok):
-    from lora_cli.template import tokenize_texts
+    from lora_cli.data.template import tokenize_texts
 
     texts = [r["instruction"] for r in demo_rows(20)] + ["System: 你好\n\n", "", "Human: hi\n\nAssistant: "] * 2
     assert tokenize_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]

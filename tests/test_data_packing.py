@@ -9,13 +9,13 @@ from collections import Counter
 import pytest
 
 from conftest import demo_rows, make_recipe, tokenize_alpaca, write_jsonl
-from lora_cli.data import FlattenedCollator, PackedCollator, PadCollator, pack_examples, split_pack
-from lora_cli.template import IGNORE_INDEX
+from lora_cli.data.examples import FlattenedCollator, PackedCollator, PadCollator, pack_examples, split_pack
+from lora_cli.data.template import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_random):
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_random))
 

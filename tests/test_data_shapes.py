@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import make_recipe, write_jsonl
-from lora_cli.recipe import recipe_from_dict
-from lora_cli.template import IGNORE_INDEX
+from lora_cli.recipe.schema import recipe_from_dict
+from lora_cli.data.template import IGNORE_INDEX
 
 WEATHER = {"name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -55,13 +55,13 @@ TOOLS_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tok(tiny_random):
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_random))
 
 
 def build(tmp_path: Path, tok, **data):
-    from lora_cli.data import build_sft_data
+    from lora_cli.data.examples import build_sft_data
 
     data.setdefault("cache", False)
     raw = {"model": {"name_or_path": "m"}, "data": data, "output_dir": str(tmp_path / "run")}
@@ -70,7 +70,7 @@ def build(tmp_path: Path, tok, **data):
 
 def runs(example, tok, supervised: bool) -> list[str]:
     """The decoded stretches of an example that are supervised (or masked), in order."""
-    from lora_cli.data import label_runs
+    from lora_cli.data.examples import label_runs
 
     return [tok.decode(ids) for flag, ids in label_runs(example) if flag == supervised]
 
@@ -178,7 +178,7 @@ def test_dry_run_shows_the_tool_call_supervised(tmp_path, cli, tiny_random):
 # --------------------------------------------------------------------------- generate / chat with --tools
 
 def test_inference_prompt_with_tools_is_the_prompt_training_built(tmp_path, tok):
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     row = {"messages": [{"role": "user", "content": "巴黎天气怎么样？"}, {"role": "assistant", "content": "晴。"}],
            "tools": [WEATHER]}
@@ -326,7 +326,7 @@ def test_ambiguous_mixed_or_unknown_files_are_refused_naming_the_row(tmp_path, t
 # --------------------------------------------------------------------------- on disk, a batch at a time
 
 def test_batches_give_the_same_examples_and_live_on_disk(tmp_path, tok, monkeypatch):
-    from lora_cli import data as data_module
+    from lora_cli.data import examples as data_module
 
     rows = [SHAREGPT_TOOLS, OPENAI_TOOLS, FLAGGED, PLAIN] * 3
     path = str(write_jsonl(tmp_path / "r.jsonl", rows))

@@ -69,7 +69,7 @@ CASES = {
 
 
 def _recipe(tmp_path, folder, lora: dict, dtype: str = "float32", quantization: str = "none"):
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     data = write_jsonl(tmp_path / "data.jsonl", demo_rows(8))
     path = make_recipe(tmp_path, folder, data, lora={"r": 4, "alpha": 8, "dropout": 0.0, **lora})
@@ -78,15 +78,15 @@ def _recipe(tmp_path, folder, lora: dict, dtype: str = "float32", quantization: 
 
 def _real_adapter(recipe):
     """The adapter exactly as `lora train` builds it: real weights, the product's loading path."""
-    from lora_cli.adapters import add_adapter
-    from lora_cli.model import load_base_model
+    from lora_cli.model.adapters import add_adapter
+    from lora_cli.model.load import load_base_model
 
     return add_adapter(load_base_model(recipe.model, device="cpu"), recipe)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_counts_and_file_size_equal_peft(tmp_path, tiny_models, case):
-    from lora_cli.estimate import estimate_recipe
+    from lora_cli.train.estimate import estimate_recipe
 
     arch, lora, dtype = CASES[case]
     _, recipe = _recipe(tmp_path, tiny_models[arch], lora, dtype)
@@ -101,7 +101,7 @@ def test_counts_and_file_size_equal_peft(tmp_path, tiny_models, case):
 
 
 def test_regex_selects_only_the_named_layer(tmp_path, tiny_models):
-    from lora_cli.estimate import estimate_recipe
+    from lora_cli.train.estimate import estimate_recipe
 
     arch, lora, dtype = CASES["llama-regex-layer1-modules-to-save"]
     _, recipe = _recipe(tmp_path, tiny_models[arch], lora, dtype)
@@ -119,7 +119,7 @@ def test_quantized_weights_match_bitsandbytes_storage(tmp_path, tiny_random, qua
     absmax per 256 blocks. 8-bit: int8 weights and one fp32 scale per output row. Everything
     else stays in the model's dtype (no fp32 upcast: adapters.add_adapter). Checked against the
     bytes bitsandbytes really holds (it quantizes on CPU here)."""
-    from lora_cli.estimate import build_meta_model, weights_row
+    from lora_cli.train.estimate import build_meta_model, weights_row
 
     _, recipe = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj", "v_proj"]}, "bfloat16", quantization)
     real = _real_adapter(recipe)
@@ -151,7 +151,7 @@ def test_quantized_weights_match_bitsandbytes_storage(tmp_path, tiny_random, qua
 
 
 def test_memory_rows_follow_the_trainable_parameters(tmp_path, tiny_random):
-    from lora_cli.estimate import GiB, estimate_recipe, fits
+    from lora_cli.train.estimate import GiB, estimate_recipe, fits
 
     _, recipe = _recipe(tmp_path, tiny_random, {"target_modules": "all-linear"}, "bfloat16")
     est = estimate_recipe(recipe)
@@ -168,7 +168,7 @@ def test_memory_rows_follow_the_trainable_parameters(tmp_path, tiny_random):
 
 def test_seven_b_config_qlora_memory_is_plausible(tmp_path):
     """A Llama-2-7B shaped config, nothing loaded: NF4 base near 3.9 GB, 4.127 bits a weight."""
-    from lora_cli.estimate import GiB, estimate_recipe
+    from lora_cli.train.estimate import GiB, estimate_recipe
 
     folder = llama_config_folder(tmp_path / "llama7b", hidden=4096, intermediate=11008, heads=32, layers=32)
     _, recipe = _recipe(tmp_path, folder, {"r": 16, "target_modules": ["q_proj", "v_proj"]}, "auto", "4bit")
@@ -183,8 +183,8 @@ def test_seven_b_config_qlora_memory_is_plausible(tmp_path):
 
 
 def test_budget_gives_the_largest_rank_under_it(tmp_path, tiny_models, cli):
-    from lora_cli.estimate import estimate_recipe, largest_rank_within
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.estimate import estimate_recipe, largest_rank_within
+    from lora_cli.recipe.schema import load_recipe
 
     arch, lora, dtype = CASES["llama-regex-layer1-modules-to-save"]
     path, recipe = _recipe(tmp_path, tiny_models[arch], lora, dtype)
@@ -205,7 +205,7 @@ def test_budget_gives_the_largest_rank_under_it(tmp_path, tiny_models, cli):
 
 
 def test_cli_prints_counts_size_and_fit(cli, tmp_path, tiny_random):
-    from lora_cli.estimate import estimate_recipe
+    from lora_cli.train.estimate import estimate_recipe
 
     path, recipe = _recipe(tmp_path, tiny_random, {"target_modules": ["q_proj", "v_proj"]})
     est = estimate_recipe(recipe)
@@ -242,8 +242,8 @@ def test_model_without_config_is_a_clear_error(cli, tmp_path):
 def test_counts_equal_peft_for_methods_and_inits(tmp_path, tiny_random, method, init):
     """DoRA adds a magnitude vector per module; PiSSA / OLoRA start from the base's SVD / QR,
     which meta tensors lack, yet the shapes and so the counts are the same."""
-    from lora_cli.estimate import estimate_recipe
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.estimate import estimate_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     path, _ = _recipe(tmp_path, tiny_random, {"target_modules": "attention"})
     recipe = load_recipe(path, [f"lora.method={method}", f"lora.init={init}"])
@@ -262,8 +262,8 @@ def test_counts_equal_peft_for_methods_and_inits(tmp_path, tiny_random, method, 
 def test_prompt_learning_counts_and_file_size(tmp_path, tiny_random, method, extra):
     """Prompt-learning adapters save a virtual-token table, which peft copies off the device to
     save; on meta tensors that copy fails, so the estimate sizes the table itself."""
-    from lora_cli.estimate import estimate_recipe
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.estimate import estimate_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     data = write_jsonl(tmp_path / "data.jsonl", demo_rows(8))
     path = make_recipe(tmp_path, tiny_random, data, lora={"method": method, "num_virtual_tokens": 6})
@@ -330,7 +330,7 @@ def llama_256(tmp_path_factory):
 
 
 def _counting_recipe(tmp_path, folder, **keys):
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.recipe.schema import recipe_from_dict
 
     raw = {"model": {"name_or_path": str(folder), "dtype": "bfloat16"},
            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
@@ -343,11 +343,11 @@ def _counting_recipe(tmp_path, folder, **keys):
 
 
 def _predicted(recipe, model, tokens: int, **facts) -> int:
-    """lora_cli.activations' count for one row without a mask (what saved_bytes runs)."""
+    """lora_cli.train.activations' count for one row without a mask (what saved_bytes runs)."""
     import dataclasses
 
-    from lora_cli.activations import forward_saved_bytes
-    from lora_cli.estimate import activation_shapes, saving_of, with_weight_copies
+    from lora_cli.train.activations import forward_saved_bytes
+    from lora_cli.train.estimate import activation_shapes, saving_of, with_weight_copies
 
     saving = with_weight_copies(saving_of(recipe, layout="padded", attention="sdpa"), model)
     saving = dataclasses.replace(saving, dense_mask="", dropout_mask=2, **facts)  # CPU dropout: a bf16 mask
@@ -367,8 +367,8 @@ SETTINGS = {  # name: (recipe keys, autocast)
 def test_activation_model_counts_what_backward_keeps(tmp_path, llama_256, setting):
     """The estimate's activations equal, within 5%, the bytes saved_tensors_hooks sees on CPU
     (bf16 autocast stands in for the GPU's), at two lengths, in each setting."""
-    from lora_cli.adapters import add_adapter
-    from lora_cli.model import load_base_model
+    from lora_cli.model.adapters import add_adapter
+    from lora_cli.model.load import load_base_model
 
     keys, autocast = SETTINGS[setting]
     recipe = _counting_recipe(tmp_path, llama_256, **keys)
@@ -385,8 +385,8 @@ def test_qlora_keeps_no_more_than_lora_and_the_old_waste_is_gone(tmp_path, llama
     per token, and the old ways are counted by the same model with their facts."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from lora_cli.adapters import add_adapter, peft_config
-    from lora_cli.model import load_base_model
+    from lora_cli.model.adapters import add_adapter, peft_config
+    from lora_cli.model.load import load_base_model
 
     lora, qlora = (_counting_recipe(tmp_path, llama_256, **keys) for keys in ({}, {"model__quantization": "4bit"}))
     per_token = {}
@@ -443,7 +443,7 @@ H200_KEYS = {
 def _h200_recipe(tmp_path, shape: str, seq: int, variant: str):
     import json
 
-    from lora_cli.recipe import recipe_from_dict
+    from lora_cli.recipe.schema import recipe_from_dict
 
     folder = tmp_path / shape
     if not folder.is_dir():
@@ -465,8 +465,8 @@ def test_estimate_is_within_ten_percent_of_the_h200_peaks(tmp_path, shape, seq, 
     the fp32 upcast under 4-bit, sdpa with a dense mask for flattened and packed rows), lands
     within 10% of every peak measured; the code it measured is then fixed, and the estimate of
     the fixed code (facts from saving_of) is what `lora estimate` prints."""
-    from lora_cli.activations import Saving
-    from lora_cli.estimate import GiB, build_meta_model, estimate_memory
+    from lora_cli.train.activations import Saving
+    from lora_cli.train.estimate import GiB, build_meta_model, estimate_memory
 
     recipe = _h200_recipe(tmp_path, shape, seq, variant)
     model, config, quantized = build_meta_model(recipe)
@@ -483,7 +483,7 @@ def test_estimate_is_within_ten_percent_of_the_h200_peaks(tmp_path, shape, seq, 
 
 
 def test_qlora_estimate_is_below_lora_for_the_fixed_code(tmp_path):
-    from lora_cli.estimate import estimate_recipe
+    from lora_cli.train.estimate import estimate_recipe
 
     lora = estimate_recipe(_h200_recipe(tmp_path, "8B", 4096, "defaults")).memory
     qlora = estimate_recipe(_h200_recipe(tmp_path, "8B", 4096, "qlora")).memory

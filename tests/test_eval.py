@@ -51,8 +51,8 @@ def shuffled(tiny_base, rows, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shipped(trained, tmp_path_factory) -> dict[str, Path]:
     """What ships from the trained adapter: the merged folder and GGUF files."""
-    from lora_cli.export import export
-    from lora_cli.merge import merge_adapter
+    from lora_cli.export.gguf import export
+    from lora_cli.export.merge import merge_adapter
 
     root = tmp_path_factory.mktemp("shipped")
     quiet = lambda *_: None  # noqa: E731
@@ -63,7 +63,7 @@ def shipped(trained, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def endpoint(trained):
-    from lora_cli.serve import ServerThread, build_server
+    from lora_cli.infer.serve import ServerThread, build_server
 
     server = build_server({"trained": trained})
     with ServerThread(server) as running:
@@ -198,8 +198,8 @@ def test_user_metric_and_limit(trained, data, cli, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- at the end of training
 
 def test_train_runs_eval_metrics_on_the_validation_split(tiny_base, tmp_path):
-    from lora_cli.recipe import load_recipe
-    from lora_cli.train import run_training
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.run import run_training
 
     data = write_jsonl(tmp_path / "data.jsonl", demo_rows(16))
     recipe = make_recipe(tmp_path, tiny_base, data,

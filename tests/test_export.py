@@ -35,12 +35,12 @@ Q8_PROMPTS = 6  # demo rows the trained adapter learns; q8_0 must answer each li
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory) -> Path:
     """A tiny Qwen2 (biases on q/k/v, tied embeddings, no BOS) with a byte-level BPE trained like
-    lora_cli.tiny's but split by Qwen2's own regex, lightly pre-trained so its logits are not flat."""
+    lora_cli.tiny.decoder's but split by Qwen2's own regex, lightly pre-trained so its logits are not flat."""
     import torch
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from lora_cli.tiny import BOS, EOS, UNK, corpus_from_rows, pretrain
+    from lora_cli.tiny.decoder import BOS, EOS, UNK, corpus_from_rows, pretrain
 
     torch.manual_seed(0)
     texts = corpus_from_rows(demo_rows())
@@ -94,7 +94,7 @@ def trained_adapter(tiny_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exports(llama_adapter, qwen2_adapter, trained_adapter, tmp_path_factory):
     """Export on first use, once per (model, format, dtype)."""
-    from lora_cli.export import export
+    from lora_cli.export.gguf import export
 
     root = tmp_path_factory.mktemp("exports")
     adapters = {"llama": llama_adapter, "qwen2": qwen2_adapter, "trained": trained_adapter}
@@ -113,7 +113,7 @@ def exports(llama_adapter, qwen2_adapter, trained_adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(llama_adapter, qwen2_adapter):
     """(peft model with the adapter unmerged, tokenizer) per model: what `lora generate` runs."""
-    from lora_cli.model import load_for_inference
+    from lora_cli.model.load import load_for_inference
 
     loaded = {}
 
@@ -155,7 +155,7 @@ def _hf_greedy(model, tokenizer, ids: list[int], n: int) -> list[int]:
     """The ids `lora generate` produces (its own generation settings, greedy)."""
     import torch
 
-    from lora_cli.infer import GenerationSettings
+    from lora_cli.infer.settings import GenerationSettings
 
     kwargs = GenerationSettings(max_new_tokens=n).to_kwargs(tokenizer)
     with torch.inference_mode():
@@ -208,7 +208,7 @@ def test_logits_match_the_merged_model(exports, references, model, dtype, atol):
     import numpy as np
     import torch
 
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     peft_model, tokenizer = references(model)
     ids = build_prompt_ids(tokenizer, "human_assistant", PROMPTS[0])[:16]
@@ -231,7 +231,7 @@ def test_logits_match_the_merged_model(exports, references, model, dtype, atol):
 
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_greedy_answer_equals_lora_generate(exports, references, llama_adapter, qwen2_adapter, cli, model):
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     peft_model, tokenizer = references(model)
     llm = _llama(exports(model), logits_all=True)
@@ -264,8 +264,8 @@ SPECS = [{"template": "human_assistant"}, {"template": "alpaca"},
 def test_embedded_chat_template_renders_the_training_text(tiny_random, tmp_path, spec):
     """llama-cpp-python's Jinja renderer on the file's template gives the text of the segments
     training built (EOS where training put the EOS id), for every text template."""
-    from lora_cli.export import export
-    from lora_cli.template import TemplateSpec, conversation_segments
+    from lora_cli.export.gguf import export
+    from lora_cli.data.template import TemplateSpec, conversation_segments
 
     adapter = _adapter(tiny_random, tmp_path / "adapter", seed=3, template=spec)
     path = export(adapter, tmp_path / "m.gguf", format="gguf", dtype="f16", log=lambda *_: None)
@@ -280,8 +280,8 @@ def test_embedded_chat_template_renders_the_training_text(tiny_random, tmp_path,
 def test_chat_template_adapter_keeps_the_tokenizers_template(tiny_random, tmp_path):
     import gguf
 
-    from lora_cli.export import export
-    from lora_cli.tiny import CHAT_TEMPLATE
+    from lora_cli.export.gguf import export
+    from lora_cli.tiny.decoder import CHAT_TEMPLATE
 
     adapter = _adapter(tiny_random, tmp_path / "adapter", seed=4, template={"template": "chat_template"})
     path = export(adapter, tmp_path / "m.gguf", format="gguf", dtype="f16", log=lambda *_: None)
@@ -293,8 +293,8 @@ def test_chat_template_adapter_keeps_the_tokenizers_template(tiny_random, tmp_pa
 def test_q8_0_answers_the_demo_prompts_like_f32_and_is_smaller(exports, tiny_base, capsys):
     """A trained adapter, exported f32 and q8_0: llama.cpp's greedy answers to the demo prompts
     it learned (rendered by its training template) are the same tokens in both files."""
-    from lora_cli.infer import build_prompt_ids
-    from lora_cli.model import load_tokenizer
+    from lora_cli.infer.generate import build_prompt_ids
+    from lora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_base))
     f32, q8 = _llama(exports("trained", "f32"), logits_all=True), _llama(exports("trained", "q8_0"), logits_all=True)
@@ -318,7 +318,7 @@ def test_gguf_lora_adapter_on_gguf_base_answers_like_the_merged_model(tiny_base,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     identity = tmp_path / "identity"
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
@@ -361,7 +361,7 @@ def test_ollama_folder_has_gguf_and_modelfile_reproducing_the_template(tiny_rand
     assert "FROM ./model.gguf\n" in text and 'SYSTEM """Be brief."""\n' in text and 'PARAMETER stop "</s>"\n' in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     # The Go template's literal pieces are the alpaca template's own strings, in training order.
-    from lora_cli.template import TemplateSpec
+    from lora_cli.data.template import TemplateSpec
 
     tpl = TemplateSpec(name="alpaca").text_template()
     before, after = tpl.without_input.split("{instruction}")

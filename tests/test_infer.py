@@ -49,9 +49,10 @@ def test_batched_equals_unbatched_greedy(adapters, prompts, tmp_path, cli):
 
 def test_batched_answer_matches_generate_response(adapters, tiny_random):
     """The CLI path and the library path render and decode the same way."""
-    from lora_cli.backends import TransformersBackend
-    from lora_cli.infer import GenerationSettings, Prompt, generate_response, generate_rows
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.engines import TransformersBackend
+    from lora_cli.infer.generate import Prompt, generate_response, generate_rows
+    from lora_cli.infer.settings import GenerationSettings
+    from lora_cli.model.load import load_for_inference
 
     model, tok, infos = load_for_inference({"a": adapters[0]})
     settings = GenerationSettings(max_new_tokens=10)
@@ -122,7 +123,7 @@ def test_bad_input_is_refused(adapters, tiny_random, tmp_path, cli):
 
 
 def test_adapters_of_different_bases_are_refused(adapters, tmp_path, cli):
-    from lora_cli.tiny import build_tiny_model
+    from lora_cli.tiny.decoder import build_tiny_model
 
     other_base = build_tiny_model(tmp_path / "other", DEMO_DATA, hidden=32, steps=0, log=lambda *_: None)
     other = random_adapter(other_base, tmp_path / "other-adapter", seed=13)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from conftest import tokenize_alpaca
-from lora_cli.data import PadCollator, fit_to_length
-from lora_cli.template import IGNORE_INDEX, conversation_segments, history_messages, prompt_ids, with_bos
+from lora_cli.data.examples import PadCollator, fit_to_length
+from lora_cli.data.template import IGNORE_INDEX, conversation_segments, history_messages, prompt_ids, with_bos
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_random):
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_random))
 
@@ -71,7 +71,7 @@ def test_truncation_cuts_prompt_first_and_keeps_supervision():
 
 
 def test_rows_without_supervised_tokens_are_dropped_and_counted(tok, monkeypatch):
-    import lora_cli.data as data
+    import lora_cli.data.examples as data
 
     rows = [{"instruction": "a" * 50, "output": "b"}, {"instruction": "c", "output": "d"}]
     # A cutting rule that leaves no response must never yield an all -100 row.

@@ -12,7 +12,7 @@ from conftest import llama_config_folder, make_recipe
 
 
 def _recipe(tmp_path, base, **sections):
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     return load_recipe(make_recipe(tmp_path, base, **sections))
 
@@ -20,15 +20,15 @@ def _recipe(tmp_path, base, **sections):
 def test_every_optimizer_is_one_the_trainer_knows_and_estimate_counts():
     from transformers.training_args import OptimizerNames
 
-    from lora_cli.estimate import OPTIMIZER_STATE
-    from lora_cli.recipe import OPTIMIZERS
+    from lora_cli.train.estimate import OPTIMIZER_STATE
+    from lora_cli.recipe.schema import OPTIMIZERS
 
     assert set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
     assert set(OPTIMIZERS) == set(OPTIMIZER_STATE)
 
 
 def test_optimizer_reaches_the_trainer(tmp_path, tiny_random):
-    from lora_cli.train import training_arguments_kwargs
+    from lora_cli.train.run import training_arguments_kwargs
 
     recipe = _recipe(tmp_path, tiny_random, train={"optimizer": "paged_adamw_8bit"})
     kwargs = training_arguments_kwargs(recipe, tmp_path / "run", {"bf16": False, "fp16": False}, False)
@@ -43,7 +43,7 @@ def test_unknown_optimizer_is_a_recipe_error(cli, tmp_path, tiny_random):
 
 
 def test_bitsandbytes_optimizer_without_bitsandbytes_is_refused_before_loading(cli, tmp_path, tiny_random, monkeypatch):
-    from lora_cli import preflight
+    from lora_cli.train import preflight
 
     real = preflight._importable
     monkeypatch.setattr(preflight, "_importable", lambda *names: "bitsandbytes" not in names and real(*names))
@@ -74,8 +74,8 @@ def _optimizer_state_bytes(optimizer) -> int:
 def test_estimate_counts_the_state_the_optimizer_allocates(tmp_path, tiny_random, optimizer, adapter_dtype):
     """Two real training steps with each optimizer; the bytes of state it then holds equal the
     estimate's row for the same recipe (the estimate never sees the real model)."""
-    from lora_cli.estimate import estimate_recipe
-    from lora_cli.train import run_training
+    from lora_cli.train.estimate import estimate_recipe
+    from lora_cli.train.run import run_training
 
     # r 64 on every linear layer of the 64-wide tiny model: q/o/mlp A and B reach bitsandbytes'
     # 4096-weight threshold for 8-bit state, k/v's B (32 x 64) stays under it (fp32 state),
@@ -84,7 +84,7 @@ def test_estimate_counts_the_state_the_optimizer_allocates(tmp_path, tiny_random
                                                  "adapter_dtype": adapter_dtype},
                      train={"optimizer": optimizer, "max_steps": 2})
     seen = {}
-    from lora_cli import train as train_module
+    from lora_cli.train import run as train_module
 
     original = train_module.SafeTrainer.train
 
@@ -111,7 +111,7 @@ def test_bfloat16_adapter_trains_saves_and_reloads(tmp_path, tiny_random):
     import torch
     from safetensors import safe_open
 
-    from lora_cli.train import run_training
+    from lora_cli.train.run import run_training
 
     recipe = _recipe(tmp_path, tiny_random, lora={"adapter_dtype": "bfloat16"}, train={"max_steps": 3})
     result = run_training(recipe)
@@ -148,8 +148,8 @@ def _paper_65b(tmp_path):
 
 
 def test_qlora_paper_65b_setting_fits_a_48gb_card(tmp_path):
-    from lora_cli.estimate import GiB, estimate_recipe, fits
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.estimate import GiB, estimate_recipe, fits
+    from lora_cli.recipe.schema import load_recipe
 
     path = _paper_65b(tmp_path)
     est = estimate_recipe(load_recipe(path))

@@ -14,7 +14,7 @@ from inference_helpers import logits, random_adapter, unmerged
 @pytest.fixture(scope="module")
 def tiny_tied(tmp_path_factory):
     """A random tiny Llama whose lm_head shares the embedding matrix (like Gemma, Qwen-0.5B)."""
-    from lora_cli.tiny import build_tiny_model
+    from lora_cli.tiny.decoder import build_tiny_model
 
     out = tmp_path_factory.mktemp("models") / "tiny-tied"
     return build_tiny_model(out, DEMO_DATA, hidden=64, steps=0, tie_word_embeddings=True, log=lambda *_: None)
@@ -77,7 +77,7 @@ def test_merge_refuses_bad_options_itself_before_loading(tmp_path, options, mess
     """The checks live in merge_adapter, not only in the CLI: any caller gets them, and they run
     before the adapter is even read (this one does not exist)."""
     from lora_cli.errors import LoraError
-    from lora_cli.merge import merge_adapter
+    from lora_cli.export.merge import merge_adapter
 
     with pytest.raises(LoraError, match=message.replace("'", ".")):
         merge_adapter(tmp_path / "no-adapter", tmp_path / "out", **options)

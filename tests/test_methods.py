@@ -11,8 +11,8 @@ import yaml
 
 from conftest import demo_rows, make_recipe, write_jsonl
 from lora_cli.errors import RecipeError
-from lora_cli.methods import METHODS as METHOD_REGISTRY
-from lora_cli.recipe import dump_recipe, recipe_from_dict
+from lora_cli.model.methods import METHODS as METHOD_REGISTRY
+from lora_cli.recipe.schema import dump_recipe, recipe_from_dict
 
 IDS = [[1, 50, 60, 70, 80, 90, 100]]
 
@@ -68,7 +68,7 @@ def test_every_registered_method_declares_every_capability(name, tmp_path, tiny_
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.recipe import LoraConfig
+    from lora_cli.recipe.schema import LoraConfig
 
     method = METHOD_REGISTRY[name]
     assert method.name == name and method.doc.startswith(name)
@@ -186,9 +186,9 @@ def _tiny(arch: str):
 def test_presets_map_to_the_architectures_own_modules(arch, preset, targets, wrapped_in_layer_0):
     from peft import get_peft_model
 
-    from lora_cli.adapters import adapted_module_names, peft_config
-    from lora_cli.targets import resolve_target_modules
-    from lora_cli.recipe import LoraConfig, ModelConfig, Recipe
+    from lora_cli.model.adapters import adapted_module_names, peft_config
+    from lora_cli.model.targets import resolve_target_modules
+    from lora_cli.recipe.schema import LoraConfig, ModelConfig, Recipe
 
     model = _tiny(arch)
     assert resolve_target_modules(model, preset) == targets
@@ -203,7 +203,7 @@ def test_presets_map_to_the_architectures_own_modules(arch, preset, targets, wra
 def test_preset_that_finds_nothing_names_the_layers_there(tiny_random):
     import torch
 
-    from lora_cli.targets import resolve_target_modules
+    from lora_cli.model.targets import resolve_target_modules
     from lora_cli.errors import LoraError
 
     model = torch.nn.Sequential()
@@ -230,7 +230,7 @@ def test_dry_run_lists_the_wrapped_modules(tiny_random, tmp_path, cli):
 
 
 def test_describe_folds_layer_ranges():
-    from lora_cli.adapters import _fold
+    from lora_cli.model.adapters import _fold
 
     assert _fold([0, 1, 2, 3, 7]) == "0-3,7"
     assert _fold([0, 1]) == "0,1"
@@ -261,8 +261,9 @@ def test_each_method_trains_saves_reloads_and_generates(name, tiny_random, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.infer import GenerationSettings, build_prompt_ids, generate_batch, generate_response
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.generate import build_prompt_ids, generate_batch, generate_response
+    from lora_cli.infer.settings import GenerationSettings
+    from lora_cli.model.load import load_for_inference
 
     lora = METHODS[name]
     res = cli("train", method_recipe(tmp_path, tiny_random, lora))
@@ -310,8 +311,8 @@ def test_reload_reproduces_the_trained_model_even_when_init_changed_the_base(ini
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_cli.adapters import add_adapter
-    from lora_cli.model import load_base_model
+    from lora_cli.model.adapters import add_adapter
+    from lora_cli.model.load import load_base_model
 
     recipe = recipe_from_dict(raw_recipe(tmp_path, {"r": 4, "init": init, "target_modules": "all-linear"})
                               | {"model": {"name_or_path": str(tiny_random)}})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cli.evaluate import score
-from lora_cli.metrics import METRICS, Answer, resolve_metrics
+from lora_cli.eval.run import score
+from lora_cli.eval.metrics import METRICS, Answer, resolve_metrics
 
 
 def test_every_metric_declares_what_it_needs_and_scores_a_perfect_answer():

@@ -60,8 +60,8 @@ def test_generate_returns_trained_answers_and_base_does_not(trained, tiny_base, 
 
 
 def test_generation_stops_at_eos(trained):
-    from lora_cli.infer import build_prompt_ids, generate_response
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.generate import build_prompt_ids, generate_response
+    from lora_cli.model.load import load_for_inference
 
     run_dir, _ = trained
     model, tok, infos = load_for_inference({"a": run_dir})
@@ -79,8 +79,8 @@ def test_generation_stops_at_eos(trained):
 
 def test_chat_answers_as_generate_does_and_exits(trained):
     """Driven as a user would: the real command, typed lines on stdin."""
-    from lora_cli.infer import generate_response
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.generate import generate_response
+    from lora_cli.model.load import load_for_inference
 
     run_dir, _ = trained
     row = ROWS[1]

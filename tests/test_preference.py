@@ -62,8 +62,8 @@ def sequence_logps(model, tokenizer, pairs: list[dict]) -> list[tuple[float, flo
     rendered through the template path training used."""
     import torch
 
-    from lora_cli.preference import render
-    from lora_cli.template import TemplateSpec
+    from lora_cli.train.preference import render
+    from lora_cli.data.template import TemplateSpec
 
     out = []
     for p in pairs:
@@ -84,9 +84,10 @@ def held_out_accuracies(run: Path) -> dict:
     how often the trained policy's implicit reward (log-ratio to the reference, the base with the
     adapter disabled) ranks chosen above rejected, how often the policy itself prefers it
     (length-normalised, as SimPO's reward), and how often greedy generation answers by the rule."""
-    from lora_cli.infer import GenerationSettings, generate_batch
-    from lora_cli.model import load_for_inference
-    from lora_cli.template import TemplateSpec, prompt_ids
+    from lora_cli.infer.generate import generate_batch
+    from lora_cli.infer.settings import GenerationSettings
+    from lora_cli.model.load import load_for_inference
+    from lora_cli.data.template import TemplateSpec, prompt_ids
 
     model, tokenizer, _ = load_for_inference({"default": run})
     policy = sequence_logps(model, tokenizer, HELD_OUT)
@@ -138,10 +139,10 @@ def test_objective_learns_a_rule_the_base_does_not_know(tmp_path, tiny_random, c
 def test_reference_is_the_base_with_the_adapter_disabled(tmp_path, tiny_random):
     import torch
 
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import build_preference_data, setup_trainer
-    from lora_cli.recipe import load_recipe
-    from lora_cli.train import SafeTrainer, _setup_model, training_arguments_kwargs
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import build_preference_data, setup_trainer
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.run import SafeTrainer, _setup_model, training_arguments_kwargs
 
     recipe = load_recipe(preference_recipe(tmp_path, tiny_random, "dpo"))
     tokenizer = load_tokenizer(recipe.model.name_or_path)
@@ -170,10 +171,10 @@ def test_reference_is_the_base_with_the_adapter_disabled(tmp_path, tiny_random):
 def test_init_from_adapter_is_the_reference_and_is_trained_further(tmp_path, tiny_random, cli):
     import torch
 
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import build_preference_data, setup_trainer
-    from lora_cli.recipe import load_recipe
-    from lora_cli.train import SafeTrainer, _setup_model, training_arguments_kwargs
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import build_preference_data, setup_trainer
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.run import SafeTrainer, _setup_model, training_arguments_kwargs
 
     # an "SFT" adapter that differs from the base
     sft_recipe = load_recipe(preference_recipe(tmp_path / "sft", tiny_random, "dpo"))
@@ -220,7 +221,7 @@ def test_qlora_and_bf16_preference_runs_train_every_lora_b(tmp_path, cli, object
     from safetensors.torch import load_file
 
     from conftest import DEMO_DATA
-    from lora_cli.tiny import build_tiny_model
+    from lora_cli.tiny.decoder import build_tiny_model
 
     base = build_tiny_model(tmp_path / "base", DEMO_DATA, hidden=128, steps=0, log=lambda *_: None)
     recipe = preference_recipe(tmp_path, base, objective, max_steps=1)
@@ -280,9 +281,9 @@ SHAPE_NAMES = ["pairs", "alpaca_pairs", "chat_pairs", "sharegpt_pairs", "implici
 
 @pytest.mark.parametrize("row,shape", list(zip(SAME_PAIR, SHAPE_NAMES)), ids=SHAPE_NAMES)
 def test_every_pair_shape_is_detected_and_renders_the_inference_prompt(tmp_path, tiny_random, row, shape):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import read_preference_rows, render
-    from lora_cli.template import TemplateSpec, prompt_ids
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import read_preference_rows, render
+    from lora_cli.data.template import TemplateSpec, prompt_ids
 
     path = write_jsonl(tmp_path / "p.jsonl", [row, row])
     rows, detected = read_preference_rows(str(path), "train", {}, "pairs")
@@ -297,9 +298,9 @@ def test_every_pair_shape_is_detected_and_renders_the_inference_prompt(tmp_path,
 
 
 def test_columns_map_your_field_names(tmp_path, tiny_random):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import build_preference_data
-    from lora_cli.recipe import load_recipe
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import build_preference_data
+    from lora_cli.recipe.schema import load_recipe
 
     rows = [{"question": "Is LoRA small?", "good": "yes", "bad": "no"}] * 2
     recipe_file = preference_recipe(tmp_path, tiny_random, "dpo", rows=rows)
@@ -311,9 +312,9 @@ def test_columns_map_your_field_names(tmp_path, tiny_random):
 
 
 def test_val_fraction_and_weights_split_and_sample_pairs(tmp_path, tiny_random):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import build_preference_data
-    from lora_cli.recipe import load_recipe
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import build_preference_data
+    from lora_cli.recipe.schema import load_recipe
 
     recipe = load_recipe(preference_recipe(tmp_path, tiny_random, "dpo"), ["data.val_fraction=0.25", "data.weights=[2]"])
     data = build_preference_data(recipe, load_tokenizer(str(tiny_random)))
@@ -322,9 +323,9 @@ def test_val_fraction_and_weights_split_and_sample_pairs(tmp_path, tiny_random):
 
 @pytest.mark.parametrize("template", ["alpaca", "chat_template"])
 def test_pairs_render_through_every_template_as_inference_does(tiny_random, template):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import render
-    from lora_cli.template import TemplateSpec, prompt_ids
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import render
+    from lora_cli.data.template import TemplateSpec, prompt_ids
 
     tokenizer = load_tokenizer(str(tiny_random))
     spec = TemplateSpec(name=template)
@@ -338,7 +339,7 @@ def test_pairs_render_through_every_template_as_inference_does(tiny_random, temp
 
 
 def test_chat_pairs_keep_the_shared_history(tmp_path):
-    from lora_cli.preference import read_preference_rows
+    from lora_cli.train.preference import read_preference_rows
 
     row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Is LoRA small?"}],
@@ -358,7 +359,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("bad,kind,words", BAD_ROWS, ids=[w for *_, w in BAD_ROWS])
 def test_bad_rows_name_file_row_and_field(tmp_path, bad, kind, words):
-    from lora_cli.preference import read_preference_rows
+    from lora_cli.train.preference import read_preference_rows
 
     good = {"prompt": "q", "chosen": "a", "rejected": "b"} if kind == "pairs" else \
         {"prompt": "q", "completion": "a", "label": True}
@@ -378,9 +379,9 @@ def test_bad_row_exits_2_from_train(tmp_path, tiny_random, cli):
 
 
 def test_truncation_keeps_the_answers_and_reports_the_cut(tiny_random):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import Pair, tokenize_pairs
-    from lora_cli.template import TemplateSpec
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import Pair, tokenize_pairs
+    from lora_cli.data.template import TemplateSpec
 
     tokenizer = load_tokenizer(str(tiny_random))
     long_prompt = " ".join(FILLERS * 4)
@@ -395,9 +396,9 @@ def test_truncation_keeps_the_answers_and_reports_the_cut(tiny_random):
 
 
 def test_kto_needs_good_and_bad_answers(tmp_path, tiny_random):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.preference import build_preference_data
-    from lora_cli.recipe import load_recipe
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.train.preference import build_preference_data
+    from lora_cli.recipe.schema import load_recipe
 
     rows = [{"prompt": "q", "completion": "a", "label": True}] * 4
     recipe = load_recipe(preference_recipe(tmp_path, tiny_random, "kto", rows=rows))
@@ -419,7 +420,7 @@ def _recipe(tmp_path, tiny_random, **train):
     ({"objective": "dpop"}, "train.objective: expected"),
 ])
 def test_objective_keys_are_validated(tmp_path, tiny_random, train, words):
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     with pytest.raises(RecipeError) as e:
         load_recipe(_recipe(tmp_path, tiny_random, **train))
@@ -428,8 +429,8 @@ def test_objective_keys_are_validated(tmp_path, tiny_random, train, words):
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "orpo", "simpo", "kto"])
 def test_saved_recipe_loads_again_with_only_its_objective_keys(tmp_path, tiny_random, objective):
-    from lora_cli.objectives import OBJECTIVE_KEYS, get_objective
-    from lora_cli.recipe import dump_recipe, load_recipe, recipe_from_dict
+    from lora_cli.train.objectives import OBJECTIVE_KEYS, get_objective
+    from lora_cli.recipe.schema import dump_recipe, load_recipe, recipe_from_dict
 
     recipe = load_recipe(_recipe(tmp_path, tiny_random, objective=objective))
     saved = yaml.safe_load(dump_recipe(recipe))
@@ -438,7 +439,7 @@ def test_saved_recipe_loads_again_with_only_its_objective_keys(tmp_path, tiny_ra
 
 
 def test_existing_recipes_still_train_sft():
-    from lora_cli.recipe import load_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     for path in sorted((REPO / "recipes").glob("*.yaml")):
         if path.name != "dpo.yaml":
@@ -446,8 +447,8 @@ def test_existing_recipes_still_train_sft():
 
 
 def test_lint_flags_preference_red_flags(tmp_path, tiny_random):
-    from lora_cli.lint import lint_recipe
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.lint import lint_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     recipe = load_recipe(_recipe(tmp_path, tiny_random, objective="dpo", beta=5.0, learning_rate=1e-3))
     found = {f.key: f.problem for f in lint_recipe(recipe)}
@@ -456,8 +457,8 @@ def test_lint_flags_preference_red_flags(tmp_path, tiny_random):
 
 
 def test_estimate_counts_two_sequences_and_the_reference_pass(tmp_path, tiny_random):
-    from lora_cli.estimate import estimate_recipe
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.estimate import estimate_recipe
+    from lora_cli.recipe.schema import load_recipe
 
     sft = estimate_recipe(load_recipe(_recipe(tmp_path / "s", tiny_random, objective="sft")))
     dpo = estimate_recipe(load_recipe(_recipe(tmp_path / "d", tiny_random, objective="dpo")))

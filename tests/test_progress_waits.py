@@ -1,4 +1,4 @@
-"""Progress on the long waits of merge, export and eval (lora_cli/progress.py): run as a script
+"""Progress on the long waits of merge, export and eval (lora_cli/ui/progress.py): run as a script
 or CI runs them (stdout not a terminal), each prints plain lines naming its stages and counting
 its work, ending in a `done` line; on an 80-column terminal the bar and the count stay."""
 
@@ -79,7 +79,7 @@ def test_live_bar_keeps_bar_and_count_at_80_columns_with_a_long_stage():
 
     from rich.console import Console
 
-    from lora_cli import progress
+    from lora_cli.ui import progress
 
     buf = io.StringIO()
     console = Console(file=buf, width=80, force_terminal=True, color_system=None)

@@ -48,7 +48,7 @@ VALUE = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dict
 
 
 def _schema_keys() -> list[str]:
-    from lora_cli.recipe import iter_keys
+    from lora_cli.recipe.schema import iter_keys
 
     return [k for k, _, _ in iter_keys()]
 
@@ -185,7 +185,7 @@ def client(tiny_random, tmp_path_factory):
     from fastapi.testclient import TestClient
     from inference_helpers import random_adapter
 
-    from lora_cli.serve import build_server, create_app
+    from lora_cli.infer.serve import build_server, create_app
 
     adapter = random_adapter(tiny_random, tmp_path_factory.mktemp("served") / "one", seed=5)
     server = build_server({"one": adapter}, max_batch=4, max_queue=16)

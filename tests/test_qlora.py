@@ -17,7 +17,7 @@ def tiny_random_128(tmp_path_factory):
     """A random tiny Llama whose linear layers' input sizes are multiples of 64: bitsandbytes'
     CPU 4-bit inference kernel reshapes by blocks of 64 and fails on the 160-wide MLP of
     `tiny_random` (hidden 64), a bitsandbytes limit that real models never hit."""
-    from lora_cli.tiny import build_tiny_model
+    from lora_cli.tiny.decoder import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-random-128", DEMO_DATA, hidden=128,
                             steps=0, log=lambda *_: None)
@@ -38,8 +38,8 @@ def small_recipe(tmp_path, model, quantization="none", checkpointing=False, lora
 def test_quantization_config_is_qlora_nf4_with_double_quant():
     import torch
 
-    from lora_cli.model import quantization_config
-    from lora_cli.recipe import ModelConfig
+    from lora_cli.model.load import quantization_config
+    from lora_cli.recipe.schema import ModelConfig
 
     assert quantization_config(ModelConfig(name_or_path="x")) is None
     q4 = quantization_config(ModelConfig(name_or_path="x", quantization="4bit", dtype="bfloat16"))
@@ -83,8 +83,9 @@ def test_qlora_reloads_on_a_4bit_base_and_generates(tiny_random_128, tmp_path, c
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_cli.infer import GenerationSettings, build_prompt_ids, generate_batch, generate_response
-    from lora_cli.model import load_for_inference
+    from lora_cli.infer.generate import build_prompt_ids, generate_batch, generate_response
+    from lora_cli.infer.settings import GenerationSettings
+    from lora_cli.model.load import load_for_inference
 
     res = cli("train", small_recipe(tmp_path, tiny_random_128, "4bit"))
     assert res.code == 0, res

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO, make_recipe, write_jsonl
 from lora_cli.errors import RecipeError
-from lora_cli.recipe import iter_keys, load_recipe, recipe_from_dict, reference_markdown
+from lora_cli.recipe.schema import iter_keys, load_recipe, recipe_from_dict, reference_markdown
 
 
 def minimal(tmp_path: Path, **extra) -> dict:
@@ -32,7 +32,7 @@ def problems_of(raw: dict, base_dir=".") -> list[str]:
 def test_defaults_fill_unset_keys(tmp_path):
     r = recipe_from_dict(minimal(tmp_path))
     assert r.lora.r == 8 and r.lora.alpha == 16 and r.lora.target_modules == ["q_proj", "v_proj"]
-    assert r.train.gradient_accumulation is None and r.train.tokens_per_batch is None  # sized on a GPU (lora_cli.kernels), 4096 elsewhere
+    assert r.train.gradient_accumulation is None and r.train.tokens_per_batch is None  # sized on a GPU (lora_cli.model.kernels), 4096 elsewhere
     assert r.model.attn_implementation == "auto" and r.data.template == "human_assistant"
     assert r.model.name_or_path == "some-org/some-model"  # a hub id is left as it is
 
@@ -165,8 +165,8 @@ def test_missing_recipe_file(tmp_path, cli):
 def test_one_hub_id_rule_for_resolving_and_checking_paths(tmp_path):
     """`org/name` stays a hub id; `folder/file.jsonl` that does not exist is a missing file, read
     against the recipe's folder (and reported with its full path), never sent to the hub."""
-    from lora_cli.formats import looks_like_hub_id
-    from lora_cli.recipe import resolve_path
+    from lora_cli.data.formats import looks_like_hub_id
+    from lora_cli.recipe.schema import resolve_path
 
     assert looks_like_hub_id("some-org/some-model") and resolve_path("some-org/some-model", tmp_path) == "some-org/some-model"
     assert not looks_like_hub_id("data/train.jsonl")

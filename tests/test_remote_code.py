@@ -17,7 +17,7 @@ import yaml
 
 from conftest import make_recipe
 from inference_helpers import random_adapter
-from lora_cli.checkpoint import newest_complete
+from lora_cli.train.checkpoint import newest_complete
 from safety_helpers import assert_clean_refusal
 
 PAYLOAD = '''

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_recipe
-from lora_cli import checkpoint as ckpt
+from lora_cli.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def adapter_weights(folder: Path) -> dict:
 
 def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
     """Deliver a real signal to this process when the Trainer finishes `step` (test-only hook)."""
-    from lora_cli.train import RichProgress
+    from lora_cli.train.run import RichProgress
 
     original = RichProgress.on_step_end
 

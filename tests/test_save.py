@@ -48,7 +48,7 @@ def test_exported_adapter_loads_with_plain_peft_as_lora_loads_it(tiny_random, tm
     """Non-zero B, so equal logits mean the adapter really was applied the same way."""
     import torch
 
-    from lora_cli.model import load_for_inference
+    from lora_cli.model.load import load_for_inference
 
     adapter = random_adapter(tiny_random, tmp_path / "adapter", seed=31)
     res = cli("save", adapter, "--out", tmp_path / "clean")

@@ -48,7 +48,7 @@ def test_every_bundled_accelerate_config_is_one_accelerate_loads():
 
 def test_recipe_sharding_files_exist_and_validate():
     """train.deepspeed / train.fsdp_config name files that exist (the key docs name them too)."""
-    from lora_cli.recipe import TrainConfig, load_recipe
+    from lora_cli.recipe.schema import TrainConfig, load_recipe
 
     docs = {f.name: f.metadata["doc"] for f in TrainConfig.__dataclass_fields__.values()}
     for name in ("recipes/deepspeed/zero2.json", "recipes/deepspeed/zero3.json", "recipes/fsdp/qlora.json"):
@@ -74,8 +74,8 @@ def test_sharding_without_gpus_is_refused_before_loading(cli, tmp_path, tiny_ran
 
 
 def test_fsdp_qlora_needs_a_16bit_storage_dtype(cli, monkeypatch, tmp_path, tiny_random):
-    from lora_cli.preflight import check_sharding
-    from lora_cli.recipe import load_recipe
+    from lora_cli.train.preflight import check_sharding
+    from lora_cli.recipe.schema import load_recipe
 
     # written in the recipe: `lora check` refuses it, no GPU needed to find out
     recipe = REPO / "recipes" / "qlora_fsdp.yaml"

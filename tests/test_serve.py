@@ -53,7 +53,7 @@ def generated(adapters, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(adapters):
-    from lora_cli.serve import build_server
+    from lora_cli.infer.serve import build_server
 
     one, two = adapters
     built = build_server({"one": one, "two": two}, max_batch=16, max_queue=64)
@@ -63,7 +63,7 @@ def server(adapters):
 
 @pytest.fixture(scope="module")
 def running(server):
-    from lora_cli.serve import ServerThread
+    from lora_cli.infer.serve import ServerThread
 
     with ServerThread(server) as thread:
         yield thread
@@ -110,7 +110,7 @@ def test_greedy_chat_and_completion_equal_lora_generate(running, generated):
 
 
 def test_streamed_text_equals_whole_answer_and_usage_counts(running, server):
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     client = _client(running)
     prompt = PROMPTS[1]
@@ -150,7 +150,7 @@ def test_settings_stop_n_seed_and_system(running, generated):
     system = client.chat.completions.create(
         model="one", temperature=0, max_tokens=NEW,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}])
-    from lora_cli.infer import build_prompt_ids
+    from lora_cli.infer.generate import build_prompt_ids
 
     assert system.usage.prompt_tokens > _chat(client, "one", PROMPTS[0]).usage.prompt_tokens
     assert system.usage.prompt_tokens == len(build_prompt_ids(
@@ -164,7 +164,7 @@ WEATHER = {"type": "function", "function": {"name": "weather", "description": "t
 def test_tools_and_tool_turns_are_rendered_as_training_rendered_them(running):
     """A request's `tools`, an assistant's `tool_calls` and `tool` results go through the data
     reader and the training template: the prompt is exactly the ids training built there."""
-    from lora_cli.template import prompt_ids
+    from lora_cli.data.template import prompt_ids
 
     client = _client(running)
     tokenizer, template = running.server.backend.tokenizer, running.server.models["one"].template
@@ -226,7 +226,7 @@ def test_errors_come_in_openai_shape_with_the_right_status(running):
 
 
 def test_api_key_is_required_when_set(server):
-    from lora_cli.serve import Scheduler, Server, ServerThread
+    from lora_cli.infer.serve import Scheduler, Server, ServerThread
 
     keyed = Server(server.backend, server.models, Scheduler(server.backend), api_key="s3cret")
     try:
@@ -255,7 +255,7 @@ def test_sixteen_concurrent_clients_are_batched_and_answered_correctly(running, 
 
 
 def test_full_queue_answers_429_and_a_disconnect_frees_its_slot(server):
-    from lora_cli.serve import Scheduler, Server, ServerThread
+    from lora_cli.infer.serve import Scheduler, Server, ServerThread
 
     small = Server(server.backend, server.models, Scheduler(server.backend, max_queue=1))
     try:
@@ -299,7 +299,7 @@ def test_a_client_leaving_a_plain_request_cancels_it(running):
 
 
 def test_a_failing_generation_gets_a_500_and_the_server_goes_on(server):
-    from lora_cli.serve import Scheduler, Server, ServerThread
+    from lora_cli.infer.serve import Scheduler, Server, ServerThread
 
     class Flaky:
         """The real backend, except that it breaks on prompts containing 'boom'."""
@@ -394,8 +394,8 @@ def _post_head(path: str, length: int, key: str | None = None, extra: str = "") 
 @pytest.fixture(scope="module")
 def keyed(server):
     """The module's server behind --api-key s3cret, 64 KiB bodies and 1 s deadlines."""
-    from lora_cli.serve import Scheduler, Server, ServerThread
-    from lora_cli.serve_guard import Limits
+    from lora_cli.infer.serve import Scheduler, Server, ServerThread
+    from lora_cli.infer.guard import Limits
 
     limits = Limits(max_body=64 << 10, body_timeout=1.0, header_timeout=1.0, max_rows=8)
     keyed = Server(server.backend, server.models, Scheduler(server.backend, max_batch=4), api_key="s3cret", limits=limits)
@@ -494,7 +494,7 @@ def test_bad_fields_are_400s_naming_them(running):
 def test_prompts_too_long_by_their_characters_are_refused_before_tokenising(running, monkeypatch):
     """A 6 MB message is refused without tokenising it; a prompt that is tokenised is
     tokenised in the thread pool, never on the event loop's thread."""
-    from lora_cli import serve
+    from lora_cli.infer import serve
 
     threads = []
     for name in ("chat_prompt_ids", "completion_prompt_ids"):
@@ -545,6 +545,6 @@ def test_an_empty_lora_api_key_is_refused_not_taken_for_no_key(adapters, cli, mo
 
 
 def test_sizes_parse():
-    from lora_cli.serve_guard import parse_size
+    from lora_cli.infer.guard import parse_size
 
     assert [parse_size(s) for s in ("1048576", "512k", "8M", "8MiB", "1G")] == [1 << 20, 512 << 10, 8 << 20, 8 << 20, 1 << 30]

@@ -20,7 +20,7 @@ def adapters(tiny_random, tmp_path_factory):
 
 
 def test_command_serves_base_and_every_adapter_with_the_training_template(adapters, tiny_random, tmp_path):
-    from lora_cli.serve_vllm import prepare_vllm
+    from lora_cli.infer.vllm import prepare_vllm
 
     one, two = adapters
     argv = prepare_vllm({"one": one, "two": two}, base=None, host="127.0.0.1", port=8001, api_key="k", work_dir=tmp_path)
@@ -40,8 +40,8 @@ def test_command_serves_base_and_every_adapter_with_the_training_template(adapte
      "system_format": "<|system|>\n{system}\n", "turn_separator": "\n", "system_prompt": "You are terse."},
 ])
 def test_chat_template_renders_what_training_rendered(tiny_random, data):
-    from lora_cli.model import load_tokenizer
-    from lora_cli.template import TemplateSpec, jinja_chat_template, prompt_ids
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.data.template import TemplateSpec, jinja_chat_template, prompt_ids
 
     tok = load_tokenizer(str(tiny_random))
     spec = TemplateSpec.from_data(data)
@@ -54,8 +54,8 @@ def test_chat_template_renders_what_training_rendered(tiny_random, data):
 
 def test_vllm_needs_one_template_and_a_rank_it_accepts(adapters, tmp_path):
     from lora_cli.errors import LoraError
-    from lora_cli.model import read_adapter
-    from lora_cli.serve_vllm import max_lora_rank, one_template, prepare_vllm
+    from lora_cli.model.adapter_folder import read_adapter
+    from lora_cli.infer.vllm import max_lora_rank, one_template, prepare_vllm
 
     one, _ = adapters
     alpaca = random_adapter(read_adapter(one).base, tmp_path / "alp",
@@ -85,7 +85,7 @@ def test_without_vllm_the_command_exits_2_saying_what_is_missing(adapters, cli):
 
 
 def test_recipe_template_is_read_from_the_adapter(tiny_random, tmp_path):
-    from lora_cli.serve_vllm import prepare_vllm
+    from lora_cli.infer.vllm import prepare_vllm
 
     adapter = random_adapter(tiny_random, tmp_path / "a", seed=5, template="alpaca")
     recipe = yaml.safe_load((adapter / "lora_recipe.yaml").read_text(encoding="utf-8"))

@@ -15,24 +15,24 @@ def flat(text: str) -> str:
 
 
 def test_interrupted_sweep_keeps_finished_ranks_and_resumes(cli, tmp_path, tiny_random, monkeypatch):
-    import lora_cli.train
+    import lora_cli.train.run
 
-    from lora_cli.checkpoint import ADAPTER_WEIGHTS as ADAPTER_FILE
-    from lora_cli.sweep import PLOT_FILE, RESULT_FILE, SUMMARY_FILE
+    from lora_cli.model.adapter_folder import ADAPTER_WEIGHTS as ADAPTER_FILE
+    from lora_cli.train.sweep import PLOT_FILE, RESULT_FILE, SUMMARY_FILE
 
     # make_recipe: r=4, alpha=8 (alpha / r = 2), q_proj + v_proj, max_steps 2
     recipe = make_recipe(tmp_path, tiny_random)
     extra = ["--set", "data.val_fraction=0.25"]
     out = tmp_path / "run"
 
-    real_run_training = lora_cli.train.run_training
+    real_run_training = lora_cli.train.run.run_training
 
     def interrupted_at_rank_4(r, **kwargs):
         if r.lora.r == 4:
             raise KeyboardInterrupt
         return real_run_training(r, **kwargs)
 
-    monkeypatch.setattr(lora_cli.train, "run_training", interrupted_at_rank_4)
+    monkeypatch.setattr(lora_cli.train.run, "run_training", interrupted_at_rank_4)
     first = cli("sweep", recipe, "--ranks", "4,2", *extra)
     assert first.code == 130, first
     assert "finished ranks kept: 2" in flat(first.out)
@@ -40,7 +40,7 @@ def test_interrupted_sweep_keeps_finished_ranks_and_resumes(cli, tmp_path, tiny_
     assert not (out / "r4" / RESULT_FILE).exists()
     r2_written = (out / "r2" / ADAPTER_FILE).stat().st_mtime_ns
 
-    monkeypatch.setattr(lora_cli.train, "run_training", real_run_training)
+    monkeypatch.setattr(lora_cli.train.run, "run_training", real_run_training)
     second = cli("sweep", recipe, "--ranks", "2,4", *extra)
     assert second.code == 0, second
     assert "rank 2 finished earlier" in flat(second.out)
@@ -67,7 +67,7 @@ def test_interrupted_sweep_keeps_finished_ranks_and_resumes(cli, tmp_path, tiny_
 
 
 def _runs(losses: dict[int, float]):
-    from lora_cli.sweep import RankRun
+    from lora_cli.train.sweep import RankRun
 
     return [RankRun(r, 2 * r, f"r{r}", 100 * r, 1000, loss, "eval", 2) for r, loss in losses.items()]
 
@@ -80,14 +80,14 @@ def _runs(losses: dict[int, float]):
     ({8: 1.0}, None),                                        # nothing to compare
 ])
 def test_knee_is_the_smallest_rank_after_which_doubling_stops_paying(losses, knee):
-    from lora_cli.sweep import find_knee
+    from lora_cli.train.sweep import find_knee
 
     assert find_knee(_runs(losses), threshold=0.02) == knee
 
 
 def test_gain_is_measured_per_doubling():
     """4 -> 16 is two doublings: a 10% drop there is 5% per doubling."""
-    from lora_cli.sweep import improvement_per_doubling
+    from lora_cli.train.sweep import improvement_per_doubling
 
     assert improvement_per_doubling(_runs({4: 1.0, 16: 0.9})) == [pytest.approx(0.05)]
 

@@ -12,7 +12,7 @@ from conftest import CLASSIFY_DATA, REPO, SEQ2SEQ_DATA, make_recipe, write_jsonl
 from hints import as_args, hinted_commands
 
 from lora_cli.errors import RecipeError
-from lora_cli.recipe import load_recipe
+from lora_cli.recipe.schema import load_recipe
 
 
 def classify_rows() -> list[dict]:
@@ -76,7 +76,7 @@ def test_task_registry_is_complete():
 
     import typing
 
-    from lora_cli.recipe import ModelConfig
+    from lora_cli.recipe.schema import ModelConfig
     from lora_cli.tasks import TASKS
 
     assert set(typing.get_args(typing.get_type_hints(ModelConfig)["task"])) == set(TASKS)
@@ -176,7 +176,7 @@ def test_predict_writes_label_and_probabilities(decoder_classifier, tmp_path, cl
     followed = cli(*as_args(hinted, {"rows.jsonl": str(src), "preds.jsonl": str(tmp_path / "hinted.jsonl")}))
     assert followed.code == 0 and (tmp_path / "hinted.jsonl").is_file(), followed
     from lora_cli.errors import LoraError
-    from lora_cli.serve import build_server
+    from lora_cli.infer.serve import build_server
 
     with pytest.raises(LoraError, match="lora serve: adapter .* model.task classification"):
         build_server({"cls": str(run_dir)})
@@ -186,7 +186,7 @@ def test_merged_classifier_equals_adapter_and_loads_in_plain_transformers(decode
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lora_cli.model import load_for_inference
+    from lora_cli.model.load import load_for_inference
 
     _, run_dir = decoder_classifier
     res = cli("merge", "--adapter", run_dir, "--out", tmp_path / "merged")
@@ -237,8 +237,9 @@ def test_imbalance_is_reported_in_the_dry_run(tiny_random, tmp_path, cli):
 def test_bundled_seq2seq_recipe_learns_its_targets_where_the_base_does_not(tiny_t5, tmp_path, cli):
     import torch
 
-    from lora_cli.backends import TransformersBackend
-    from lora_cli.infer import BASE, GenerationSettings, Prompt, generate_rows
+    from lora_cli.infer.engines import TransformersBackend
+    from lora_cli.infer.generate import BASE, Prompt, generate_rows
+    from lora_cli.infer.settings import GenerationSettings
 
     run_dir = tmp_path / "run"
     res = cli("train", REPO / "recipes" / "seq2seq.yaml", "--set", f"model.name_or_path={tiny_t5}",
@@ -261,7 +262,7 @@ def test_bundled_seq2seq_recipe_learns_its_targets_where_the_base_does_not(tiny_
     # the CLI path (generate), and chat through the same template path
     res = cli("generate", "--adapter", run_dir, rows[0]["source"], "--max-new-tokens", "24")
     assert res.code == 0 and res.out.strip() == rows[0]["target"], res
-    from lora_cli.infer import ChatSession
+    from lora_cli.infer.generate import ChatSession
 
     session = ChatSession(backend, {"s2s": infos["s2s"].template}, GenerationSettings(max_new_tokens=24), adapter="s2s")
     assert session.ask(rows[1]["source"]) == rows[1]["target"]
@@ -285,7 +286,7 @@ def test_bart_shape_trains_generates_and_merges(tiny_bart, tmp_path, cli):
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from lora_cli.model import load_for_inference
+    from lora_cli.model.load import load_for_inference
 
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": r["source"], "input": "", "output": r["target"]}
                                                      for r in seq2seq_rows()[:8]])
@@ -316,11 +317,11 @@ def test_bart_shape_trains_generates_and_merges(tiny_bart, tmp_path, cli):
 def test_presets_estimate_and_peft_agree_per_model_kind(kind, qv, request, tmp_path):
     """attention-qv names each kind's own query/value layers; the estimate's trainable count
     (head included) equals the peft model `lora train` builds."""
-    from lora_cli.adapters import add_adapter
-    from lora_cli.estimate import estimate_recipe
-    from lora_cli.model import load_base_model
-    from lora_cli.targets import resolve_target_modules
-    from lora_cli.tasks import prepare_recipe
+    from lora_cli.model.adapters import add_adapter
+    from lora_cli.train.estimate import estimate_recipe
+    from lora_cli.model.load import load_base_model
+    from lora_cli.model.targets import resolve_target_modules
+    from lora_cli.tasks.hooks import prepare_recipe
 
     base = request.getfixturevalue(kind)
     make = classify_recipe if kind == "tiny_bert" else seq2seq_recipe

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_recipe, tokenize_alpaca, write_jsonl
-from lora_cli.data import _last_supervised_start, tokenize_conversations
-from lora_cli.infer import build_prompt_ids
-from lora_cli.template import TemplateSpec
+from lora_cli.data.examples import _last_supervised_start, tokenize_conversations
+from lora_cli.infer.generate import build_prompt_ids
+from lora_cli.data.template import TemplateSpec
 
 SYSTEM = "你是一个乐于助人的助手。"
 TURNS = [("什么是LoRA？", "一种参数高效微调方法。"), ("And QLoRA?", "LoRA on a 4-bit base."), ("哪个更省显存？", "QLoRA。")]
@@ -25,7 +25,7 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def tok(tiny_random):
-    from lora_cli.model import load_tokenizer
+    from lora_cli.model.load import load_tokenizer
 
     return load_tokenizer(str(tiny_random))
 
@@ -77,7 +77,8 @@ def test_template_saved_with_the_adapter_renders_what_training_rendered(tmp_path
     """Train with a custom template; the adapter's saved recipe gives inference the same spec."""
     import yaml
 
-    from lora_cli.model import load_tokenizer, read_adapter
+    from lora_cli.model.load import load_tokenizer
+    from lora_cli.model.adapter_folder import read_adapter
 
     chats = [{"messages": conversation(TURNS)} for _ in range(4)]
     recipe = make_recipe(tmp_path, tiny_random, data=write_jsonl(tmp_path / "chat.jsonl", chats),

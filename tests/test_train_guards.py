@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import demo_rows, make_recipe, write_jsonl
-from lora_cli import checkpoint as ckpt
+from lora_cli.train import checkpoint as ckpt
 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
@@ -32,9 +32,9 @@ def records(run: Path) -> list[dict]:
 def test_planned_steps_are_the_steps_the_trainer_takes(tmp_path, tiny_random, monkeypatch):
     """One formula for `lora check` and the disk check: 10 rows in batches of 2 are 5 batches,
     and with 3 per optimizer step the epoch ends on a partial step, which the Trainer takes."""
-    from lora_cli.preflight import planned_steps
-    from lora_cli.recipe import load_recipe
-    from lora_cli.train import run_training
+    from lora_cli.train.preflight import planned_steps
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.run import run_training
 
     data = write_jsonl(tmp_path / "d.jsonl", demo_rows(10))
     recipe = load_recipe(make_recipe(tmp_path, tiny_random, data, train={
@@ -70,7 +70,7 @@ def test_read_only_output_dir(tmp_path, tiny_random, cli):
 
 
 def test_too_little_disk_refused_before_writing(tmp_path, tiny_random, cli, monkeypatch):
-    import lora_cli.preflight as preflight
+    import lora_cli.train.preflight as preflight
 
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9 - 4096, 4096))
     recipe = make_recipe(tmp_path, tiny_random, train={"max_steps": 4, "save_steps": 1, "save_total_limit": 2})
@@ -83,7 +83,7 @@ def test_too_little_disk_refused_before_writing(tmp_path, tiny_random, cli, monk
 
 
 def test_disk_estimate_counts_kept_checkpoints_and_optimizer():
-    from lora_cli.preflight import CHECKPOINT_OVERHEAD, planned_checkpoints, required_bytes
+    from lora_cli.train.preflight import CHECKPOINT_OVERHEAD, planned_checkpoints, required_bytes
 
     assert planned_checkpoints(3, 10) == 4 and planned_checkpoints(None, 10) == 11 and planned_checkpoints(5, 2) == 3
     adapter, tok = 100 << 20, 2 << 20
@@ -129,8 +129,8 @@ def test_parallel_keys_checked(tmp_path, tiny_random, cli):
 
 
 def test_training_arguments_carry_engines_and_eval(tmp_path, tiny_random):
-    from lora_cli.recipe import load_recipe
-    from lora_cli.train import training_arguments_kwargs
+    from lora_cli.recipe.schema import load_recipe
+    from lora_cli.train.run import training_arguments_kwargs
 
     cfg = tmp_path / "fsdp.json"
     cfg.write_text("{}")
@@ -147,7 +147,7 @@ def test_training_arguments_carry_engines_and_eval(tmp_path, tiny_random):
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_random, cli, monkeypatch):
-    from lora_cli.train import EXIT_NONFINITE, SafeTrainer
+    from lora_cli.train.run import EXIT_NONFINITE, SafeTrainer
 
     original = SafeTrainer.compute_loss
 
@@ -196,7 +196,7 @@ def test_eval_loss_perplexity_and_curve(tmp_path, tiny_random, cli):
 
 
 def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch):
-    from lora_cli.plot import plot_losses
+    from lora_cli.train.metrics import plot_losses
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
@@ -236,8 +236,8 @@ def test_bin_weights_load_only_with_weights_only(tmp_path, tiny_random):
     import torch
     from safetensors.torch import load_file
 
-    from lora_cli.model import load_base_model
-    from lora_cli.recipe import ModelConfig
+    from lora_cli.model.load import load_base_model
+    from lora_cli.recipe.schema import ModelConfig
 
     state = load_file(str(tiny_random / "model.safetensors"))
     clean, evil = tmp_path / "clean", tmp_path / "evil"
@@ -257,8 +257,8 @@ def test_bin_weights_load_only_with_weights_only(tmp_path, tiny_random):
 def test_trust_remote_code_off_unless_recipe_says(tmp_path, tiny_random, monkeypatch):
     import transformers
 
-    from lora_cli.model import load_base_model
-    from lora_cli.recipe import ModelConfig, load_recipe
+    from lora_cli.model.load import load_base_model
+    from lora_cli.recipe.schema import ModelConfig, load_recipe
 
     seen = []
 
@@ -278,8 +278,8 @@ def test_qlora_storage_dtype_follows_sharding():
     """FSDP / ZeRO-3 QLoRA stores the 4-bit weights in the model dtype (peft/bitsandbytes recipe)."""
     import torch
 
-    from lora_cli.model import quantization_config
-    from lora_cli.recipe import ModelConfig
+    from lora_cli.model.load import quantization_config
+    from lora_cli.recipe.schema import ModelConfig
 
     cfg = ModelConfig(name_or_path="m", quantization="4bit", dtype="bfloat16")
     assert quantization_config(cfg, sharded=True).bnb_4bit_quant_storage == torch.bfloat16

@@ -81,6 +81,20 @@ OLD_TO_NEW = {
     # tiny/: the small offline bases of `lora build-tiny`
     "tiny": "tiny.decoder",
     "tiny_encoders": "tiny.encoders",
+    # the modules that landed flat while the re-layout waited (second pass)
+    "terminal": "ui.terminal",
+    "progress": "ui.progress",
+    "nearby": "ui.nearby",
+    "token_budget": "data.token_budget",
+    "kernels": "model.kernels",
+    "activations": "train.activations",
+    "objectives": "train.objectives",
+    "preference": "train.preference",
+    "serve_guard": "infer.guard",
+    "metrics": "eval.metrics",
+    "evaluate": "eval.run",
+    "harness": "eval.harness",
+    "recipe_schema": "recipe.json_schema",
 }
 
 ROOM_DOCS = {
@@ -91,6 +105,8 @@ ROOM_DOCS = {
     "train": "Training: the run, checkpoints, pre-flight checks, metrics, lint, estimate, sweep, preview.",
     "infer": "Inference: engines, generate/chat, the OpenAI-compatible server, the vLLM launcher.",
     "export": "Export: merged models and GGUF / Ollama files.",
+    "ui": "What the user sees while waiting or after a mistake: plain or rich output, progress, what exists instead.",
+    "eval": "Evaluation: the metric registry, `lora eval` over candidates, lm-evaluation-harness.",
     "tiny": "The small offline bases `lora build-tiny` writes (tests and the demo use them).",
 }
 

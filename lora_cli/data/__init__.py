@@ -1,0 +1,1 @@
+"""Data: sources and row shapes, prompt templates, tokenised examples, the cache, batch layout."""

@@ -1,0 +1,1 @@
+"""Evaluation: the metric registry, `lora eval` over candidates, lm-evaluation-harness."""

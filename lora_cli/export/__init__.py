@@ -1,0 +1,1 @@
+"""Export: merged models and GGUF / Ollama files."""

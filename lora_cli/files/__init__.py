@@ -1,0 +1,1 @@
+"""Writing whole (atomic), output-folder ownership, and defensive reading of user input."""

@@ -1,0 +1,1 @@
+"""Inference: engines, generate/chat, the OpenAI-compatible server, the vLLM launcher."""

@@ -1,0 +1,81 @@
+"""Generation settings: what every engine takes besides the prompt ids and the adapter
+(`lora generate` / `lora chat` flags, chat's /params, a served request's fields), checked once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from lora_cli.errors import LoraError
+from lora_cli.recipe.schema import SEED_MAX
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise LoraError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise LoraError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LoraError(f"temperature must be >= 0, got {self.temperature}", "0 is greedy decoding")
+        if not 0 < self.top_p <= 1:
+            raise LoraError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise LoraError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "1 leaves logits alone")
+        if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
+            raise LoraError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
+
+    def updated(self, assignments: list[str]) -> "GenerationSettings":
+        """A copy with 'key=value' assignments applied (chat's /params), checked as a whole."""
+        types = {f.name: f.type for f in fields(self)}
+        values = asdict(self)
+        for text in assignments:
+            name, sep, raw = text.partition("=")
+            if not sep or name not in types:
+                raise LoraError(f"/params: {text!r} is not KEY=VALUE with a known key",
+                                f"keys: {', '.join(types)}; e.g. /params temperature=0.7 max_new_tokens=64")
+            values[name] = _parse_setting(name, raw, types[name])
+        try:
+            return GenerationSettings(**values)
+        except LoraError as e:
+            raise LoraError(f"/params: {e.message}", e.hint) from None
+
+    def to_kwargs(self, tokenizer) -> dict:
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.as_dict().items())
+
+
+def _parse_setting(name: str, raw: str, type_name: str):
+    if name == "seed" and raw.lower() in ("none", ""):
+        return None
+    want = int if type_name.startswith("int") else float
+    try:
+        return want(raw)
+    except ValueError:
+        raise LoraError(f"/params: {name}={raw!r} is not a{'n integer' if want is int else ' number'}") from None

@@ -1,0 +1,1 @@
+"""Models: loading base + tokenizer + adapters, adapter methods and targets, wrapping."""

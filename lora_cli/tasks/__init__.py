@@ -1,0 +1,163 @@
+"""What a recipe trains the model *for*: `model.task`, one registry every consumer reads.
+
+- causal_lm (the default): a decoder-only language model answers prompts (data.py, template.py).
+- classification: AutoModelForSequenceClassification (BERT-like encoders, and decoders with a
+  `score` head); rows `text` (+ `text_pair`) and `label`; peft's SEQ_CLS task type trains and
+  saves the new head whole (its modules_to_save), LoRA does the rest.
+- seq2seq: AutoModelForSeq2SeqLM (T5, BART); rows `source` / `target`, or alpaca rows mapped
+  onto them. The encoder input is the prompt the template renders (template.prompt_ids, the
+  very ids `lora generate` / `chat` build), the labels are the target alone.
+
+Each Task says which transformers class loads it, which peft task type wraps it, which model
+configurations can do it, how its data is built and batched, and how it is evaluated. The
+training loop, loading, merging, estimating, linting and sweeping read it here instead of
+switching on a string. Nothing here imports torch at module level.
+
+This module is the registry only (it imports errors and nothing else of lora_cli, so the schema,
+the loader and the lint can read it): the implementations are classification.py and seq2seq.py,
+and hooks.py is what the training run calls per task.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from lora_cli.errors import LoraError
+
+TASK_NAMES = ("causal_lm", "classification", "seq2seq")
+CLASSIFICATION_FIELDS = ("text", "text_pair", "label")
+SEQ2SEQ_FIELDS = ("source", "target", "instruction", "input", "output", "system")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str       # the transformers Auto class that loads a base for this task
+    peft_task_type: str   # peft.TaskType member
+    generates: bool       # lora generate / chat answer with it
+    predicts_labels: bool  # lora predict labels rows with it
+    fields: tuple         # row fields data.columns may map (empty: data.format decides)
+    doc: str
+    # prompt + answer as one token stream a decoder reads: rows can be flattened or packed into one
+    # sequence, the LM loss fused with the head (Liger), trained on preference pairs (TRL) and shown
+    # by `lora data preview`; the other tasks pad their rows through their own collators
+    token_stream: bool = False
+    # accuracy, macro-F1 and the confusion matrix on held-out rows are what say it learned
+    judged_on_held_out: bool = False
+
+    def head_size(self, model_cfg) -> int:
+        """Outputs of the new head this task trains whole (0: the base's own LM head)."""
+        return len(model_cfg.labels or []) if self.predicts_labels else 0
+
+    def next_step(self, adapter_dir) -> str:
+        """The command that tries a freshly trained adapter of this task (printed at the end of a run)."""
+        if self.predicts_labels:
+            return f"lora predict --adapter {adapter_dir} --file rows.jsonl --out preds.jsonl"
+        return f'lora generate --adapter {adapter_dir} "..."'
+
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def can_load(self, config) -> bool:
+        """Whether transformers has a model of this kind for `config` (a PretrainedConfig)."""
+        import transformers.models.auto.modeling_auto as auto
+
+        mapping = {"causal_lm": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                   "classification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                   "seq2seq": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}[self.name]
+        return config.model_type in mapping and (self.name != "causal_lm" or not config.is_encoder_decoder)
+
+
+TASKS = {
+    "causal_lm": Task("causal_lm", "AutoModelForCausalLM", "CAUSAL_LM", generates=True, predicts_labels=False,
+                      fields=(), doc="decoder-only language model; rows per data.format", token_stream=True),
+    "classification": Task("classification", "AutoModelForSequenceClassification", "SEQ_CLS", generates=False,
+                           predicts_labels=True, fields=CLASSIFICATION_FIELDS,
+                           doc="a label per text (BERT-like encoders, or decoders with a classification head)",
+                           judged_on_held_out=True),
+    "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", generates=True, predicts_labels=False,
+                    fields=SEQ2SEQ_FIELDS, doc="encoder-decoder (T5, BART): source text in, target text out"),
+}
+
+
+def get_task(name: str | None) -> Task:
+    return TASKS[name or "causal_lm"]
+
+
+# --------------------------------------------------------------------------- recipe checks (no torch)
+
+def recipe_problems(r) -> list[str]:
+    """The task's cross-field checks (part of recipe.cross_checks)."""
+    task, problems = r.model.task, []
+    if r.model.labels is not None:
+        if task != "classification":
+            problems.append(f"model.labels: only read by model.task classification (task is {task}); remove it")
+        elif len(r.model.labels) < 2:
+            problems.append(f"model.labels: {r.model.labels} names fewer than 2 classes; a classifier needs at least 2")
+        else:
+            dupes = sorted(n for n, c in Counter(r.model.labels).items() if c > 1)
+            if dupes:
+                problems.append(f"model.labels: {dupes} listed more than once; each label once, in id order")
+    if task == "causal_lm":
+        return problems
+    if r.data.packing:
+        problems.append(f"data.packing: only for model.task causal_lm (task is {task}); set data.packing: false")
+    fmt = r.data.format if r.data.format not in ("auto",) else "alpaca"  # auto: the task's own rows
+    if task == "classification" and fmt != "alpaca":
+        problems.append("data.format: not read by model.task classification (rows are text, optional text_pair, label); "
+                        "remove data.format")
+    if task == "seq2seq" and fmt != "alpaca":
+        problems.append("data.format: model.task seq2seq reads source/target rows or alpaca rows; "
+                        f"{r.data.format} is not one of them (remove data.format)")
+    return problems
+
+
+def column_fields(r) -> tuple | None:
+    """The row fields data.columns may map for this recipe's task; None = data.format decides."""
+    return get_task(r.model.task).fields or None
+
+
+# --------------------------------------------------------------------------- models
+
+def check_model_can(model_cfg) -> None:
+    """Refuse, before loading weights, a base that cannot do model.task (exit 2, folder named)."""
+    from transformers import AutoConfig
+
+    task = get_task(model_cfg.task)
+    try:
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return  # load_base_model reports an unreadable folder in its own words
+    if task.can_load(config):
+        return
+    kinds = [t.name for t in TASKS.values() if t.can_load(config)]
+    hint = f"this model can do: {', '.join(kinds)}; set model.task to one of them" if kinds else \
+        "transformers has no head of any supported kind for this model"
+    if task.name == "seq2seq":
+        hint = "seq2seq needs an encoder-decoder model (T5, BART shapes); " + hint
+    raise LoraError(f"model.task: {task.name} cannot run on {model_cfg.name_or_path} "
+                    f"({config.model_type}: no {task.auto_class} for it)", hint)
+
+
+def load_kwargs(model_cfg) -> dict:
+    """Extra from_pretrained arguments: the classification head's size and label names."""
+    if model_cfg.task != "classification":
+        return {}
+    labels = list(model_cfg.labels or [])
+    if not labels:
+        raise LoraError("model.labels: unknown, so the classification head cannot be built",
+                        "train with model.task classification (labels are read from the data and saved), "
+                        "or list them in model.labels")
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def bind_tokenizer(model, tokenizer) -> None:
+    """A decoder classifies from its last non-pad token, so its config must know the pad id the
+    batches use (load_tokenizer may have made EOS the pad)."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id

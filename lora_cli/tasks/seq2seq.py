@@ -1,0 +1,80 @@
+"""model.task seq2seq: source/target rows (or alpaca rows mapped onto them), the encoder input the
+template renders, the target alone as labels, and their collator."""
+
+from __future__ import annotations
+
+from lora_cli.data.examples import DataStats, SFTData
+from lora_cli.data.formats import alpaca_conversation, read_source
+from lora_cli.data.template import IGNORE_INDEX, TemplateSpec, prompt_ids, tokenize_texts
+from lora_cli.errors import DataError
+from lora_cli.tasks.classification import pad_right, split_items, to_dataset
+
+
+# --------------------------------------------------------------------------- seq2seq data
+
+def seq2seq_pair(row, where: str, columns: dict) -> tuple[list[dict], str]:
+    """(messages up to the answer, target) of one row: {source, target}, or an alpaca row."""
+    if isinstance(row, dict) and columns.get("source", "source") in row:
+        src, tgt = row.get(columns.get("source", "source")), row.get(columns.get("target", "target"))
+        for field_name, value in (("source", src), ("target", tgt)):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{where}: field {columns.get(field_name, field_name)!r} must be non-empty text, got {value!r}",
+                                'seq2seq rows are {"source": "...", "target": "..."} or alpaca rows')
+        return [{"role": "user", "content": src, "input": ""}], tgt
+    alpaca_columns = {k: v for k, v in columns.items() if k in ("instruction", "input", "output", "system")}
+    conversation = alpaca_conversation(row, where, alpaca_columns)
+    return conversation[:-1], conversation[-1]["content"]
+
+
+def tokenize_seq2seq(pairs: list[tuple[list[dict], str]], tokenizer, template, max_length: int):
+    """Encoder input = the template's prompt for the source (exactly what generate renders);
+    labels = the target's ids + EOS. Both cut to max_length (the source from its start, after BOS)."""
+    stats = DataStats(rows=len(pairs))
+    targets = tokenize_texts(tokenizer, [t for _, t in pairs])
+    bos = tokenizer.bos_token_id
+    examples = []
+    for (messages, _), target in zip(pairs, targets):
+        source = prompt_ids(tokenizer, template, messages)
+        labels = list(target) + [tokenizer.eos_token_id]
+        if len(source) > max_length:
+            keep = 1 if source and source[0] == bos else 0
+            source = source[:keep] + source[len(source) - (max_length - keep):]
+            stats.truncated["source"] += 1
+        if len(labels) > max_length:
+            labels = labels[:max_length]
+            stats.truncated["target"] += 1
+        examples.append({"input_ids": source, "labels": labels})
+        stats.supervised_tokens += len(labels)
+        stats.total_tokens += len(source) + len(labels)
+    stats.kept = stats.sequences = len(examples)
+    return examples, stats
+
+
+def build_seq2seq_data(recipe, tokenizer):
+    d = recipe.data
+    spec = TemplateSpec.from_data(d)
+
+    def pairs_of(path):
+        source = read_source(path, d.split)
+        return [seq2seq_pair(row, where, d.columns) for where, row in source.stream()]
+
+    train, evaluation = split_items(d, pairs_of)
+    examples, stats = tokenize_seq2seq(train, tokenizer, spec, d.max_length)
+    data = SFTData(train=to_dataset(examples), eval=None, stats=stats)
+    if evaluation:
+        eval_examples, data.eval_stats = tokenize_seq2seq(evaluation, tokenizer, spec, d.max_length)
+        data.eval = to_dataset(eval_examples)
+    return data
+
+
+class Seq2SeqCollator:
+    """Encoder inputs right-padded with their mask; labels right-padded with -100 (the model
+    builds its decoder inputs from them)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]):
+        ids, mask = pad_right([f["input_ids"] for f in features], self.pad_token_id)
+        labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

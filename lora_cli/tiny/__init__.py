@@ -1,0 +1,1 @@
+"""The small offline bases `lora build-tiny` writes (tests and the demo use them)."""

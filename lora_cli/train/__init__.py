@@ -1,0 +1,1 @@
+"""Training: the run, checkpoints, pre-flight checks, metrics, lint, estimate, sweep, preview."""
