@@ -679,12 +679,8 @@ def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], 
     """Every candidate's Answer per row, for the metrics asked. Progress (lora_cli.ui.progress,
     `lora eval`'s bar) counts rows x passes over every candidate, noting which one is asked."""
     needs = {m.needs for m in metrics}
-
-    def passes(cand: Candidate) -> int:
-        can = capabilities(cand)
-        return ("text" in needs and "text" in can) + ("logits" in needs and "logits" in can) + ("labels" in needs and "labels" in can)
-
-    progress.set_total(len(asking.rows) * sum(passes(c) for c in candidates))
+    # a pass over the rows per kind of answer both asked for and given (text, logits, labels)
+    progress.set_total(len(asking.rows) * sum(len(needs & capabilities(c)) for c in candidates))
     tick = progress.advance
     out = {}
     for cand in candidates:
