@@ -194,6 +194,12 @@ TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Promp
 ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list of function schemas offered to the model, rendered as training rendered a row's tools.")]
 
 
+def progress_console(stdout_busy: bool) -> Console:
+    """Where progress goes: stderr while stdout carries results (answers, a JSON document),
+    stdout otherwise; --quiet silences it either way."""
+    return err_console if stdout_busy and not console.quiet else console
+
+
 def _load_variants(adapter, base, template, engine: str = "transformers", trust_remote_code: bool = False):
     """(inference backend, adapter infos, base template) for generate, chat and serve."""
     # here, not at the top: `lora --help` starts fast
@@ -257,7 +263,7 @@ def generate(
         variants = {BASE: (None, default_template)}
     else:
         variants = {name: (name, template or info.template) for name, info in infos.items()}
-    shown_on = console if out is not None else err_console  # answers printed on stdout stay clean
+    shown_on = progress_console(stdout_busy=out is None)  # answers printed on stdout stay clean
     with progress.task("answering", shown_on, unit="answers") if file else progress.spinner("answering", console):
         rows = generate_rows(backend, prompts, variants, settings, batch_size, tools=tool_schemas)
     if out is not None:
@@ -368,6 +374,7 @@ def predict(
     base: BaseOption = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     trust_remote_code: TrustRemoteCode = False,
+    as_json: JsonOption = False,
 ):
     """Label rows with a classification adapter: predicted label and every label's probability
     per row; accuracy, macro-F1 and the confusion matrix when the rows carry their labels."""
@@ -383,13 +390,19 @@ def predict(
     from lora_cli.model.load import load_for_inference
     from lora_cli.tasks.classification import predict_file
 
-    with progress.spinner("loading the model", console):
+    shown_on = progress_console(stdout_busy=as_json)  # stdout carries the one JSON document
+    with progress.spinner("loading the model", shown_on):
         model, tokenizer, infos = load_for_inference({"adapter": adapter}, base=base, trust_remote_code=trust_remote_code)
     info = infos["adapter"]
     labels = list(info.model_section["labels"])
-    with progress.task("labelling", console, unit="rows"):
+    with progress.task("labelling", shown_on, unit="rows"):
         rows, report = predict_file(model, tokenizer, labels, file, int(info.recipe["data"]["max_length"]))
     ownership.write_output_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "predict")
+    if as_json:
+        from lora_cli.json_output import emit, predict_doc  # here, not at the top: `lora --help` starts fast
+
+        emit("predict", predict_doc(adapter, file, out, rows, labels, report))
+        return
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
         console.print("  " + line, highlight=False, markup=False)
@@ -444,30 +457,11 @@ def eval_(
         return
     from lora_cli.eval.run import print_table, run_eval  # here, not at the top: `lora --help` starts fast
 
-    with _eval_progress() as progress:
-        record = run_eval(request, out, force, progress=progress, log=console.print)
+    with progress.task("lora eval", console, unit="answers"):  # rows x passes, every candidate
+        record = run_eval(request, out, force, log=console.print)
     print_table(record, console)
     if out is not None:
         console.print(f"written to {out}: eval.json, answers.jsonl, eval.png")
-
-
-def _eval_progress():
-    """A progress bar per candidate on stderr (lora's own lines), gone when done."""
-    from contextlib import contextmanager
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    @contextmanager
-    def bars():
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err_console, transient=True) as progress:
-            def start(name: str, total: int):
-                task = progress.add_task(name, total=total)
-                return lambda n: progress.advance(task, n)
-
-            yield start
-
-    return bars()
 
 
 @app.command()
@@ -485,7 +479,7 @@ def merge(
     # here, not at the top: `lora --help` starts fast
     from lora_cli.export.merge import merge_adapter
 
-    with progress.spinner(f"merging into {out}", console):
+    with progress.task(f"merging into {out}", console):  # the stages merge_adapter names
         merge_adapter(adapter, out, dtype=dtype, force=force, base=base, max_shard_size=max_shard_size, log=console.print,
                       trust_remote_code=trust_remote_code)
 
@@ -504,7 +498,7 @@ def export(
     # here, not at the top: `lora --help` starts fast
     from lora_cli.export.gguf import export as run_export
 
-    with progress.spinner(f"exporting {out}", console):
+    with progress.task(f"exporting {out}", console):  # the merge's stages, each tensor, the file
         run_export(adapter, out, format=format, dtype=dtype, force=force, base=base, log=console.print)
 
 
@@ -578,6 +572,7 @@ def analyze(
     no_base: Annotated[bool, typer.Option("--no-base", help="Skip loading the base (no ||dW|| / ||W|| column).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace --plot if an earlier `lora analyze` wrote it.")] = False,
     trust_remote_code: TrustRemoteCode = False,
+    as_json: JsonOption = False,
 ):
     """Singular values of each learned update B·A: effective and stable rank, size against the frozen weight."""
     # here, not at the top: `lora --help` starts fast
@@ -587,6 +582,11 @@ def analyze(
         ownership.check_output(plot, "analyze", force=force, flag="--plot",
                                inputs=adapter_inputs({"adapter": str(adapter)}, base))
     result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
+    if as_json:
+        from lora_cli.json_output import analyze_doc, emit  # here, not at the top: `lora --help` starts fast
+
+        emit("analyze", analyze_doc(result, plot_analysis(result, plot) if plot is not None else None))
+        return
     print_analysis(result, console)
     if plot is not None:
         console.print(f"[bold]plot[/]    {plot_analysis(result, plot)}")
@@ -672,6 +672,7 @@ def data_preview(
     recipe: RecipePath,
     set_: SetOption = None,
     rows: Annotated[int, typer.Option("--rows", min=0, help="Examples to print.")] = 3,
+    as_json: JsonOption = False,
 ):
     """Decoded rows with the supervised part highlighted, lengths, and what was kept / cut / dropped."""
     # here, not at the top: `lora --help` starts fast
@@ -682,6 +683,13 @@ def data_preview(
     if not get_task(r.model.task).token_stream:
         raise LoraError(f"lora data preview shows causal-LM rows; model.task is {r.model.task}",
                         f"lora train {shlex.quote(str(recipe))} --dry-run shows this task's rows, labels and one decoded example")
+    if as_json:
+        # here, not at the top: `lora --help` starts fast
+        from lora_cli.json_output import emit, preview_doc
+        from lora_cli.train.preview import load_preview
+
+        emit("data_preview", preview_doc(r, recipe, *load_preview(r), rows=rows))
+        return
     # here, not at the top: `lora --help` starts fast
     from lora_cli.train.preview import preview_data
 

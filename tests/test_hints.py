@@ -62,3 +62,20 @@ def test_a_missing_adapter_lists_the_adapters_beside_it(in_walk, cli):
     res = cli("generate", "--adapter", "runs/dmeo", "hi")
     assert res.code == 2 and "runs/dmeo does not exist" in res.err
     assert "adapters here: runs/demo" in res.err and "did you mean runs/demo?" in res.err, res.err
+
+
+def test_the_readme_checks_try_lines_clear_their_warnings(cli):
+    """`lora check recipes/demo.yaml` (the README's worked example) ends each warning with
+    `try: KEY: VALUE`; set as `--set KEY=VALUE`, each clears its own warning."""
+    import json
+
+    from conftest import REPO
+
+    recipe = REPO / "recipes" / "demo.yaml"
+    warnings = json.loads(cli("check", recipe, "--json").out)["warnings"]
+    assert {w["key"] for w in warnings} == {"train.learning_rate", "train.epochs"}
+    for w in warnings:
+        key, value = re.match(r"([\w.]+): ([^\s,(]+)", w["try"]).groups()
+        assert key == w["key"], w
+        res = cli("check", recipe, "--set", f"{key}={value}", "--json")
+        assert res.code == 0 and key not in {x["key"] for x in json.loads(res.out)["warnings"]}, (w, res.out)

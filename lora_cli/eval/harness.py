@@ -18,6 +18,7 @@ from lora_cli.libraries import install_hint
 from lora_cli.files import ownership
 from lora_cli.model.load import local_device
 from lora_cli.model.adapter_folder import read_adapter
+from lora_cli.ui.terminal import table_box
 
 TASKS_FILE = "eval.json"
 
@@ -114,7 +115,7 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
 def print_tasks(record: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title="lm-evaluation-harness")
+    table = Table(title="lm-evaluation-harness", box=table_box())  # piped / NO_COLOR: no box drawing
     for column in ("candidate", "task", "metric", "value", "stderr"):
         table.add_column(column)
     for c in record["candidates"]:

@@ -39,6 +39,8 @@ from lora_cli.data.examples import load_items
 from lora_cli.infer.settings import GenerationSettings
 from lora_cli.data.pairs import PAIR_SHAPES
 from lora_cli.tasks.seq2seq import seq2seq_pair, tokenize_seq2seq
+from lora_cli.ui import progress
+from lora_cli.ui.terminal import table_box
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
@@ -756,16 +758,18 @@ def capabilities(candidate: Candidate) -> set[str]:
     return {"text"} | ({"logits"} if candidate.has_logits else set())
 
 
-def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], settings: Settings,
-            progress=None) -> dict[str, list[Answer]]:
-    """Every candidate's Answer per row, for the metrics asked."""
+def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], settings: Settings
+            ) -> dict[str, list[Answer]]:
+    """Every candidate's Answer per row, for the metrics asked. Progress (lora_cli.ui.progress,
+    `lora eval`'s bar) counts rows x passes over every candidate, noting which one is asked."""
     needs = {m.needs for m in metrics}
+    # a pass over the rows per kind of answer both asked for and given (text, logits, labels)
+    progress.set_total(len(asking.rows) * sum(len(needs & capabilities(c)) for c in candidates))
+    tick = progress.advance
     out = {}
     for cand in candidates:
         can = capabilities(cand)
-        work = len(asking.rows) * (("text" in needs and "text" in can) + ("logits" in needs and "logits" in can)
-                                   + ("labels" in needs and "labels" in can))
-        tick = progress(cand.name, work) if progress else (lambda n: None)
+        progress.note(f"asking {cand.name} ({len(asking.rows)} rows)")
         answers = [Answer(reference=r.reference, label=r.label) for r in asking.rows]
         if "text" in needs and "text" in can:
             for a, text in zip(answers, cand.answers(asking, settings, tick)):
@@ -780,7 +784,7 @@ def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], 
     return out
 
 
-def run_eval(request: Request, out: Path | None = None, force: bool = False, progress=None,
+def run_eval(request: Request, out: Path | None = None, force: bool = False,
              log: Callable[[str], None] = print) -> dict:
     """Load, ask, score; write OUT/eval.json, answers.jsonl and eval.png when `out` is given.
     Returns the eval.json record."""
@@ -789,12 +793,13 @@ def run_eval(request: Request, out: Path | None = None, force: bool = False, pro
         ownership.check_output(Path(out), "eval", force=force, folder=True,
                                inputs=[("--data", request.data), *[("--adapter", p) for p in request.adapters.values()],
                                        *[("--merged", p) for p in request.merged], *[("--gguf", p) for p in request.gguf]])
+    progress.note("loading the candidates")
     candidates, asking, metrics, task = load_candidates(request)
     names = [c.name for c in candidates]
     baseline = request.baseline or names[0]
     if baseline not in names:
         raise LoraError(f"--baseline {baseline!r} is not a candidate", f"candidates: {', '.join(names)}")
-    answers = ask_all(candidates, asking, metrics, request.settings, progress)
+    answers = ask_all(candidates, asking, metrics, request.settings)
     scores = score(answers, metrics, {c.name: capabilities(c) for c in candidates}, baseline,
                    request.resamples, request.settings.seed or 0)
     record = eval_record(request, candidates, asking, metrics, scores, baseline, task)
@@ -881,7 +886,8 @@ def print_table(record: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{record['settings']['rows']} rows of {record['settings']['data']}; "
-                        f"Δ = difference to {record['baseline']}, [{CONFIDENCE:.0%} bootstrap interval]")
+                        f"Δ = difference to {record['baseline']}, [{CONFIDENCE:.0%} bootstrap interval]",
+                  box=table_box())  # piped / NO_COLOR: no box drawing
     table.add_column("candidate")
     table.add_column("kind")
     for metric, about in record["metrics"].items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.files import ownership
+from lora_cli.ui import progress
 from lora_cli.errors import LoraError
 from lora_cli.data.template import adds_bos, jinja_chat_template, resolve_template
 from lora_cli.libraries import install_hint, quiet_libraries
@@ -323,16 +324,21 @@ def write_merged_gguf(path: Path, model, tokenizer, tokenizer_dir: Path, spec, d
     add_tokenizer(writer, tokenizer, tokenizer_dir, config.vocab_size, jinja_chat_template(spec, tokenizer))
     name_map = gguf.get_tensor_name_map(model_arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-            continue  # llama.cpp computes rope itself; a tied output reuses token_embd
+    # llama.cpp computes rope itself; a tied output reuses token_embd
+    tensors = {n: t for n, t in model.state_dict().items()
+               if not (n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight"))}
+    progress.add_total(len(tensors) + 1)  # each tensor, then the file
+    progress.note(f"converting {len(tensors)} tensors to {dtype}")
+    for hf_name, tensor in tensors.items():
         array = tensor.detach().float().cpu().numpy()
         heads = _rotary_heads(hf_name, config) if arch.permute_qk else None
         if heads:
             array = permute_rotary_rows(array, heads)
         data, raw_dtype = _encode(gguf, array, dtype)
         writer.add_tensor(gguf_tensor_name(name_map, hf_name), data, raw_dtype=raw_dtype)
-    _finish(writer)
+        progress.advance()
+    with progress.step("writing the GGUF file"):
+        _finish(writer)
 
 
 def export_gguf(adapter_dir, out, *, dtype: str = "f16", force: bool = False, base: str | None = None,
@@ -428,7 +434,10 @@ def write_adapter_gguf(path: Path, info, config, alpha: float, dtype: str) -> No
     weights = info.path / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoraError(f"{info.path}: no adapter_model.safetensors", "export the adapter with `lora save` first")
-    for peft_name, array in sorted(load_file(str(weights)).items()):
+    tensors = sorted(load_file(str(weights)).items())
+    progress.add_total(len(tensors) + 1)  # each tensor, then the file
+    progress.note(f"converting {len(tensors)} LoRA tensors to {dtype}")
+    for peft_name, array in tensors:
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", peft_name)
         if not match:
             raise LoraError(f"--format gguf-adapter: tensor {peft_name} is not a LoRA A/B matrix",
@@ -441,7 +450,9 @@ def write_adapter_gguf(path: Path, info, config, alpha: float, dtype: str) -> No
         data, raw_dtype = _encode(gguf, array, dtype)
         writer.add_tensor(f"{gguf_tensor_name(name_map, hf_name + '.weight')}.lora_{which.lower()}", data,
                           raw_dtype=raw_dtype)
-    _finish(writer)
+        progress.advance()
+    with progress.step("writing the GGUF file"):
+        _finish(writer)
 
 
 EXPORTERS = {"gguf": export_gguf, "gguf-adapter": export_gguf_adapter, "ollama": export_ollama}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lora_cli.files import ownership
 from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_recipe_file, RECIPE_FILE, verify_adapter
+from lora_cli.ui import progress
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import for_peft_type
 from lora_cli.libraries import quiet_libraries
@@ -74,13 +75,15 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, dtype: str | None
                            inputs=[("adapter", info.path), ("base model", model_cfg.name_or_path),
                                    ("tokenizer", tokenizer_src)])
     tokenizer = load_tokenizer(str(tokenizer_src), trust_remote_code)
+    progress.add_total(1)  # writing, after the merge's own stages
     with ownership.writing_folder(Path(out), "merge", force) as staging:
         merged = _merge_into_full_precision(info, model_cfg, tokenizer, log)
-        if save_dtype is not None:
-            merged = merged.to(save_dtype)
-            merged.config.dtype = save_dtype
-        _check_finite(merged)  # after the cast: float16 overflows to Inf above 65504
-        merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        with progress.step(f"writing safetensors shards of at most {max_shard_size}"):
+            if save_dtype is not None:
+                merged = merged.to(save_dtype)
+                merged.config.dtype = save_dtype
+            _check_finite(merged)  # after the cast: float16 overflows to Inf above 65504
+            merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         saved_as = str(merged.dtype).removeprefix("torch.")
         (staging / "README.md").write_text(model_card(info, model_cfg.name_or_path, merged=True, dtype=saved_as),
@@ -120,17 +123,21 @@ def _merged_model(info, model_cfg, tokenizer):
     import torch
     from peft import PeftModel
 
-    model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
-    bind_tokenizer(model, tokenizer)
+    progress.add_total(3)  # the stages below
+    with progress.step(f"loading the base {model_cfg.name_or_path}"):
+        model = load_base_model(model_cfg, quantize=False, dtype=torch.float32, device="cpu")
+        bind_tokenizer(model, tokenizer)
     was_tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-    model = PeftModel.from_pretrained(model, str(info.path))
-    try:
-        with warnings.catch_warnings():  # peft's note on untied embeddings: we report that ourselves
-            warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
-            return model.merge_and_unload(safe_merge=True), was_tied
-    except ValueError as e:  # peft's safe_merge reports NaN this way
-        raise LoraError(f"merging {info.path} would produce non-finite weights ({e}); nothing was written",
-                        "the adapter is broken (NaN/Inf); use an earlier checkpoint") from None
+    with progress.step(f"loading the adapter {info.path}"):
+        model = PeftModel.from_pretrained(model, str(info.path))
+    with progress.step("merging"):
+        try:
+            with warnings.catch_warnings():  # peft's note on untied embeddings: we report that ourselves
+                warnings.filterwarnings("ignore", message=".*no longer tied after merging.*")
+                return model.merge_and_unload(safe_merge=True), was_tied
+        except ValueError as e:  # peft's safe_merge reports NaN this way
+            raise LoraError(f"merging {info.path} would produce non-finite weights ({e}); nothing was written",
+                            "the adapter is broken (NaN/Inf); use an earlier checkpoint") from None
 
 
 def _untie_trained_embeddings(model, was_tied: bool, log) -> None:

@@ -12,7 +12,7 @@ from lora_cli.data.template import IGNORE_INDEX
 from lora_cli.ui.terminal import plain
 from lora_cli.data.examples import build_sft_data, label_runs, lengths_of, pack_bins
 from lora_cli.model.load import load_tokenizer
-from lora_cli.train.preference import preview_pairs
+from lora_cli.train.preference import build_preference_data, preview_pairs
 
 SUPERVISED_MARKS = ("[[", "]]")  # around supervised text, so colour never carries the meaning alone
 
@@ -28,18 +28,30 @@ def highlighted(example: dict, tokenizer) -> Text:
     return text
 
 
-def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> list[str]:
-    """Text bars: how many sequences fall in each length bucket up to max_length."""
+def length_bins(lengths: list[int], max_length: int, bins: int = 8) -> list[tuple[int, int, int]]:
+    """(shortest, longest, sequences) of each length bucket up to max_length."""
     step = max(1, -(-max_length // bins))
     counts = [0] * bins
     for n in lengths:
         counts[min(bins - 1, (n - 1) // step)] += 1
-    top = max(counts) or 1
-    lines = []
-    for b, c in enumerate(counts):
-        lo, hi = b * step + 1, min(max_length, (b + 1) * step)
-        lines.append(f"{lo:>6}-{hi:<6} {('#' if plain() else '█') * round(width * c / top):<{width}} {c}")
-    return lines
+    return [(b * step + 1, min(max_length, (b + 1) * step), c) for b, c in enumerate(counts)]
+
+
+def length_histogram(lengths: list[int], max_length: int, bins: int = 8, width: int = 40) -> list[str]:
+    """Text bars: how many sequences fall in each length bucket up to max_length."""
+    buckets = length_bins(lengths, max_length, bins)
+    top = max(c for _, _, c in buckets) or 1
+    return [f"{lo:>6}-{hi:<6} {('#' if plain() else '█') * round(width * c / top):<{width}} {c}"
+            for lo, hi, c in buckets]
+
+
+def load_preview(recipe):
+    """(tokenizer, data) as the preview shows them: an SFT recipe's rows one by one even when
+    training packs them (packing is summarised apart), a preference recipe's pairs."""
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    if objective_of(recipe).preference:
+        return tokenizer, build_preference_data(recipe, tokenizer)
+    return tokenizer, build_sft_data(replace(recipe.data, packing=False), tokenizer)
 
 
 def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> None:
@@ -50,10 +62,8 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
 
         return preview_pairs(recipe, console, rows)
 
-    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    tokenizer, data = load_preview(recipe)
     data_cfg = recipe.data
-    # Rows are shown one by one even when training packs them; packing is summarised below.
-    data = build_sft_data(replace(data_cfg, packing=False), tokenizer)
     train, stats = data.train, data.stats
     formats = ", ".join(sorted(set(stats.formats.values()))) or data_cfg.format
     console.print(f"[bold]data[/]      {data_cfg.path} (format {formats}, template {data_cfg.template}, "

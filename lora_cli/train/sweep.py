@@ -27,7 +27,7 @@ from lora_cli.files.inputs import read_json
 from lora_cli.recipe.schema import Recipe
 from lora_cli.data.formats import data_paths
 from lora_cli.tasks.hooks import prepare_recipe
-from lora_cli.ui.terminal import table_box
+from lora_cli.ui.terminal import plain, table_box
 
 RESULT_FILE = "sweep_result.json"  # written into each rank's folder once its run has finished
 SUMMARY_FILE = "sweep.json"
@@ -217,7 +217,8 @@ def run_sweep(recipe: Recipe, ranks: list[int], *, threshold: float = 0.02, plot
         if r in done_ranks:
             console.print(f"[bold]rank {r}[/]  finished earlier in {plan.output_dir}: skipped")
             continue
-        console.rule(f"rank {r}, alpha {plan.lora.alpha:g} -> {plan.output_dir}")
+        console.rule(f"rank {r}, alpha {plan.lora.alpha:g} -> {plan.output_dir}",
+                     characters="-" if plain() else "─")  # piped / NO_COLOR: no box drawing
         try:
             runs.append(train_rank(plan, console))
         except BaseException:  # Ctrl-C, a signal the trainer turned into an error, a failed run
