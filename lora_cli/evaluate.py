@@ -700,12 +700,8 @@ def ask_all(candidates: list[Candidate], asking: Asking, metrics: list[Metric], 
     from lora_cli import progress
 
     needs = {m.needs for m in metrics}
-
-    def passes(cand: Candidate) -> int:
-        can = capabilities(cand)
-        return ("text" in needs and "text" in can) + ("logits" in needs and "logits" in can) + ("labels" in needs and "labels" in can)
-
-    progress.set_total(len(asking.rows) * sum(passes(c) for c in candidates))
+    # a pass over the rows per kind of answer both asked for and given (text, logits, labels)
+    progress.set_total(len(asking.rows) * sum(len(needs & capabilities(c)) for c in candidates))
     tick = progress.advance
     out = {}
     for cand in candidates:
