@@ -29,7 +29,7 @@ from lora_cli.train.objectives import (column_fields as objective_fields, LOSS_T
 from lora_cli.data.template import TEMPLATE_NAMES, placeholder_problems
 from lora_cli.tasks import TASK_NAMES, column_fields, recipe_problems
 from lora_cli.files import atomic
-from lora_cli.eval.metrics import metric_name_problems
+from lora_cli.eval.metrics import METRICS, metric_name_problems
 
 PATH = "path"  # metadata kind: resolved against the recipe's folder
 
@@ -207,9 +207,13 @@ class TrainConfig:
     undesirable_weight: float = key(1.0, "kto: loss weight of rows labelled bad (label: false).", min=0)
 
 
+# the names eval.metrics' doc lists (a labels metric reads a classifier, not generated text); from the registry
+GENERATION_METRICS = tuple(name for name, m in METRICS.items() if m.needs != "labels")
+
+
 @dataclass
 class EvalConfig:
-    metrics: list[str] = key(None, "Generation metrics scored on the validation split at the end of training (lora_cli/eval/metrics.py: loss, perplexity, exact_match, contains, rouge_l, bleu, chrf, or module:function), into metrics.jsonl and the run summary; empty = none.", factory=list)
+    metrics: list[str] = key(None, "Generation metrics scored on the validation split at the end of training (lora_cli/eval/metrics.py: " + ", ".join(GENERATION_METRICS) + ", or module:function), into metrics.jsonl and the run summary; empty = none.", factory=list)
     max_new_tokens: int = key(64, "Most tokens generated per validation row for eval.metrics.", min=1)
     limit: int = key(200, "Most validation rows eval.metrics answers (generation is slow); 0 = all.", min=0)
     bootstrap_resamples: int = key(1000, "Bootstrap resamples over rows for each metric's confidence interval.", min=1)
