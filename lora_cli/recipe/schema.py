@@ -255,7 +255,9 @@ def type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        inner = " or ".join(type_name(a) for a in args)
+        # sorted: typing caches unions by their members, so the order an import met first can win
+        # (test_cli's README check failed after test_export); one text whatever ran before
+        inner = " or ".join(sorted((type_name(a) for a in args), key=lambda name: (name.startswith("list of"), name)))
         return f"{inner} (or empty)" if len(args) < len(typing.get_args(tp)) else inner
     if origin is list:
         return f"list of {type_name(typing.get_args(tp)[0])}"
