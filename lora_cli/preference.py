@@ -216,14 +216,15 @@ def read_preference_rows(path: str, split: str, columns: dict, rows_kind: str) -
 
 # --------------------------------------------------------------------------- tokenising
 
-def render(spec, tokenizer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
+def render(spec, tokenizer, messages: list[dict], answer: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids + EOS) of one answer to a prompt, through the template path SFT
-    and inference share: the prompt ids are exactly those `lora generate` builds for it."""
-    from lora_cli.template import IGNORE_INDEX, conversation_segments, encode_segments
+    and inference share: the prompt ids are exactly those `lora generate` builds for it.
+    max_length: what _fit keeps, so a 10 MB field is never tokenised whole (segment_token_lists)."""
+    from lora_cli.template import IGNORE_INDEX, conversation_segments, encode_segments, segment_token_lists
 
     segments = conversation_segments(spec, messages + [{"role": "assistant", "content": answer}], tokenizer,
                                      train_on="last")
-    ids, labels = encode_segments(tokenizer, segments)
+    ids, labels = encode_segments(tokenizer, segments, segment_token_lists(tokenizer, segments, max_length))
     start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     return ids[:start], ids[start:]
 
@@ -246,8 +247,8 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, spec, max_length: int) -> tuple
     keep_first = 1 if adds_bos(tokenizer) else 0
     examples = []
     for pair in pairs:
-        prompt, chosen = render(spec, tokenizer, pair.messages, pair.chosen)
-        prompt_r, rejected = render(spec, tokenizer, pair.messages, pair.rejected)
+        prompt, chosen = render(spec, tokenizer, pair.messages, pair.chosen, max_length)
+        prompt_r, rejected = render(spec, tokenizer, pair.messages, pair.rejected, max_length)
         if prompt != prompt_r:  # a chat template whose prompt text depends on the answer
             raise DataError(f"{pair.where}: data.template {spec.name} renders this prompt differently before the "
                             "chosen and the rejected answer, so they would not answer the same prompt",
@@ -267,7 +268,7 @@ def tokenize_labelled(rows: list[Labelled], tokenizer, spec, max_length: int) ->
     keep_first = 1 if adds_bos(tokenizer) else 0
     examples = []
     for row in rows:
-        prompt, completion = render(spec, tokenizer, row.messages, row.completion)
+        prompt, completion = render(spec, tokenizer, row.messages, row.completion, max_length)
         prompt, (completion,) = _fit(prompt, [completion], max_length, keep_first, stats)
         examples.append({"prompt_ids": prompt, "completion_ids": completion, "label": row.label})
         stats.supervised_tokens += len(completion)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from lora_cli.data import DataStats
 from lora_cli.errors import DataError, LoraError
+from lora_cli.token_budget import clip_for_tokens
 
 TASK_NAMES = ("causal_lm", "classification", "seq2seq")
 CLASSIFICATION_FIELDS = ("text", "text_pair", "label")
@@ -252,8 +253,9 @@ def tokenize_labeled(rows: list[LabeledRow], names: list[str], tokenizer, max_le
         picked = [i for i, r in enumerate(rows) if (r.text_pair is not None) == with_pair]
         if not picked:
             continue
-        texts = [rows[i].text for i in picked]
-        pairs = [rows[i].text_pair for i in picked] if with_pair else None
+        # a 10 MB text is cut to the ends truncation can keep before it is tokenised (token_budget)
+        texts = [clip_for_tokens(rows[i].text, tokenizer, max_length) for i in picked]
+        pairs = [clip_for_tokens(rows[i].text_pair, tokenizer, max_length) for i in picked] if with_pair else None
         full = tokenizer(texts, pairs, truncation=False)["input_ids"]
         cut = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
         for i, ids, whole in zip(picked, cut, full):
@@ -456,7 +458,9 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
 
 
 def _encode_row(tokenizer, row: LabeledRow, max_length: int) -> list[int]:
-    return tokenizer(row.text, row.text_pair, truncation=True, max_length=max_length)["input_ids"]
+    pair = None if row.text_pair is None else clip_for_tokens(row.text_pair, tokenizer, max_length)
+    return tokenizer(clip_for_tokens(row.text, tokenizer, max_length), pair,
+                     truncation=True, max_length=max_length)["input_ids"]
 
 
 def evaluate_rows(model, tokenizer, rows: list[LabeledRow], labels: list[str], max_length: int) -> ClassificationReport:
@@ -524,11 +528,12 @@ def tokenize_seq2seq(pairs: list[tuple[list[dict], str]], tokenizer, template, m
     from lora_cli.template import prompt_ids, tokenize_texts
 
     stats = DataStats(rows=len(pairs))
-    targets = tokenize_texts(tokenizer, [t for _, t in pairs])
+    # a 10 MB source or target is cut to the ends truncation can keep before it is tokenised (token_budget)
+    targets = tokenize_texts(tokenizer, [clip_for_tokens(t, tokenizer, max_length) for _, t in pairs])
     bos = tokenizer.bos_token_id
     examples = []
     for (messages, _), target in zip(pairs, targets):
-        source = prompt_ids(tokenizer, template, messages)
+        source = prompt_ids(tokenizer, template, messages, max_tokens=max_length)
         labels = list(target) + [tokenizer.eos_token_id]
         if len(source) > max_length:
             keep = 1 if source and source[0] == bos else 0
