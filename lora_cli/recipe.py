@@ -632,9 +632,10 @@ def update_reference(readme_file: Path) -> None:
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{readme_file}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block",
                         "add both markers where the table goes")
-    from lora_cli import atomic
+    from lora_cli import atomic, ownership
 
-    atomic.write_text(Path(readme_file), with_reference(text))
+    with ownership.turning_disk_errors(Path(readme_file), "--update"):  # a read-only or full disk: exit 2 naming it
+        atomic.write_text(Path(readme_file), with_reference(text))
 
 
 def with_reference(readme: str) -> str:

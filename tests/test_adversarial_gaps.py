@@ -216,3 +216,64 @@ def test_chat_save_on_a_full_disk_keeps_the_chat(chat_user, cli, monkeypatch):
     assert f"writing {chat_user / 't.json'} failed: No space left on device" in result.out, result.out
     assert "/exit" in result.out  # /help answered after it
     assert_tree_unchanged(before, snapshot_tree(chat_user))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_random, chat_adapter):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from lora_cli.serve import build_server, create_app
+
+    server = build_server({"one": chat_adapter}, max_batch=4, max_queue=16)
+    with TestClient(create_app(server), raise_server_exceptions=False) as client:
+        yield client
+    server.scheduler.close()
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"prompt": "hi"})])
+def test_server_refuses_a_flood_of_stop_sequences(route, body, served):
+    """Class 2: 100,000 stop strings (under the body limit) made every generated token decode
+    the answer 100,000 times, holding the one generation thread every client waits on."""
+    flood = {"model": "one", "max_tokens": 4, "stop": [f"s{i}" for i in range(100_000)], **body}
+    response = served.post(route, json=flood)
+    assert response.status_code == 400, response.text[:500]
+    error = response.json()["error"]
+    assert error["param"] == "stop" and "at most 16 stop sequences, got 100,000" in error["message"]
+    ok = served.post(route, json={"model": "one", "max_tokens": 2, "stop": ["a", "b", "c", "d"], **body})
+    assert ok.status_code == 200, ok.text[:500]
+
+
+def test_stop_strings_are_searched_in_one_decode_per_token():
+    from lora_cli.backends import GenerationRequest, _Row
+    from lora_cli.infer import GenerationSettings
+
+    decodes = []
+    row = _Row(GenerationRequest([1], GenerationSettings(max_new_tokens=8), stop=tuple(f"s{i}" for i in range(50))),
+               {0}, lambda ids: decodes.append(ids) or "text")
+    row.add(5)
+    assert len(decodes) == 1
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EACCES"])
+def test_recipe_keys_update_on_a_failing_disk_is_exit_2(code, tmp_path, cli, monkeypatch):
+    """Class 4: `recipe-keys --update` wrote the README without the disk-fault turn: a read-only
+    README folder was a traceback."""
+    import errno
+    import os
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# mine\n<!-- recipe-keys:start -->\n<!-- recipe-keys:end -->\n", encoding="utf-8")
+    before = snapshot_tree(tmp_path)
+    real = os.replace
+
+    def failing(src, dst, *args, **kwargs):
+        if Path(dst) == readme:
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(dst))
+        return real(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "replace", failing)
+    result = cli("recipe-keys", "--update", readme)
+    assert result.code == 2 and f"writing {readme} failed: {os.strerror(getattr(errno, code))}" in result.err, result
+    assert_tree_unchanged(before, snapshot_tree(tmp_path))
