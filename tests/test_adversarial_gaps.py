@@ -44,6 +44,8 @@ def _chat(cli, monkeypatch, root: Path, lines: list[str], *extra):
 
 # (what /save is given, the words of the refusal); each keeps the chat going and the folder as it was
 SAVE_CASES = {
+    "save-new-file-inside-adapter": ("adapter/chat.json", "is inside the adapter"),  # was written
+    "save-new-file-inside-base": ("base/chat.json", "is inside the base model (--base)"),  # was written
     "save-over-adapter-weights": ("adapter/adapter_model.safetensors", "is inside the adapter"),
     "save-force-over-adapter-weights": ("--force adapter/adapter_model.safetensors", "is inside the adapter"),
     "save-force-is-the-adapter": ("--force adapter", "is the adapter"),
