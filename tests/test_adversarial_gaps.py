@@ -279,3 +279,19 @@ def test_recipe_keys_update_on_a_failing_disk_is_exit_2(code, tmp_path, cli, mon
     result = cli("recipe-keys", "--update", readme)
     assert result.code == 2 and f"writing {readme} failed: {os.strerror(getattr(errno, code))}" in result.err, result
     assert_tree_unchanged(before, snapshot_tree(tmp_path))
+
+
+@pytest.mark.parametrize("module", ["antigravity", "megatron.core"])
+def test_adapter_config_naming_a_module_to_import_is_refused(module, chat_user, cli):
+    """Class 1: adapter_config.json's megatron_config makes peft import the module its
+    megatron_core names (peft allow-lists a prefix, with a traceback for anything else); a
+    folder never chooses code to import: exit 2 naming the field, before peft reads it."""
+    config_file = chat_user / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config.update(megatron_config={"tensor_model_parallel_size": 1}, megatron_core=module)
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    before = snapshot_tree(chat_user)
+    result = cli("generate", "-a", chat_user / "adapter", "hello", "--max-new-tokens", "2")
+    assert result.code == 2 and "megatron_config is set" in result.err and module in result.err, result
+    assert "Traceback" not in result.out + result.err
+    assert_tree_unchanged(before, snapshot_tree(chat_user))
