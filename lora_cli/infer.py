@@ -21,6 +21,7 @@ from lora_cli.template import history_messages, prompt_ids, resolve_template
 from lora_cli.token_budget import chars_for
 
 BASE = "base"  # the label rows and transcripts give the base with adapters switched off
+SAMPLING_EPS = 1e-5  # a temperature below this decodes greedily (vLLM's rule): logits / 1e-45 overflow to inf
 MAX_PROMPT_FILE_BYTES = 256 << 20  # --file: also what is read of a pipe before it is refused
 
 
@@ -74,7 +75,7 @@ class GenerationSettings:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        if self.temperature > 0:
+        if self.temperature >= SAMPLING_EPS:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

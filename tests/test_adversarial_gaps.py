@@ -295,3 +295,29 @@ def test_adapter_config_naming_a_module_to_import_is_refused(module, chat_user, 
     assert result.code == 2 and "megatron_config is set" in result.err and module in result.err, result
     assert "Traceback" not in result.out + result.err
     assert_tree_unchanged(before, snapshot_tree(chat_user))
+
+
+# --------------------------------------------------------------------------- found by `make fuzz` (this round)
+
+def test_a_turn_whose_role_is_a_list_is_named(tmp_path, tiny_random, cli):
+    """make fuzz: {"messages": [{"from": []}]} was `TypeError: unhashable type: 'list'` (a traceback)."""
+    from conftest import make_recipe, write_jsonl
+
+    recipe = make_recipe(tmp_path, tiny_random, write_jsonl(tmp_path / "data.jsonl", [{"messages": [{"from": []}]}]))
+    before = snapshot_tree(tmp_path)
+    result = cli("data", "preview", recipe)
+    assert result.code == 2 and "row 1, turn 1: unknown role []" in result.err, result
+    assert "Traceback" not in result.out + result.err
+    assert_tree_unchanged(before, snapshot_tree(tmp_path))
+
+
+@pytest.mark.parametrize("temperature", [1.401298464324817e-45, 1e-30, 9e-6])
+def test_a_denormal_temperature_decodes_greedily(temperature, served):
+    """make fuzz: temperature 1.4e-45 divided the logits into inf, and sampling answered HTTP 500
+    ("probability tensor contains either inf, nan or element < 0"). Below 1e-5 decoding is greedy,
+    as vLLM does."""
+    body = {"model": "one", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    greedy = served.post("/v1/chat/completions", json=body)
+    tiny = served.post("/v1/chat/completions", json={**body, "temperature": temperature})
+    assert tiny.status_code == 200, tiny.text[:500]
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
