@@ -154,7 +154,7 @@ def _marker_lock(folder: Path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             atomic.wait_lock(fd)
-            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if _same_file(path, fd):
                 break
         except BaseException:
             os.close(fd)
@@ -168,6 +168,15 @@ def _marker_lock(folder: Path):
         except OSError:
             pass
         os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (another holder may remove it, or
+    remove a newer one, at any moment)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 @contextmanager
