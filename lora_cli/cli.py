@@ -301,7 +301,8 @@ def chat(
     backend, infos, default_template = _load_variants(adapter, base, template, trust_remote_code=trust_remote_code)
     session = ChatSession(backend, {n: template or i.template for n, i in infos.items()}, settings,
                           adapter=next(iter(infos), None), base_template=default_template, system=system,
-                          tools=tool_schemas)
+                          tools=tool_schemas,
+                          inputs=[("tools file (--tools)", tools), *adapter_inputs(parse_adapters(adapter), base)])
     chat_loop(session)
 
 

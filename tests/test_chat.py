@@ -79,7 +79,7 @@ def test_real_command_with_scripted_stdin(adapters, tmp_path):
     assert "error: no adapter 'nope'" in out and "loaded: one, two" in out
     assert "adapters: one (active), two; base" in out
     assert "unknown command /bogus" in out
-    assert f"transcript written to {saved}" in out and f"error: {saved} already exists" in out
+    assert f"transcript written to {saved}" in out and f"error: /save {saved} already exists" in out
 
     transcript = json.loads(saved.read_text(encoding="utf-8"))
     assert transcript["system"] == "Be brief." and transcript["settings"]["max_new_tokens"] == 6

@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -84,7 +87,24 @@ def folder(tmp_path_factory, tiny_random):
     return root
 
 
+FUZZ_PROGRESS_EVERY = 100  # examples of one property between two progress lines under `make fuzz`
+_RUN: Counter = Counter()
+
+
+def _tick() -> None:
+    """Under the fuzz profile, a line on the real stderr (past pytest's capture) every
+    FUZZ_PROGRESS_EVERY examples of a property, shrinking replays included: a run stopped
+    before its 10,000 still says how far each property got."""
+    if os.environ.get("HYPOTHESIS_PROFILE") != "fuzz":
+        return
+    name = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+    _RUN[name] += 1
+    if _RUN[name] % FUZZ_PROGRESS_EVERY == 0:
+        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: {_RUN[name]} examples", file=sys.__stderr__, flush=True)
+
+
 def _fresh(root: Path, tiny: Path) -> Path:
+    _tick()
     for p in root.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     write_jsonl(root / "data.jsonl", demo_rows(8))
@@ -220,6 +240,7 @@ def requests(draw, route: str):
 
 @given(data=st.data(), route=st.sampled_from(sorted(VALID)))
 def test_any_request_is_answered_2xx_or_4xx(data, route, client):
+    _tick()
     body = data.draw(requests(route))
     if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 4:
         body["max_tokens"] = 4  # keep valid requests short: the property is about the answer's kind

@@ -323,7 +323,7 @@ def chat_message(turn, here: str) -> dict:
         raise DataError(f"{here}: expected an object with role/content (or from/value), got {type(turn).__name__}",
                         'write the turn as {"role": "user", "content": "..."} or {"from": "human", "value": "..."}')
     raw_role = turn.get("role", turn.get("from"))
-    if raw_role not in ROLES:
+    if not isinstance(raw_role, str) or raw_role not in ROLES:  # a list or an object is no role (and unhashable)
         raise DataError(f"{here}: unknown role {raw_role!r}", f"use one of: {', '.join(ROLES)}")
     role = ROLES[raw_role]
     raw = turn.get("content", turn.get("value"))

@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from lora_cli.errors import LoraError
 from lora_cli.files.inputs import shorten
+from lora_cli.data.token_budget import clip_for_tokens
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -397,11 +398,23 @@ def encode_segments(tokenizer, segments: list[Segment], token_lists=None, bos: b
     return ids, labels
 
 
-def prompt_ids(tokenizer, template, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def segment_token_lists(tokenizer, segments: list[Segment], max_tokens: int | None = None) -> list[list[int]]:
+    """Ids of each segment's text. With max_tokens (what the ids are cut to afterwards), a text
+    too long to matter whole (a 10 MB field) is first cut to the ends that cut can keep
+    (token_budget), so it is never tokenised whole."""
+    texts = [s.text for s in segments]
+    if max_tokens is not None:
+        texts = [clip_for_tokens(t, tokenizer, max_tokens) for t in texts]
+    return tokenize_texts(tokenizer, texts)
+
+
+def prompt_ids(tokenizer, template, messages: list[dict], tools: list[dict] | None = None,
+               max_tokens: int | None = None) -> list[int]:
     """Ids of a conversation (ending in a user turn) plus the prompt for the next answer:
-    exactly the ids training built in front of that answer, tool schemas included."""
-    ids, _ = encode_segments(tokenizer, conversation_segments(template, messages, tokenizer, tools=tools,
-                                                              add_generation_prompt=True))
+    exactly the ids training built in front of that answer, tool schemas included.
+    max_tokens: the caller keeps at most that many of them (segment_token_lists)."""
+    segments = conversation_segments(template, messages, tokenizer, tools=tools, add_generation_prompt=True)
+    ids, _ = encode_segments(tokenizer, segments, segment_token_lists(tokenizer, segments, max_tokens))
     return ids
 
 

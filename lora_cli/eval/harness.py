@@ -88,8 +88,7 @@ def run_tasks(request, tasks: list[str], include_path: Path | None, out: Path | 
         raise LoraError("--tasks runs lm-eval on the base and adapters only",
                         "drop --merged / --gguf / --endpoint, or run them without --tasks")
     if out is not None:
-        ownership.check_output(Path(out), "eval", force=force, folder=True,
-                               inputs=[("--adapter", p) for p in request.adapters.values()])
+        ownership.check_output(Path(out), "eval", force=force, folder=True, inputs=request.inputs())
     manager = task_manager(include_path)
     check_tasks(manager, tasks)
     infos = {name: read_adapter(p) for name, p in request.adapters.items()}

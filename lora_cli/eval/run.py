@@ -41,6 +41,7 @@ from lora_cli.data.pairs import PAIR_SHAPES
 from lora_cli.tasks.seq2seq import seq2seq_pair, tokenize_seq2seq
 from lora_cli.ui import progress
 from lora_cli.ui.terminal import table_box
+from lora_cli.infer.generate import refuse_over_context, refuse_overlong_text, tools_chars
 
 EVAL_FILE = "eval.json"
 ANSWERS_FILE = "answers.jsonl"
@@ -592,6 +593,19 @@ class Request:
     resamples: int = 1000
     settings: Settings = field(default_factory=Settings)
 
+    def inputs(self) -> list[tuple[str, str]]:
+        """What it reads, which --out may not be, hold or sit inside: the rows, each adapter and
+        the base it names, --base-model, merged folders and GGUF files."""
+
+        found = [("--data", self.data), ("base model (--base-model)", self.base_model)]
+        for name, folder in self.adapters.items():
+            found.append(("--adapter", folder))
+            try:
+                found.append((f"base model of adapter {name}", read_adapter(folder).base))
+            except LoraError:
+                pass  # a damaged adapter is refused by the loader, in its own words
+        return found + [("--merged", p) for p in self.merged] + [("--gguf", p) for p in self.gguf]
+
 
 def check_kinds(request: Request) -> None:
     """Each path is what its flag says, before anything loads."""
@@ -712,7 +726,11 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow], task: str) -
     if encoder_decoder and request.gguf:
         raise LoraError(f"--gguf {request.gguf[0]}: the candidates are encoder-decoder ({task}) models; a GGUF file "
                         "is compared with decoder-only (causal_lm) adapters", "drop --gguf")
+    if backend is not None:
+        refuse_overlong_rows(backend, rows)
     asking = Asking.render(tokenizer, template, rows, encoder_decoder=encoder_decoder)
+    if backend is not None:
+        refuse_rows_over_context(backend, asking, request.settings.max_new_tokens)
     for folder, cand in zip(request.merged, [c for c in candidates if c.kind == "merged"]):
         _check_same_tokenizer(asking, cand.backend.tokenizer, f"--merged {folder}")
     context = max((len(ids) for ids, _ in asking.scored), default=0) + request.settings.max_new_tokens + 8
@@ -726,6 +744,24 @@ def _generators(request: Request, infos: dict, rows: list[EvalRow], task: str) -
     for cand in candidates:
         cand.check(asking)
     return candidates, asking
+
+
+def refuse_overlong_rows(backend, rows: list[EvalRow]) -> None:
+    """A row whose characters alone hold more tokens than the model's context (a 10 MB question)
+    is refused naming it before anything tokenises it, as `lora generate` refuses a prompt."""
+
+    for row in rows:
+        chars = sum(len(m.get("content") or "") + len(m.get("input") or "") for m in row.messages
+                    if isinstance(m.get("content") or "", str))
+        refuse_overlong_text(backend, chars + tools_chars(row.tools) + len(row.reference or ""), row.where)
+
+
+def refuse_rows_over_context(backend, asking: Asking, max_new_tokens: int) -> None:
+    """Prompt + answer of every row must fit the model's context (as `lora generate` requires)."""
+
+    asked = [row for row in asking.rows if row.labeled is None]
+    for row, ids in zip(asked, asking.prompts):
+        refuse_over_context(backend, len(ids), max_new_tokens, row.where)
 
 
 def _check_same_tokenizer(asking: Asking, other, flag: str) -> None:
@@ -790,9 +826,7 @@ def run_eval(request: Request, out: Path | None = None, force: bool = False,
     Returns the eval.json record."""
 
     if out is not None:  # the one output rule: never over an input, replaced only with --force and only if eval wrote it
-        ownership.check_output(Path(out), "eval", force=force, folder=True,
-                               inputs=[("--data", request.data), *[("--adapter", p) for p in request.adapters.values()],
-                                       *[("--merged", p) for p in request.merged], *[("--gguf", p) for p in request.gguf]])
+        ownership.check_output(Path(out), "eval", force=force, folder=True, inputs=request.inputs())
     progress.note("loading the candidates")
     candidates, asking, metrics, task = load_candidates(request)
     names = [c.name for c in candidates]

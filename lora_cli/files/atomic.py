@@ -70,6 +70,13 @@ def try_lock(fd: int) -> bool:
         raise
 
 
+def wait_lock(fd: int) -> None:
+    """An exclusive lock on an open descriptor, waiting for whoever holds it (filelock, as try_lock)."""
+    from filelock import lock_descriptor
+
+    lock_descriptor(fd, blocking=True, poll_interval=0.005)
+
+
 def _release(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)  # closing the descriptor drops the flock

@@ -26,6 +26,7 @@ from lora_cli.files import atomic
 from lora_cli.errors import LoraError
 
 OWNER_FILE = ".lora-owner.json"
+MARKER_LOCK = atomic.STAGED_PREFIX + OWNER_FILE + ".lock"  # held while OWNER_FILE is read and rewritten
 LOCK_FILE = ".lora-train.lock"
 _SHOWN = 10  # foreign files listed by name; the rest are counted
 
@@ -144,17 +145,53 @@ def _listing(files: list[str]) -> str:
 
 
 @contextmanager
+def _marker_lock(folder: Path):
+    """Hold MARKER_LOCK in `folder` (waiting for another process holding it). The file is
+    removed on release, so a folder keeps no lock file; a waiter that wakes on a removed file
+    (its path gone or another inode now) opens the new one and waits again."""
+    path = Path(folder) / MARKER_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            atomic.wait_lock(fd)
+            if _same_file(path, fd):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()  # while still held: nobody else can be holding this inode
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd` (another holder may remove it, or
+    remove a newer one, at any moment)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
 def _marker(folder: Path):
     """Read, change and atomically rewrite a folder's OWNER_FILE (its folder claim, `command`
-    and `files`, and its file claims, `outputs`). Not locked against a second process: a lost
-    update only makes a file look like the user's, the safe side."""
-    try:
-        marker = json.loads((Path(folder) / OWNER_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        marker = {}
-    marker = marker if isinstance(marker, dict) else {}
-    yield marker
-    atomic.write_text(Path(folder) / OWNER_FILE, json.dumps(marker, indent=1))
+    and `files`, and its file claims, `outputs`), under MARKER_LOCK: two commands writing into
+    one folder at once each keep the other's entries."""
+    with _marker_lock(folder):
+        try:
+            marker = json.loads((Path(folder) / OWNER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            marker = {}
+        marker = marker if isinstance(marker, dict) else {}
+        yield marker
+        atomic.write_text(Path(folder) / OWNER_FILE, json.dumps(marker, indent=1))
 
 
 # --------------------------------------------------------------------------- file claims

@@ -147,7 +147,8 @@ class _Row:
         return text[:min(cut)] if cut else text
 
     def _cut_at_stop(self) -> bool:
-        return any(s in self.decode(self.tokens) for s in self.request.stop)
+        text = self.decode(self.tokens)  # once per token, not once per stop string
+        return any(s in text for s in self.request.stop)
 
     def _stream(self) -> None:
         """Send what is certain to be in the final answer: the final text is stripped, so

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lora_cli.files import atomic
+from lora_cli.files import ownership
 from lora_cli.errors import DataError, LoraError
 from lora_cli.files.inputs import read_text, refuse_lone_surrogates
 from lora_cli.data.formats import parse_tools
@@ -46,9 +46,9 @@ def read_tools(path: str | Path) -> list[dict]:
     """--tools FILE: a JSON list of function schemas (OpenAI or bare), checked like a data
     row's `tools` field."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise DataError(f"--tools {path}: no such file", "give a .json file holding a list of function schemas")
-    text = read_text(path, "--tools", max_bytes=MAX_PROMPT_FILE_BYTES)
+    text = read_text(path, "--tools", max_bytes=MAX_PROMPT_FILE_BYTES)  # a folder, FIFO or device named as such
     if "\\u" in text:
         try:
             refuse_lone_surrogates(json.loads(text), f"--tools {path}")
@@ -118,6 +118,11 @@ def refuse_overlong_text(backend, chars: int, where: str) -> None:
                         "shorten the prompt")
 
 
+def tools_chars(tools: list[dict] | None) -> int:
+    """Characters the tool schemas add to every prompt (counted as `lora serve` counts them)."""
+    return len(json.dumps(tools, ensure_ascii=False)) if tools else 0
+
+
 def refuse_over_context(backend, prompt_tokens: int, new_tokens: int, where: str) -> None:
     """Prompt + answer must fit the model's context (as `lora serve` requires)."""
     limit = backend.context_length
@@ -134,8 +139,9 @@ def generate_rows(backend, prompts: list[Prompt], variants: dict[str, tuple],
     exact prompt text the model saw, special tokens included."""
 
     tokenizer = backend.tokenizer
+    refuse_overlong_text(backend, tools_chars(tools), "--tools")  # rendered into every prompt
     for p in prompts:
-        refuse_overlong_text(backend, len(p.instruction) + len(p.input), p.where)
+        refuse_overlong_text(backend, len(p.instruction) + len(p.input) + tools_chars(tools), p.where)
     ids_of = {}  # every prompt of every variant is checked before anything is generated
     for label, (adapter, template) in variants.items():
         ids_of[label] = [build_prompt_ids(tokenizer, template, p.instruction, input=p.input, tools=tools) for p in prompts]
@@ -165,7 +171,7 @@ CHAT_HELP = """commands:
   /system [TEXT|clear]  show, set or clear the system prompt
   /params [KEY=VALUE..] show or set generation settings, e.g. /params temperature=0.7 max_new_tokens=64
   /reset                clear the conversation history
-  /save PATH            write the transcript as JSON
+  /save [--force] PATH  write the transcript as JSON (--force replaces a transcript chat wrote)
   /help                 this list
   /exit                 leave (Ctrl-D too); Ctrl-C stops an answer being generated"""
 
@@ -183,8 +189,10 @@ class ChatSession:
     transcript: list[dict] = field(default_factory=list)
     conversation: int = 1              # counts /reset, so the transcript shows where each began
     tools: list[dict] = field(default_factory=list)  # function schemas offered in every prompt (--tools)
+    inputs: list = field(default_factory=list)  # (label, path) of what it read: /save never writes over them
 
     def __post_init__(self):
+        refuse_overlong_text(self.backend, tools_chars(self.tools), "--tools")  # rendered into every prompt
         if self.system:
             self.transcript.append({"conversation": self.conversation, "role": "system", "content": self.system})
 
@@ -202,7 +210,7 @@ class ChatSession:
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         """The active variant's answer, streamed to `on_text` as it is generated."""
-        refuse_overlong_text(self.backend, len(question), "that message")
+        refuse_overlong_text(self.backend, len(question) + tools_chars(self.tools), "that message")
         ids = build_prompt_ids(self.backend.tokenizer, self.template, question, self.history, system=self.system,
                                tools=self.tools)
         refuse_over_context(self.backend, len(ids), self.settings.max_new_tokens, "the conversation")
@@ -258,14 +266,15 @@ class ChatSession:
         return "(history cleared)"
 
     def _save(self, arg: str) -> str:
-        if not arg:
+        force, name = (True, arg[len("--force"):].strip()) if arg.split(" ")[0] == "--force" else (False, arg)
+        if not name:
             raise LoraError("/save needs a file name", "e.g. /save chat.json")
-        path = Path(arg).expanduser()
-        if path.exists():
-            raise LoraError(f"{path} already exists", "choose another file name")
+        path = Path(name).expanduser()
+        # the one output check every writer runs: never over an input, --force only over chat's own file
+        ownership.check_output(path, "chat", force=force, inputs=self.inputs, flag="/save")
         record = {"adapters": {n: resolve_template(t).as_dict() for n, t in self.templates.items()},
                   "system": self.system, "settings": self.settings.as_dict(), "messages": self.transcript}
-        atomic.write_text(path, json.dumps(record, ensure_ascii=False, indent=2))
+        ownership.write_output_text(path, json.dumps(record, ensure_ascii=False, indent=2), "chat", flag="/save")
         return f"transcript written to {path}"
 
 

@@ -31,7 +31,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +48,7 @@ from lora_cli.data.formats import chat_message, parse_tools
 from lora_cli.model.adapter_folder import refuse_unless
 
 DEFAULT_MAX_TOKENS = 128  # `lora generate`'s default; clipped to what the context leaves
+MAX_STOPS = 16  # stop sequences per request (OpenAI allows 4): each is searched for after every token
 RETRY_AFTER_S = 1
 
 
@@ -213,6 +214,13 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     repetition_penalty: float = Field(1.0, gt=0)  # not OpenAI's; vLLM takes it as an extra field too
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOPS:  # 100,000 stops made every token cost seconds
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(value):,}")
+        return value
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -10,6 +10,8 @@ from lora_cli.errors import LoraError
 from lora_cli.recipe.schema import SEED_MAX
 
 
+SAMPLING_EPS = 1e-5  # a temperature below this decodes greedily (vLLM's rule): logits / 1e-45 overflow to inf
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 128
@@ -58,7 +60,7 @@ class GenerationSettings:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        if self.temperature > 0:
+        if self.temperature >= SAMPLING_EPS:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -191,6 +191,9 @@ def adapter_config_problems(config: dict) -> list[str]:
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(name) or {}, dict):
             problems.append(f"{name} {shorten(config.get(name))} is not a mapping")
+    if config.get("megatron_config"):  # peft would import the module megatron_core names: a folder never picks code
+        problems.append(f"megatron_config is set (megatron_core {shorten(config.get('megatron_core'))}: a module peft "
+                        "would import); lora loads no Megatron adapters")
     return problems
 
 

@@ -28,7 +28,7 @@ from lora_cli.train.objectives import (column_fields as objective_fields, LOSS_T
                                        OBJECTIVE_NAMES, OBJECTIVES, recipe_problems as objective_problems)
 from lora_cli.data.template import TEMPLATE_NAMES, placeholder_problems
 from lora_cli.tasks import TASK_NAMES, column_fields, recipe_problems
-from lora_cli.files import atomic
+from lora_cli.files import atomic, ownership
 from lora_cli.eval.metrics import METRICS, metric_name_problems
 
 PATH = "path"  # metadata kind: resolved against the recipe's folder
@@ -635,7 +635,9 @@ def update_reference(readme_file: Path) -> None:
     if not all(m in text for m in README_MARKERS):
         raise LoraError(f"{readme_file}: no {README_MARKERS[0]} ... {README_MARKERS[1]} block",
                         "add both markers where the table goes")
-    atomic.write_text(Path(readme_file), with_reference(text))
+
+    with ownership.turning_disk_errors(Path(readme_file), "--update"):  # a read-only or full disk: exit 2 naming it
+        atomic.write_text(Path(readme_file), with_reference(text))
 
 
 def with_reference(readme: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from lora_cli.data.examples import DataStats, held_out, weighted
 from lora_cli.data.formats import data_paths as paths_of, read_source
+from lora_cli.data.token_budget import clip_for_tokens
 from lora_cli.errors import DataError
 from lora_cli.eval.metrics import ClassificationReport
 from lora_cli.tasks import CLASSIFICATION_FIELDS
@@ -104,8 +105,9 @@ def tokenize_labeled(rows: list[LabeledRow], names: list[str], tokenizer, max_le
         picked = [i for i, r in enumerate(rows) if (r.text_pair is not None) == with_pair]
         if not picked:
             continue
-        texts = [rows[i].text for i in picked]
-        pairs = [rows[i].text_pair for i in picked] if with_pair else None
+        # a 10 MB text is cut to the ends truncation can keep before it is tokenised (token_budget)
+        texts = [clip_for_tokens(rows[i].text, tokenizer, max_length) for i in picked]
+        pairs = [clip_for_tokens(rows[i].text_pair, tokenizer, max_length) for i in picked] if with_pair else None
         full = tokenizer(texts, pairs, truncation=False)["input_ids"]
         cut = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
         for i, ids, whole in zip(picked, cut, full):
@@ -255,7 +257,9 @@ def predict_probabilities(model, tokenizer, rows: list[LabeledRow], max_length: 
 
 
 def _encode_row(tokenizer, row: LabeledRow, max_length: int) -> list[int]:
-    return tokenizer(row.text, row.text_pair, truncation=True, max_length=max_length)["input_ids"]
+    pair = None if row.text_pair is None else clip_for_tokens(row.text_pair, tokenizer, max_length)
+    return tokenizer(clip_for_tokens(row.text, tokenizer, max_length), pair,
+                     truncation=True, max_length=max_length)["input_ids"]
 
 
 def evaluate_rows(model, tokenizer, rows: list[LabeledRow], labels: list[str], max_length: int) -> ClassificationReport:

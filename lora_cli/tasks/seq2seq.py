@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from lora_cli.data.examples import DataStats, SFTData
 from lora_cli.data.formats import alpaca_conversation, read_source
-from lora_cli.data.template import IGNORE_INDEX, TemplateSpec, prompt_ids, tokenize_texts
+from lora_cli.data.template import IGNORE_INDEX, prompt_ids, TemplateSpec, tokenize_texts
+from lora_cli.data.token_budget import clip_for_tokens
 from lora_cli.errors import DataError
 from lora_cli.tasks.classification import pad_right, split_items, to_dataset
 
@@ -29,12 +30,14 @@ def seq2seq_pair(row, where: str, columns: dict) -> tuple[list[dict], str]:
 def tokenize_seq2seq(pairs: list[tuple[list[dict], str]], tokenizer, template, max_length: int):
     """Encoder input = the template's prompt for the source (exactly what generate renders);
     labels = the target's ids + EOS. Both cut to max_length (the source from its start, after BOS)."""
+
     stats = DataStats(rows=len(pairs))
-    targets = tokenize_texts(tokenizer, [t for _, t in pairs])
+    # a 10 MB source or target is cut to the ends truncation can keep before it is tokenised (token_budget)
+    targets = tokenize_texts(tokenizer, [clip_for_tokens(t, tokenizer, max_length) for _, t in pairs])
     bos = tokenizer.bos_token_id
     examples = []
     for (messages, _), target in zip(pairs, targets):
-        source = prompt_ids(tokenizer, template, messages)
+        source = prompt_ids(tokenizer, template, messages, max_tokens=max_length)
         labels = list(target) + [tokenizer.eos_token_id]
         if len(source) > max_length:
             keep = 1 if source and source[0] == bos else 0

@@ -27,7 +27,8 @@ from lora_cli.data.examples import DataStats, fit_to_length, held_out, weighted
 from lora_cli.errors import DataError
 from lora_cli.data.formats import data_paths
 from lora_cli.train.objectives import PAIRS, UNPAIRED, objective_of
-from lora_cli.data.template import adds_bos, conversation_segments, encode_segments, IGNORE_INDEX, TemplateSpec
+from lora_cli.data.template import (adds_bos, conversation_segments, encode_segments, IGNORE_INDEX,
+                                    segment_token_lists, TemplateSpec)
 from lora_cli.model.adapters import BASE_CHANGING_INITS
 from lora_cli.model.load import load_tokenizer
 from lora_cli.ui.terminal import plain
@@ -37,13 +38,14 @@ from lora_cli.data.pairs import Labelled, Pair, read_preference_rows
 
 # --------------------------------------------------------------------------- tokenising
 
-def render(spec, tokenizer, messages: list[dict], answer: str) -> tuple[list[int], list[int]]:
+def render(spec, tokenizer, messages: list[dict], answer: str, max_length: int | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids + EOS) of one answer to a prompt, through the template path SFT
-    and inference share: the prompt ids are exactly those `lora generate` builds for it."""
+    and inference share: the prompt ids are exactly those `lora generate` builds for it.
+    max_length: what _fit keeps, so a 10 MB field is never tokenised whole (segment_token_lists)."""
 
     segments = conversation_segments(spec, messages + [{"role": "assistant", "content": answer}], tokenizer,
                                      train_on="last")
-    ids, labels = encode_segments(tokenizer, segments)
+    ids, labels = encode_segments(tokenizer, segments, segment_token_lists(tokenizer, segments, max_length))
     start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     return ids[:start], ids[start:]
 
@@ -64,8 +66,8 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, spec, max_length: int) -> tuple
     keep_first = 1 if adds_bos(tokenizer) else 0
     examples = []
     for pair in pairs:
-        prompt, chosen = render(spec, tokenizer, pair.messages, pair.chosen)
-        prompt_r, rejected = render(spec, tokenizer, pair.messages, pair.rejected)
+        prompt, chosen = render(spec, tokenizer, pair.messages, pair.chosen, max_length)
+        prompt_r, rejected = render(spec, tokenizer, pair.messages, pair.rejected, max_length)
         if prompt != prompt_r:  # a chat template whose prompt text depends on the answer
             raise DataError(f"{pair.where}: data.template {spec.name} renders this prompt differently before the "
                             "chosen and the rejected answer, so they would not answer the same prompt",
@@ -83,7 +85,7 @@ def tokenize_labelled(rows: list[Labelled], tokenizer, spec, max_length: int) ->
     keep_first = 1 if adds_bos(tokenizer) else 0
     examples = []
     for row in rows:
-        prompt, completion = render(spec, tokenizer, row.messages, row.completion)
+        prompt, completion = render(spec, tokenizer, row.messages, row.completion, max_length)
         prompt, (completion,) = _fit(prompt, [completion], max_length, keep_first, stats)
         examples.append({"prompt_ids": prompt, "completion_ids": completion, "label": row.label})
         stats.supervised_tokens += len(completion)
