@@ -19,7 +19,8 @@ LAYERS = [
     ("errors", ["errors", "libraries"]),  # libraries: configures the third-party libraries (quiet, offline)
     ("files", ["files", "files.*", "ui", "ui.*"]),
     ("registries", ["tasks", "model.methods", "model.targets", "data.template", "data.formats", "data.batching",
-                    "train.objectives", "eval.metrics"]),
+                    "train.objectives", "eval.metrics",
+                    "data.token_budget"]),  # not a registry: the tokens-to-characters rule the template cuts by
     ("recipe", ["recipe", "recipe.*"]),
     ("data", ["data", "data.*"]),
     ("tasks", ["tasks.*"]),
