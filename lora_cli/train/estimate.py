@@ -135,7 +135,7 @@ def build_meta_model(recipe: Recipe):
     for name, value in tasks.load_kwargs(recipe.model).items():
         setattr(config, name, value)
     with torch.device("meta"):  # (accelerate's init_empty_weights does not tie embeddings)
-        base = tasks.tasks.get_task(recipe.model.task).model_class().from_config(
+        base = tasks.get_task(recipe.model.task).model_class().from_config(
             config, dtype=storage_dtype(recipe), trust_remote_code=recipe.model.trust_remote_code)
     quantized = quantized_weights(base) if recipe.model.quantization != "none" else {}
     lora = recipe.lora
