@@ -7,7 +7,9 @@
 - The random-weight pieces several benches build: a LoRA adapter whose B is not zero, a larger Llama.
 - Timing (one call; variants interleaved round by round, so a busy machine slows them alike),
   peak memory (the kernel's VmHWM, or torch.cuda's peak), the machine and versions a figure was
-  taken on, markdown table lines, and the marked block of a doc a table replaces.
+  taken on, and the marked block of a doc that a table replaces.
+
+Each script keeps its own table layout (the figures in docs/benchmarks.md were pasted from them).
 
 Not a `bench_*.py` name on purpose: `make bench` and tests/test_bench.py run every bench_*.py.
 Heavy libraries are imported inside the functions that need them, as in the product.
@@ -21,7 +23,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -179,11 +180,6 @@ def round_robin(variants: dict[str, Callable[[int], T]], rounds: int, *, alterna
     return results
 
 
-def best_and_median(values: list[float]) -> tuple[float, float]:
-    """The best (largest) and the median of rates: other work only ever slows a run down."""
-    return max(values), statistics.median(values)
-
-
 # --------------------------------------------------------------------------- memory
 
 def process_status_mb(pid: int | str = "self") -> dict[str, float]:
@@ -255,18 +251,7 @@ def versions(names=("torch", "transformers", "peft", "bitsandbytes", "liger-kern
     return found
 
 
-# --------------------------------------------------------------------------- tables and docs
-
-def table_head(columns: list[str], align: str) -> list[str]:
-    """A markdown table's header and rule; `align` holds one letter per column, l or r."""
-    rule = ["---:" if a == "r" else "---" for a in align]
-    assert len(rule) == len(columns), (columns, align)
-    return [table_row(columns), table_row(rule)]
-
-
-def table_row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
+# --------------------------------------------------------------------------- docs
 
 def replace_marked_block(doc: Path, begin: str, end: str, body: str) -> None:
     """Replace what lies between the `begin` and `end` markers of a markdown file with `body`
