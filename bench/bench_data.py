@@ -28,31 +28,21 @@ with the file shows.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import shutil
 import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import benchkit
+from benchkit import DATA, read_jsonl, timed
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "tiny-llama"
-DATA = REPO / "data" / "demo.jsonl"
 MAX_LENGTH = 256
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+LORA = benchkit.LORA
 LORA_INIT = "kaiming"  # peft's default, which the by-hand workflow gets; `lora train` is told the same
 LR = 3e-3
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- the source workflow
@@ -76,7 +66,7 @@ def source_preprocess(rows: list[dict], tokenizer, max_length: int = MAX_LENGTH)
     return ds.map(process_func, remove_columns=ds.column_names, desc=None)
 
 
-def lora_model(base: Path = MODEL, dtype: str = "float32"):
+def lora_model(base: Path, dtype: str = "float32"):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -87,11 +77,11 @@ def lora_model(base: Path = MODEL, dtype: str = "float32"):
     return get_peft_model(model, cfg)
 
 
-def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path = MODEL, max_steps: int = -1,
+def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Path, max_steps: int = -1,
                  dtype: str = "float32", callbacks: list | None = None, **arguments):
     """Returns (model, Trainer train_runtime). `arguments` add to TrainingArguments (bf16 on a GPU);
     callbacks: TrainerCallbacks (bench_gpu.py's step timer)."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
     model = lora_model(base, dtype)
@@ -101,22 +91,20 @@ def source_train(dataset, tokenizer, out: Path, epochs: int, seed: int, base: Pa
                              **arguments)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # with tqdm off it prints the final metrics into the table
     output = trainer.train()
     return model, output.metrics["train_runtime"]
 
 
 # --------------------------------------------------------------------------- lora
 
-def lora_recipe(data_path: Path, out: Path, epochs: int, cache_dir: Path, **data):
-    from lora_cli.recipe.schema import recipe_from_dict
-
-    raw = {"model": {"name_or_path": str(MODEL)}, "lora": {**LORA, "init": LORA_INIT},
-           "data": {"path": str(data_path), "max_length": MAX_LENGTH, "cache_dir": str(cache_dir), **data},
-           "train": {"epochs": epochs, "learning_rate": LR, "batch_size": 2, "gradient_accumulation": 1,
-                     "warmup_steps": 5, "logging_steps": 10,
-                     "save_steps": 100_000},  # no checkpoint inside the timed loop, like the baseline's save_strategy="no"
-           "output_dir": str(out)}
-    return recipe_from_dict(raw)
+def lora_recipe(base: Path, data_path: Path, out: Path, epochs: int, cache_dir: Path, **data):
+    return benchkit.recipe(
+        base, data_path, out, lora={**LORA, "init": LORA_INIT},
+        data={"max_length": MAX_LENGTH, "cache_dir": str(cache_dir), **data},
+        train={"epochs": epochs, "learning_rate": LR, "batch_size": 2, "gradient_accumulation": 1,
+               "warmup_steps": 5, "logging_steps": 10,
+               "save_steps": 100_000})  # no checkpoint inside the timed loop, like the baseline's save_strategy="no"
 
 
 def lora_train(recipe):
@@ -130,7 +118,7 @@ def lora_train(recipe):
     return result, next(r["train_runtime"] for r in records if "train_runtime" in r)
 
 
-def trained_adapter(run_dir: Path, base: Path = MODEL):
+def trained_adapter(run_dir: Path, base: Path):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -166,12 +154,6 @@ def supervised_tokens(examples) -> int:
     return sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
 # --------------------------------------------------------------------------- memory
 
 def write_jsonl_of_size(path: Path, megabytes: float, demo: list[dict]) -> int:
@@ -187,22 +169,7 @@ def write_jsonl_of_size(path: Path, megabytes: float, demo: list[dict]) -> int:
     return i
 
 
-def status_mb(pid: int) -> dict[str, float]:
-    """VmHWM (the process's peak resident memory so far), RssAnon (its own memory) and RssFile
-    (pages of files it maps, such as the memory-mapped Arrow files: the kernel's page cache,
-    dropped under pressure) of a process, MB."""
-    fields = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmHWM", "RssAnon", "RssFile"):
-                fields[name] = int(value.split()[0]) / 1024
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return fields
-
-
-def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> dict:
+def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path, base: Path) -> dict:
     """The real command the issue measured, `lora data preview`, on a recipe reading `data_path`
     (format left out: detected; every row checked and tokenised; cache written), in its own
     process: its peak resident memory (the kernel's VmHWM for that process, which counts the
@@ -214,7 +181,7 @@ def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> dict:
 
     recipe = work / f"preview-{data_path.stem}.yaml"
     recipe.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(MODEL)},
+        "model": {"name_or_path": str(base)},
         "data": {"path": str(data_path), "max_length": MAX_LENGTH, "cache_dir": str(cache_dir)},
         "output_dir": str(work / "unused")}), encoding="utf-8")
     lora = Path(sys.executable).parent / "lora"
@@ -225,7 +192,7 @@ def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> dict:
                                 stdout=subprocess.DEVNULL, stderr=err)
     peak = {"VmHWM": 0.0, "RssAnon": 0.0, "RssFile": 0.0}
     while proc.poll() is None:  # VmHWM only grows: the last reading misses at most the last 20 ms
-        for name, value in status_mb(proc.pid).items():
+        for name, value in benchkit.process_status_mb(proc.pid).items():
             peak[name] = max(peak[name], value)
         time.sleep(0.02)
     seconds = time.perf_counter() - start
@@ -234,17 +201,17 @@ def preview_peak_mb(data_path: Path, cache_dir: Path, work: Path) -> dict:
     return {"peak_mb": peak["VmHWM"], "anon_mb": peak["RssAnon"], "file_mb_mapped": peak["RssFile"], "seconds": seconds}
 
 
-def measure_memory(sizes: list[float], demo: list[dict], work: Path) -> list[dict]:
+def measure_memory(sizes: list[float], demo: list[dict], work: Path, base: Path) -> list[dict]:
     """Peak memory of `lora data preview` per file size, and of the same command on a one-row
     file (what Python, the libraries and the tokenizer cost before any data)."""
     one_row = work / "mem-one-row.jsonl"
     one_row.write_text(json.dumps(demo[0], ensure_ascii=False) + "\n", encoding="utf-8")
-    floor = preview_peak_mb(one_row, work / "memcache-floor", work)
+    floor = preview_peak_mb(one_row, work / "memcache-floor", work, base)
     results = []
     for megabytes in sizes:
         path = work / f"mem-{megabytes:g}MB.jsonl"
         rows = write_jsonl_of_size(path, megabytes, demo)
-        measured = preview_peak_mb(path, work / f"memcache-{megabytes:g}", work)
+        measured = preview_peak_mb(path, work / f"memcache-{megabytes:g}", work, base)
         results.append({"file_mb": path.stat().st_size / 1e6, "rows": rows, "floor": floor, **measured})
         path.unlink()
         shutil.rmtree(work / f"memcache-{megabytes:g}", ignore_errors=True)
@@ -265,7 +232,8 @@ def print_memory(results: list[dict]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchkit.arguments(__doc__.splitlines()[0],
+                                "500 rows, 16 rows x 1 epoch, 1 seed, one repeat, a 1 MB file")
     parser.add_argument("--rows", type=int, default=20000, help="rows for the preprocessing measurement")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs over the demo rows")
     parser.add_argument("--train-rows", type=int, default=240, help="demo rows trained on (240 = all)")
@@ -274,20 +242,21 @@ def main() -> int:
                         help="training seeds, comma-separated (best speed and mean loss are reported)")
     parser.add_argument("--memory-sizes", type=lambda t: [float(x) for x in t.split(",") if x], default=[20, 200, 1000],
                         help="JSONL sizes in MB for the memory measurement, comma-separated (empty: skip it)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes (2000 rows, 32 rows x 1 epoch, 1 seed, 2 and 8 MB files): proves the bench runs end to end")
     parser.add_argument("--memory-only", action="store_true", help="only the memory table")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.train_rows, args.epochs, args.repeat, args.seeds, args.memory_sizes = 2000, 32, 1, 1, [42], [2, 8]
-    if not (MODEL / "config.json").is_file():
-        print(f"{MODEL} is missing; build it with `lora build-tiny` (make bench does)", file=sys.stderr)
-        return 1
+        args.rows, args.train_rows, args.epochs, args.repeat, args.seeds, args.memory_sizes = 500, 16, 1, 1, [42], [1]
+    benchkit.require_model(args.model)
+    with benchkit.scratch("bench-data-") as work:
+        if args.memory_only:
+            report_memory(args, read_jsonl(DATA), work)
+        else:
+            measure_speed(args, work)
+            report_memory(args, read_jsonl(DATA), work)
+    return 0
 
-    if args.memory_only:
-        report_memory(args, read_jsonl(DATA), Path(tempfile.mkdtemp(prefix="bench-data-")))
-        return 0
 
+def measure_speed(args, work: Path) -> None:
     from datasets.utils.logging import disable_progress_bar
 
     from lora_cli.data.examples import build_sft_data
@@ -296,35 +265,34 @@ def main() -> int:
 
     quiet_libraries()
     disable_progress_bar()
-    tokenizer = load_tokenizer(str(MODEL))
+    base = args.model
+    tokenizer = load_tokenizer(str(base))
     demo = read_jsonl(DATA)
-    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     big = work / "big.jsonl"
     # Every row distinct (a numbered instruction), so no pipeline gains from repeated text.
-    big.write_text("".join(json.dumps(dict(demo[i % len(demo)], instruction=f"{demo[i % len(demo)]['instruction']} (#{i})"),
-                                      ensure_ascii=False) + "\n" for i in range(args.rows)), encoding="utf-8")
+    benchkit.write_jsonl(big, (dict(demo[i % len(demo)], instruction=f"{demo[i % len(demo)]['instruction']} (#{i})")
+                               for i in range(args.rows)))
 
     # --- preprocessing: same rows, read from the same file; both warmed up once (imports,
     # arrow), then the best of --repeat runs, since other work on a shared machine only adds time
     source_preprocess(demo[:16], tokenizer)
-    build_sft_data(lora_recipe(DATA, work / "unused", 1, work / "warm", cache=False).data, tokenizer)
-    times = {"source": [], "lora": []}
-    for i in range(args.repeat):  # alternating, so load from other work falls on both
-        times["source"].append(timed(lambda: source_preprocess(read_jsonl(big), tokenizer))[1])
+    build_sft_data(lora_recipe(base, DATA, work / "unused", 1, work / "warm", cache=False).data, tokenizer)
+    times = benchkit.round_robin({  # alternating, so load from other work falls on both
+        "source": lambda _: timed(lambda: source_preprocess(read_jsonl(big), tokenizer))[1],
         # a fresh cache folder each time: a cold run, cache written
-        times["lora"].append(timed(build_sft_data, lora_recipe(big, work / "unused", 1, work / f"cache{i}").data, tokenizer)[1])
+        "lora": lambda i: timed(build_sft_data, lora_recipe(base, big, work / "unused", 1, work / f"cache{i}").data,
+                                tokenizer)[1]}, args.repeat)
     t_source, t_lora = min(times["source"]), min(times["lora"])
-    cached = lora_recipe(big, work / "unused", 1, work / "cache0").data
+    cached = lora_recipe(base, big, work / "unused", 1, work / "cache0").data
     t_cached = min(timed(build_sft_data, cached, tokenizer)[1] for _ in range(args.repeat))
     assert build_sft_data(cached, tokenizer).stats.from_cache
 
     # --- training: the 240 demo rows, same model, LoRA, learning rate, epochs, rows per step;
     # every seed trains both workflows back to back, so a busy machine slows both alike
     train_rows = demo[:args.train_rows]
-    train_file = work / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows), encoding="utf-8")
+    train_file = benchkit.write_jsonl(work / "train.jsonl", train_rows)
     source_ds = source_preprocess(train_rows, tokenizer)
-    unpacked = build_sft_data(lora_recipe(train_file, work / "x", 1, work / "cache").data, tokenizer).train
+    unpacked = build_sft_data(lora_recipe(base, train_file, work / "x", 1, work / "cache").data, tokenizer).train
     sup_source = supervised_tokens(source_ds) * args.epochs
     sup_lora = supervised_tokens(unpacked) * args.epochs
     # The source trains without BOS but its generate code tokenises the prompt with BOS
@@ -334,13 +302,13 @@ def main() -> int:
     runs = {"source": [], "lora": []}  # (supervised tokens/s, final loss) per seed
     as_asked = []
     for seed in args.seeds:
-        source_model, runtime = source_train(source_ds, tokenizer, work / f"source-{seed}", args.epochs, seed)
+        source_model, runtime = source_train(source_ds, tokenizer, work / f"source-{seed}", args.epochs, seed, base)
         runs["source"].append((sup_source / runtime, mean_supervised_loss(source_model, list(source_ds), tokenizer.pad_token_id)))
         as_asked.append(mean_supervised_loss(source_model, source_as_asked, tokenizer.pad_token_id))
-        recipe = lora_recipe(train_file, work / f"lora-{seed}", args.epochs, work / "cache", packing=True)
+        recipe = lora_recipe(base, train_file, work / f"lora-{seed}", args.epochs, work / "cache", packing=True)
         recipe.train.seed = seed
         _, runtime = lora_train(recipe)
-        model = trained_adapter(work / f"lora-{seed}")
+        model = trained_adapter(work / f"lora-{seed}", base)
         runs["lora"].append((sup_lora / runtime, mean_supervised_loss(model, list(unpacked), tokenizer.pad_token_id)))
     # speed: the best run (other work on a shared machine only ever adds time); loss: the mean
     mean = {k: (max(t for t, _ in v), statistics.mean(loss for _, loss in v)) for k, v in runs.items()}
@@ -355,8 +323,8 @@ def main() -> int:
     ]
     print(f"tiny-llama, {len(train_rows)} demo rows x {args.epochs} epochs for training (seeds {args.seeds}: best speed, "
           f"mean loss), "
-          f"{args.rows} distinct rows for preprocessing (best of {args.repeat}), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{args.rows} distinct rows for preprocessing (best of {args.repeat}), {benchkit.cpus_and_load()}"
+          f"{benchkit.quick_note(args)}")
     asked = {0: statistics.mean(as_asked), 1: lora_loss}
     print("| workflow | preprocessing rows/s | training supervised tokens/s | final loss | loss on rows as inference asks (BOS) |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -367,15 +335,13 @@ def main() -> int:
     print(f"preprocessing speed-up {t_source / t_lora:.1f}x cold, {t_source / t_cached:.0f}x cached (target >= 5x); "
           f"training speed-up {lora_tps / src_tps:.2f}x (target >= 1.3x); final loss {lora_loss:.4f} vs {source_loss:.4f} "
           f"({per_seed})")
-    report_memory(args, demo, work)
-    return 0
 
 
 def report_memory(args, demo: list[dict], work: Path) -> None:
     if args.memory_sizes:
-        print(f"data path memory ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; goal: peak <= 2x the file "
-              "at 200 MB and flat beyond)")
-        print_memory(measure_memory(args.memory_sizes, demo, work))
+        print(f"data path memory ({benchkit.cpus_and_load()}; goal: peak <= 2x the file "
+              f"at 200 MB and flat beyond){benchkit.quick_note(args)}")
+        print_memory(measure_memory(args.memory_sizes, demo, work, args.model))
 
 
 if __name__ == "__main__":

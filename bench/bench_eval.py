@@ -12,46 +12,30 @@ timed. Printed: rows/s per kind. On a shared machine these figures move with its
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-MODEL = REPO / "models" / "tiny-llama"
-DATA = REPO / "data" / "demo.jsonl"
+import benchkit
 
 
-def timed(request, kind: str) -> float:
+def rows_per_second(request, kind: str) -> float:
     """Rows/s of the candidates `request` names: asking only, loading excluded."""
     from lora_cli.eval.run import ask_all, load_candidates
 
     candidates, asking, metrics, _ = load_candidates(request)
     chosen = [c for c in candidates if c.kind == kind]
-    start = time.perf_counter()
-    ask_all(chosen, asking, metrics, request.settings)
-    return len(asking.rows) / (time.perf_counter() - start)
+    _, seconds = benchkit.timed(ask_all, chosen, asking, metrics, request.settings)
+    return len(asking.rows) / seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = benchkit.arguments(__doc__.splitlines()[0], "4 rows, 8 new tokens")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--quick", action="store_true", help="4 rows, 8 new tokens")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.new_tokens = 4, 8
-    if not (MODEL / "config.json").is_file():
-        sys.exit(f"{MODEL} is missing: run `lora build-tiny` (or `make tiny`) first")
+    benchkit.require_model(args.model)
     import yaml
-    from inference_helpers import random_adapter
 
     from lora_cli.eval.run import Request, Settings
     from lora_cli.export.gguf import export
@@ -59,31 +43,32 @@ def main() -> None:
     from lora_cli.infer.serve import ServerThread, build_server
 
     quiet = lambda *_: None  # noqa: E731
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        adapter = random_adapter(MODEL, tmp / "adapter", seed=0, target_modules="all-linear", scale=0.1)
-        (adapter / "lora_recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(MODEL)},
+    with benchkit.scratch("bench-eval-") as tmp:
+        adapter = benchkit.random_adapter(args.model, tmp / "adapter", r=8, alpha=16, scale=0.1)
+        (adapter / "lora_recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(args.model)},
                                                                   "data": {"template": "human_assistant"}}))
         merged = merge_adapter(adapter, tmp / "merged", log=quiet)
         gguf = export(adapter, tmp / "f32.gguf", format="gguf", dtype="f32", log=quiet)
         settings = Settings(max_new_tokens=args.new_tokens)
-        common = dict(data=str(DATA), limit=args.rows, settings=settings, metrics=["rouge_l"])
+        same = dict(data=str(benchkit.DATA), limit=args.rows, settings=settings, metrics=["rouge_l"])
         server = build_server({"a": str(adapter)})
         results = {}
         with ServerThread(server) as running:
-            cases = {"base": Request(adapters={"a": str(adapter)}, base=True, **common),
-                     "adapter": Request(adapters={"a": str(adapter)}, **common),
-                     "merged": Request(merged=[str(merged)], **common),
-                     "gguf": Request(adapters={"a": str(adapter)}, gguf=[str(gguf)], **common),
+            cases = {"base": Request(adapters={"a": str(adapter)}, base=True, **same),
+                     "adapter": Request(adapters={"a": str(adapter)}, **same),
+                     "merged": Request(merged=[str(merged)], **same),
+                     "gguf": Request(adapters={"a": str(adapter)}, gguf=[str(gguf)], **same),
                      "endpoint": Request(adapters={"a": str(adapter)}, endpoint=[running.url], endpoint_model="a",
-                                         **common)}
+                                         **same)}
             for kind, request in cases.items():
-                results[kind] = timed(request, kind)
+                results[kind] = rows_per_second(request, kind)
         server.scheduler.close()
-    print(f"{args.rows} demo rows, {args.new_tokens} new tokens, greedy (machine shared: figures move with its load)")
+    print(f"{args.rows} demo rows, {args.new_tokens} new tokens, greedy (machine shared: figures move with its load)"
+          f"{benchkit.quick_note(args)}")
     for kind, rate in results.items():
         print(f"  {kind:9s} {rate:8.2f} rows/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

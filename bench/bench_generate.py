@@ -3,6 +3,7 @@ and the merged model (`lora merge`), greedy, on the same prompts.
 
     python bench/bench_generate.py                 (make bench runs it after `lora build-tiny`)
     python bench/bench_generate.py --larger --new-tokens 64 --repeats 5
+    python bench/bench_generate.py --quick          (8 new tokens, batches 1 and 4, one repeat: proves it runs)
 
 The adapter is LoRA r=16 on every linear layer with random, non-zero A and B (training would
 not change the speed, only the values). Every variant generates exactly --new-tokens tokens per
@@ -18,54 +19,12 @@ size, the ratio to the base, and whether the merged model's tokens equal the unm
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-MODEL = REPO / "models" / "tiny-llama"
-PROMPTS = ["用一句话解释什么是LoRA", "What is QLoRA?", "Explain the rank r of a LoRA adapter in one sentence.",
-           "写一首关于秋天的短诗", "What does lora_alpha do?", "Why is B initialised to zero?",
-           "How do I merge an adapter?", "列出三种参数高效微调方法"]
-
-
-def build_larger(out: Path) -> Path:
-    """A random 8-layer Llama with the tiny model's tokenizer (no training: speed only)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def random_adapter(base: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    model.save_pretrained(out)
-    return out
+import benchkit
+from benchkit import PROMPTS, build_larger, random_adapter
 
 
 def variants(base: Path, adapter: Path, work: Path) -> dict:
@@ -98,17 +57,16 @@ def batch_inputs(tokenizer, batch: int):
             torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))
 
 
-def timed_generate(model, inputs, new_tokens: int, tokenizer):
+def generate(model, inputs, new_tokens: int, tokenizer):
+    """Exactly `new_tokens` greedy tokens per row (an early EOS cannot flatter a variant)."""
     import torch
 
     input_ids, mask = inputs
-    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                              pad_token_id=tokenizer.pad_token_id)
-    seconds = time.perf_counter() - start
-    return out[:, input_ids.shape[1]:], seconds
+    return out[:, input_ids.shape[1]:]
 
 
 def bench_model(label: str, base: Path, work: Path, batches: list[int], new_tokens: int, repeats: int) -> list[tuple]:
@@ -121,13 +79,11 @@ def bench_model(label: str, base: Path, work: Path, batches: list[int], new_toke
     for batch in batches:
         inputs = batch_inputs(tokenizer, batch)
         for model in models.values():  # warm-up: first calls allocate and pick kernels
-            timed_generate(model, inputs, 4, tokenizer)
-        times = {name: [] for name in models}
-        outputs = {}
-        for _ in range(repeats):
-            for name, model in models.items():
-                outputs[name], seconds = timed_generate(model, inputs, new_tokens, tokenizer)
-                times[name].append(seconds)
+            generate(model, inputs, 4, tokenizer)
+        runs = benchkit.round_robin({name: lambda _, m=model: benchkit.timed(generate, m, inputs, new_tokens, tokenizer)
+                                     for name, model in models.items()}, repeats)
+        times = {name: [seconds for _, seconds in results] for name, results in runs.items()}
+        outputs = {name: results[-1][0] for name, results in runs.items()}
         base_tps = batch * new_tokens / min(times["base"])
         same = bool((outputs["merged"] == outputs["unmerged"]).all())
         for name in models:
@@ -138,16 +94,17 @@ def bench_model(label: str, base: Path, work: Path, batches: list[int], new_toke
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> int:
+    parser = benchkit.arguments(__doc__.split("\n\n")[0], "8 new tokens, batches 1 and 4, one repeat, no --larger")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--larger", action="store_true", help="also a random 8-layer 512-wide Llama")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
-    if not (MODEL / "config.json").is_file():
-        sys.exit(f"{MODEL} is missing: run `lora build-tiny` (or make tiny) first")
+    if args.quick:
+        args.new_tokens, args.repeats, args.batches, args.larger = 8, 1, [1, 4], False
+    benchkit.require_model(args.model)
     from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
@@ -156,20 +113,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        rows += bench_model("tiny-llama", MODEL, work, args.batches, args.new_tokens, args.repeats)
+    with benchkit.scratch("bench-generate-") as work:
+        rows += bench_model("tiny-llama", args.model, work, args.batches, args.new_tokens, args.repeats)
         if args.larger:
-            rows += bench_model("random-llama-8x512", build_larger(work / "larger"), work, args.batches,
+            rows += bench_model("random-llama-8x512", build_larger(work / "larger", args.model), work, args.batches,
                                 args.new_tokens, args.repeats)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"greedy, {args.new_tokens} new tokens per prompt, best and median of {args.repeats}, "
-          f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{benchkit.device_name()}, {benchkit.torch_threads()}{benchkit.quick_note(args)}")
     print(f"| {'model':<28} | {'variant':<8} | batch | tokens/s (best) | median | best vs base | merged == unmerged |")
     print(f"| {'-' * 28} | {'-' * 8} | ----- | --------------- | ------ | ------------ | ------------------ |")
     for model, name, batch, tps, median_tps, ratio, same in rows:
         print(f"| {model:<28} | {name:<8} | {batch:>5} | {tps:>15.0f} | {median_tps:>6.0f} | {ratio:>11.2f}x | {same:<18} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

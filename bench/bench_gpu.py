@@ -4,7 +4,7 @@ random-weight models of real shapes, with steady-state tokens/s, MFU, peak memor
 
     python bench/bench_gpu.py                              (on a GPU box: 8B and 1B shapes, seq 4096)
     python bench/bench_gpu.py --shapes llama3-8b --seq 4096 --steps 12
-    python bench/bench_gpu.py --shapes toy --seq 64 --steps 3      (CPU, toy size: proves it runs; a test does this)
+    python bench/bench_gpu.py --quick                      (toy shape, seq 32, 3 steps: proves it runs; a test does this)
     bench/gpu_check.sh                                     (the user path on CUDA, then this table, into docs/benchmarks.md)
 
 Models are built here, from config shapes alone (no hub): `llama3-8b` (Llama-3-8B: 32 layers,
@@ -74,14 +74,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests, which import this file by its path
 
 import bench_data  # noqa: E402  (the source workflow by hand lives there)
+import benchkit  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -112,7 +108,7 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40
 def bench_tokenizer():
     from lora_cli.tiny.decoder import corpus_from_rows, train_tokenizer
 
-    tokenizer = train_tokenizer(corpus_from_rows(bench_data.read_jsonl(bench_data.DATA)), 2048)
+    tokenizer = train_tokenizer(corpus_from_rows(benchkit.read_jsonl(benchkit.DATA)), 2048)
     tokenizer.pad_token = tokenizer.eos_token  # as lora's load_tokenizer does; the by-hand collator needs one
     return tokenizer
 
@@ -151,7 +147,7 @@ def build_model(shape: str, tokenizer, out: Path, seq: int) -> Path:
 def bench_rows(tokenizer, seq: int, count: int, seed: int = 0) -> list[dict]:
     """`count` alpaca rows of about U(seq/4, seq) tokens: demo instructions, answers made of demo
     answers strung together (lengths counted once per demo answer, so building stays quick)."""
-    demo = bench_data.read_jsonl(bench_data.DATA)
+    demo = benchkit.read_jsonl(benchkit.DATA)
     answers = [(r["output"], len(tokenizer(r["output"], add_special_tokens=False)["input_ids"])) for r in demo]
     rng = random.Random(seed)
     rows = []
@@ -232,16 +228,12 @@ def skip_reason(variant: str) -> str | None:
 def variant_recipe(variant: str, model: Path, data: Path, out: Path, seq: int, cache: Path):
     """The `lora train` recipe of a variant; `source` gets the recipe that describes the source
     workflow (batch 1 x 8, no packing), which only the estimate reads."""
-    from lora_cli.recipe.schema import recipe_from_dict
-
-    raw = {"model": {"name_or_path": str(model)}, "lora": dict(LORA),
-           "data": {"path": str(data), "max_length": seq, "cache_dir": str(cache)},
-           "train": {"epochs": 1, "learning_rate": bench_data.LR, "warmup_steps": 5, "logging_steps": 1,
-                     "save_steps": 100_000},  # no checkpoint inside the timed loop
-           "output_dir": str(out)}
+    sections = {"model": {}, "lora": dict(LORA), "data": {"max_length": seq, "cache_dir": str(cache)},
+                "train": {"epochs": 1, "learning_rate": bench_data.LR, "warmup_steps": 5, "logging_steps": 1,
+                          "save_steps": 100_000}}  # no checkpoint inside the timed loop
     for section, values in VARIANT_KEYS.get(variant, []):
-        raw[section].update(values)
-    return recipe_from_dict(raw)
+        sections[section].update(values)
+    return benchkit.recipe(model, data, out, lora=sections.pop("lora"), **sections)
 
 
 def predicted_bytes(recipe) -> int:
@@ -249,18 +241,6 @@ def predicted_bytes(recipe) -> int:
 
     memory = estimate_recipe(recipe).memory
     return memory.total_checkpointed if recipe.train.gradient_checkpointing else memory.total
-
-
-def _versions() -> dict:
-    import importlib.metadata
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "flash-attn", "accelerate"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 class StepTimer:
@@ -388,7 +368,7 @@ def measure(variant: str, shape: str, model: Path, data: Path, tokenizer, args) 
     peak, peak_note = peak_flops(args.peak_tflops)
     cuda = torch.cuda.is_available()
     record.update(peak=peak_note, pid=os.getpid(),
-        device=torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)", versions=_versions(),
+        device=torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)", versions=benchkit.versions(),
         attention=timer.attention, batches=run["batches"], batch_shape=timer.shape,
         step_s=[round(s["s"], 4) for s in timer.steps], warmup_steps=len(first),
         startup_s=round(timer.began - started, 2) if timer.began else None,
@@ -435,15 +415,7 @@ DOC_END = "<!-- bench_gpu table: end -->"
 
 def write_doc(doc: Path, table: str) -> None:
     """Replace the table between the markers of docs/benchmarks.md (added at the end if absent)."""
-    from lora_cli.files import atomic
-
-    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-    block = f"{DOC_BEGIN}\n{table}{DOC_END}"
-    if DOC_BEGIN in text and DOC_END in text:
-        text = text[:text.index(DOC_BEGIN)] + block + text[text.index(DOC_END) + len(DOC_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic.write_text(doc, text)
+    benchkit.replace_marked_block(doc, DOC_BEGIN, DOC_END, table)
 
 
 def _free() -> None:
@@ -454,13 +426,17 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+QUICK_VARIANTS = "source,defaults,qlora,liger"  # by hand, lora train, and two that a CPU skips with their reason
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchkit.arguments(__doc__.splitlines()[0], f"the toy shape at seq 32, 3 steps (1 warm-up), variants "
+                                f"{QUICK_VARIANTS} unless --variants", model=False)
     parser.add_argument("--shapes", default=None,
                         help=f"comma-separated, of: {', '.join(SHAPES)}, each optionally :SEQ (llama3-8b:512); "
                              "default llama3-8b,llama-1b on a GPU, toy on a CPU (where `make bench` must not build "
                              "an 8B model)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=None, help="comma-separated, of: " + ", ".join(VARIANTS) + " (default: all)")
     parser.add_argument("--seq", type=int, default=4096, help="data.max_length of a shape given without :SEQ; "
                         "rows are seq/4 to seq tokens")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per variant (x 8 rows)")
@@ -479,6 +455,12 @@ def parse_args(argv=None):
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one variant, or 'build'
     parser.add_argument("--record", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        if args.doc:
+            parser.error("--quick never writes a doc: its figures mean nothing (leave out --doc)")
+        args.shapes, args.steps, args.warmup_steps = "toy:32", 3, 1
+        args.variants = args.variants or QUICK_VARIANTS
+    args.variants = args.variants or ",".join(VARIANTS)
     if args.shapes is None:
         import torch
 
@@ -515,7 +497,7 @@ def child(args) -> int:
     if args.child == "build":
         build_model(shape, tokenizer, model, args.seq)
         if not data.is_file():
-            bench_data_write(bench_rows(tokenizer, args.seq, args.steps * ROWS_PER_STEP), data)
+            benchkit.write_jsonl(data, bench_rows(tokenizer, args.seq, args.steps * ROWS_PER_STEP))
         return 0
     record = measure(args.child, shape, model, data, tokenizer, args)
     args.record.write_text(json.dumps(record), encoding="utf-8")
@@ -553,11 +535,16 @@ def main(argv=None) -> int:
                 records.append({"shape": shape, "seq": seq, "variant": variant, "skipped": "out of time (--deadline)"})
                 continue
             print(f"== {shape} seq {seq}: {variant}", flush=True)
-            record_file = args.work / f"record-{shape}-{seq}-{variant}.json"
-            record_file.unlink(missing_ok=True)
-            code = _run_child(args, here, variant, shape, record_file)
-            record = (json.loads(record_file.read_text(encoding="utf-8")) if code == 0 and record_file.is_file()
-                      else {"shape": shape, "seq": seq, "variant": variant, "skipped": f"failed (exit {code}; see its output above)"})
+            reason = skip_reason(variant)  # known before a process starts for it
+            if reason:
+                record = {"shape": shape, "seq": seq, "variant": variant, "skipped": reason}
+            else:
+                record_file = args.work / f"record-{shape}-{seq}-{variant}.json"
+                record_file.unlink(missing_ok=True)
+                code = _run_child(args, here, variant, shape, record_file)
+                record = (json.loads(record_file.read_text(encoding="utf-8")) if code == 0 and record_file.is_file()
+                          else {"shape": shape, "seq": seq, "variant": variant,
+                                "skipped": f"failed (exit {code}; see its output above)"})
             print(json.dumps({k: v for k, v in record.items() if k not in ("versions",)}), flush=True)
             records.append(record)
     measured = next((r for r in records if "device" in r), {})
@@ -566,7 +553,7 @@ def main(argv=None) -> int:
               f"--warmup-steps {args.warmup_steps}`, {time.strftime('%Y-%m-%d')}; device: {measured.get('device', 'n/a')}; "
               f"peak: {measured.get('peak', 'n/a')}; {versions}; LoRA r=16 all-linear; {args.steps * ROWS_PER_STEP} rows "
               f"of seq/4 to seq tokens per shape; tokens/s and MFU over the steps after the first "
-              f"{args.warmup_steps}, each variant in its own process")
+              f"{args.warmup_steps}, each variant in its own process{benchkit.quick_note(args)}")
     table = markdown(records, header)
     (args.out / "bench_gpu.json").write_text(json.dumps({"header": header, "records": records}, indent=2), encoding="utf-8")
     (args.out / "bench_gpu.md").write_text(table, encoding="utf-8")
@@ -589,10 +576,6 @@ def merge(args) -> int:
         write_doc(args.doc, table)
     print(table)
     return 0
-
-
-def bench_data_write(rows: list[dict], path: Path) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 if __name__ == "__main__":

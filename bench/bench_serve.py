@@ -10,7 +10,7 @@ The server is the real app on uvicorn in a thread on a free localhost port, load
 `lora serve` loads it (build_server), driven by the official openai client: each of N client
 threads sends --requests chat requests one after another (greedy, --new-tokens tokens, prompts
 rotating through the list). Tokens are counted from each response's usage. --larger adds the
-random 8-layer, 512-wide Llama of bench_generate.py, where a batch's extra rows cost relatively less.
+random 8-layer, 512-wide Llama of benchkit.build_larger, where a batch's extra rows cost relatively less.
 
 Goals (issue 11): 16 clients >= 3x the one-at-a-time tokens/s; one client within 10% of `lora generate`.
 The one-client overhead is measured with a bare keep-alive HTTP client (the server's cost) and,
@@ -20,19 +20,14 @@ each alternating with `lora generate`'s path --pairs times; the best of each is 
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench_generate import MODEL, PROMPTS, build_larger, random_adapter  # one builder for both benchmarks
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import benchkit
+from benchkit import PROMPTS, build_larger, random_adapter
 
 
 def drive(url: str, clients: int, requests: int, new_tokens: int) -> dict:
@@ -105,21 +100,18 @@ def bench_model(label: str, base: Path, work: Path, client_counts: list[int], re
 
     adapter = random_adapter(base, work / f"adapter-{base.name}")
     server = build_server({"a": adapter}, max_batch=max(client_counts), max_queue=4 * max(client_counts))
-    best: dict[int, dict] = {}
     try:
         with ServerThread(server) as running:
             drive(running.url, 1, 2, 4)  # warm-up: first calls allocate and pick kernels
-            for _ in range(rounds):
-                for clients in client_counts:
-                    run = drive(running.url, clients, requests, new_tokens)
-                    if clients not in best or run["tok_s"] > best[clients]["tok_s"]:
-                        best[clients] = run
+            runs = benchkit.round_robin({clients: lambda _, c=clients: drive(running.url, c, requests, new_tokens)
+                                         for clients in client_counts}, rounds)
+            best = {clients: max(results, key=lambda run: run["tok_s"]) for clients, results in runs.items()}
             one = [PROMPTS[r % len(PROMPTS)] for r in range(requests)]
-            direct, raw, served = [], [], []
-            for _ in range(pairs):
-                direct.append(direct_seconds(server, one, new_tokens))
-                raw.append(raw_seconds(running.url, one, new_tokens))
-                served.append(drive(running.url, 1, requests, new_tokens)["seconds"])
+            pair = benchkit.round_robin({"direct": lambda _: direct_seconds(server, one, new_tokens),
+                                         "raw": lambda _: raw_seconds(running.url, one, new_tokens),
+                                         "served": lambda _: drive(running.url, 1, requests, new_tokens)["seconds"]},
+                                        pairs)
+            direct, raw, served = pair["direct"], pair["raw"], pair["served"]
     finally:
         server.scheduler.close()
     rows = [{"model": label, **best[c]} for c in client_counts]
@@ -128,38 +120,32 @@ def bench_model(label: str, base: Path, work: Path, client_counts: list[int], re
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> int:
+    parser = benchkit.arguments(__doc__.split("\n\n")[0], "tiny model, 1 and 4 clients, 2 requests, 8 tokens, one round")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=8, help="requests per client")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the client counts (best kept)")
     parser.add_argument("--pairs", type=int, default=5, help="alternating lora-generate / one-client runs")
     parser.add_argument("--larger", action="store_true", help="also a random 8-layer 512-wide Llama")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 1 and 4 clients, 2 requests, 8 tokens")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.requests, args.new_tokens, args.larger, args.rounds = [1, 4], 2, 8, False, 1
         args.pairs = 1
-    if not (MODEL / "config.json").is_file():
-        sys.exit(f"{MODEL} is missing: run `lora build-tiny` (or make tiny) first")
+    benchkit.require_model(args.model)
     from lora_cli.libraries import quiet_libraries
 
     quiet_libraries()
-    import torch
-
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        rows += bench_model("tiny-llama", MODEL, work, args.clients, args.requests, args.new_tokens,
+    with benchkit.scratch("bench-serve-") as work:
+        rows += bench_model("tiny-llama", args.model, work, args.clients, args.requests, args.new_tokens,
                             args.rounds, args.pairs)
         if args.larger:
-            rows += bench_model("random-llama-8x512", build_larger(work / "larger"), work, args.clients,
+            rows += bench_model("random-llama-8x512", build_larger(work / "larger", args.model), work, args.clients,
                                 args.requests, args.new_tokens, args.rounds, args.pairs)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"greedy chat, {args.new_tokens} max tokens, {args.requests} requests per client, best of {args.rounds} "
-          f"rounds, {device}, load average {os.getloadavg()[0]:.1f}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"rounds, {benchkit.device_name()}, {benchkit.load_average()}, "
+          f"{benchkit.torch_threads()}{benchkit.quick_note(args)}")
     print("| model | clients | requests/s | output tokens/s | p50 s | p99 s | tokens/s vs 1 client | 1 client vs lora generate |")
     print("| ----- | ------- | ---------- | --------------- | ----- | ----- | -------------------- | ------------------------- |")
     for row in rows:
@@ -168,7 +154,8 @@ def main() -> None:
                     if "overhead" in row else "")
         print(f"| {row['model']} | {row['clients']} | {row['req_s']:.2f} | {row['tok_s']:.0f} | {row['p50']:.3f} | "
               f"{row['p99']:.3f} | {row['tok_s'] / single['tok_s']:.2f}x | {overhead} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

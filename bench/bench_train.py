@@ -2,7 +2,7 @@
 workflow done by hand, on the tiny model and a larger random one, interleaved in one run.
 
     python bench/bench_train.py            (make bench runs it after `lora build-tiny`)
-    python bench/bench_train.py --quick    (a few steps per run: proves the script works, measures nothing)
+    python bench/bench_train.py --quick    (3 steps per run, one seed, the tiny model: proves the script works)
 
 The source workflow is bench_data.py's (seed article 002): rows tokenised one at a time through
 Dataset.map, then the Hugging Face Trainer with DataCollatorForSeq2Seq, batch 1 x gradient
@@ -13,7 +13,7 @@ per forward pass flattened into one row (positions restarting per example, so sd
 examples apart), 8 rows per optimizer step like the baseline).
 
 Models: models/tiny-llama (0.9M parameters) and a random 8-layer, 512-wide Llama (25.7M, built
-by bench_generate.build_larger with the tiny tokenizer). For each model and seed both workflows
+by benchkit.build_larger with the tiny tokenizer). For each model and seed both workflows
 train back to back, in alternating order, so a busy machine slows both alike.
 
 Printed per model: supervised tokens/s (supervised tokens the optimizer saw / Trainer
@@ -26,22 +26,13 @@ which the source workflow's training rows lack; see docs/benchmarks.md, Data).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-
-import bench_data  # noqa: E402  (the source workflow and the loss measurement live there)
-from bench_generate import build_larger  # noqa: E402
+import bench_data  # the source workflow and the loss measurement live there
+import benchkit
 
 GOAL = 1.5
 
@@ -49,8 +40,7 @@ GOAL = 1.5
 def default_recipe(base: Path, data_path: Path, out: Path, epochs: float, cache_dir: Path, seed: int,
                    max_steps: int):
     """The bench's recipe with every batching key left empty (the defaults under test)."""
-    recipe = bench_data.lora_recipe(data_path, out, epochs, cache_dir)
-    recipe.model.name_or_path = str(base)
+    recipe = bench_data.lora_recipe(base, data_path, out, epochs, cache_dir)
     recipe.train.batch_size = recipe.train.gradient_accumulation = None
     recipe.train.seed, recipe.train.max_steps = seed, max_steps
     return recipe
@@ -61,41 +51,35 @@ def measure(name: str, base: Path, rows: list[dict], args, work: Path) -> dict:
     from lora_cli.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(str(base))
-    data_path = work / f"{name}.jsonl"
-    bench_data_rows(rows, data_path)
+    data_path = benchkit.write_jsonl(work / f"{name}.jsonl", rows)
     source_ds = bench_data.source_preprocess(rows, tokenizer)
     ours = build_sft_data(default_recipe(base, data_path, work / "x", 1, work / "cache", 0, -1).data, tokenizer).train
     steps = args.max_steps
     rows_seen = steps * 8 if steps > 0 else None  # 8 rows per step on both sides
     sup_source = _supervised(source_ds, args.epochs, rows_seen)
     sup_lora = _supervised(ours, args.epochs, rows_seen)
-    runs = {"source": [], "lora": []}
-    for i, seed in enumerate(args.seeds):
-        order = ("source", "lora") if i % 2 == 0 else ("lora", "source")
-        for side in order:
-            out = work / f"{name}-{side}-{seed}"
-            if side == "source":
-                model, runtime = bench_data.source_train(source_ds, tokenizer, out, args.epochs, seed, base, steps)
-                tokens_per_s = sup_source / runtime
-            else:
-                recipe = default_recipe(base, data_path, out, args.epochs, work / "cache", seed, steps)
-                _, runtime = bench_data.lora_train(recipe)
-                model = bench_data.trained_adapter(out, base)
-                tokens_per_s = sup_lora / runtime
-            # Two losses: on the rows this side trained on, and on the rows as inference presents
-            # them (the prompt with BOS, as `lora generate` and the source workflow's own
-            # generation code tokenise it): the same rows for both sides.
-            own = bench_data.mean_supervised_loss(model, list(source_ds if side == "source" else ours),
-                                                  tokenizer.pad_token_id)
-            served = bench_data.mean_supervised_loss(model, list(ours), tokenizer.pad_token_id)
-            runs[side].append((tokens_per_s, own, served))
-    return runs
 
+    def losses(model, trained_on) -> tuple[float, float]:
+        # Two losses: on the rows this side trained on, and on the rows as inference presents
+        # them (the prompt with BOS, as `lora generate` and the source workflow's own
+        # generation code tokenise it): the same rows for both sides.
+        return (bench_data.mean_supervised_loss(model, list(trained_on), tokenizer.pad_token_id),
+                bench_data.mean_supervised_loss(model, list(ours), tokenizer.pad_token_id))
 
-def bench_data_rows(rows: list[dict], path: Path) -> None:
-    import json
+    def source(i: int) -> tuple:
+        seed = args.seeds[i]
+        model, runtime = bench_data.source_train(source_ds, tokenizer, work / f"{name}-source-{seed}", args.epochs, seed,
+                                                 base, steps)
+        return (sup_source / runtime, *losses(model, source_ds))
 
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    def lora(i: int) -> tuple:
+        seed = args.seeds[i]
+        out = work / f"{name}-lora-{seed}"
+        _, runtime = bench_data.lora_train(default_recipe(base, data_path, out, args.epochs, work / "cache", seed, steps))
+        return (sup_lora / runtime, *losses(bench_data.trained_adapter(out, base), ours))
+
+    # every seed trains both back to back, in alternating order, so a busy machine slows both alike
+    return benchkit.round_robin({"source": source, "lora": lora}, len(args.seeds), alternate=True)
 
 
 def _supervised(dataset, epochs: float, rows_seen: int | None) -> float:
@@ -124,8 +108,7 @@ def report(name: str, params: str, runs: dict, seeds: list[int]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 steps per run, one seed, 48 rows: proves it runs")
+    parser = benchkit.arguments(__doc__.splitlines()[0], "3 steps per run, one seed, 48 rows, the tiny model only")
     parser.add_argument("--epochs", type=float, default=3, help="epochs over the 240 demo rows (tiny model)")
     parser.add_argument("--larger-epochs", type=float, default=1, help="epochs for the 25.7M model")
     parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[42, 1, 2])
@@ -133,10 +116,8 @@ def main() -> int:
     args = parser.parse_args()
     args.max_steps = 3 if args.quick else -1
     if args.quick:
-        args.seeds = args.seeds[:1]
-    if not (bench_data.MODEL / "config.json").is_file():
-        print(f"{bench_data.MODEL} is missing; build it with `lora build-tiny` (make bench does)", file=sys.stderr)
-        return 1
+        args.seeds, args.no_larger = args.seeds[:1], True
+    benchkit.require_model(args.model)
 
     from datasets.utils.logging import disable_progress_bar
 
@@ -144,21 +125,21 @@ def main() -> int:
 
     quiet_libraries()
     disable_progress_bar()
-    rows = bench_data.read_jsonl(bench_data.DATA)
+    rows = benchkit.read_jsonl(benchkit.DATA)
     if args.quick:
         rows = rows[:48]
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    models = [("tiny-llama", bench_data.MODEL, "0.9M", args.epochs)]
-    if not args.no_larger:
-        models.append(("random Llama 8 x 512", build_larger(work / "larger"), "25.7M", args.larger_epochs))
-    print(f"{len(rows)} demo rows, seeds {args.seeds}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
-          + ("; QUICK RUN: 3 steps per run, figures mean nothing" if args.quick else ""))
-    print("| model | workflow | supervised tokens/s (best) | median | vs source | final loss, own rows (mean) "
-          "| final loss, rows as inference presents them (mean) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, base, params, epochs in models:
-        args.epochs = epochs
-        report(name, params, measure(name, base, rows, args, work), args.seeds)
+    with benchkit.scratch("bench-train-") as work:
+        models = [("tiny-llama", args.model, "0.9M", args.epochs)]
+        if not args.no_larger:
+            models.append(("random Llama 8 x 512", benchkit.build_larger(work / "larger", args.model), "25.7M",
+                           args.larger_epochs))
+        print(f"{len(rows)} demo rows, seeds {args.seeds}, {benchkit.cpus_and_load()}{benchkit.quick_note(args)}")
+        print("| model | workflow | supervised tokens/s (best) | median | vs source | final loss, own rows (mean) "
+              "| final loss, rows as inference presents them (mean) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, base, params, epochs in models:
+            args.epochs = epochs
+            report(name, params, measure(name, base, rows, args, work), args.seeds)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 

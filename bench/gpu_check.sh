@@ -11,7 +11,8 @@
 #   GPU_CHECK_TOY=1 bench/gpu_check.sh     (CPU, toy sizes: proves the script runs; a test does this)
 #
 # Environment: PY (the python with lora's dependencies; default .venv/bin/python, else python3),
-# GPU_CHECK_WORK (scratch folder), GPU_CHECK_TINY (a tiny base already built), GPU_CHECK_DOC (the markdown to write the table into),
+# GPU_CHECK_WORK (scratch folder), GPU_CHECK_TINY (a tiny base already built), GPU_CHECK_DOC (the markdown to write the table into;
+# default docs/benchmarks.md, or $GPU_CHECK_WORK/benchmarks.md with GPU_CHECK_TOY=1),
 # GPU_CHECK_SECONDS (deadline for starting a bench variant, default 420).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,9 @@ if [ -z "${PY:-}" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 WORK=${GPU_CHECK_WORK:-/tmp/lora-gpu-check}
-DOC=${GPU_CHECK_DOC:-docs/benchmarks.md}
 TOY=${GPU_CHECK_TOY:-0}
+# toy figures never land in docs/benchmarks.md
+if [ "$TOY" = 1 ]; then DOC=${GPU_CHECK_DOC:-$WORK/benchmarks.md}; else DOC=${GPU_CHECK_DOC:-docs/benchmarks.md}; fi
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-420} ))
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # lora itself from this checkout, whatever the python (no install needed, nothing fetched)
