@@ -33,12 +33,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Property-based tests at scale (tests/test_properties.py): 10,000 generated recipes, --set values,
+# Property-based tests at scale (tests/adversarial/test_properties.py): 10,000 generated recipes, --set values,
 # data files and server requests per property, outside the normal suite (which runs a few dozen each).
 # -s lets its progress lines (every 100 examples of a property) through pytest's capture.
 FUZZ_EXAMPLES ?= 10000
 fuzz: setup
-	HYPOTHESIS_PROFILE=fuzz LORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_properties.py
+	HYPOTHESIS_PROFILE=fuzz LORA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/adversarial/test_properties.py
 
 bench: setup
 	@test -f $(TINY)/config.json || $(MAKE) --no-print-directory tiny

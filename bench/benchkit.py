@@ -11,7 +11,7 @@
 
 Each script keeps its own table layout (the figures in docs/benchmarks.md were pasted from them).
 
-Not a `bench_*.py` name on purpose: `make bench` and tests/test_bench.py run every bench_*.py.
+Not a `bench_*.py` name on purpose: `make bench` and tests/bench/test_bench.py run every bench_*.py.
 Heavy libraries are imported inside the functions that need them, as in the product.
 """
 

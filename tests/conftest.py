@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# tests/ mirrors the package's rooms. A few test modules share recipe builders with another room's
+# (test_tasks' classify_recipe, test_resume's readers, test_ddp's torchrun); every room folder is
+# importable by module name, as the flat tests/ was, whichever file pytest runs alone.
+for _room in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name.isidentifier()):
+    if str(_room) not in sys.path:
+        sys.path.append(str(_room))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo.jsonl"

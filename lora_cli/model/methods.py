@@ -4,7 +4,7 @@ Recipe validation (which lora.* keys a method reads), adapter building (its peft
 `lora estimate` (which trainable parameters grow with the rank), `lora check` (whether the
 rank rules apply, whether alpha is scaled by sqrt(r)), `lora sweep` (whether there is a rank
 to sweep) and `lora merge` (whether it can be folded into the base) all read METHODS, so a
-method is added here, in one entry, plus its tests (tests/test_methods.py walks the registry).
+method is added here, in one entry, plus its tests (tests/model/test_methods.py walks the registry).
 Nothing here imports torch or peft at module level: `lora check` reads this too.
 """
 

@@ -2,7 +2,7 @@
 `lora estimate` and of the token budget per forward pass (lora_cli.model.kernels).
 
 Counted op by op in a Llama-style decoder layer, and checked against the bytes
-torch.autograd.graph.saved_tensors_hooks sees on CPU (tests/test_estimate.py) and against
+torch.autograd.graph.saved_tensors_hooks sees on CPU (tests/train/test_estimate.py) and against
 the peaks measured on an H200 (issue 23). Per token and layer, with c the compute dtype's
 bytes (2 under bf16/fp16 autocast), s the residual stream's, p the projections' outputs':
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
 sys.path.insert(0, str(BENCH))
@@ -142,7 +142,7 @@ def check_generate(out: str, _work: Path) -> None:
 
 
 def check_gpu(out: str, work: Path) -> None:
-    """What tests/test_bench_gpu.py ran at toy size before: each variant in its own process,
+    """What tests/bench/test_bench_gpu.py ran at toy size before: each variant in its own process,
     every step timed and the first reported apart, the attention kernel and lora's batches
     line recorded, the CUDA-only variants skipped with their reason."""
     import json

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

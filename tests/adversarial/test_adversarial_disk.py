@@ -31,7 +31,7 @@ from conftest import demo_rows, write_jsonl
 from lora_cli.train import checkpoint as ckpt
 from lora_cli.files import ownership
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_recipe
 from lora_cli.train import checkpoint as ckpt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

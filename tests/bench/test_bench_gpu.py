@@ -1,7 +1,7 @@
 """bench/bench_gpu.py stays ready for a GPU machine: its FLOP formula counts what the model has,
 its step counting reads the batches, its table replaces the marked block of the doc, and
 gpu_check.sh runs on CPU at toy size. (The script's own run at toy size, `--quick`, is in
-tests/test_bench.py with every other bench.)"""
+tests/bench/test_bench.py with every other bench.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu.py"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_flop_formula_counts_the_models_own_linear_and_lora_weights(bench_gpu, t
 
 def test_the_table_replaces_the_marked_block_of_the_doc(bench_gpu, tmp_path):
     """--doc: the table between the markers, the rest of the doc as it was; markers added at the
-    end of a doc that has none. (The run itself, at toy size: tests/test_bench.py, --quick.)"""
+    end of a doc that has none. (The run itself, at toy size: tests/bench/test_bench.py, --quick.)"""
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nbefore\n\n" + bench_gpu.DOC_BEGIN + "\nold table\n" + bench_gpu.DOC_END
                    + "\n\nafter\n", encoding="utf-8")

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import make_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = {
     "ddp.yaml": ("MULTI_GPU", 1),
     "two_node.yaml": ("MULTI_GPU", 2),
