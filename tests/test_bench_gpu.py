@@ -1,5 +1,6 @@
 """bench/bench_gpu.py stays ready for a GPU machine: it runs end to end on CPU at toy size
-(CUDA-only variants skipped with their reason), and its FLOP formula counts what the model has."""
+(CUDA-only variants skipped with their reason), and its FLOP formula counts what the model has.
+One run of bench/gpu_check.sh at toy size (which runs bench_gpu.py) serves both end-to-end tests."""
 
 from __future__ import annotations
 
@@ -39,19 +40,33 @@ def test_flop_formula_counts_the_models_own_linear_and_lora_weights(bench_gpu, t
     assert bench_gpu.training_flops(config, 16, [10, 20]) == expected
 
 
-def test_runs_end_to_end_on_cpu_at_toy_size(bench_gpu, tmp_path):
+@pytest.fixture(scope="module")
+def gpu_check(bench_gpu, tmp_path_factory, tiny_random):
+    """bench/gpu_check.sh at toy size on CPU (GPU_CHECK_TOY=1), run once for the tests below: its
+    user path, then bench_gpu.py's toy table (every variant, each in its own process) into a doc."""
+    import os
+    import subprocess
+
+    tmp = tmp_path_factory.mktemp("gpu-check")
+    doc = tmp / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nbefore\n\n" + bench_gpu.DOC_BEGIN + "\nold table\n" + bench_gpu.DOC_END
+                   + "\n\nafter\n", encoding="utf-8")
+    # GPU_CHECK_SECONDS: no toy variant is skipped as "out of time" on a slow or busy machine
+    env = {**os.environ, "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(tmp / "work"), "GPU_CHECK_DOC": str(doc),
+           "GPU_CHECK_TINY": str(tiny_random), "GPU_CHECK_SECONDS": "86400", "PY": sys.executable}
+    done = subprocess.run(["bash", str(BENCH.parent / "gpu_check.sh")], cwd=BENCH.parents[1], env=env,
+                          capture_output=True, text=True, timeout=1500)
+    return done, tmp / "work", doc
+
+
+def test_runs_end_to_end_on_cpu_at_toy_size(gpu_check):
     """Each variant in its own process; every step timed, the first reported apart; the
     attention kernel really run and lora's batches line recorded; the table written into a doc."""
     import os
 
-    out, doc = tmp_path / "out", tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nbefore\n\n" + bench_gpu.DOC_BEGIN + "\nold table\n" + bench_gpu.DOC_END
-                   + "\n\nafter\n", encoding="utf-8")
-    code = bench_gpu.main(["--shapes", "toy:32", "--steps", "3", "--warmup-steps", "1",
-                           "--variants", "source,defaults,qlora,liger", "--work", str(tmp_path / "work"),
-                           "--out", str(out), "--doc", str(doc)])
-    assert code == 0
-    records = {r["variant"]: r for r in json.loads((out / "bench_gpu.json").read_text())["records"]}
+    done, work, doc = gpu_check
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = {r["variant"]: r for r in json.loads((work / "out-toy" / "bench_gpu.json").read_text())["records"]}
     assert list(records) == ["source", "defaults", "qlora", "liger"]
     for name in ("source", "defaults"):
         r = records[name]
@@ -64,7 +79,7 @@ def test_runs_end_to_end_on_cpu_at_toy_size(bench_gpu, tmp_path):
     assert records["source"]["pid"] != records["defaults"]["pid"] != os.getpid()
     assert "attention sdpa" in records["defaults"]["batches"] and "kernels none" in records["defaults"]["batches"]
     assert "CUDA" in records["qlora"]["skipped"] and "CUDA" in records["liger"]["skipped"]
-    table = (out / "bench_gpu.md").read_text()
+    table = (work / "out" / "bench_gpu.md").read_text()
     assert "| toy | 32 | defaults |" in table and "skipped: Liger's Triton kernels need a CUDA GPU" in table
     written = doc.read_text()
     assert table in written and "old table" not in written
@@ -86,19 +101,10 @@ def test_steps_are_counted_from_the_batches_themselves(bench_gpu):
     assert bench_gpu.steady([{"s": 9.0}], 3) == ([], [{"s": 9.0}])  # one step: it is all there is
 
 
-def test_gpu_check_script_runs_the_user_path_and_the_table(bench_gpu, tmp_path, tiny_base):
-    """bench/gpu_check.sh at toy size on CPU (GPU_CHECK_TOY=1): train, generate, merge, QLoRA
-    (skipped without CUDA), estimate, then the table into the doc it is given."""
-    import os
-    import subprocess
-
-    repo = BENCH.parents[1]
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n", encoding="utf-8")
-    env = {**os.environ, "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_DOC": str(doc),
-           "GPU_CHECK_TINY": str(tiny_base), "PY": sys.executable}
-    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=1500)
+def test_gpu_check_script_runs_the_user_path_and_the_table(bench_gpu, gpu_check):
+    """bench/gpu_check.sh at toy size on CPU: train, generate, merge, QLoRA (skipped without
+    CUDA), estimate, then the table into the doc it is given."""
+    done, _, doc = gpu_check
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for step in ("train: ok", "generate: ok", "merge: ok", "estimate: ok", "qlora: skipped"):
         assert step in done.stdout, (step, done.stdout[-3000:])
