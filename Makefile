@@ -30,8 +30,13 @@ demo: setup
 	$(VENV)/bin/lora train recipes/demo.yaml --overwrite
 	$(VENV)/bin/lora generate --adapter runs/demo "用一句话解释什么是LoRA"
 
+# pytest-xdist: TEST_WORKERS processes share the cores; --dist loadgroup keeps each test file on one
+# worker (tests/conftest.py groups them) so a file's trained fixtures are built once.
+TEST_WORKERS ?= 2
+PARALLEL = -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL)
 
 # Property-based tests at scale (tests/adversarial/test_properties.py): 10,000 generated recipes, --set values,
 # data files and server requests per property, outside the normal suite (which runs a few dozen each).
@@ -64,7 +69,7 @@ test-latest:
 	$(SCRATCH)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(PIP_TEST) --upgrade -e ".[test]"
 	$(SCRATCH)/bin/python -m pip freeze > $(SCRATCH)/installed.txt
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider $(PARALLEL)
 
 # The suite with every declared floor installed exactly (pyproject's floors are what it says).
 test-floors:
@@ -74,7 +79,7 @@ test-floors:
 	$(PYTHON) tools/pins.py floors > $(SCRATCH)/floors.txt
 	$(PIP_TEST) -c $(SCRATCH)/floors.txt -e ".[test]"
 	$(SCRATCH)/bin/python -m pip freeze > $(SCRATCH)/installed.txt
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SCRATCH)/bin/python -m pytest -q -p no:cacheprovider $(PARALLEL)
 
 # On a CUDA machine: the user path on the GPU and the bench_gpu table, into docs/benchmarks.md (< 8 min)
 gpu-check:

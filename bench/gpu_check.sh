@@ -32,8 +32,10 @@ mkdir -p "$WORK"
 lora() { "$PY" -c 'import sys; from lora_cli.cli import main; sys.argv[0] = "lora"; sys.exit(main())' "$@"; }
 step() { echo "$1: ok"; }
 
-CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
-echo "== $("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU")'); python $PY"
+# one torch start-up for both: 1 or 0 (a CUDA GPU or not), then the device's name
+DEVICE=$("$PY" -c 'import torch; c = torch.cuda.is_available(); print(int(c), torch.cuda.get_device_name() if c else "no CUDA GPU")')
+CUDA=${DEVICE%% *}
+echo "== ${DEVICE#* }; python $PY"
 
 # --------------------------------------------------------------------------- 1. the user path
 TINY=${GPU_CHECK_TINY:-$WORK/tiny-llama}  # GPU_CHECK_TINY: a tiny base already built (the test's)
@@ -65,8 +67,9 @@ step "dry run"
 # --------------------------------------------------------------------------- 2. the bench table
 BENCH=(--work "$WORK/bench" --deadline "$DEADLINE")
 if [ "$TOY" = 1 ]; then
-    "$PY" bench/bench_gpu.py "${BENCH[@]}" --shapes toy:32 --steps 3 --warmup-steps 1 --variants source,defaults \
-        --out "$WORK/out-toy"
+    # qlora and liger too: on a CPU their skip reasons show in the table
+    "$PY" bench/bench_gpu.py "${BENCH[@]}" --shapes toy:32 --steps 3 --warmup-steps 1 \
+        --variants source,defaults,qlora,liger --out "$WORK/out-toy"
     "$PY" bench/bench_gpu.py --merge "$WORK/out-toy" --out "$WORK/out" --doc "$DOC" > /dev/null
 else
     "$PY" bench/bench_gpu.py "${BENCH[@]}" --shapes llama3-8b:4096 --steps 5 --warmup-steps 2 --out "$WORK/out-4096"

@@ -16,6 +16,11 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist's workers (make test: -n 2) share the cores: each torch with a thread per core
+    # would oversubscribe them. Set before torch is first imported; subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # tests/ mirrors the package's rooms. A few test modules share recipe builders with another room's
 # (test_tasks' classify_recipe, test_resume's readers, test_ddp's torchrun); every room folder is
@@ -33,16 +38,31 @@ def demo_rows(n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's --dist loadgroup (make test) a test file is one group, run by one
+    worker, so its module-scoped fixtures (trained adapters) are built once; files that share an
+    expensive session fixture mark themselves with one xdist_group (readme_walk's files)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache_in_tmp(tmp_path_factory):
     """Tokenised-data caches go to a temporary folder, never to ~/.cache/lora."""
     os.environ["LORA_CACHE_DIR"] = str(tmp_path_factory.mktemp("lora-cache"))
 
 
+# `lora build-tiny`'s own defaults (cli.build_tiny): the README's demo base. The suite's pre-trained
+# base is that same build, so a session pre-trains one Llama, not two (6 CPU-minutes each).
+BUILD_TINY_DEFAULTS = {"steps": 300, "seed": 0}
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    """A pre-trained tiny Llama (knows the bundled facts as plain text, not the chat format)."""
-    return _tiny_model(tmp_path_factory.mktemp("models") / "tiny-pretrained", steps=200)
+    """A pre-trained tiny Llama (knows the bundled facts as plain text, not the chat format): the
+    base `lora build-tiny` makes with its defaults, built once per run (_cached_build)."""
+    return _tiny_model(tmp_path_factory.mktemp("models") / "tiny-pretrained", **BUILD_TINY_DEFAULTS)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +72,8 @@ def tiny_random(tmp_path_factory) -> Path:
 
 
 def _tiny_model(out: Path, **kwargs) -> Path:
-    """Build a tiny Llama into `out`. With LORA_TEST_MODEL_CACHE set (a developer's opt-in, never
-    CI), the build is reused across pytest sessions (_cached_build); the copy is still loaded
-    through the product's code."""
+    """Build a tiny Llama into `out`, once per run, or once ever with LORA_TEST_MODEL_CACHE
+    (_cached_build); the copy is still loaded through the product's code."""
     from lora_cli.tiny import decoder as tiny
     from lora_cli.tiny.decoder import build_tiny_model
 
@@ -99,24 +118,38 @@ def _tiny_kind(out: Path, arch: str, data: Path, **kwargs) -> Path:
     return _cached_build(out, source + repr((arch, sorted(kwargs.items()))).encode(), build)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache_of_this_run(tmp_path_factory):
+    """Without LORA_TEST_MODEL_CACHE, tiny models are still built once per run: into a folder of
+    this run that pytest-xdist's workers share (their base temp folders sit side by side in it)."""
+    global _RUN_MODEL_CACHE
+    base = tmp_path_factory.getbasetemp()
+    _RUN_MODEL_CACHE = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-models"
+    _RUN_MODEL_CACHE.mkdir(exist_ok=True)
+
+
+_RUN_MODEL_CACHE: Path | None = None
+
+
 def _cached_build(out: Path, key_source: bytes, build) -> Path:
-    """build(out), or with LORA_TEST_MODEL_CACHE set, a copy of the build cached under the hash
-    of key_source (the builder's source, its data and arguments)."""
+    """A copy in `out` of build(folder), built once under the hash of key_source (the builder's
+    source, its data and arguments) in LORA_TEST_MODEL_CACHE (a developer's opt-in: kept across
+    sessions) or else in this run's own cache. A file lock makes a second worker wanting the same
+    model wait for the first one's build instead of repeating it."""
     import hashlib
     import shutil
 
-    cache = os.environ.get("LORA_TEST_MODEL_CACHE")
-    if not cache:
-        return build(out)
-    built = Path(cache) / hashlib.sha256(key_source).hexdigest()[:16]
-    if not (built / "TINY_MODEL.json").exists():
-        staging = Path(cache) / f".{built.name}.{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        build(staging)
-        try:
-            staging.rename(built)
-        except OSError:  # another session finished the same build first
+    from filelock import FileLock
+
+    cache = Path(os.environ.get("LORA_TEST_MODEL_CACHE") or _RUN_MODEL_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    built = cache / hashlib.sha256(key_source).hexdigest()[:16]
+    with FileLock(str(cache / f".{built.name}.lock")):
+        if not (built / "TINY_MODEL.json").exists():
+            staging = cache / f".{built.name}.{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
+            build(staging)
+            staging.rename(built)
     shutil.copytree(built, out)
     return out
 

@@ -9,10 +9,10 @@ Two kinds of block:
   line, and a line holding only `...` for any number of lines. `$ echo $?` prints the exit code
   of the command before it; a command not followed by `echo $?` must exit 0.
 
-Commands run in-process through `lora_cli.cli.run` (one torch import for the whole walk). With
-LORA_TEST_MODEL_CACHE set (a developer's opt-in), `lora build-tiny` with the demo's arguments
-reuses the suite's cached tiny base (conftest._tiny_model, the same builder with the same
-defaults). The demo run always trains: a cached run would name another walk's base folder."""
+Commands run in-process through `lora_cli.cli.run` (one torch import for the whole walk).
+`lora build-tiny` with the demo's arguments is the suite's tiny_base (conftest._tiny_model, the
+same builder with build-tiny's defaults), built once per run or taken from LORA_TEST_MODEL_CACHE.
+The demo run always trains: a cached run would name another walk's base folder."""
 
 from __future__ import annotations
 
@@ -109,9 +109,9 @@ def run_step(step: Step, previous: Step | None, repo: Path, root: Path) -> None:
         raise AssertionError(f"README line {step.line}: only `lora ...` and `echo $?` lines can be run: {step.command}")
     args = words[1:]
     if args == ["build-tiny", "--out", "models/tiny-llama", "--data", "data/demo.jsonl"]:
-        from conftest import _tiny_model  # the suite's own builder and cache, with build-tiny's defaults
+        from conftest import BUILD_TINY_DEFAULTS, _tiny_model  # the suite's own builder and cache
 
-        _tiny_model(root / "models" / "tiny-llama", steps=300, seed=0)
+        _tiny_model(root / "models" / "tiny-llama", **BUILD_TINY_DEFAULTS)  # the tiny_base fixture's build
         step.code = 0
         return
     step.code, step.output = _run_lora(args)

@@ -11,7 +11,8 @@ import pytest
 
 from hints import as_args, hint_text, hinted_commands
 
-pytestmark = pytest.mark.slow
+# the README walk runs once per worker: this file and test_readme.py go to the same one
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme_walk")]
 
 
 @pytest.fixture

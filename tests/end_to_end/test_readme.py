@@ -7,6 +7,9 @@ import pytest
 from conftest import REPO
 from readme_walk import MARK, matches, problems, readme_steps
 
+# the README walk runs once per worker: this file and test_hints.py go to the same one
+pytestmark = pytest.mark.xdist_group("readme_walk")
+
 
 def test_the_walker_reads_blocks_and_matches_output_as_documented():
     text = "\n".join([
@@ -29,6 +32,17 @@ def test_every_readme_block_marked_for_running_is_runnable():
     assert commands[:3] == ["lora build-tiny --out models/tiny-llama --data data/demo.jsonl",
                             "lora train recipes/demo.yaml", "lora generate --adapter runs/demo '用一句话解释什么是LoRA'"]
     assert all(c.startswith("lora ") or c == "echo $?" for c in commands)
+
+
+def test_the_walks_tiny_base_is_what_build_tiny_makes_by_default():
+    """The walk's `lora build-tiny` is the suite's tiny_base build (conftest.BUILD_TINY_DEFAULTS)."""
+    import inspect
+
+    from conftest import BUILD_TINY_DEFAULTS
+    from lora_cli.cli import build_tiny
+
+    params = inspect.signature(build_tiny).parameters
+    assert {name: params[name].default for name in BUILD_TINY_DEFAULTS} == BUILD_TINY_DEFAULTS
 
 
 @pytest.mark.slow

@@ -149,7 +149,7 @@ def _two_nodes(recipe: Path, cwd: Path, env: dict, attempts: int = 2) -> list[tu
 
 
 @pytest.mark.slow
-def test_two_node_torchrun_matches_the_single_process_run(tmp_path, tiny_random):
+def test_two_node_torchrun_matches_the_single_process_run(tmp_path, tiny_random, cli):
     """Two torchrun "nodes" of one process each meet through a c10d rendezvous on localhost.
     Each takes half of every batch (accelerate shards the batches of the one seeded sampler),
     so with per-device batch 2 they train on exactly the batches of one process with batch 4."""
@@ -161,9 +161,8 @@ def test_two_node_torchrun_matches_the_single_process_run(tmp_path, tiny_random)
     multi = make_recipe(tmp_path / "multi", tiny_random, **{**common, "train": {**common["train"], "batch_size": 2}})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
-    alone = subprocess.run([sys.executable, "-m", "lora_cli.cli", "train", str(single)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    alone = cli("train", single)  # the single process in this one: one start-up fewer
+    assert alone.code == 0, alone
 
     outputs = _two_nodes(multi, tmp_path, env)
     assert sum(out.count("adapter saved to") for out, _ in outputs) == 1  # one rank of one node wrote
