@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback  # this module is imported onl
 from lora_cli.files import atomic, ownership
 from lora_cli.train import checkpoint as ckpt, preflight
 from lora_cli.errors import LoraError
-from lora_cli.model.adapter_folder import RECIPE_FILE, verify_adapter
+from lora_cli.model.adapter_folder import ADAPTER_WEIGHTS, RECIPE_FILE, verify_adapter
 from lora_cli.train.objectives import objective_of
 from lora_cli.tasks import bind_tokenizer, get_task, hooks
 from lora_cli.train.metrics import METRICS_FILE, plot_losses, read_metrics
@@ -497,7 +497,7 @@ def save_final_adapter(model, output_dir: Path) -> None:
         model.save_pretrained(staged, safe_serialization=True)
         install_files(staged, output_dir, last=ckpt.FINAL_ADAPTER)
     except Exception as e:  # safetensors reports a full disk in its own error type
-        fault = ownership.disk_fault(staged / ckpt.ADAPTER_WEIGHTS, e)  # judged before the partial files go
+        fault = ownership.disk_fault(staged / ADAPTER_WEIGHTS, e)  # judged before the partial files go
         if fault is None:
             raise
         raise fault from None

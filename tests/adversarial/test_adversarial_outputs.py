@@ -199,7 +199,8 @@ def test_the_file_claim_survives_a_claim_of_the_folder(tmp_path):
 
 # --------------------------------------------------------------------------- one check, one place
 
-WRITERS_THROUGH_THE_CHECK = ("cli.py", "merge.py", "export.py", "analyze.py", "sweep.py", "tiny.py", "tiny_encoders.py")
+WRITERS_THROUGH_THE_CHECK = ("cli.py", "export/merge.py", "export/gguf.py", "model/analyze.py", "train/sweep.py", "tiny/decoder.py",
+                             "tiny/encoders.py")
 
 
 def test_user_named_outputs_are_written_only_through_the_one_check():

@@ -171,7 +171,7 @@ def test_the_cut_changes_no_example(task, tiny_bert, tiny_t5):
     """Cut or whole, a row becomes the same example (the cut keeps what truncation keeps)."""
     from transformers import AutoTokenizer
 
-    from lora_cli import tasks
+    from lora_cli.tasks import classification, seq2seq
     from lora_cli.data.token_budget import chars_for
 
     tok = AutoTokenizer.from_pretrained(tiny_bert if task == "classification" else tiny_t5)
@@ -180,8 +180,8 @@ def test_the_cut_changes_no_example(task, tiny_bert, tiny_t5):
     long_text = " ".join(f"w{i % 997}" for i in range(words))
     assert len(long_text) > 2 * 2 * chars_for(tok, 64)
     if task == "classification":
-        rows = [tasks.LabeledRow(long_text, None, 0, "r1"), tasks.LabeledRow("x " + long_text, long_text, 1, "r2")]
-        cut, _ = tasks.tokenize_labeled(rows, ["a", "b"], tok, 64)
+        rows = [classification.LabeledRow(long_text, None, 0, "r1"), classification.LabeledRow("x " + long_text, long_text, 1, "r2")]
+        cut, _ = classification.tokenize_labeled(rows, ["a", "b"], tok, 64)
         whole = [{"input_ids": tok(r.text, r.text_pair, truncation=True, max_length=64)["input_ids"], "labels": i}
                  for i, r in enumerate(rows)]
         assert cut == whole
@@ -191,5 +191,5 @@ def test_the_cut_changes_no_example(task, tiny_bert, tiny_t5):
     spec = TemplateSpec()
     messages = [{"role": "user", "content": long_text, "input": ""}]
     assert prompt_ids(tok, spec, messages, max_tokens=64)[-63:] == prompt_ids(tok, spec, messages)[-63:]
-    (example,), _ = tasks.tokenize_seq2seq([(messages, long_text)], tok, spec, 64)
+    (example,), _ = seq2seq.tokenize_seq2seq([(messages, long_text)], tok, spec, 64)
     assert example["labels"] == tok(long_text, add_special_tokens=False)["input_ids"][:64]

@@ -20,9 +20,9 @@ def test_preference_preview_names_each_part_in_plain_text(tiny_random, tmp_path,
     assert res.code == 0, res
     assert _plain(res.out), res.out
     assert "\n-- row 1\n  prompt (masked): " in res.out
-    prompt, answers = res.out.split("\n  prompt: ", 1)[1].split("\n  chosen: ", 1)
+    prompt, answers = res.out.split("\n  prompt (masked): ", 1)[1].split("\n  chosen (supervised): ", 1)
     assert "Say yes." in prompt  # named as the prompt, not only dimmed
-    assert answers.startswith("yes!") and "\n  rejected: no" in answers
+    assert answers.startswith("yes!") and "\n  rejected (supervised): no" in answers
 
 
 def test_sweep_output_is_plain_when_piped(tiny_random, tmp_path, cli):

@@ -121,7 +121,9 @@ def test_merged_f32_gguf_and_endpoint_score_as_the_adapter(everything):
     for name in ("merged", "f32", "endpoint"):
         for metric, entry in by_name[name]["metrics"].items():
             assert adapter[metric]["low"] <= entry["value"] <= adapter[metric]["high"], (name, metric)
-            assert entry["diff"]["low"] <= 0 <= entry["diff"]["high"], (name, metric)
+            # the interval holds 0, up to float rounding: a merged model's loss can differ from the
+            # adapter's in the ninth decimal on every row alike (seen with one torch thread per worker)
+            assert entry["diff"]["low"] <= 1e-6 and entry["diff"]["high"] >= -1e-6, (name, metric, entry["diff"])
     assert by_name["merged"]["metrics"]["loss"]["value"] == pytest.approx(adapter["loss"]["value"], rel=1e-3)
     assert by_name["f32"]["metrics"]["loss"]["value"] == pytest.approx(adapter["loss"]["value"], rel=1e-3)
 

@@ -228,7 +228,8 @@ def test_no_second_model_the_reference_pass_switches_the_adapter_off(tmp_path, t
     data = build_preference_data(recipe, tokenizer)
     model = _setup_model(recipe, tokenizer)
     embedding = model.get_input_embeddings().weight  # frozen: equal to any copy of the base made at any point
-    assert copies_of(embedding) == 0
+    # copies another test of this process left alive (a worker runs many) are not this run's
+    before = copies_of(embedding)
     switched_off = []
     disable_adapter = PeftModel.disable_adapter
     monkeypatch.setattr(PeftModel, "disable_adapter", lambda self: switched_off.append(1) or disable_adapter(self))
@@ -238,9 +239,9 @@ def test_no_second_model_the_reference_pass_switches_the_adapter_off(tmp_path, t
     trainer.train()
     assert trainer.state.global_step == 2
     assert len(switched_off) >= 2  # a reference pass per step, on the one model with its adapter off
-    assert copies_of(embedding) == 0, "a second copy of the base is alive"
+    assert copies_of(embedding) == before, "a second copy of the base is alive"
     twin = copy.deepcopy(model)  # what a reference model would be
-    assert copies_of(embedding) >= 1
+    assert copies_of(embedding) >= before + 1
     del twin
 
 
