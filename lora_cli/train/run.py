@@ -37,8 +37,8 @@ from lora_cli.data.batching import batch_layout, batch_shape, groups_by_length
 from lora_cli.model.kernels import choose_liger, free_memory, RunKernels
 from lora_cli.tasks.hooks import eval_gathers_predictions, make_collator, prepare_recipe, trainer_kwargs
 from lora_cli.model.adapters import add_adapter, describe_adapted_modules
-from lora_cli.model import load as model_load  # attention_in_use, masks_from_positions: looked up at call time
-from lora_cli.model.load import (device_facts, format_parameter_counts, load_base_model, load_tokenizer,
+from lora_cli.model import load as model_load  # looked up at call time: tests stand in for these
+from lora_cli.model.load import (device_facts, format_parameter_counts, load_base_model,
                                  parameter_counts)
 from lora_cli.train.preflight import sharding_engine
 from lora_cli.data.examples import configure_sampling, label_runs
@@ -354,7 +354,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
+    tokenizer = model_load.load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     objective = objective_of(recipe)
     if objective.preference:  # pairs or labelled answers, tokenised through the same template path
 
