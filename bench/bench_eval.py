@@ -4,7 +4,7 @@ f32 GGUF, `lora serve` endpoint) on the same demo rows, greedy.
     python bench/bench_eval.py            (make bench runs it after `lora build-tiny`)
     python bench/bench_eval.py --quick    (4 rows, 8 new tokens: proves the script runs end to end)
 
-The adapter is LoRA r=4 on every linear layer with random, non-zero A and B (speed, not skill).
+The adapter is LoRA r=8 on every linear layer with random, non-zero A and B (speed, not skill).
 Each candidate is timed on its own (`lora eval` with that candidate alone, generation metrics
 only, so the loss pass does not count), from first row asked to last answer; loading is not
 timed. Printed: rows/s per kind. On a shared machine these figures move with its load.

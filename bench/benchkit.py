@@ -36,6 +36,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # lora_cli from this checkout, installed or not
     sys.path.insert(0, str(REPO))
+
+from lora_cli import libraries  # noqa: E402
+
+libraries.configure()  # quiet and offline as every lora command is (no hub-kernel lines from bitsandbytes)
 MODEL = REPO / "models" / "tiny-llama"  # what `make tiny` (and so `make bench`) builds
 DATA = REPO / "data" / "demo.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # the benches' adapter
