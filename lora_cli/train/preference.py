@@ -1,16 +1,7 @@
 """Preference data tokenised, and the TRL trainers behind `train.objective: dpo | orpo | simpo | kto`.
 
-Rows come in the shapes people have, detected from each file's first rows like the SFT shapes
-(formats.detect_format reads PAIR_SHAPES / UNPAIRED_SHAPES here):
-
-- pairs:          {"prompt": "...", "chosen": "...", "rejected": "..."} (prompt may be a message list)
-- alpaca_pairs:   {"instruction": "...", "input": "", "chosen": "...", "rejected": "..."}
-- chat_pairs:     {"messages": [history ending in a user turn], "chosen": ..., "rejected": ...}
-- sharegpt_pairs: LLaMA-Factory's {"conversations": [{"from": "human", ...}], "chosen": {"from": "gpt", ...}, "rejected": {...}}
-- implicit_pairs: {"chosen": [whole conversation], "rejected": [whole conversation]}: the shared history is the prompt
-- unpaired (kto): {"prompt": "...", "completion": "...", "label": true | false}
-
-A chosen / rejected side is a string, an assistant message ({"role", "content"} or {"from", "value"})
+Rows come in the shapes data/pairs.py parses and checks (pairs, alpaca_pairs, chat_pairs,
+sharegpt_pairs, implicit_pairs; unpaired for kto). A chosen / rejected side is a string, an assistant message ({"role", "content"} or {"from", "value"})
 or a list of messages ending in the answer. Every row becomes (prompt messages, answer[s]) and is
 rendered through template.py (conversation_segments + encode_segments: the path SFT and inference
 take), so the adapter's saved template is the one the pairs were trained with. The ids go to
