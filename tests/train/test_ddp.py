@@ -43,18 +43,8 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
     proc = torchrun(tmp_path, dump, "train", recipe)
 
     # both ranks trained the same weights (gradients all-reduced), and they moved
-    rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
-    assert rank0.keys() == rank1.keys() and rank0
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
-    assert any(t.abs().sum() > 0 for n, t in rank0.items() if "lora_B" in n)
-
-    # the saved adapter is rank 0's weights
     run = tmp_path / "run"
-    saved = load_file(str(run / "adapter_model.safetensors"))
-    assert {n.replace(".default", "") for n in rank0} == set(saved)
-    for name, tensor in rank0.items():
-        assert torch.equal(saved[name.replace(".default", "")], tensor)
+    _, saved = ranks_agree_and_rank0_is_saved(dump, run)
 
     # only rank 0 printed and wrote: one record per step, one "saved" line
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -79,3 +69,21 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
         assert torch.equal(again[name], tensor), name
     rows_again = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows_again if "loss" in r] == [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def ranks_agree_and_rank0_is_saved(dump, run) -> tuple[dict, dict]:
+    """Both ranks trained the same weights (gradients all-reduced), the adapter moved, and the
+    saved adapter is rank 0's weights. Returns (rank 0's state, the saved tensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert any(t.abs().sum() > 0 for n, t in rank0.items() if "lora_B" in n)
+    saved = load_file(str(run / "adapter_model.safetensors"))
+    assert {n.replace(".default", "") for n in rank0} == set(saved)
+    for name, tensor in rank0.items():
+        assert torch.equal(saved[name.replace(".default", "")], tensor)
+    return rank0, saved
