@@ -38,10 +38,14 @@ def demo_rows(n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist's --dist loadgroup (make test) a test file is one group, run by one
     worker, so its module-scoped fixtures (trained adapters) are built once; files that share an
-    expensive session fixture mark themselves with one xdist_group (readme_walk's files)."""
+    expensive session fixture mark themselves with one xdist_group (readme_walk's files).
+    tryfirst: xdist's worker reads the marks in its own modifyitems hook to name each test's
+    group; run after it, these marks were never seen and every test was its own group (a file's
+    fixtures were built on both workers: the bench quick runs twice, 150 s of both cores)."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
