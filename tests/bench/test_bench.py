@@ -3,7 +3,8 @@ tiny base built the way conftest builds them (LORA_TEST_MODEL_CACHE reuses it), 
 table it exists for: the expected columns, one row per thing measured, and numbers that hold
 together (rates above zero, the reference row at 1.00x, one figure derived from others as it
 should be). What a figure is worth is not judged: a quick run's figures mean nothing. Nor may a
-quick run touch docs/benchmarks.md.
+quick run touch docs/benchmarks.md. bench_gpu.py's quick run is made by bench/gpu_check.sh at toy
+size, so the same run proves the GPU check's user path and its table.
 
 The scripts run two at a time (most of a quick run is one core importing libraries), only those
 whose tests were selected. A new bench_*.py without a check below fails here.
@@ -26,6 +27,7 @@ BENCH = REPO / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
 sys.path.insert(0, str(BENCH))
 from benchkit import QUICK_MARK  # noqa: E402
+from bench_gpu import DOC_BEGIN as GPU_DOC_BEGIN, DOC_END as GPU_DOC_END  # noqa: E402
 
 PARALLEL = 2
 TIMEOUT_S = 900  # one script; a loaded shared machine can be ten times slower than an idle one
@@ -142,10 +144,17 @@ def check_generate(out: str, _work: Path) -> None:
 
 
 def check_gpu(out: str, work: Path) -> None:
-    """What tests/bench/test_bench_gpu.py ran at toy size before: each variant in its own process,
-    every step timed and the first reported apart, the attention kernel and lora's batches
-    line recorded, the CUDA-only variants skipped with their reason."""
+    """bench/gpu_check.sh at toy size on CPU: its user path (train, generate, merge, QLoRA skipped
+    without CUDA, estimate, dry run), then bench_gpu.py --quick: each variant in its own process,
+    every step timed and the first reported apart, the attention kernel and lora's batches line
+    recorded, the CUDA-only variants skipped with their reason; the table into the doc it is given."""
     import json
+
+    for step in ("train: ok", "generate: ok", "merge: ok", "estimate: ok", "dry run: ok", "qlora: skipped"):
+        assert step in out, (step, out[-3000:])
+    doc = (work / "benchmarks.md").read_text(encoding="utf-8")
+    assert doc.startswith("# Benchmarks\n\nbefore\n\n" + GPU_DOC_BEGIN) and doc.endswith(GPU_DOC_END + "\n\nafter\n")
+    assert "| toy | 32 | defaults |" in doc and "old table" not in doc
 
     records = {r["variant"]: r for r in json.loads((work / "out" / "bench_gpu.json").read_text())["records"]}
     assert list(records) == ["source", "defaults", "qlora", "liger"]
@@ -214,21 +223,31 @@ CHECKS = {"bench_checkpoints.py": check_checkpoints, "bench_data.py": check_data
 
 # --------------------------------------------------------------------------- running
 
-def quick_command(script: str, base: Path, work: Path) -> list[str]:
-    extra = (["--work", str(work / "work"), "--out", str(work / "out")] if script == "bench_gpu.py"
-             else ["--model", str(base)])
-    return [sys.executable, str(BENCH / script), "--quick", *extra]
+def quick_command(script: str, base: Path, work: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and its extra environment. bench_gpu.py's quick run is the one bench/gpu_check.sh
+    makes at toy size (GPU_CHECK_TOY=1), after its user path on the tiny base: one run proves both."""
+    if script == "bench_gpu.py":
+        doc = work / "benchmarks.md"
+        doc.write_text("# Benchmarks\n\nbefore\n\n" + GPU_DOC_BEGIN + "\nold table\n" + GPU_DOC_END + "\n\nafter\n",
+                       encoding="utf-8")
+        # GPU_CHECK_SECONDS: no toy variant is skipped as "out of time" on a slow or busy machine
+        return ["bash", str(BENCH / "gpu_check.sh")], {
+            "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(work), "GPU_CHECK_DOC": str(doc),
+            "GPU_CHECK_TINY": str(base), "GPU_CHECK_SECONDS": "86400", "PY": sys.executable}
+    return [sys.executable, str(BENCH / script), "--quick", "--model", str(base)], {}
 
 
 def run_quick(script: str, base: Path, work: Path) -> dict:
     """One script's quick run in its own process: exit code, output, wall and CPU seconds."""
     work.mkdir(parents=True)
+    command, extra_env = quick_command(script, base, work)
     # one torch thread each: two scripts share the two cores, and OpenMP threads spinning for a
     # busy core cost more than twice the CPU time on a loaded machine (measured: 27 s against 12)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TMPDIR": str(work), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TMPDIR": str(work), "OMP_NUM_THREADS": "1",
+           **extra_env}
     start = time.perf_counter()
     with (work / "stdout").open("w") as out, (work / "stderr").open("w") as err:
-        proc = subprocess.Popen(quick_command(script, base, work), cwd=work, env=env, stdout=out, stderr=err)
+        proc = subprocess.Popen(command, cwd=REPO if extra_env else work, env=env, stdout=out, stderr=err)
         try:
             _, status, usage = _wait(proc, TIMEOUT_S)
         except TimeoutError:

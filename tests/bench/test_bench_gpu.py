@@ -1,7 +1,7 @@
 """bench/bench_gpu.py stays ready for a GPU machine: its FLOP formula counts what the model has,
-its step counting reads the batches, its table replaces the marked block of the doc, and
-gpu_check.sh runs on CPU at toy size. (The script's own run at toy size, `--quick`, is in
-tests/bench/test_bench.py with every other bench.)"""
+its step counting reads the batches and its table replaces the marked block of the doc.
+(gpu_check.sh at toy size on CPU, which makes the script's own quick run, is in
+tests/bench/test_bench.py with every other bench's quick run.)"""
 
 from __future__ import annotations
 
@@ -69,32 +69,3 @@ def test_steps_are_counted_from_the_batches_themselves(bench_gpu):
     warm, rest = bench_gpu.steady([{"s": 9.0}, {"s": 1.0}, {"s": 1.1}], 2)
     assert [s["s"] for s in warm] == [9.0, 1.0] and [s["s"] for s in rest] == [1.1]
     assert bench_gpu.steady([{"s": 9.0}], 3) == ([], [{"s": 9.0}])  # one step: it is all there is
-
-
-@pytest.fixture(scope="module")
-def gpu_check(bench_gpu, tmp_path_factory, tiny_random):
-    """bench/gpu_check.sh at toy size on CPU (GPU_CHECK_TOY=1): its user path, then bench_gpu.py's
-    toy table (every variant, each in its own process) into a doc."""
-    import os
-    import subprocess
-
-    tmp = tmp_path_factory.mktemp("gpu-check")
-    doc = tmp / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nbefore\n\n" + bench_gpu.DOC_BEGIN + "\nold table\n" + bench_gpu.DOC_END
-                   + "\n\nafter\n", encoding="utf-8")
-    # GPU_CHECK_SECONDS: no toy variant is skipped as "out of time" on a slow or busy machine
-    env = {**os.environ, "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(tmp / "work"), "GPU_CHECK_DOC": str(doc),
-           "GPU_CHECK_TINY": str(tiny_random), "GPU_CHECK_SECONDS": "86400", "PY": sys.executable}
-    done = subprocess.run(["bash", str(BENCH.parent / "gpu_check.sh")], cwd=BENCH.parents[1], env=env,
-                          capture_output=True, text=True, timeout=1500)
-    return done, tmp / "work", doc
-
-
-def test_gpu_check_script_runs_the_user_path_and_the_table(bench_gpu, gpu_check):
-    """bench/gpu_check.sh at toy size on CPU: train, generate, merge, QLoRA (skipped without
-    CUDA), estimate, then the table into the doc it is given."""
-    done, _, doc = gpu_check
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for step in ("train: ok", "generate: ok", "merge: ok", "estimate: ok", "qlora: skipped"):
-        assert step in done.stdout, (step, done.stdout[-3000:])
-    assert bench_gpu.DOC_BEGIN in doc.read_text() and "| toy | 32 | defaults |" in doc.read_text()
