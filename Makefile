@@ -31,9 +31,10 @@ demo: setup
 	$(VENV)/bin/lora generate --adapter runs/demo "用一句话解释什么是LoRA"
 
 # pytest-xdist: TEST_WORKERS processes share the cores; --dist loadgroup keeps each test file on one
-# worker (tests/conftest.py groups them) so a file's trained fixtures are built once.
+# worker (tests/conftest.py groups them) so a file's trained fixtures are built once, and
+# --no-loadscope-reorder hands the groups out in conftest's order (longest first), not by test count.
 TEST_WORKERS ?= 2
-PARALLEL = -n $(TEST_WORKERS) --dist loadgroup
+PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: setup
 	$(PY) -m pytest -q $(PARALLEL)

@@ -49,6 +49,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    # Longest groups first (make test passes --no-loadscope-reorder, so xdist hands groups out in
+    # this order): a long group started last keeps one worker busy while the other idles.
+    first = {name: rank for rank, name in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: first.get(_group(item), len(first)))
+
+
+# The groups that take longest under `make test`, longest first (pytest --durations=0 summed per
+# group, cold model cache, idle 2-core machine). Only the order of the run depends on this list:
+# a stale entry costs wall time, never a result.
+LONGEST_GROUPS = ["tests/bench/test_bench.py", "tests/export/test_export.py", "tests/eval/test_eval_harness.py",
+                  "tests/eval/test_eval.py", "readme_walk", "tests/tasks/test_tasks.py", "tests/train/test_scale_out.py",
+                  "tests/adversarial/test_adversarial_kill.py", "tests/train/test_ddp.py"]
+
+
+def _group(item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
 
 
 @pytest.fixture(scope="session", autouse=True)
