@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # would oversubscribe them. Set before torch is first imported; subprocesses inherit it.
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
-
-# tests/ mirrors the package's rooms. A few test modules share recipe builders with another room's
-# (test_tasks' classify_recipe, test_resume's readers, test_ddp's torchrun); every room folder is
-# importable by module name, as the flat tests/ was, whichever file pytest runs alone.
-for _room in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name.isidentifier()):
-    if str(_room) not in sys.path:
-        sys.path.append(str(_room))
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "data" / "demo.jsonl"
@@ -223,6 +215,32 @@ def make_recipe(tmp_path: Path, model: Path, data: Path | None = None, **section
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def task_recipe(tmp_path, base, model: dict, **sections) -> Path:
+    """make_recipe with more keys in the model section and a whole data section (make_recipe's
+    own `model` and `data` arguments are paths)."""
+    data = sections.pop("data", {})
+    path = make_recipe(tmp_path, base, **sections)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"].update(model)
+    raw["data"] = {"max_length": 128, **data}
+    if isinstance(sections.get("lora"), dict):  # replace make_recipe's q_proj/v_proj defaults
+        raw["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, **sections["lora"]}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def classify_recipe(tmp_path, base, model: dict | None = None, **sections):
+    sections.setdefault("lora", {"target_modules": "attention-qv"})
+    sections.setdefault("data", {"path": str(CLASSIFY_DATA), "val_fraction": 0.25, "max_length": 64})
+    return task_recipe(tmp_path, base, {"task": "classification", **(model or {})}, **sections)
+
+
+def seq2seq_recipe(tmp_path, base, **sections):
+    sections.setdefault("lora", {"target_modules": "attention-qv"})
+    sections.setdefault("data", {"path": str(SEQ2SEQ_DATA), "max_length": 64})
+    return task_recipe(tmp_path, base, {"task": "seq2seq"}, **sections)
 
 
 def train_learned_adapter(base: Path, work: Path, rows: list[dict]) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import demo_rows, make_recipe, train_learned_adapter, write_jsonl
+from conftest import classify_recipe, demo_rows, make_recipe, train_learned_adapter, write_jsonl
 
 ROWS = 12          # demo rows trained on and asked (a few dozen tokens each)
 NEW_TOKENS = 64    # room for a whole learned answer, so exact match can hold
@@ -227,7 +227,6 @@ def test_recipe_refuses_an_unknown_eval_metric(tiny_base, tmp_path, cli):
 
 def test_classification_adapter_scores_as_lora_predict_reports(tiny_bert, tmp_path, cli):
     from conftest import CLASSIFY_DATA
-    from test_tasks import classify_recipe
 
     recipe = classify_recipe(tmp_path, tiny_bert, train={"max_steps": 4, "batch_size": 8})
     assert cli("train", recipe).code == 0

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SEQ2SEQ_DATA, write_jsonl
+from conftest import REPO, SEQ2SEQ_DATA, classify_recipe, seq2seq_recipe, write_jsonl
+from preference_helpers import preference_recipe
 
 RESAMPLES = 200
 
@@ -117,7 +118,6 @@ def test_seq2seq_alpaca_rows_merged_alone_and_gguf_refused(trained, merged, tmp_
 @pytest.mark.slow
 def test_train_scores_eval_metrics_on_a_seq2seq_validation_split(tiny_t5, tmp_path):
     """eval.metrics at the end of a seq2seq run (it was skipped without a word before)."""
-    from test_tasks import seq2seq_recipe
 
     from lora_cli.recipe.schema import load_recipe
     from lora_cli.train.run import run_training
@@ -135,8 +135,6 @@ def test_train_scores_eval_metrics_on_a_seq2seq_validation_split(tiny_t5, tmp_pa
 def test_eval_metrics_refused_where_the_end_of_run_eval_cannot_score(tiny_random, tmp_path, cli):
     """A classifier (no generated answers) and a preference objective (no SFT rows) said so at
     check time, not after training."""
-    from test_preference import preference_recipe
-    from test_tasks import classify_recipe
 
     dpo = preference_recipe(tmp_path / "dpo", tiny_random, "dpo")
     result = cli("check", dpo, "--set", "eval.metrics=[rouge_l]", "--set", "data.val_fraction=0.25")

@@ -4,11 +4,10 @@ seq2seq (T5, BART shapes), through the real commands on tiny models built here."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CLASSIFY_DATA, REPO, SEQ2SEQ_DATA, make_recipe, write_jsonl
+from conftest import CLASSIFY_DATA, REPO, SEQ2SEQ_DATA, classify_recipe, seq2seq_recipe, task_recipe, write_jsonl
 from hints import as_args, hinted_commands
 
 from lora_cli.errors import RecipeError
@@ -21,32 +20,6 @@ def classify_rows() -> list[dict]:
 
 def seq2seq_rows() -> list[dict]:
     return [json.loads(line) for line in SEQ2SEQ_DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def task_recipe(tmp_path, base, model: dict, **sections) -> Path:
-    """make_recipe with more keys in the model section and a whole data section (make_recipe's
-    own `model` and `data` arguments are paths)."""
-    data = sections.pop("data", {})
-    path = make_recipe(tmp_path, base, **sections)
-    raw = yaml.safe_load(path.read_text())
-    raw["model"].update(model)
-    raw["data"] = {"max_length": 128, **data}
-    if isinstance(sections.get("lora"), dict):  # replace make_recipe's q_proj/v_proj defaults
-        raw["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, **sections["lora"]}
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def classify_recipe(tmp_path, base, model: dict | None = None, **sections):
-    sections.setdefault("lora", {"target_modules": "attention-qv"})
-    sections.setdefault("data", {"path": str(CLASSIFY_DATA), "val_fraction": 0.25, "max_length": 64})
-    return task_recipe(tmp_path, base, {"task": "classification", **(model or {})}, **sections)
-
-
-def seq2seq_recipe(tmp_path, base, **sections):
-    sections.setdefault("lora", {"target_modules": "attention-qv"})
-    sections.setdefault("data", {"path": str(SEQ2SEQ_DATA), "max_length": 64})
-    return task_recipe(tmp_path, base, {"task": "seq2seq"}, **sections)
 
 
 # --------------------------------------------------------------------------- recipe checks (no torch)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from preference_helpers import preference_recipe
 from test_ddp import private_data_cache, ranks_agree_and_rank0_is_saved, torchrun  # noqa: F401 (fixture by name)
-from test_preference import preference_recipe
 
 
 @pytest.mark.slow
