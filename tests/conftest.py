@@ -47,12 +47,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: first.get(_group(item), len(first)))
 
 
-# The groups that take longest under `make test`, longest first (pytest --durations=0 summed per
-# group, cold model cache, idle 2-core machine). Only the order of the run depends on this list:
-# a stale entry costs wall time, never a result.
-LONGEST_GROUPS = ["tests/bench/test_bench.py", "tests/export/test_export.py", "tests/eval/test_eval_harness.py",
-                  "tests/eval/test_eval.py", "readme_walk", "tests/tasks/test_tasks.py", "tests/train/test_scale_out.py",
-                  "tests/adversarial/test_adversarial_kill.py", "tests/train/test_ddp.py"]
+# The groups that take longest under `make test` (pytest --durations=0 summed per group, cold model
+# cache, idle 2-core machine), longest first, with one exception. xdist starts worker 1 on the 1st
+# and 3rd groups and worker 2 on the 2nd and 4th; the 1st builds the pre-trained tiny Llama (a
+# minute of one core) that most groups wait for, so the 2nd and 4th use only tiny_random and keep
+# worker 2 busy meanwhile. Only the order of the run depends on this list: a stale entry costs
+# wall time, never a result.
+LONGEST_GROUPS = ["tests/bench/test_bench.py", "tests/train/test_scale_out.py", "tests/export/test_export.py",
+                  "tests/train/test_ddp.py", "tests/eval/test_eval_harness.py", "tests/eval/test_eval.py",
+                  "readme_walk", "tests/tasks/test_tasks.py", "tests/adversarial/test_adversarial_kill.py"]
 
 
 def _group(item) -> str:
