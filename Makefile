@@ -40,11 +40,11 @@ test: setup
 
 # Property-based tests at scale (tests/adversarial/test_properties.py), outside the normal suite (which runs a
 # few dozen examples each): FUZZ_CASES generated recipes, recipe bytes, --set values, data files and server
-# requests in all, split evenly over the properties (10,000 = 2,000 for each of the 5; tens of minutes on
-# the shared 2-core machine, docs/reliability.md). FUZZ_ARGS passes pytest options, e.g. FUZZ_ARGS='-k rows'
-# (that property still gets its share; LORA_FUZZ_EXAMPLES=N in the environment sets the share instead).
-# -s lets the progress lines (every 100 examples of a property, and each one's rate at its end) through
-# pytest's capture.
+# requests in all, split evenly over the properties (10,000 = 2,000 for each of the 5; about 5 minutes on
+# the loaded shared 2-core machine, docs/reliability.md). FUZZ_ARGS passes pytest options, e.g.
+# FUZZ_ARGS='-k rows' (that property still gets its share; LORA_FUZZ_EXAMPLES=N in the environment sets the
+# share instead). -s lets the progress lines (every 100 runs of a property, and each one's rate at its end)
+# through pytest's capture.
 FUZZ_CASES ?= 10000
 FUZZ_ARGS ?=
 fuzz: setup

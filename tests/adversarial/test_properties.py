@@ -103,33 +103,37 @@ def folder(tmp_path_factory, tiny_random):
     return root
 
 
-FUZZ_PROGRESS_EVERY = 100  # examples of one property between two progress lines under `make fuzz`
+FUZZ_PROGRESS_EVERY = 100  # runs of one property between two progress lines under `make fuzz`
 _RUN: Counter = Counter()
 FUZZING = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
 
 
 def _tick() -> None:
     """Under the fuzz profile, a line on the real stderr (past pytest's capture) every
-    FUZZ_PROGRESS_EVERY examples of a property, shrinking replays included: a run stopped
+    FUZZ_PROGRESS_EVERY runs of a property, shrinking replays included: a run stopped
     before its budget still says how far each property got."""
     if not FUZZING:
         return
     name = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
     _RUN[name] += 1
     if _RUN[name] % FUZZ_PROGRESS_EVERY == 0:
-        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: {_RUN[name]} examples", file=sys.__stderr__, flush=True)
+        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: {_RUN[name]} runs", file=sys.__stderr__, flush=True)
 
 
 @pytest.fixture(autouse=True)
 def _rate(request):
-    """Under the fuzz profile, each property's examples and examples per second when it ends
-    (fixtures' set-up, such as loading the served model, not counted)."""
-    start = time.perf_counter()
+    """Under the fuzz profile, when a property ends: its examples (the budget, those hypothesis
+    counts), its runs (every call, draws hypothesis discarded and shrinking replays included) and
+    examples per second (fixtures' set-up, such as loading the served model, not counted)."""
+    start, failed = time.perf_counter(), request.session.testsfailed
     yield
     if FUZZING:
         name, seconds = request.node.name, time.perf_counter() - start
-        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: done, {_RUN[name]} examples in {seconds:.0f} s "
-              f"({_RUN[name] / max(seconds, 1e-9):.1f}/s)", file=sys.__stderr__, flush=True)
+        if request.session.testsfailed > failed:  # its report comes after this line
+            print(f"fuzz {time.strftime('%H:%M:%S')} {name}: FAILED after {_RUN[name]} runs", file=sys.__stderr__)
+            return
+        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: done, {FUZZ_EXAMPLES} examples ({_RUN[name]} runs) in "
+              f"{seconds:.0f} s, {FUZZ_EXAMPLES / max(seconds, 1e-9):.0f} examples/s", file=sys.__stderr__, flush=True)
 
 
 _FRESH: dict[Path, list[tuple[str, bytes]]] = {}
