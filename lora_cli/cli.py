@@ -187,7 +187,7 @@ def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty,
 
 
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples (at most 100).")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
 RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats; 0.01 to 100.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]

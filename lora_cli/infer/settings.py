@@ -16,6 +16,10 @@ SAMPLING_EPS = 1e-5  # a temperature below this decodes greedily (vLLM's rule): 
 # fail, 1e39 is inf itself. Within these bounds a logit grows at most 100 / SAMPLING_EPS = 1e7
 # times; real use is 0.8-1.5.
 REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
+# 1e39 is inf in float32: a logit masked to -inf (EOS under a base's min_new_tokens) became
+# -inf / inf = NaN. At 100 a model's logits, tens apart, differ by well under one: sampling is
+# all but uniform already. (The server keeps OpenAI's 2.)
+TEMPERATURE_MAX = 100.0
 
 
 def repetition_penalty_problem(value: float) -> str | None:
@@ -42,8 +46,9 @@ class GenerationSettings:
                 raise LoraError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise LoraError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LoraError(f"temperature must be >= 0, got {self.temperature}", "0 is greedy decoding")
+        if not 0 <= self.temperature <= TEMPERATURE_MAX:
+            raise LoraError(f"temperature must be between 0 and {TEMPERATURE_MAX:g}, got {self.temperature}",
+                            "0 is greedy decoding")
         if not 0 < self.top_p <= 1:
             raise LoraError(f"top_p must be in (0, 1], got {self.top_p}")
         if problem := repetition_penalty_problem(self.repetition_penalty):

@@ -374,3 +374,41 @@ def test_server_refuses_a_repetition_penalty_that_overflows(route, body, served)
         answer = served.post(route, json={"model": "one", **body, "max_tokens": 3, "temperature": 1e-5,
                                           "repetition_penalty": penalty})
         assert answer.status_code == 200, (penalty, answer.text[:500])
+
+
+@pytest.fixture(scope="module")
+def min_tokens_adapter(tiny_random, tmp_path_factory) -> Path:
+    """An adapter on a base whose generation_config.json sets min_new_tokens (as summarising
+    models ship min_length): generate masks EOS with -inf for the first tokens."""
+    base = tmp_path_factory.mktemp("min-tokens") / "base"
+    shutil.copytree(tiny_random, base)
+    config_file = base / "generation_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config_file.write_text(json.dumps({**config, "min_new_tokens": 3}), encoding="utf-8")
+    return random_adapter(base, base.parent / "adapter", seed=5)
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300, 100.5])
+def test_generate_refuses_a_temperature_that_overflows(temperature, min_tokens_adapter, cli):
+    """1e39 is inf in float32: the masked EOS logit became -inf / inf = NaN and sampling raised
+    (a traceback). Temperatures go up to 100 (a model's logits, tens apart, then differ by well
+    under one: sampling is all but uniform); the server keeps OpenAI's 2."""
+    result = cli("generate", "-a", min_tokens_adapter, "hello", "--max-new-tokens", "4",
+                 "--temperature", repr(temperature))
+    assert result.code == 2, result
+    assert f"--temperature must be between 0 and 100, got {temperature}" in result.err, result
+    assert "Traceback" not in result.out + result.err
+
+
+def test_generate_samples_at_the_largest_temperature(min_tokens_adapter, cli):
+    result = cli("generate", "-a", min_tokens_adapter, "hello", "--max-new-tokens", "4", "--temperature", "100",
+                 "--seed", "1")
+    assert result.code == 0, result
+
+
+def test_chat_params_refuses_a_temperature_that_overflows(min_tokens_adapter, cli, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("/params temperature=1e39\nhello\n/exit\n"))
+    result = cli("chat", "-a", min_tokens_adapter, "--max-new-tokens", "4")
+    assert result.code == 0, result
+    assert "/params: temperature must be between 0 and 100, got 1e+39" in result.out + result.err, result
+    assert "Traceback" not in result.out + result.err
