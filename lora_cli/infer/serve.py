@@ -217,7 +217,7 @@ class _Body(BaseModel):
 
     @field_validator("repetition_penalty")
     @classmethod
-    def _finite_penalty(cls, value):
+    def _penalty_in_range(cls, value):
         if problem := repetition_penalty_problem(value):  # 5e-324 made sampling's logits inf: a 500
             raise ValueError(problem)
         return value
