@@ -36,7 +36,6 @@ from conftest import demo_rows, make_recipe, write_jsonl  # noqa: E402
 from safety_helpers import snapshot_tree, tree_changes  # noqa: E402
 
 
-
 def _properties_here() -> int:
     """How many @given tests this module declares (read from its source: hypothesis fixes a
     test's settings when @given decorates it, so the fuzz budget is split before the first)."""
@@ -305,3 +304,13 @@ def test_any_request_is_answered_2xx_or_4xx(data, route, client):
     response = client.post(route, content=payload.encode("ascii"), headers={"content-type": "application/json"})
     assert 200 <= response.status_code < 500, (body, response.status_code, response.text[:1000])
     assert "Traceback" not in response.text
+
+
+def test_the_fuzz_budget_is_split_over_every_property():
+    """`make fuzz FUZZ_CASES=N` runs at least N examples in all: the count read from the source
+    is the number of properties hypothesis runs (a property declared another way would be left
+    out of the split)."""
+    properties = [name for name, f in globals().items() if getattr(f, "is_hypothesis_test", False) is True]
+    assert len(properties) == PROPERTIES == 5, properties
+    if not os.environ.get("LORA_FUZZ_EXAMPLES"):
+        assert FUZZ_CASES <= PROPERTIES * FUZZ_EXAMPLES < FUZZ_CASES + PROPERTIES
