@@ -126,7 +126,7 @@ def _rate(request):
     examples per second (fixtures' set-up, such as loading the served model, not counted)."""
     start, failed = time.perf_counter(), request.session.testsfailed
     yield
-    if FUZZING:
+    if FUZZING and getattr(request.function, "is_hypothesis_test", False) is True:
         name, seconds = request.node.name, time.perf_counter() - start
         if request.session.testsfailed > failed:  # its report comes after this line
             print(f"fuzz {time.strftime('%H:%M:%S')} {name}: FAILED after {_RUN[name]} runs", file=sys.__stderr__)
