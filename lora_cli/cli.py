@@ -5,6 +5,7 @@ so `lora --help` and recipe validation answer at once."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import shlex
 import sys
@@ -186,9 +187,9 @@ def _generation_settings(max_new_tokens, temperature, top_p, repetition_penalty,
 
 
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (default); > 0 samples (at most 100).")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (with --temperature > 0).")]
-RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats.")]
+RepPenalty = Annotated[float, typer.Option("--repetition-penalty", help="> 1 discourages repeats; 0.01 to 100.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Prompt template (default: the one each adapter was trained with).")]
 ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON list of function schemas offered to the model, rendered as training rendered a row's tools.")]
@@ -726,6 +727,16 @@ def _wants_verbose(argv: list[str]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=2)
+def _click_command(markup_mode: str | None):
+    """The click command Typer builds from `app` (what `app(...)` builds anew on every call,
+    about 80 ms): once per process and help style, so a process that runs many commands
+    (the test suite, `make fuzz`'s thousands of in-process cases) pays for it once. `app` has
+    pretty_exceptions_enable=False, so calling the command is what calling `app` does."""
+    app.rich_markup_mode = markup_mode
+    return typer.main.get_command(app)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""
@@ -733,12 +744,12 @@ def run(argv: list[str] | None = None) -> int:
     libraries.configure(verbose=_wants_verbose(argv))
     from lora_cli.ui.terminal import plain  # here, not at the top: `lora --help` starts fast
 
-    app.rich_markup_mode = None if plain() else "rich"  # piped / NO_COLOR help: click's plain text, no boxes
+    command = _click_command(None if plain() else "rich")  # piped / NO_COLOR help: click's plain text, no boxes
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:
         # without standalone mode, click returns the code of a typer.Exit instead of raising it
-        code = app(args=argv, standalone_mode=False, prog_name="lora")
+        code = command(args=argv, standalone_mode=False, prog_name="lora")
     except LoraError as e:
         err_console.print(f"[bold red]error:[/] {escape(clip_lines(str(e)))}", highlight=False)
         return e.exit_code

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -348,8 +349,7 @@ def _probe(out: Path) -> OSError | None:
             f.write(b"\0" * _PROBE_BYTES)
             f.flush()
             os.fsync(f.fileno())
-        st = os.statvfs(folder)
-        if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+        if shutil.disk_usage(folder).free < _NEARLY_FULL:  # statvfs's f_bavail * f_frsize; Windows has no statvfs
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
     except OSError as e:
         return OSError(e.errno, e.strerror, str(out))

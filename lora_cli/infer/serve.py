@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lora_cli.infer.engines import backend_class, Completion, GenerationRequest
 from lora_cli.errors import LoraError
 from lora_cli.infer.generate import BASE, build_prompt_ids
-from lora_cli.infer.settings import GenerationSettings
+from lora_cli.infer.settings import GenerationSettings, repetition_penalty_problem
 from lora_cli.files.inputs import lone_surrogate_at, printable
 from lora_cli.recipe.schema import SEED_MAX
 from lora_cli.infer.guard import Guard, Limits, header_deadline
@@ -213,7 +213,14 @@ class _Body(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict | None = None
-    repetition_penalty: float = Field(1.0, gt=0)  # not OpenAI's; vLLM takes it as an extra field too
+    repetition_penalty: float = 1.0  # not OpenAI's; vLLM takes it as an extra field too
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _penalty_in_range(cls, value):
+        if problem := repetition_penalty_problem(value):  # 5e-324 made sampling's logits inf: a 500
+            raise ValueError(problem)
+        return value
 
     @field_validator("stop")
     @classmethod

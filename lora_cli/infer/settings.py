@@ -11,6 +11,23 @@ from lora_cli.recipe.schema import SEED_MAX
 
 
 SAMPLING_EPS = 1e-5  # a temperature below this decodes greedily (vLLM's rule): logits / 1e-45 overflow to inf
+# The repetition penalty divides a seen token's positive logit (multiplies a negative one) before
+# the temperature divides them all, in float32: 1e-30 or a subnormal made logits inf and sampling
+# fail, 1e39 is inf itself. Within these bounds a logit grows at most 100 / SAMPLING_EPS = 1e7
+# times; real use is 0.8-1.5.
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
+# 1e39 is inf in float32: a logit masked to -inf (EOS under a base's min_new_tokens) became
+# -inf / inf = NaN. At 100 a model's logits, tens apart, differ by well under one: sampling is
+# all but uniform already. (The server keeps OpenAI's 2.)
+TEMPERATURE_MAX = 100.0
+
+
+def repetition_penalty_problem(value: float) -> str | None:
+    """Why `value` cannot be a repetition penalty (outside its bounds), or None."""
+    if REPETITION_PENALTY_MIN <= value <= REPETITION_PENALTY_MAX:
+        return None
+    return f"must be between {REPETITION_PENALTY_MIN:g} and {REPETITION_PENALTY_MAX:g}, got {value}"
+
 
 @dataclass
 class GenerationSettings:
@@ -29,12 +46,13 @@ class GenerationSettings:
                 raise LoraError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise LoraError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LoraError(f"temperature must be >= 0, got {self.temperature}", "0 is greedy decoding")
+        if not 0 <= self.temperature <= TEMPERATURE_MAX:
+            raise LoraError(f"temperature must be between 0 and {TEMPERATURE_MAX:g}, got {self.temperature}",
+                            "0 is greedy decoding")
         if not 0 < self.top_p <= 1:
             raise LoraError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise LoraError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", "1 leaves logits alone")
+        if problem := repetition_penalty_problem(self.repetition_penalty):
+            raise LoraError(f"repetition_penalty {problem}", "1 leaves logits alone; above 1 discourages repeats")
         if self.seed is not None and not 0 <= self.seed <= SEED_MAX:
             raise LoraError(f"seed must be between 0 and {SEED_MAX}, got {self.seed}")
 

@@ -321,3 +321,94 @@ def test_a_denormal_temperature_decodes_greedily(temperature, served):
     tiny = served.post("/v1/chat/completions", json={**body, "temperature": temperature})
     assert tiny.status_code == 200, tiny.text[:500]
     assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
+# --------------------------------------------------------------------------- round five: settings that overflow
+
+# The repetition penalty divides a seen token's positive logit (and multiplies a negative one)
+# before the temperature divides them all, in float32: 5e-324 (a subnormal), 1e-300 or 1e-30 made
+# logits inf and sampling raise "probability tensor contains either inf, nan or element < 0";
+# 1e39 is inf in float32 and, with a temperature as large, -inf / inf gave NaN.
+PENALTIES_REFUSED = [5e-324, 1e-300, 1e-30, 0.0099, 100.5, 1e39]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES_REFUSED)
+def test_generate_refuses_a_repetition_penalty_that_overflows(penalty, chat_user, cli):
+    before = snapshot_tree(chat_user)
+    result = cli("generate", "-a", chat_user / "adapter", "hello hello hello", "--max-new-tokens", "4",
+                 "--temperature", "1e-4", "--repetition-penalty", repr(penalty))
+    assert result.code == 2, result
+    assert f"--repetition-penalty must be between 0.01 and 100, got {penalty}" in result.err, result
+    assert "Traceback" not in result.out + result.err
+    assert_tree_unchanged(before, snapshot_tree(chat_user))
+
+
+@pytest.mark.parametrize("penalty", ["0.01", "100"])
+def test_generate_samples_at_the_repetition_penalty_bounds(penalty, chat_user, cli):
+    """The bounds themselves are allowed and keep the logits finite at the smallest sampling temperature."""
+    result = cli("generate", "-a", chat_user / "adapter", "hello hello hello", "--max-new-tokens", "4",
+                 "--temperature", "1e-5", "--repetition-penalty", penalty, "--seed", "1")
+    assert result.code == 0, result
+
+
+def test_chat_params_refuses_a_repetition_penalty_that_overflows(chat_user, cli, monkeypatch):
+    """/params with 5e-324 set the penalty and the next answer crashed the chat with a traceback;
+    now the assignment is refused, the settings stay as they were and the chat answers."""
+    result = _chat(cli, monkeypatch, chat_user, ["/params temperature=1 repetition_penalty=5e-324", "hello hello"])
+    assert result.code == 0, result
+    assert "/params: repetition_penalty must be between 0.01 and 100, got 5e-324" in result.out + result.err, result
+    assert "Traceback" not in result.out + result.err
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello hello"}]}),
+    ("/v1/completions", {"prompt": "hello hello"})])
+def test_server_refuses_a_repetition_penalty_that_overflows(route, body, served):
+    for penalty in PENALTIES_REFUSED + [1e300]:
+        answer = served.post(route, json={"model": "one", **body, "max_tokens": 3, "temperature": 1,
+                                          "repetition_penalty": penalty})
+        assert answer.status_code == 400, (penalty, answer.text[:500])
+        error = answer.json()["error"]
+        assert error["param"] == "repetition_penalty" and "between 0.01 and 100" in error["message"], error
+    for penalty in (0.01, 100):
+        answer = served.post(route, json={"model": "one", **body, "max_tokens": 3, "temperature": 1e-5,
+                                          "repetition_penalty": penalty})
+        assert answer.status_code == 200, (penalty, answer.text[:500])
+
+
+@pytest.fixture(scope="module")
+def min_tokens_adapter(tiny_random, tmp_path_factory) -> Path:
+    """An adapter on a base whose generation_config.json sets min_new_tokens (as summarising
+    models ship min_length): generate masks EOS with -inf for the first tokens."""
+    base = tmp_path_factory.mktemp("min-tokens") / "base"
+    shutil.copytree(tiny_random, base)
+    config_file = base / "generation_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    config_file.write_text(json.dumps({**config, "min_new_tokens": 3}), encoding="utf-8")
+    return random_adapter(base, base.parent / "adapter", seed=5)
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e300, 100.5])
+def test_generate_refuses_a_temperature_that_overflows(temperature, min_tokens_adapter, cli):
+    """1e39 is inf in float32: the masked EOS logit became -inf / inf = NaN and sampling raised
+    (a traceback). Temperatures go up to 100 (a model's logits, tens apart, then differ by well
+    under one: sampling is all but uniform); the server keeps OpenAI's 2."""
+    result = cli("generate", "-a", min_tokens_adapter, "hello", "--max-new-tokens", "4",
+                 "--temperature", repr(temperature))
+    assert result.code == 2, result
+    assert f"--temperature must be between 0 and 100, got {temperature}" in result.err, result
+    assert "Traceback" not in result.out + result.err
+
+
+def test_generate_samples_at_the_largest_temperature(min_tokens_adapter, cli):
+    result = cli("generate", "-a", min_tokens_adapter, "hello", "--max-new-tokens", "4", "--temperature", "100",
+                 "--seed", "1")
+    assert result.code == 0, result
+
+
+def test_chat_params_refuses_a_temperature_that_overflows(min_tokens_adapter, cli, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("/params temperature=1e39\nhello\n/exit\n"))
+    result = cli("chat", "-a", min_tokens_adapter, "--max-new-tokens", "4")
+    assert result.code == 0, result
+    assert "/params: temperature must be between 0 and 100, got 1e+39" in result.out + result.err, result
+    assert "Traceback" not in result.out + result.err

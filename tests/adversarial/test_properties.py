@@ -8,13 +8,16 @@ shape and server request:
 
 In the normal suite each property runs a few dozen examples (the `suite` profile, a few hundred
 in all, in-process, no model loaded but a tiny tokenizer and one tiny served model). `make fuzz`
-runs the `fuzz` profile: 10,000 examples per property (LORA_FUZZ_EXAMPLES to change), outside
-the suite. A failing example is printed by hypothesis; add it as a case to the adversarial
-tables once fixed."""
+runs the `fuzz` profile outside the suite: LORA_FUZZ_CASES generated cases in all (10,000 by
+default), split evenly over the properties (LORA_FUZZ_EXAMPLES per property instead, to go deep
+on one with -k). A failing example is printed by hypothesis; add it as a case to the
+adversarial tables once fixed."""
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,10 +35,22 @@ from hypothesis import strategies as st  # noqa: E402
 from conftest import demo_rows, make_recipe, write_jsonl  # noqa: E402
 from safety_helpers import snapshot_tree, tree_changes  # noqa: E402
 
+
+def _properties_here() -> int:
+    """How many @given tests this module declares (read from its source: hypothesis fixes a
+    test's settings when @given decorates it, so the fuzz budget is split before the first)."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    return sum(1 for node in tree.body if isinstance(node, ast.FunctionDef)
+               and any(isinstance(d, ast.Call) and getattr(d.func, "id", None) == "given" for d in node.decorator_list))
+
+
+PROPERTIES = _properties_here()
+FUZZ_CASES = int(os.environ.get("LORA_FUZZ_CASES", "10000"))  # make fuzz FUZZ_CASES=...: all properties together
+FUZZ_EXAMPLES = int(os.environ.get("LORA_FUZZ_EXAMPLES") or math.ceil(FUZZ_CASES / PROPERTIES))
+
 settings.register_profile("suite", max_examples=int(os.environ.get("LORA_PROPERTY_EXAMPLES", "60")), deadline=None,
                           suppress_health_check=list(HealthCheck), derandomize=True)
-settings.register_profile("fuzz", max_examples=int(os.environ.get("LORA_FUZZ_EXAMPLES", "10000")), deadline=None,
-                          suppress_health_check=list(HealthCheck))
+settings.register_profile("fuzz", max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 # --------------------------------------------------------------------------- values of every kind
@@ -87,28 +102,55 @@ def folder(tmp_path_factory, tiny_random):
     return root
 
 
-FUZZ_PROGRESS_EVERY = 100  # examples of one property between two progress lines under `make fuzz`
+FUZZ_PROGRESS_EVERY = 100  # runs of one property between two progress lines under `make fuzz`
 _RUN: Counter = Counter()
+FUZZING = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
 
 
 def _tick() -> None:
     """Under the fuzz profile, a line on the real stderr (past pytest's capture) every
-    FUZZ_PROGRESS_EVERY examples of a property, shrinking replays included: a run stopped
-    before its 10,000 still says how far each property got."""
-    if os.environ.get("HYPOTHESIS_PROFILE") != "fuzz":
+    FUZZ_PROGRESS_EVERY runs of a property, shrinking replays included: a run stopped
+    before its budget still says how far each property got."""
+    if not FUZZING:
         return
     name = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
     _RUN[name] += 1
     if _RUN[name] % FUZZ_PROGRESS_EVERY == 0:
-        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: {_RUN[name]} examples", file=sys.__stderr__, flush=True)
+        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: {_RUN[name]} runs", file=sys.__stderr__, flush=True)
+
+
+@pytest.fixture(autouse=True)
+def _rate(request):
+    """Under the fuzz profile, when a property ends: its examples (the budget, those hypothesis
+    counts), its runs (every call, draws hypothesis discarded and shrinking replays included) and
+    examples per second (fixtures' set-up, such as loading the served model, not counted)."""
+    start, failed = time.perf_counter(), request.session.testsfailed
+    yield
+    if FUZZING and getattr(request.function, "is_hypothesis_test", False) is True:
+        name, seconds = request.node.name, time.perf_counter() - start
+        if request.session.testsfailed > failed:  # its report comes after this line
+            print(f"fuzz {time.strftime('%H:%M:%S')} {name}: FAILED after {_RUN[name]} runs", file=sys.__stderr__)
+            return
+        print(f"fuzz {time.strftime('%H:%M:%S')} {name}: done, {FUZZ_EXAMPLES} examples ({_RUN[name]} runs) in "
+              f"{seconds:.0f} s, {FUZZ_EXAMPLES / max(seconds, 1e-9):.0f} examples/s", file=sys.__stderr__, flush=True)
+
+
+_FRESH: dict[Path, list[tuple[str, bytes]]] = {}
 
 
 def _fresh(root: Path, tiny: Path) -> Path:
+    """The user's folder as it starts every example: its recipe and data written once, then
+    copied back byte for byte."""
     _tick()
     for p in root.iterdir():
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    write_jsonl(root / "data.jsonl", demo_rows(8))
-    return make_recipe(root, tiny, output_dir=str(root / "run"))
+    if root not in _FRESH:
+        write_jsonl(root / "data.jsonl", demo_rows(8))
+        make_recipe(root, tiny, output_dir=str(root / "run"))
+        _FRESH[root] = [(p.name, p.read_bytes()) for p in sorted(root.iterdir())]
+    for name, raw in _FRESH[root]:
+        (root / name).write_bytes(raw)
+    return root / "recipe.yaml"
 
 
 # --------------------------------------------------------------------------- recipes
@@ -207,11 +249,21 @@ def client(tiny_random, tmp_path_factory):
 
     from lora_cli.infer.serve import build_server, create_app
 
+    import torch
+
+    # One intra-op thread: the served model is 64 wide, and two threads spinning at each of its
+    # matrix products made a 2-token answer cost 140-190 ms instead of 16 ms on the loaded
+    # 2-core machine (the requests property's whole cost under `make fuzz`).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     adapter = random_adapter(tiny_random, tmp_path_factory.mktemp("served") / "one", seed=5)
     server = build_server({"one": adapter}, max_batch=4, max_queue=16)
-    with TestClient(create_app(server), raise_server_exceptions=False) as c:
-        yield c
-    server.scheduler.close()
+    try:
+        with TestClient(create_app(server), raise_server_exceptions=False) as c:
+            yield c
+    finally:
+        server.scheduler.close()
+        torch.set_num_threads(threads)
 
 
 SMALL = st.integers(min_value=-3, max_value=4) | SCALAR
@@ -221,7 +273,8 @@ FIELD_VALUES = {
     "prompt": TEXT | st.lists(TEXT, max_size=3) | VALUE,
     "max_tokens": SMALL, "n": SMALL, "temperature": NUMBER | SCALAR, "top_p": NUMBER | SCALAR, "seed": NUMBER | SCALAR,
     "stream": st.booleans() | SCALAR, "stop": TEXT | st.lists(TEXT, max_size=2) | VALUE,
-    "frequency_penalty": NUMBER, "presence_penalty": NUMBER, "logprobs": SCALAR, "user": VALUE}
+    "frequency_penalty": NUMBER, "presence_penalty": NUMBER, "logprobs": SCALAR, "user": VALUE,
+    "repetition_penalty": NUMBER | SCALAR, "max_completion_tokens": SMALL}
 VALID = {"/v1/chat/completions": {"model": "one", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
          "/v1/completions": {"model": "one", "prompt": "hi", "max_tokens": 2}}
 
@@ -242,11 +295,22 @@ def requests(draw, route: str):
 def test_any_request_is_answered_2xx_or_4xx(data, route, client):
     _tick()
     body = data.draw(requests(route))
-    if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 4:
-        body["max_tokens"] = 4  # keep valid requests short: the property is about the answer's kind
+    for field in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body, dict) and isinstance(body.get(field), int) and body[field] > 4:
+            body[field] = 4  # keep valid requests short: the property is about the answer's kind
     if isinstance(body, dict) and isinstance(body.get("n"), int) and body["n"] > 4:
         body["n"] = 4
     payload = json.dumps(body, default=str, allow_nan=True)  # lone surrogates travel escaped, as JSON allows
     response = client.post(route, content=payload.encode("ascii"), headers={"content-type": "application/json"})
     assert 200 <= response.status_code < 500, (body, response.status_code, response.text[:1000])
     assert "Traceback" not in response.text
+
+
+def test_the_fuzz_budget_is_split_over_every_property():
+    """`make fuzz FUZZ_CASES=N` runs at least N examples in all: the count read from the source
+    is the number of properties hypothesis runs (a property declared another way would be left
+    out of the split)."""
+    properties = [name for name, f in globals().items() if getattr(f, "is_hypothesis_test", False) is True]
+    assert len(properties) == PROPERTIES == 5, properties
+    if not os.environ.get("LORA_FUZZ_EXAMPLES"):
+        assert FUZZ_CASES <= PROPERTIES * FUZZ_EXAMPLES < FUZZ_CASES + PROPERTIES

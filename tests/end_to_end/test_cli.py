@@ -13,7 +13,7 @@ from lora_cli.recipe.schema import README_MARKERS, with_reference
     (["nosuch"], "No such command 'nosuch'"),
     (["train"], "Missing argument"),
     (["train", "recipes/demo.yaml", "--nope"], "--nope"),  # click's wording varies by release; the option is named
-    (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["generate", "hi", "--temperature", "-1"], "--temperature must be between 0 and 100"),
     (["merge", "--adapter", "x", "--out", "y", "--dtype", "int3"], "--dtype"),
 ])
 def test_usage_errors_exit_2_without_traceback(cli, args, expected):

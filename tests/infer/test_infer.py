@@ -112,7 +112,7 @@ def test_bad_input_is_refused(adapters, tiny_random, tmp_path, cli):
     assert res.code == 2 and "--out" in res.err and "--force" in res.err
     assert out.read_text() == "earlier results\n"
     res = cli("generate", "-a", one, "hi", "--temperature", "-1")
-    assert res.code == 2 and "--temperature must be >= 0" in res.err
+    assert res.code == 2 and "--temperature must be between 0 and 100" in res.err
     res = cli("generate", "-a", one, "hi", "--template", "chatml")
     assert res.code == 2 and "unknown template 'chatml'" in res.err
     res = cli("generate", "hi")
