@@ -39,7 +39,10 @@ EXIT_CODES = "Exit codes: 0 done, 1 unexpected error (a bug: please report it wi
 # PowerShell): completing a word runs only this module's imports, never torch.
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.\n\n" + EXIT_CODES, no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=True)
-console = Console(soft_wrap=True)  # long paths and messages stay on one line
+console = Console(soft_wrap=True)  # lora's status lines and progress: --quiet silences it; long lines stay whole
+# What a command answers (an answer's header, a report, a table, a warning): printed under --quiet
+# too, so quiet output keeps its structure. Status ("written to ...") stays on `console`.
+results = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")]
@@ -113,7 +116,7 @@ def train(
     from lora_cli.train.run import TrainingStopped, run_training
 
     try:
-        run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=console,
+        run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=results if dry_run else console,
                      resume=Resume(resume_from) if resume_from else Resume() if resume else None)
     except TrainingStopped as e:
         if e.exit_code == 2:
@@ -141,9 +144,9 @@ def check(
         emit("check", check_doc(recipe, findings, strict))
         raise typer.Exit(2 if findings and strict else 0)
     for finding in findings:
-        console.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
+        results.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
     refuse_if_strict(findings, recipe, strict)
-    console.print(verdict(findings, recipe))
+    results.print(verdict(findings, recipe))
 
 
 def parse_adapters(specs: list[str] | None) -> dict[str, str]:
@@ -273,7 +276,7 @@ def generate(
         print(rows[0]["response"])
     else:
         for r in rows:
-            console.print(f"[bold]\\[{escape(r['adapter'])}][/] {escape(r['instruction'])}", highlight=False)
+            results.print(f"[bold]\\[{escape(r['adapter'])}][/] {escape(r['instruction'])}", highlight=False)
             print(r["response"], end="\n\n")
 
 
@@ -406,7 +409,7 @@ def predict(
         return
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
-        console.print("  " + line, highlight=False, markup=False)
+        results.print("  " + line, highlight=False, markup=False)
 
 
 @app.command("eval")
@@ -454,13 +457,13 @@ def eval_(
                            log=console.print)
         from lora_cli.eval.harness import print_tasks  # here, not at the top: `lora --help` starts fast
 
-        print_tasks(record, console)
+        print_tasks(record, results)
         return
     from lora_cli.eval.run import print_table, run_eval  # here, not at the top: `lora --help` starts fast
 
     with progress.task("lora eval", console, unit="answers"):  # rows x passes, every candidate
         record = run_eval(request, out, force, log=console.print)
-    print_table(record, console)
+    print_table(record, results)
     if out is not None:
         console.print(f"written to {out}: eval.json, answers.jsonl, eval.png")
 
@@ -539,7 +542,7 @@ def estimate(
 
         emit("estimate", estimate_doc(est, r))
         return
-    print_estimate(est, r, console)
+    print_estimate(est, r, results)
 
 
 @app.command()
@@ -562,7 +565,7 @@ def sweep(
     from lora_cli.train.sweep import print_sweep, run_sweep
 
     print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, force=force, recipe_path=recipe,
-                          console=console), console)
+                          console=console), results)
 
 
 @app.command()
@@ -588,7 +591,7 @@ def analyze(
 
         emit("analyze", analyze_doc(result, plot_analysis(result, plot) if plot is not None else None))
         return
-    print_analysis(result, console)
+    print_analysis(result, results)
     if plot is not None:
         console.print(f"[bold]plot[/]    {plot_analysis(result, plot)}")
 
@@ -694,7 +697,7 @@ def data_preview(
     # here, not at the top: `lora --help` starts fast
     from lora_cli.train.preview import preview_data
 
-    preview_data(r, rows=rows, console=console)
+    preview_data(r, rows=rows, console=results)
 
 
 def _click_error_types() -> tuple[type, ...]:
