@@ -113,3 +113,23 @@ def test_generate_file_progress_leaves_stdout_to_the_answers(tiny_random, tmp_pa
     quiet = cli("-q", "generate", "-a", adapter, "--file", prompts, "--max-new-tokens", "2")
     assert quiet.code == 0 and "answering" not in quiet.err + quiet.out, quiet
     assert quiet.out == res.out  # --quiet drops lora's status lines, not the answers' headers
+
+
+def test_train_spins_while_the_trainer_is_imported(tiny_random, tmp_path, cli, monkeypatch):
+    """The import of transformers' Trainer is seconds of silence before the first line of `lora
+    train`: a spinner covers it on a terminal (progress.spinner; plain output waits for the plan)."""
+    from contextlib import contextmanager
+
+    from conftest import make_recipe
+    from lora_cli.ui import progress
+
+    spun = []
+
+    @contextmanager
+    def spinner(description, console):
+        spun.append(description)
+        yield
+
+    monkeypatch.setattr(progress, "spinner", spinner)
+    assert cli("train", make_recipe(tmp_path, tiny_random), "--dry-run").code == 0
+    assert spun == ["loading the training libraries"]
