@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from readme_walk import MARK, matches, problems, readme_steps
+from readme_walk import MARK, Walk, matches, problems, readme_steps, run_step
 
 # the README walk runs once per worker: this file and test_hints.py go to the same one
 pytestmark = pytest.mark.xdist_group("readme_walk")
@@ -50,4 +50,17 @@ def test_the_readme_runs_in_order_and_prints_what_it_shows(readme_walk):
     for step in readme_walk.steps:  # shown with -s: the walk-through's timings
         print(f"{step.seconds:8.1f} s  exit {step.code}  {step.command}")
     found = problems(readme_walk)
+    assert not found, "\n\n".join(found)
+
+
+def test_the_commands_doc_prints_the_errors_it_shows(monkeypatch):
+    """docs/commands.md's marked blocks (an error example: it reads the recipe, writes nothing)
+    run from the repository root as the README's do."""
+    monkeypatch.chdir(REPO)
+    walk = Walk(REPO)
+    for step in readme_steps((REPO / "docs" / "commands.md").read_text(encoding="utf-8")):
+        run_step(step, walk.steps[-1] if walk.steps else None, REPO, REPO)
+        walk.steps.append(step)
+    assert [s.command for s in walk.steps][-1] == "echo $?"
+    found = problems(walk)
     assert not found, "\n\n".join(found)
