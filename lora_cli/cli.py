@@ -537,7 +537,8 @@ def estimate(
     from lora_cli.train.estimate import estimate_recipe, parse_count, print_estimate
 
     limit = parse_count(budget) if budget is not None else None
-    est = estimate_recipe(r, budget=limit)
+    with progress.spinner("reading the model's config", progress_console(stdout_busy=as_json)):  # torch's import: seconds
+        est = estimate_recipe(r, budget=limit)
     if as_json:
         from lora_cli.json_output import emit, estimate_doc  # here, not at the top: `lora --help` starts fast
 
@@ -586,7 +587,8 @@ def analyze(
     if plot is not None:  # before the work: the plot may not replace what the analysis reads
         ownership.check_output(plot, "analyze", force=force, flag="--plot",
                                inputs=adapter_inputs({"adapter": str(adapter)}, base))
-    result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
+    with progress.spinner("reading the adapter" + ("" if no_base else " and its base"), progress_console(stdout_busy=as_json)):
+        result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
     if as_json:
         from lora_cli.json_output import analyze_doc, emit  # here, not at the top: `lora --help` starts fast
 

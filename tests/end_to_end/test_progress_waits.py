@@ -115,7 +115,7 @@ def test_generate_file_progress_leaves_stdout_to_the_answers(tiny_random, tmp_pa
     assert quiet.out == res.out  # --quiet drops lora's status lines, not the answers' headers
 
 
-def test_train_spins_while_the_trainer_is_imported(tiny_random, tmp_path, cli, monkeypatch):
+def test_train_and_estimate_spin_while_libraries_load(tiny_random, tmp_path, cli, monkeypatch):
     """The import of transformers' Trainer is seconds of silence before the first line of `lora
     train`: a spinner covers it on a terminal (progress.spinner; plain output waits for the plan)."""
     from contextlib import contextmanager
@@ -131,5 +131,8 @@ def test_train_spins_while_the_trainer_is_imported(tiny_random, tmp_path, cli, m
         yield
 
     monkeypatch.setattr(progress, "spinner", spinner)
-    assert cli("train", make_recipe(tmp_path, tiny_random), "--dry-run").code == 0
+    recipe = make_recipe(tmp_path, tiny_random)
+    assert cli("train", recipe, "--dry-run").code == 0
     assert spun == ["loading the training libraries"]
+    assert cli("estimate", recipe).code == 0  # torch is imported to size the model: seconds too
+    assert spun[1:] == ["reading the model's config"]
