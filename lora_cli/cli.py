@@ -112,9 +112,9 @@ def train(
     from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    # here, not at the top: `lora --help` starts fast. The Trainer's import takes seconds: a spinner says so
+    # The Trainer's import takes seconds: a spinner says so
     with progress.spinner("loading the training libraries", console):
-        from lora_cli.train.run import TrainingStopped, run_training
+        from lora_cli.train.run import TrainingStopped, run_training  # here, not at the top: `lora --help` starts fast
 
     try:
         run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=results if dry_run else console,
