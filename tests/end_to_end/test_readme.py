@@ -53,14 +53,17 @@ def test_the_readme_runs_in_order_and_prints_what_it_shows(readme_walk):
     assert not found, "\n\n".join(found)
 
 
-def test_the_commands_doc_prints_the_errors_it_shows(monkeypatch):
-    """docs/commands.md's marked blocks (an error example: it reads the recipe, writes nothing)
-    run from the repository root as the README's do."""
+def test_the_docs_print_the_errors_and_warnings_they_show(monkeypatch):
+    """The marked blocks of docs/commands.md (a recipe error) and docs/hyperparameters.md (the
+    --strict lint) run from the repository root as the README's do: they read the recipe and
+    write nothing."""
     monkeypatch.chdir(REPO)
     walk = Walk(REPO)
-    for step in readme_steps((REPO / "docs" / "commands.md").read_text(encoding="utf-8")):
-        run_step(step, walk.steps[-1] if walk.steps else None, REPO, REPO)
-        walk.steps.append(step)
-    assert [s.command for s in walk.steps][-1] == "echo $?"
+    for doc in ("commands.md", "hyperparameters.md"):
+        steps = readme_steps((REPO / "docs" / doc).read_text(encoding="utf-8"))
+        assert steps and steps[-1].command == "echo $?", doc
+        for step in steps:
+            run_step(step, walk.steps[-1] if walk.steps else None, REPO, REPO)
+            walk.steps.append(step)
     found = problems(walk)
     assert not found, "\n\n".join(found)
