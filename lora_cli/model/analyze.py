@@ -242,7 +242,7 @@ def print_analysis(a: AdapterAnalysis, console) -> None:
     from rich import box
 
     table = Table(title=f"{a.path}: {len(a.modules)} adapted modules (rank90/99: effective rank at 90/99% "
-                        "of the energy; dW/W: ||dW||_F / ||W||_F)", title_justify="left", box=box.MARKDOWN if plain() else box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+                        "of the energy; dW/W: ||dW||_F / ||W||_F)", title_justify="left", box=box.MARKDOWN if plain() else box.SIMPLE_HEAD, padding=(0, 1), pad_edge=plain())  # piped: '| cell |' as Markdown writes it
     for col in ("module", "r", "rank90", "rank99", "stable", "|dW|_F", "dW/W", "σ1 σ2 σ3"):
         table.add_column(col, justify="left" if col in ("module", "σ1 σ2 σ3") else "right",
                          no_wrap=col in ("module", "σ1 σ2 σ3"))
