@@ -6,6 +6,7 @@ so `lora --help` and recipe validation answer at once."""
 from __future__ import annotations
 
 import importlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ console = Console(soft_wrap=True)  # lora's status lines and progress: --quiet s
 # What a command answers (an answer's header, a report, a table, a warning): printed under --quiet
 # too, so quiet output keeps its structure. Status ("written to ...") stays on `console`.
 results = Console(soft_wrap=True)
+PIPED_TABLE_WIDTH = 400  # results' width when stdout is not a terminal (run()); wide tables are rare
 err_console = Console(stderr=True, soft_wrap=True)
 
 RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")]
@@ -740,6 +742,10 @@ def run(argv: list[str] | None = None) -> int:
     from lora_cli.ui.terminal import plain  # here, not at the top: `lora --help` starts fast
 
     app.rich_markup_mode = None if plain() else "rich"  # piped / NO_COLOR help: click's plain text, no boxes
+    if not results.is_terminal and not os.environ.get("COLUMNS"):
+        # piped, rich assumes 80 columns and cuts table cells to "…" (eval's candidate names among
+        # them); a log or a pasted Markdown table wants them whole: tables keep their natural width
+        results.width = PIPED_TABLE_WIDTH
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:

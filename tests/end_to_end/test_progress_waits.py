@@ -76,6 +76,8 @@ def test_eval_counts_rows_of_every_candidate(tiny_random, tmp_path, cli):
                 "--max-new-tokens", "4", "--bootstrap", "10")
     table = "".join(line for line in res.out.splitlines(keepends=True) if not line.startswith("lora eval: "))
     assert quiet.code == 0 and "tuned" in table and quiet.out == table, quiet  # --quiet: the table, no progress
+    # piped, a table keeps its natural width: no cell cut to "…" at rich's assumed 80 columns
+    assert "…" not in table and re.search(r"\n\| tuned +\| adapter +\|", table), table
 
 
 def test_live_bar_keeps_bar_and_count_at_80_columns_with_a_long_stage():
