@@ -69,7 +69,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print lora's version and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries' own logs and warnings through (for bug reports).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (generated text, --json), warnings and errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (answers with their headers, reports, tables, --json), warnings and errors.")] = False,
 ):
     # options of `lora` itself; the app's help is the Typer(help=...) above.
     # --verbose took effect in run(), before any library was imported.
