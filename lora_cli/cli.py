@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -40,7 +41,11 @@ EXIT_CODES = "Exit codes: 0 done, 1 unexpected error (a bug: please report it wi
 # PowerShell): completing a word runs only this module's imports, never torch.
 app = typer.Typer(help="LoRA and QLoRA fine-tuning driven by YAML recipes.\n\n" + EXIT_CODES, no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=True)
-console = Console(soft_wrap=True)  # long paths and messages stay on one line
+console = Console(soft_wrap=True)  # lora's status lines and progress: --quiet silences it; long lines stay whole
+# What a command answers (an answer's header, a report, a table, a warning): printed under --quiet
+# too, so quiet output keeps its structure. Status ("written to ...") stays on `console`.
+results = Console(soft_wrap=True)
+PIPED_TABLE_WIDTH = 400  # results' width when stdout is not a terminal (run()); wide tables are rare
 err_console = Console(stderr=True, soft_wrap=True)
 
 RecipePath = Annotated[Path, typer.Argument(help="Recipe YAML file (see recipes/).")]
@@ -65,7 +70,7 @@ def _main(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print lora's version and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let the libraries' own logs and warnings through (for bug reports).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (generated text, --json), warnings and errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or status lines: only results (answers with their headers, reports, tables, --json), warnings and errors.")] = False,
 ):
     # options of `lora` itself; the app's help is the Typer(help=...) above.
     # --verbose took effect in run(), before any library was imported.
@@ -110,11 +115,12 @@ def train(
     from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    # here, not at the top: `lora --help` starts fast
-    from lora_cli.train.run import TrainingStopped, run_training
+    # The Trainer's import takes seconds: a spinner says so
+    with progress.spinner("loading the training libraries", console):
+        from lora_cli.train.run import TrainingStopped, run_training  # here, not at the top: `lora --help` starts fast
 
     try:
-        run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=console,
+        run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=results if dry_run else console,
                      resume=Resume(resume_from) if resume_from else Resume() if resume else None)
     except TrainingStopped as e:
         if e.exit_code == 2:
@@ -142,9 +148,9 @@ def check(
         emit("check", check_doc(recipe, findings, strict))
         raise typer.Exit(2 if findings and strict else 0)
     for finding in findings:
-        console.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
+        results.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
     refuse_if_strict(findings, recipe, strict)
-    console.print(verdict(findings, recipe))
+    results.print(verdict(findings, recipe))
 
 
 def parse_adapters(specs: list[str] | None) -> dict[str, str]:
@@ -274,7 +280,7 @@ def generate(
         print(rows[0]["response"])
     else:
         for r in rows:
-            console.print(f"[bold]\\[{escape(r['adapter'])}][/] {escape(r['instruction'])}", highlight=False)
+            results.print(f"[bold]\\[{escape(r['adapter'])}][/] {escape(r['instruction'])}", highlight=False)
             print(r["response"], end="\n\n")
 
 
@@ -407,7 +413,7 @@ def predict(
         return
     console.print(f"{len(rows)} rows labelled ({', '.join(labels)}) written to {out}")
     for line in report.lines() if report else []:
-        console.print("  " + line, highlight=False, markup=False)
+        results.print("  " + line, highlight=False, markup=False)
 
 
 @app.command("eval")
@@ -455,13 +461,13 @@ def eval_(
                            log=console.print)
         from lora_cli.eval.harness import print_tasks  # here, not at the top: `lora --help` starts fast
 
-        print_tasks(record, console)
+        print_tasks(record, results)
         return
     from lora_cli.eval.run import print_table, run_eval  # here, not at the top: `lora --help` starts fast
 
     with progress.task("lora eval", console, unit="answers"):  # rows x passes, every candidate
         record = run_eval(request, out, force, log=console.print)
-    print_table(record, console)
+    print_table(record, results)
     if out is not None:
         console.print(f"written to {out}: eval.json, answers.jsonl, eval.png")
 
@@ -534,13 +540,14 @@ def estimate(
     from lora_cli.train.estimate import estimate_recipe, parse_count, print_estimate
 
     limit = parse_count(budget) if budget is not None else None
-    est = estimate_recipe(r, budget=limit)
+    with progress.spinner("reading the model's config", progress_console(stdout_busy=as_json)):  # torch's import: seconds
+        est = estimate_recipe(r, budget=limit)
     if as_json:
         from lora_cli.json_output import emit, estimate_doc  # here, not at the top: `lora --help` starts fast
 
         emit("estimate", estimate_doc(est, r))
         return
-    print_estimate(est, r, console)
+    print_estimate(est, r, results)
 
 
 @app.command()
@@ -563,7 +570,7 @@ def sweep(
     from lora_cli.train.sweep import print_sweep, run_sweep
 
     print_sweep(run_sweep(r, rank_list, threshold=threshold, plot=plot, force=force, recipe_path=recipe,
-                          console=console), console)
+                          console=console), results)
 
 
 @app.command()
@@ -583,13 +590,14 @@ def analyze(
     if plot is not None:  # before the work: the plot may not replace what the analysis reads
         ownership.check_output(plot, "analyze", force=force, flag="--plot",
                                inputs=adapter_inputs({"adapter": str(adapter)}, base))
-    result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
+    with progress.spinner("reading the adapter" + ("" if no_base else " and its base"), progress_console(stdout_busy=as_json)):
+        result = analyze_adapter(adapter, base=base, with_base=not no_base, trust_remote_code=trust_remote_code)
     if as_json:
         from lora_cli.json_output import analyze_doc, emit  # here, not at the top: `lora --help` starts fast
 
         emit("analyze", analyze_doc(result, plot_analysis(result, plot) if plot is not None else None))
         return
-    print_analysis(result, console)
+    print_analysis(result, results)
     if plot is not None:
         console.print(f"[bold]plot[/]    {plot_analysis(result, plot)}")
 
@@ -695,7 +703,7 @@ def data_preview(
     # here, not at the top: `lora --help` starts fast
     from lora_cli.train.preview import preview_data
 
-    preview_data(r, rows=rows, console=console)
+    preview_data(r, rows=rows, console=results)
 
 
 def _click_error_types() -> tuple[type, ...]:
@@ -745,6 +753,10 @@ def run(argv: list[str] | None = None) -> int:
     from lora_cli.ui.terminal import plain  # here, not at the top: `lora --help` starts fast
 
     command = _click_command(None if plain() else "rich")  # piped / NO_COLOR help: click's plain text, no boxes
+    if not results.is_terminal and not os.environ.get("COLUMNS"):
+        # piped, rich assumes 80 columns and cuts table cells to "…" (eval's candidate names among
+        # them); a log or a pasted Markdown table wants them whole: tables keep their natural width
+        results.width = PIPED_TABLE_WIDTH
     exit_types = tuple({typer.Exit, *_optional_click("Exit")})
     abort_types = tuple({typer.Abort, *_optional_click("Abort")})
     try:

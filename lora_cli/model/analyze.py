@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.model.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, verify_adapter
+from lora_cli.model.adapter_folder import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_recipe_file, read_adapter,
+                                          verify_adapter)
 from lora_cli.files import ownership
 from lora_cli.errors import LoraError
 from lora_cli.model.methods import RANKED, for_peft_type
@@ -192,6 +194,17 @@ def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
+def sweep_command(adapter: Path, r: int) -> str:
+    """The sweep around rank r, runnable as printed: the recipe saved with the adapter (a
+    checkpoint's is its run's), into a folder beside the run rather than inside it."""
+    recipe = find_recipe_file(Path(adapter))
+    ranks = f"--ranks {r},{2 * r},{4 * r}"
+    if recipe is None:  # weights alone: only the user knows the recipe
+        return f"lora sweep RECIPE {ranks}"
+    out = recipe.parent.with_name(recipe.parent.name + "-sweep")
+    return f"lora sweep {shlex.quote(str(recipe))} {ranks} --set output_dir={shlex.quote(str(out))}"
+
+
 def judge(a: AdapterAnalysis) -> None:
     mods = a.modules
     live = [m for m in mods if m.update_norm > 0]
@@ -208,7 +221,7 @@ def judge(a: AdapterAnalysis) -> None:
         a.verdict, a.suggested_rank = "under", 2 * r
         a.summary = (f"under-provisioned: {100 * full:.0f}% of modules need {100 * FULL_SHARE:.0f}% or more of "
                      f"their rank for 90% of the update's energy; the rank may be limiting. "
-                     f"Try r={2 * r} (lora sweep --ranks {r},{2 * r},{4 * r} to confirm).")
+                     f"Try r={2 * r}; a rank sweep confirms it (try: {sweep_command(a.path, r)}).")
     elif low >= MAJORITY and _power_of_two_at_least(needed) < r:
         suggested = _power_of_two_at_least(needed)
         a.verdict, a.suggested_rank = "over", suggested
@@ -229,7 +242,7 @@ def print_analysis(a: AdapterAnalysis, console) -> None:
     from rich import box
 
     table = Table(title=f"{a.path}: {len(a.modules)} adapted modules (rank90/99: effective rank at 90/99% "
-                        "of the energy; dW/W: ||dW||_F / ||W||_F)", title_justify="left", box=box.MARKDOWN if plain() else box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+                        "of the energy; dW/W: ||dW||_F / ||W||_F)", title_justify="left", box=box.MARKDOWN if plain() else box.SIMPLE_HEAD, padding=(0, 1), pad_edge=plain())  # piped: '| cell |' as Markdown writes it
     for col in ("module", "r", "rank90", "rank99", "stable", "|dW|_F", "dW/W", "σ1 σ2 σ3"):
         table.add_column(col, justify="left" if col in ("module", "σ1 σ2 σ3") else "right",
                          no_wrap=col in ("module", "σ1 σ2 σ3"))

@@ -69,9 +69,9 @@ def preview_data(recipe, *, rows: int = 3, console: Console | None = None) -> No
     console.print(f"[bold]data[/]      {data_cfg.path} (format {formats}, template {data_cfg.template}, "
                   f"train_on {data_cfg.train_on}, max_length {data_cfg.max_length})")
     for i in range(min(rows, len(train))):
-        rule = "--" if plain() else "──"
+        rule, colour = ("--", "") if plain() else ("──", ", in green")  # piped: no green to point at
         console.print(Text(f"{rule} example {i + 1} ", style="bold")
-                      .append(f"(supervised text between {' and '.join(SUPERVISED_MARKS)}, in green; the rest is masked)", style="dim"))
+                      .append(f"(supervised text between {' and '.join(SUPERVISED_MARKS)}{colour}; the rest is masked)", style="dim"))
         console.print(highlighted(train[i], tokenizer))
     console.print("[bold]lengths[/]   (tokens per sequence)")
     for line in length_histogram(lengths_of(train), data_cfg.max_length):

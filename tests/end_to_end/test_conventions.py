@@ -122,6 +122,20 @@ def test_estimate_json_layout(cli, tiny_random, tmp_path):
     assert doc["budget"]["largest_rank"] >= 1
 
 
+def test_quiet_keeps_what_a_command_answers(cli, tiny_random, tmp_path):
+    """-q silences lora's status lines and progress, never the answer itself: the warnings and
+    verdict of check, the estimate, the previewed rows, a dry run's plan."""
+    from conftest import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_random)
+    fresh = ["--set", "data.cache=false"]  # a second run would say it reused the tokenised data
+    for args in (["check", REPO / "recipes" / "demo.yaml"], ["estimate", recipe],
+                 ["data", "preview", recipe, "--rows", "1", *fresh], ["train", recipe, "--dry-run", *fresh]):
+        loud, quiet = cli(*args), cli("-q", *args)
+        assert loud.code == quiet.code == 0 and loud.out.strip(), loud
+        assert quiet.out == loud.out, (args, quiet)
+
+
 def test_piped_or_no_color_output_has_no_colour_or_boxes():
     for env in ({}, {"NO_COLOR": "1"}):
         for args in (["--help"], ["train", "--help"], ["check", "recipes/demo.yaml"]):

@@ -80,3 +80,16 @@ def test_the_readme_checks_try_lines_clear_their_warnings(cli):
         assert key == w["key"], w
         res = cli("check", recipe, "--set", f"{key}={value}", "--json")
         assert res.code == 0 and key not in {x["key"] for x in json.loads(res.out)["warnings"]}, (w, res.out)
+
+
+def test_analyzes_sweep_hint_runs_as_printed(in_walk, cli):
+    """`lora analyze runs/demo` finds the demo's rank limiting and offers a sweep to confirm it:
+    the hinted command runs (each rank cut to one step here: the hint, not the sweep, is tested)."""
+    res = cli("analyze", "runs/demo", "--no-base")
+    assert res.code == 0 and "under-provisioned" in res.out, res
+    (hinted,) = hinted_commands(res.out)
+    assert hinted == ("lora sweep runs/demo/lora_recipe.yaml --ranks 16,32,64 "
+                      "--set output_dir=runs/demo-sweep"), hinted
+    swept = cli(*as_args(hinted), "--set", "train.max_steps=1")
+    assert swept.code == 0, swept
+    assert sorted(p.name for p in (in_walk / "runs" / "demo-sweep").glob("r*") if p.is_dir()) == ["r16", "r32", "r64"]

@@ -90,6 +90,11 @@ def test_predict_json_summarises_what_out_holds(classifier, tmp_path, cli):
     assert bare["report"] is None and bare["rows"] == 2 and sum(bare["predicted"].values()) == 2
     quiet = cli("-q", "predict", "-a", classifier, "-f", unlabelled, "-o", tmp_path / "p3.jsonl", "--json")
     assert _doc(quiet, "predict")["rows"] == 2 and "labelling" not in quiet.err  # --quiet: no progress anywhere
+    # --quiet without --json: no progress or status line, but the report (accuracy, confusion) stays
+    quiet = cli("-q", "predict", "-a", classifier, "-f", src, "-o", tmp_path / "p4.jsonl")
+    assert quiet.code == 0 and quiet.err == "", quiet
+    assert quiet.out.splitlines()[0] == f"  accuracy {report['accuracy']:.3f}  macro-F1 {report['macro_f1']:.3f}  (9 rows)"
+    assert len(quiet.out.splitlines()) == 2 + len(doc["labels"]), quiet  # the confusion matrix, one line a label
 
 
 def test_analyze_json_holds_each_modules_spectrum(tiny_random, tmp_path, cli):

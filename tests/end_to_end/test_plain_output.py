@@ -25,6 +25,14 @@ def test_preference_preview_names_each_part_in_plain_text(tiny_random, tmp_path,
     assert answers.startswith("yes!") and "\n  rejected (supervised): no" in answers
 
 
+def test_piped_preview_names_no_colour_it_does_not_show(tiny_random, tmp_path, cli):
+    """Piped, the supervised text is marked by [[ ]] alone: the legend does not send the reader
+    looking for green."""
+    res = cli("data", "preview", make_recipe(tmp_path, tiny_random), "--rows", "1")
+    assert res.code == 0 and _plain(res.out), res
+    assert "(supervised text between [[ and ]]; the rest is masked)" in res.out and "green" not in res.out
+
+
 def test_sweep_output_is_plain_when_piped(tiny_random, tmp_path, cli):
     res = cli("sweep", make_recipe(tmp_path, tiny_random), "--ranks", "2,4")
     assert res.code == 0, res

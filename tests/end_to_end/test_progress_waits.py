@@ -72,6 +72,12 @@ def test_eval_counts_rows_of_every_candidate(tiny_random, tmp_path, cli):
     # 3 rows, each asked for text (exact_match) and scored by loss, by 2 candidates
     assert _done(lines) == (12, 12) and sum(line.startswith("12/12") for line in lines) == 1
     assert not any(0x2500 <= ord(c) < 0x2580 for c in res.out), res.out  # the table too: no box drawing
+    quiet = cli("-q", "eval", "--data", data, "--base", "-a", adapter, "--metrics", "loss,exact_match",
+                "--max-new-tokens", "4", "--bootstrap", "10")
+    table = "".join(line for line in res.out.splitlines(keepends=True) if not line.startswith("lora eval: "))
+    assert quiet.code == 0 and "tuned" in table and quiet.out == table, quiet  # --quiet: the table, no progress
+    # piped, a table keeps its natural width: no cell cut to "…" at rich's assumed 80 columns
+    assert "…" not in table and re.search(r"\n\| tuned +\| adapter +\|", table), table
 
 
 def test_live_bar_keeps_bar_and_count_at_80_columns_with_a_long_stage():
@@ -105,6 +111,30 @@ def test_generate_file_progress_leaves_stdout_to_the_answers(tiny_random, tmp_pa
     res = cli("generate", "-a", adapter, "--file", prompts, "--max-new-tokens", "2")
     assert res.code == 0, res
     assert _done(_lines(res.err, "answering")) == (2, 2) and "answering" not in res.out
+    assert res.out.count(f"[{adapter.name}] What is") == 2, res.out  # each answer under its prompt
     quiet = cli("-q", "generate", "-a", adapter, "--file", prompts, "--max-new-tokens", "2")
     assert quiet.code == 0 and "answering" not in quiet.err + quiet.out, quiet
-    assert quiet.out.count("\n\n") == 2  # the two answers themselves still print
+    assert quiet.out == res.out  # --quiet drops lora's status lines, not the answers' headers
+
+
+def test_train_and_estimate_spin_while_libraries_load(tiny_random, tmp_path, cli, monkeypatch):
+    """The import of transformers' Trainer is seconds of silence before the first line of `lora
+    train`: a spinner covers it on a terminal (progress.spinner; plain output waits for the plan)."""
+    from contextlib import contextmanager
+
+    from conftest import make_recipe
+    from lora_cli.ui import progress
+
+    spun = []
+
+    @contextmanager
+    def spinner(description, console):
+        spun.append(description)
+        yield
+
+    monkeypatch.setattr(progress, "spinner", spinner)
+    recipe = make_recipe(tmp_path, tiny_random)
+    assert cli("train", recipe, "--dry-run").code == 0
+    assert spun == ["loading the training libraries"]
+    assert cli("estimate", recipe).code == 0  # torch is imported to size the model: seconds too
+    assert spun[1:] == ["reading the model's config"]

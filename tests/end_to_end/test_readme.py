@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from readme_walk import MARK, matches, problems, readme_steps
+from readme_walk import MARK, Walk, matches, problems, readme_steps, run_step
 
 # the README walk runs once per worker: this file and test_hints.py go to the same one
 pytestmark = pytest.mark.xdist_group("readme_walk")
@@ -50,4 +50,20 @@ def test_the_readme_runs_in_order_and_prints_what_it_shows(readme_walk):
     for step in readme_walk.steps:  # shown with -s: the walk-through's timings
         print(f"{step.seconds:8.1f} s  exit {step.code}  {step.command}")
     found = problems(readme_walk)
+    assert not found, "\n\n".join(found)
+
+
+def test_the_docs_print_the_errors_and_warnings_they_show(monkeypatch):
+    """The marked blocks of docs/commands.md (a recipe error) and docs/hyperparameters.md (the
+    --strict lint) run from the repository root as the README's do: they read the recipe and
+    write nothing."""
+    monkeypatch.chdir(REPO)
+    walk = Walk(REPO)
+    for doc in ("commands.md", "hyperparameters.md"):
+        steps = readme_steps((REPO / "docs" / doc).read_text(encoding="utf-8"))
+        assert steps and steps[-1].command == "echo $?", doc
+        for step in steps:
+            run_step(step, walk.steps[-1] if walk.steps else None, REPO, REPO)
+            walk.steps.append(step)
+    found = problems(walk)
     assert not found, "\n\n".join(found)

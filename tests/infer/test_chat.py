@@ -58,6 +58,16 @@ def test_switching_adapters_in_one_session_matches_each_alone(adapters, tiny_ran
         assert text in res.out
 
 
+def test_quiet_chat_keeps_the_conversation(adapters, cli, monkeypatch):
+    """-q silences the model-loading spinner only: the greeting, the commands' answers and the answers stay."""
+    one, _ = adapters
+    monkeypatch.setattr("sys.stdin", io.StringIO("/adapter\nhello there\n/exit\n"))
+    res = cli("-q", "chat", "-a", f"one={one}", "--max-new-tokens", 4)
+    assert res.code == 0 and res.err == "", res
+    assert res.out.startswith("chatting with one; /help lists commands\n") and "adapters: one (active); base" in res.out
+    assert _alone(one, "hello there", max_new_tokens=4) in res.out
+
+
 def test_real_command_with_scripted_stdin(adapters, tmp_path):
     """A subprocess of the installed `lora` entry point: commands, errors that keep the chat
     alive, the system prompt, and the transcript."""

@@ -107,6 +107,8 @@ def test_flat_full_rank_updates_are_called_under_provisioned(tmp_path, tiny_rand
     assert all(m.stable_rank == pytest.approx(R) for m in a.modules)
     assert all(m.relative_norm is None for m in a.modules)
     assert a.verdict == "under" and a.suggested_rank == 2 * R
+    # weights without a saved recipe: the sweep hint names the recipe as the one thing to fill in
+    assert a.summary.endswith(f"(try: lora sweep RECIPE --ranks {R},{2 * R},{4 * R}).")
 
 
 def test_rslora_scaling_and_modules_to_save(tmp_path, tiny_random):
@@ -136,7 +138,8 @@ def test_cli_prints_table_verdict_and_writes_plot(cli, tmp_path, tiny_random):
     plot = tmp_path / "plots" / "analysis.png"
     res = cli("analyze", path, "--plot", plot)
     assert res.code == 0, res
-    out = flat(res.out.replace("|", " "))  # piped: a Markdown table, cells between pipes
+    assert "\n| module    | r | rank90 |" in res.out, res.out  # piped: a Markdown table, cells padded from the pipes
+    out = flat(res.out.replace("|", " "))
     assert "L0.q_proj 8 2 3 1.56" in out  # r, effective ranks 90/99%, stable rank 14/9
     assert "over-provisioned" in out and "r=4 would likely do" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
