@@ -390,6 +390,12 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
                 problems.append(f"{dotted}: empty{' entry' if isinstance(value, list) else ''}; {f.metadata['doc']}")
                 continue
             value = None  # an optional path left empty is not set
+        if meta.get("kind") == PATH and _overlong_name(value):
+            # nothing on disk can have such a name, and the OS refuses to even look it up
+            # (ENAMETOOLONG from a stat deep in whichever check touches it first)
+            problems.append(f"{dotted}: the name {shorten(_overlong_name(value))} is longer than the "
+                            f"{NAME_MAX} bytes a file or folder name can have; give a shorter one")
+            continue
         out_of_range = _range_problem(dotted, value, meta)
         if out_of_range:
             problems.append(out_of_range)
@@ -402,6 +408,19 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
     built = cls(**values)
     built._explicit = frozenset(k for k in raw if k in names and raw[k] is not None)  # see explicit_keys()
     return built
+
+
+NAME_MAX = 255  # bytes in one file or folder name on ext4, APFS and (as UTF-16 units) NTFS
+
+
+def _overlong_name(value) -> str | None:
+    """The first name (one part of a path) longer than NAME_MAX bytes, alone or in a list."""
+    for entry in [value] if isinstance(value, str) else value or []:
+        if isinstance(entry, str):
+            for part in entry.replace("\\", "/").split("/"):
+                if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+                    return part
+    return None
 
 
 def _blank_path(value) -> bool:

@@ -110,9 +110,9 @@ def _fmt_lr(lr: float) -> str:
 def read_model_config(name_or_path: str) -> dict | None:
     """config.json of a local model folder, or None (hub ids are not fetched by `check`)."""
     path = Path(name_or_path) / "config.json"
-    if not path.is_file():
-        return None
-    try:
+    try:  # inside the try: a name longer than the file system allows raises from is_file itself
+        if not path.is_file():
+            return None
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None

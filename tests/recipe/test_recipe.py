@@ -100,6 +100,22 @@ def test_set_overrides_are_typed_and_validated(tmp_path, monkeypatch):
     assert load_recipe(path, ["output_dir=elsewhere"]).output_dir == str(tmp_path / "elsewhere")
 
 
+def test_a_path_name_longer_than_a_file_system_allows_is_a_problem_of_its_key(tmp_path, cli):
+    """Found by make fuzz: --set model.name_or_path=<300 characters> made `lora check`, `train
+    --dry-run` and `data preview` stat the name and die of ENAMETOOLONG (a traceback)."""
+    path = make_recipe(tmp_path, tmp_path)
+    long = "a" * 300
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, [f"model.name_or_path={long}", f"output_dir=runs/{long}/x", f"data.path=[d.jsonl, {long}.jsonl]"])
+    problems = exc.value.problems
+    assert len(problems) == 3 and all("longer than the 255 bytes a file or folder name can have" in p for p in problems)
+    assert [p.split(":")[0] for p in problems] == ["model.name_or_path", "data.path", "output_dir"]
+    assert load_recipe(path, [f"output_dir=runs/{'a' * 255}"]).output_dir.endswith("a" * 255)  # the longest name allowed
+    for command in (["check"], ["train", "--dry-run"], ["data", "preview"]):
+        result = cli(*command, path, "--set", f"model.name_or_path={long}")
+        assert result.code == 2 and "model.name_or_path: the name" in result.err and "Traceback" not in result.err, result
+
+
 def test_every_schema_key_is_documented():
     keys = list(iter_keys())
     assert len(keys) > 20
