@@ -35,7 +35,6 @@ from lora_cli.recipe.schema import Recipe, dump_recipe
 from lora_cli.data.formats import data_paths
 from lora_cli.data.batching import batch_layout, batch_shape, groups_by_length
 from lora_cli.model.kernels import choose_liger, free_memory, RunKernels
-from lora_cli.tasks.hooks import eval_gathers_predictions, make_collator, prepare_recipe, trainer_kwargs
 from lora_cli.model.adapters import add_adapter, describe_adapted_modules
 from lora_cli.model import load as model_load  # looked up at call time: tests stand in for these
 from lora_cli.model.load import (device_facts, format_parameter_counts, load_base_model,
@@ -173,7 +172,7 @@ def training_arguments_kwargs(recipe: Recipe, output_dir: Path, precision: dict,
         # A causal LM's eval is its loss only (no vocab-sized logits gathered); a classifier's
         # logits are small and give accuracy and macro-F1.
         evaluate.update(per_device_eval_batch_size=shape.batch_size,
-                        prediction_loss_only=not eval_gathers_predictions(recipe))
+                        prediction_loss_only=not hooks.of(recipe.model.task).eval_gathers_predictions(recipe))
     parallel = {}
     if t.fsdp:
         parallel["fsdp"] = t.fsdp
@@ -268,16 +267,17 @@ def _setup_trainer(recipe: Recipe, model, tokenizer, data, precision: dict, call
 
         return setup_trainer(recipe, model, tokenizer, data, kwargs, callbacks, carried_loss, SafeTrainer)
     layout, grouped = _setup_batching(recipe, model, chosen)
+    task_hooks = hooks.of(recipe.model.task)
     trainer = SafeTrainer(
         model=model,
         args=configure_sampling(TrainingArguments(**kwargs), grouped),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=make_collator(recipe, layout, tokenizer),  # flattened / packed rows: no cross-attention
+        data_collator=task_hooks.make_collator(recipe, layout, tokenizer),  # flattened / packed rows: no cross-attention
         processing_class=tokenizer,
         callbacks=callbacks,
         carried_loss=carried_loss,
-        **trainer_kwargs(recipe, data),  # classification: accuracy and macro-F1 at every eval
+        **task_hooks.trainer_kwargs(recipe, data),  # classification: accuracy and macro-F1 at every eval
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; RichProgress shows them
     return trainer
@@ -333,7 +333,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     """callbacks: extra TrainerCallbacks (bench/bench_gpu.py times steps with one)."""
     console = (console or Console()) if is_main_process() else Console(quiet=True)
 
-    prepare_recipe(recipe)  # e.g. the label set read from the data: saved with the run, compared on resume
+    hooks.prepare_recipe(recipe)  # e.g. the label set read from the data: saved with the run, compared on resume
     output_dir = Path(recipe.output_dir)
     resume_cmd = saved_recipe_resume_command(output_dir)
     if resume is not None and (overwrite or dry_run):
@@ -356,11 +356,12 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     set_seed(recipe.train.seed)
     tokenizer = model_load.load_tokenizer(recipe.model.name_or_path, recipe.model.trust_remote_code)
     objective = objective_of(recipe)
+    task_hooks = hooks.of(recipe.model.task)  # data, plan lines, held-out report: the task's own module
     if objective.preference:  # pairs or labelled answers, tokenised through the same template path
 
         data = build_preference_data(recipe, tokenizer)
     else:
-        data = hooks.build_data(recipe, tokenizer)
+        data = task_hooks.build_data(recipe, tokenizer)
     dataset, stats = data.train, data.stats
     data_record = None if dry_run else ckpt.data_fingerprint(recipe.data, data)
     if checkpoint is not None:
@@ -384,13 +385,13 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
                       f"reference: {reference if objective.reference else 'none (reference-free)'}", highlight=False)
     if data.eval is not None:
         console.print(f"[bold]eval[/]    {len(data.eval)} held-out rows")
-    for line in hooks.data_report_lines(recipe, data):  # classification: class balance
+    for line in task_hooks.data_report_lines(recipe, data):  # classification: class balance
         console.print(line, highlight=False, markup=False)
     if objective.preference:
 
         example = preference_example(recipe, dataset, tokenizer)
     else:
-        example = hooks.example_lines(recipe, dataset, tokenizer)
+        example = task_hooks.example_lines(recipe, dataset, tokenizer)
     if example is None:
         _print_example(console, dataset, tokenizer)
     for line in example or []:
@@ -398,7 +399,7 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
     result = TrainResult(output_dir, trainable, total, stats.summary(), resumed_from=checkpoint)
     planned = preflight.planned_steps(recipe, len(dataset))
     if dry_run:
-        hooks.report_held_out(recipe, model, tokenizer, console, "base on the eval split (before training)")
+        task_hooks.report_held_out(recipe, model, tokenizer, console, "base on the eval split (before training)")
         console.print(f"[bold]plan[/]    {planned} optimizer steps; would write to {output_dir}")
         console.print("dry run: nothing trained, nothing written")
         return result
@@ -454,8 +455,8 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     result.final_loss = progress.last_loss
     result.steps = trainer.state.global_step
     if trainer.is_world_process_zero():
-        hooks.report_held_out(recipe, model, tokenizer, console, "eval split after training",
-                              output_file=output_dir / hooks.EVAL_REPORT_FILE)
+        hooks.of(recipe.model.task).report_held_out(recipe, model, tokenizer, console, "eval split after training",
+                                                    output_file=output_dir / hooks.EVAL_REPORT_FILE)
         try:
 
             save_final_adapter(finished_model(model), output_dir)
