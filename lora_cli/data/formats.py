@@ -477,6 +477,7 @@ class Shape:
     needs: str
     example: str  # one row, for hints
     fields: tuple = ()  # the field names data.columns may map onto this shape
+    doc: str = ""  # what its rows hold, for data.format's doc (the README reference and `lora schema`)
 
     def matches(self, row: dict, columns: dict) -> bool:
         return any(all(row.get(columns.get(f, f)) is not None for f in group) for group in self.signatures)
@@ -485,12 +486,15 @@ class Shape:
 SHAPES: dict[str, Shape] = {s.name: s for s in (
     Shape("alpaca", alpaca_conversation, "conversation", (("instruction", "output"),),
           "'instruction' and 'output' ('input' and 'system' optional)",
-          '{"instruction": "...", "input": "", "output": "..."}', ("instruction", "input", "output", "system")),
+          '{"instruction": "...", "input": "", "output": "..."}', ("instruction", "input", "output", "system"),
+          doc="instruction/input/output"),
     Shape("chat", chat_conversation, "conversation", (("messages",), ("conversations",)),
           "'messages' (role/content) or 'conversations' (from/value)",
           '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
-          ("messages", "conversations", "system", "tools")),
-    Shape("text", text_document, "document", (("text",),), "'text'", '{"text": "..."}', ("text",)),
+          ("messages", "conversations", "system", "tools"),
+          doc="messages (role/content, tool_calls, tools) or ShareGPT conversations (from/value, function_call, observation)"),
+    Shape("text", text_document, "document", (("text",),), "'text'", '{"text": "..."}', ("text",),
+          doc="raw documents, chunked to max_length"),
 )}
 PARSERS = {name: shape.parse for name, shape in SHAPES.items()}
 FORMATS = ("auto", *SHAPES)  # the recipe's data.format choices: a shape, or detected

@@ -39,7 +39,7 @@ class Task:
     generates: bool       # lora generate / chat answer with it
     predicts_labels: bool  # lora predict labels rows with it
     fields: tuple         # row fields data.columns may map (empty: data.format decides)
-    doc: str
+    doc: str              # what it learns, for model.task's doc (the README reference and `lora schema`)
     impl: str             # the module whose HOOKS implement it (tasks/hooks.py loads it by this name)
     auto_mapping: str     # transformers' model_type -> class mapping of auto_class (which bases can do it)
     # prompt + answer as one token stream a decoder reads: rows can be flattened or packed into one
@@ -78,18 +78,18 @@ class Task:
 
 TASKS = {
     "causal_lm": Task("causal_lm", "AutoModelForCausalLM", "CAUSAL_LM", generates=True, predicts_labels=False,
-                      fields=(), doc="decoder-only language model; rows per data.format",
+                      fields=(), doc="prompt -> answer, decoder-only",
                       impl="lora_cli.tasks.causal_lm", auto_mapping="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
                       token_stream=True),
     "classification": Task("classification", "AutoModelForSequenceClassification", "SEQ_CLS", generates=False,
                            predicts_labels=True, fields=CLASSIFICATION_FIELDS,
-                           doc="a label per text (BERT-like encoders, or decoders with a classification head)",
+                           doc="text -> label; BERT-like or decoder + head",
                            impl="lora_cli.tasks.classification",
                            auto_mapping="MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", judged_on_held_out=True,
                            format_problem="data.format: not read by model.task classification (rows are text, "
                                           "optional text_pair, label); remove data.format"),
     "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", generates=True, predicts_labels=False,
-                    fields=SEQ2SEQ_FIELDS, doc="encoder-decoder (T5, BART): source text in, target text out",
+                    fields=SEQ2SEQ_FIELDS, doc="source -> target; T5, BART",
                     impl="lora_cli.tasks.seq2seq", auto_mapping="MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
                     format_problem="data.format: model.task seq2seq reads source/target rows or alpaca rows; "
                                    "{format} is not one of them (remove data.format)",
