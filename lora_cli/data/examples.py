@@ -28,7 +28,8 @@ from pathlib import Path
 
 from lora_cli.data import cache
 from lora_cli.errors import DataError
-from lora_cli.data.formats import SHAPES, data_paths, detect_format, parse_stream, read_source
+from lora_cli.data.formats import SHAPES, detect_format, parse_stream
+from lora_cli.data.sources import data_paths, read_source
 from lora_cli.data.template import (IGNORE_INDEX, SpecialIds, conversation_segments, encode_segments,
                                resolve_template, tokenize_texts)
 from lora_cli.data.token_budget import clip_for_tokens

@@ -5,7 +5,8 @@ reference is the last assistant turn; of preference pairs, the chosen answer).""
 from __future__ import annotations
 
 from lora_cli.data.examples import build_sft_data, load_items, make_collator
-from lora_cli.data.formats import detect_format, read_source, SHAPES
+from lora_cli.data.formats import detect_format, SHAPES
+from lora_cli.data.sources import read_source
 from lora_cli.data.pairs import PAIR_SHAPES
 from lora_cli.errors import DataError
 from lora_cli.tasks.hooks import EvalRow, split_reference, TaskHooks

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from lora_cli.data.examples import DataStats, held_out, weighted
-from lora_cli.data.formats import data_paths as paths_of, read_source
+from lora_cli.data.sources import data_paths as paths_of, read_source
 from lora_cli.data.token_budget import clip_for_tokens
 from lora_cli.errors import DataError
 from lora_cli.eval.metrics import ClassificationReport

@@ -5,7 +5,8 @@ reference is the target)."""
 from __future__ import annotations
 
 from lora_cli.data.examples import DataStats, SFTData
-from lora_cli.data.formats import alpaca_conversation, read_source
+from lora_cli.data.formats import alpaca_conversation
+from lora_cli.data.sources import read_source
 from lora_cli.data.template import IGNORE_INDEX, prompt_ids, TemplateSpec, tokenize_texts
 from lora_cli.data.token_budget import clip_for_tokens
 from lora_cli.errors import DataError

@@ -27,7 +27,7 @@ from lora_cli.train.objectives import objective_of
 from lora_cli.tasks import bind_tokenizer, get_task, hooks
 from lora_cli.train.metrics import METRICS_FILE, plot_losses, read_metrics
 from lora_cli.recipe.schema import Recipe, dump_recipe
-from lora_cli.data.formats import data_paths
+from lora_cli.data.sources import data_paths
 from lora_cli.data.batching import batch_layout, batch_shape, groups_by_length
 from lora_cli.model.kernels import choose_liger, free_memory, RunKernels
 from lora_cli.model.adapters import add_adapter, describe_adapted_modules
