@@ -23,7 +23,8 @@ import yaml
 from lora_cli.errors import LoraError, RecipeError
 from lora_cli.data.formats import FORMATS, SHAPES
 from lora_cli.data.sources import SUFFIXES, data_paths, looks_like_hub_id
-from lora_cli.files.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
+from lora_cli.files.inputs import clip, read_text, shorten, special_kind
+from lora_cli.files.yaml_input import MAX_YAML_BYTES, safe_yaml
 from lora_cli.model.methods import METHOD_NAMES, METHODS
 from lora_cli.train.objectives import (beta_doc, column_fields as objective_fields, LOSS_TYPES, OBJECTIVE_KEYS,
                                        OBJECTIVE_NAMES, OBJECTIVES, recipe_problems as objective_problems)
