@@ -1,6 +1,6 @@
 """Training data: sources -> checked rows -> tokenised, masked examples (SFTData).
 
-The path a recipe's data takes, in order: stream every source's rows (formats.py), detect or
+The path a recipe's data takes, in order: stream every source's rows (sources.py), detect or
 take its format, check and parse the rows, hold out the validation rows, apply sampling
 weights, render each conversation into template segments (template.py), tokenise a batch of
 segments at a time in one fast-tokenizer call, cut to max_length, write the examples to Arrow

@@ -2,9 +2,9 @@
 folder, a GGUF file, an OpenAI-compatible endpoint), scored by the metrics of metrics.py, with
 the difference to the first candidate and a bootstrap confidence interval over rows.
 
-Every candidate is asked the same prompt ids: the rows are read by the data readers training
-uses (formats.py), the reference is the supervised answer (the last assistant turn), and the
-prompt is everything before it rendered by the reference adapter's saved template
+Every candidate is asked the same prompt ids: the rows are read as training reads them (the
+task's `eval_rows` hook, tasks/), the reference is the supervised answer (the last assistant
+turn), and the prompt is everything before it rendered by the reference adapter's saved template
 (template.prompt_ids, the one rendering path). Transformers candidates answer through the
 inference backend (backends.py), the GGUF file through llama-cpp-python, the endpoint through
 its /v1/chat/completions (the server renders; its prompt_tokens are checked against ours).
