@@ -26,14 +26,21 @@ from lora_cli.files.inputs import check_adapter_name, clip_lines
 
 # Closed sets of values, typed as Literal so --help lists them and click refuses others (exit 2).
 # Each comes from the module that owns it (light imports: no torch at start-up).
-from lora_cli.export.gguf import FORMATS as EXPORT_FORMATS  # noqa: E402
+from lora_cli.export.gguf import EXPORTERS, FORMATS as EXPORT_FORMATS  # noqa: E402
 from lora_cli.export.merge import MERGE_DTYPES  # noqa: E402
-from lora_cli.infer.engines import ENGINES  # noqa: E402
+from lora_cli.infer.engines import ENGINE_DOCS, ENGINES  # noqa: E402
 from lora_cli.tiny.encoders import ARCHS  # noqa: E402
 
 ArchChoice = Literal[ARCHS]
 ExportFormat = Literal[EXPORT_FORMATS]
 MergeDtype = Literal[MERGE_DTYPES]
+
+
+def choices_help(docs: dict[str, str]) -> str:
+    """An option's help from its registry: "a (what a is), b (...) or c (...)."."""
+    named = [f"{name} ({doc})" for name, doc in docs.items()]
+    return (", ".join(named[:-1]) + " or " if len(named) > 1 else "") + named[-1] + "."
+
 
 EXIT_CODES = "Exit codes: 0 done, 1 unexpected error (a bug: please report it with `lora env`), 2 bad input, 3 non-finite loss (train), 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (train)."
 
@@ -323,7 +330,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on; 0.0.0.0 opens the server to other machines.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LORA_API_KEY", help="Require 'Authorization: Bearer KEY' (or set LORA_API_KEY).")] = None,
-    engine: Annotated[EngineChoice, typer.Option("--engine", help="transformers (this process) or vllm (vLLM's own OpenAI server, GPU).")] = "transformers",
+    engine: Annotated[EngineChoice, typer.Option("--engine", help=choices_help(ENGINE_DOCS))] = "transformers",
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Most answers generated in one batch.")] = 16,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most requests waiting or running; beyond it, 429.")] = 64,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body (bytes, or 512k, 8M); beyond it, 413.")] = "8M",
@@ -495,7 +502,7 @@ def merge(
 @app.command()
 def export(
     adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter folder to export.")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="gguf (merged model), gguf-adapter (the LoRA alone) or ollama (folder: GGUF + Modelfile).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help=choices_help({name: e.doc for name, e in EXPORTERS.items()}))],
     out: Annotated[Path, typer.Option("--out", help="The .gguf file (gguf, gguf-adapter) or folder (ollama) to write.")],
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="f16 (default), bf16, f32 or q8_0; gguf-adapter: f32 (default), f16, bf16.")] = None,
     base: BaseOption = None,

@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(lora_cli.__file__).parent
 LAYERS = [
     ("errors", ["errors", "libraries"]),  # libraries: configures the third-party libraries (quiet, offline)
     ("files", ["files", "files.*", "ui", "ui.*"]),
-    ("registries", ["tasks", "model.methods", "model.targets", "data.template", "data.formats", "data.batching",
+    ("registries", ["tasks", "model.methods", "model.targets", "data.template", "data.sources", "data.formats", "data.batching",
                     "train.objectives", "eval.metrics",
                     "data.token_budget"]),  # not a registry: the tokens-to-characters rule the template cuts by
     ("recipe", ["recipe", "recipe.*"]),

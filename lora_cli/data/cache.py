@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from lora_cli.files import atomic
-from lora_cli.data.formats import data_paths, load_hub_dataset
+from lora_cli.data.sources import data_paths, load_hub_dataset
 from lora_cli.errors import DataError
 from lora_cli.files.inputs import refuse_special
 

@@ -1,6 +1,6 @@
 """Training data: sources -> checked rows -> tokenised, masked examples (SFTData).
 
-The path a recipe's data takes, in order: stream every source's rows (formats.py), detect or
+The path a recipe's data takes, in order: stream every source's rows (sources.py), detect or
 take its format, check and parse the rows, hold out the validation rows, apply sampling
 weights, render each conversation into template segments (template.py), tokenise a batch of
 segments at a time in one fast-tokenizer call, cut to max_length, write the examples to Arrow
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from lora_cli.data import cache
 from lora_cli.errors import DataError
-from lora_cli.data.formats import SHAPES, data_paths, detect_format, parse_stream, read_source
+from lora_cli.data.formats import SHAPES, detect_format, parse_stream
+from lora_cli.data.sources import data_paths, read_source
 from lora_cli.data.template import (IGNORE_INDEX, SpecialIds, conversation_segments, encode_segments,
                                resolve_template, tokenize_texts)
 from lora_cli.data.token_budget import clip_for_tokens

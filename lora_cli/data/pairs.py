@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_cli.data.formats import Shape, chat_message, detect_format, read_source
+from lora_cli.data.formats import Shape, chat_message, detect_format
+from lora_cli.data.sources import read_source
 from lora_cli.errors import DataError
 from lora_cli.train.objectives import PAIRS, UNPAIRED
 

@@ -2,9 +2,9 @@
 folder, a GGUF file, an OpenAI-compatible endpoint), scored by the metrics of metrics.py, with
 the difference to the first candidate and a bootstrap confidence interval over rows.
 
-Every candidate is asked the same prompt ids: the rows are read by the data readers training
-uses (formats.py), the reference is the supervised answer (the last assistant turn), and the
-prompt is everything before it rendered by the reference adapter's saved template
+Every candidate is asked the same prompt ids: the rows are read as training reads them (the
+task's `eval_rows` hook, tasks/), the reference is the supervised answer (the last assistant
+turn), and the prompt is everything before it rendered by the reference adapter's saved template
 (template.prompt_ids, the one rendering path). Transformers candidates answer through the
 inference backend (backends.py), the GGUF file through llama-cpp-python, the endpoint through
 its /v1/chat/completions (the server renders; its prompt_tokens are checked against ours).
@@ -24,21 +24,18 @@ from typing import Callable
 from lora_cli.errors import DataError, LoraError
 from lora_cli.libraries import install_hint
 from lora_cli.eval.metrics import Answer, CLASSIFICATION_DEFAULT, GENERATION_DEFAULT, Metric, resolve_metrics
-from lora_cli.data.formats import detect_format, read_source, SHAPES, split_conversation
 from lora_cli.data.template import (conversation_segments, encode_segments, IGNORE_INDEX, jinja_chat_template,
-                                    prompt_ids, resolve_template, TemplateSpec, tokenize_texts, tool_calls_text,
-                                    user_content)
-from lora_cli.tasks.classification import predict_probabilities, read_labeled_rows, split_items
+                                    prompt_ids, resolve_template, TemplateSpec, tokenize_texts, user_content)
+from lora_cli.tasks.classification import predict_probabilities
 from lora_cli.model.adapter_folder import read_adapter
-from lora_cli.tasks import get_task, TASKS
+from lora_cli.tasks import get_task, hooks, TASKS
+from lora_cli.tasks.hooks import EvalRow
 from lora_cli.infer.engines import active_adapter, GenerationRequest, TransformersBackend, using_variant
 from lora_cli.model.load import load_base_model, load_for_inference, load_tokenizer, local_device
 from lora_cli.recipe.schema import ModelConfig
 from lora_cli.files import ownership
-from lora_cli.data.examples import load_items
 from lora_cli.infer.settings import GenerationSettings
-from lora_cli.data.pairs import PAIR_SHAPES
-from lora_cli.tasks.seq2seq import seq2seq_pair, tokenize_seq2seq
+from lora_cli.tasks.seq2seq import tokenize_seq2seq
 from lora_cli.ui import progress
 from lora_cli.ui.terminal import table_box
 from lora_cli.infer.generate import refuse_over_context, refuse_overlong_text, tools_chars
@@ -53,102 +50,10 @@ CHECKED_ROWS = 8  # rows whose prompt and answer texts are tokenised by both sid
 
 # --------------------------------------------------------------------------- rows
 
-@dataclass
-class EvalRow:
-    where: str                      # "data.jsonl, row 7": what error messages call the row
-    messages: list[dict]            # the conversation before the answer
-    tools: list[dict] = field(default_factory=list)
-    reference: str | None = None    # the supervised answer: the last assistant turn
-    label: str | None = None        # classification rows: the gold label
-    labeled: object = None          # classification rows: the tasks.LabeledRow
-
-
-def split_reference(conversation) -> tuple[list[dict], list[dict], str | None]:
-    """(messages before the last assistant turn, tools, that turn's text); no assistant turn:
-    (all messages, tools, None)."""
-
-    messages, tools = split_conversation(conversation)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-    if last < 0:
-        return list(messages), tools, None
-    answer = messages[last]
-    text = answer["content"]
-    if answer.get("tool_calls"):
-        text += ("\n" if text else "") + tool_calls_text(answer["tool_calls"])
-    return list(messages[:last]), tools, text if text.strip() else None
-
-
 def read_eval_rows(path: str, *, fmt: str = "auto", columns: dict | None = None, limit: int | None = None,
                    task: str = "causal_lm") -> list[EvalRow]:
-    """The rows to ask, read as training reads them for the adapter's model.task (ROW_READERS)."""
-    return ROW_READERS[task](path, fmt, columns or {}, limit)
-
-
-def _conversation_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
-    """causal_lm: any row shape training accepts; the reference is the last assistant turn (of
-    preference pairs, the chosen answer)."""
-
-    source = read_source(path)
-    if fmt == "auto" and _holds_pairs(source, columns):
-        return _pair_rows(source, columns, limit)
-    fmt = detect_format(source, columns) if fmt == "auto" else fmt
-    if SHAPES[fmt].kind != "conversation":
-        raise DataError(f"--data {path}: {fmt} rows are documents, with no answer to compare an answer with",
-                        "evaluate alpaca or chat rows (the reference is the last assistant turn)")
-    rows = []
-    for where, raw in source.stream():
-        if limit and len(rows) >= limit:
-            break
-        messages, tools, reference = split_reference(SHAPES[fmt].parse(raw, where, columns, answered=False))
-        if not messages or messages[-1]["role"] not in ("user", "tool"):
-            raise DataError(f"{where}: nothing to ask (no user turn before the answer)",
-                            "each row needs a question (instruction / user turn) and its answer")
-        rows.append(EvalRow(where, messages, tools, reference))
-    return rows
-
-
-def _holds_pairs(source, columns: dict) -> bool:
-    """Whether the first row is a preference pair (chosen and rejected: what dpo / orpo / simpo train on)."""
-    first = next(iter(source.stream()), (None, None))[1]
-    return isinstance(first, dict) and all(first.get(columns.get(f, f)) is not None for f in ("chosen", "rejected"))
-
-
-def _pair_rows(source, columns: dict, limit: int | None) -> list[EvalRow]:
-    """Preference pairs, read and checked as preference training reads them (every pair shape):
-    the prompt is asked and the chosen answer is the reference."""
-
-    shape = PAIR_SHAPES[detect_format(source, columns, PAIR_SHAPES)]
-    rows = []
-    for where, raw in source.stream():
-        if limit and len(rows) >= limit:
-            break
-        pair = shape.parse(raw, where, columns)
-        rows.append(EvalRow(where, pair.messages, [], pair.chosen))
-    return rows
-
-
-def _labeled_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
-    """classification: text (+ text_pair) and the gold label, as `lora predict` reads them."""
-
-    labeled = read_labeled_rows(path, "train", columns)[:limit or None]
-    return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
-
-
-def _seq2seq_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
-    """seq2seq: source / target rows (or alpaca rows), read by the parser seq2seq training uses;
-    the reference is the target."""
-
-    rows = []
-    for where, raw in read_source(path).stream():
-        if limit and len(rows) >= limit:
-            break
-        messages, target = seq2seq_pair(raw, where, columns)
-        rows.append(EvalRow(where, messages, [], target))
-    return rows
-
-
-ROW_READERS: dict[str, Callable] = {"causal_lm": _conversation_rows, "classification": _labeled_rows,
-                                    "seq2seq": _seq2seq_rows}  # one per model.task (tasks.TASK_NAMES)
+    """The rows to ask, read as training reads them for the adapter's model.task (its eval_rows hook)."""
+    return hooks.of(task).eval_rows(path, fmt, columns or {}, limit)
 
 
 def refuse_rows_without_reference(rows: list[EvalRow], metrics: list[Metric]) -> None:
@@ -940,9 +845,9 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     {metric: {value, low, high}}; nothing when the recipe asks for none or has no eval split."""
 
     names = list(recipe.eval.metrics)
-    if not names or recipe.model.task not in HELD_OUT_READERS:  # recipe checks refuse eval.metrics elsewhere
+    rows = hooks.of(recipe.model.task).held_out_rows(recipe) if names else None
+    if rows is None:  # a task eval.metrics does not apply to: recipe checks refuse it elsewhere
         return {}
-    rows = HELD_OUT_READERS[recipe.model.task](recipe)
     if not rows:
         log("eval.metrics skipped: no validation split (set data.val_fraction or data.val_path)")
         return {}
@@ -968,26 +873,6 @@ def evaluate_trained(recipe, model, tokenizer, log: Callable[[str], None]) -> di
     scores = score(answers, metrics, {"trained": capabilities(cand)}, "trained", recipe.eval.bootstrap_resamples,
                    recipe.train.seed)
     return {name: {k: v for k, v in entry.items() if k != "diff"} for name, entry in scores["trained"].items()}
-
-
-def _held_out_conversations(recipe) -> list[EvalRow]:
-    """causal_lm: the validation conversations as training split them (data.load_items)."""
-
-    _, held = load_items(recipe.data)
-    return [EvalRow(f"validation row {i}", *split_reference(conv)) for i, conv in enumerate(held, 1)]
-
-
-def _held_out_seq2seq(recipe) -> list[EvalRow]:
-    """seq2seq: the validation source/target rows as seq2seq training splits them (tasks.split_items)."""
-
-    d = recipe.data
-    _, held = split_items(d, lambda path: [seq2seq_pair(row, where, d.columns)
-                                           for where, row in read_source(path, d.split).stream()])
-    return [EvalRow(f"validation row {i}", messages, [], target) for i, (messages, target) in enumerate(held, 1)]
-
-
-# the model.task values eval.metrics scores at the end of training (tasks.recipe_problems refuses the others)
-HELD_OUT_READERS: dict[str, Callable] = {"causal_lm": _held_out_conversations, "seq2seq": _held_out_seq2seq}
 
 
 def _active(model):

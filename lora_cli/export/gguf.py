@@ -24,6 +24,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from lora_cli.files import ownership
 from lora_cli.ui import progress
@@ -455,7 +456,14 @@ def write_adapter_gguf(path: Path, info, config, alpha: float, dtype: str) -> No
         _finish(writer)
 
 
-EXPORTERS = {"gguf": export_gguf, "gguf-adapter": export_gguf_adapter, "ollama": export_ollama}
+class Exporter(NamedTuple):
+    write: Callable  # (adapter_dir, out, *, force, base, log, [dtype]) -> the path written
+    doc: str         # what --format's help says of it
+
+
+EXPORTERS = {"gguf": Exporter(export_gguf, "merged model"),
+             "gguf-adapter": Exporter(export_gguf_adapter, "the LoRA alone"),
+             "ollama": Exporter(export_ollama, "folder: GGUF + Modelfile")}
 FORMATS = tuple(EXPORTERS)  # what --format takes
 
 
@@ -464,7 +472,7 @@ def export(adapter_dir, out, *, format: str, dtype: str | None = None, force: bo
     if format not in EXPORTERS:
         raise LoraError(f"--format {format!r} is not one of {', '.join(FORMATS)}")
     kwargs = {"dtype": dtype} if dtype else {}
-    return EXPORTERS[format](adapter_dir, out, force=force, base=base, log=log, **kwargs)
+    return EXPORTERS[format].write(adapter_dir, out, force=force, base=base, log=log, **kwargs)
 
 
 def _check_dtype(dtype: str) -> None:

@@ -1,6 +1,7 @@
-"""Reading what a user hands in, defensively: YAML with bounded size and aliases, text that must
-be UTF-8, adapter names peft can take, model folders and safetensors headers checked before
-anything loads them (the adapter folder's own checks: model/adapter_folder.py).
+"""Reading what a user hands in, defensively: values quoted short in errors, lone UTF-16
+surrogates refused, text that must be UTF-8 (and no FIFO or device where a file belongs), adapter
+names peft can take, JSON files. YAML is yaml_input.py's; model folders and weight files are
+model_files.py's (the adapter folder's own checks: model/adapter_folder.py).
 
 Every check raises a `lora_cli.errors` exception naming the culprit (file, line, key, tensor),
 so the CLI exits 2 with a message instead of a traceback. Nothing here imports torch."""
@@ -13,12 +14,8 @@ import re
 import stat
 from pathlib import Path
 
-import yaml
-
 from lora_cli.errors import DataError, LoraError
 
-MAX_YAML_BYTES = 1 << 20        # a recipe is a few KB; 1 MiB leaves room for long templates
-MAX_YAML_NODES = 100_000        # scalars + collections once aliases are expanded (billion laughs)
 MAX_QUOTED_CHARS = 120          # longest value an error message quotes whole
 
 
@@ -190,87 +187,6 @@ def utf8_lines(path: str | Path, what: str = ""):
             offset += len(raw)
 
 
-# --------------------------------------------------------------------------- YAML
-
-def _expanded_size(node, sizes: dict) -> int:
-    """Nodes in `node` with every alias expanded, memoised per node (so computing it is linear
-    in the document, not in its expansion)."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    sizes[id(node)] = 1  # a node reached again while being sized: a recursive alias
-    if isinstance(node, yaml.SequenceNode):
-        total = 1 + sum(_expanded_size(child, sizes) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
-    else:
-        total = 1
-    sizes[id(node)] = min(total, MAX_YAML_NODES + 1)
-    return sizes[id(node)]
-
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *base` may repeat keys: that is what merging means
-
-
-def _refuse_duplicates_and_surrogates(node, where: str, source: str, seen: set) -> None:
-    """A key written twice in one mapping (YAML keeps the last one silently: a recipe that says
-    `train:` twice loses the first section), and a scalar holding a lone UTF-16 surrogate
-    (a "\\ud800" escape), refused naming the key and both lines. Each node is walked once, so
-    aliases cost nothing more."""
-    if id(node) in seen:
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.ScalarNode):
-        if _SURROGATE.search(node.value):
-            raise LoraError(f"{source}: {where or 'a value'} (line {node.start_mark.line + 1}): holds a lone UTF-16 "
-                            "surrogate (a \\ud800-\\udfff escape), which is not text",
-                            "write the character itself, or in YAML as one escape: \\U0001F600, not the pair \\ud83d\\ude00")
-        return
-    if isinstance(node, yaml.SequenceNode):
-        for i, child in enumerate(node.value):
-            _refuse_duplicates_and_surrogates(child, f"{where}.{i}" if where else str(i), source, seen)
-        return
-    first: dict[tuple, object] = {}
-    for key, value in node.value:
-        name = printable(str(key.value)) if isinstance(key, yaml.ScalarNode) else "a key"
-        here = f"{where}.{name}" if where else name
-        if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
-            earlier = first.setdefault((key.tag, key.value), key)
-            if earlier is not key:
-                raise LoraError(f"{source}: {here} is written twice ({_lines(earlier, key)}); YAML would keep only the last",
-                                "keep one of them (merge the two into one)")
-        _refuse_duplicates_and_surrogates(key, here, source, seen)
-        _refuse_duplicates_and_surrogates(value, here, source, seen)
-
-
-def _lines(a, b) -> str:
-    la, lb = a.start_mark.line + 1, b.start_mark.line + 1
-    return f"line {la} and line {lb}" if la != lb else f"line {la}, columns {a.start_mark.column + 1} and {b.start_mark.column + 1}"
-
-
-def safe_yaml(text: str, source: str):
-    """yaml.safe_load with bounds: refuses a text over MAX_YAML_BYTES, nesting deeper than
-    Python can follow, and documents whose aliases expand past MAX_YAML_NODES. The document is
-    composed into nodes first (aliases stay shared references, so this is cheap) and sized
-    before anything expands it into Python objects: an alias bomb is refused in milliseconds."""
-    if len(text) > MAX_YAML_BYTES:
-        raise LoraError(f"{source}: {len(text):,} characters, over the {MAX_YAML_BYTES:,} YAML may have here",
-                        "a recipe names files; put data in a data file, not in the YAML")
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}) > MAX_YAML_NODES:
-            raise LoraError(f"{source}: its aliases (*name) expand to over {MAX_YAML_NODES:,} values",
-                            "write the values out, or use fewer nested aliases")
-        _refuse_duplicates_and_surrogates(node, "", source, set())
-        return loader.construct_document(node)
-    except RecursionError:
-        raise LoraError(f"{source}: nested too deeply to read", "flatten the YAML structure") from None
-    finally:
-        loader.dispose()
-
-
 # --------------------------------------------------------------------------- adapter names
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -283,68 +199,6 @@ def check_adapter_name(name: str, where: str = "--adapter") -> str:
         raise LoraError(f"{where}: adapter name {shorten(name)} may use only letters, digits, _ and -",
                         "name it explicitly: --adapter NAME=DIR, e.g. --adapter v1_2=runs/v1.2")
     return name
-
-
-# --------------------------------------------------------------------------- weight files
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def refuse_pickle_weights(folder: str | Path, what: str) -> None:
-    """An adapter folder whose weights are only pickles: refused, because loading a pickle can
-    run whatever code it holds, and its shapes cannot be checked without loading it."""
-    folder = Path(folder)
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if pickles:
-        raise LoraError(f"{what} {folder}: weights only as pickle files ({', '.join(pickles[:3])}), "
-                        "which can run arbitrary code when loaded; lora reads safetensors only",
-                        "convert them once, in an environment you trust: load with transformers/peft and "
-                        "save_pretrained(..., safe_serialization=True)")
-
-
-def verify_model_folder(path: str, what: str = "model.name_or_path") -> None:
-    """A local base model folder, before transformers loads it: it has a config.json, and each
-    safetensors file's header is whole (a truncated shard is named instead of failing deep
-    inside). Pickle-only (*.bin) bases are left to transformers' torch.load(weights_only=True),
-    which loads plain tensors and refuses anything else (load_base_model turns that into exit 2)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return  # a hub id, or a path transformers reports itself
-    if not (folder / "config.json").is_file():
-        raise LoraError(f"{what} {folder}: no config.json, so this is not a model folder",
-                        "point it at the folder save_pretrained wrote (config.json, *.safetensors, tokenizer)")
-    for file in sorted(folder.glob("*.safetensors")):
-        safetensors_shapes(file)
-
-
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
-
-
-def verify_tokenizer_folder(path: str) -> None:
-    """A local folder given as a tokenizer holds a vocabulary file (else transformers fails
-    with a message that does not say what is missing)."""
-    folder = Path(path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
-        raise LoraError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)})",
-                        "copy the tokenizer next to the model (tokenizer.save_pretrained(folder))")
-
-
-def safetensors_shapes(file: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape from a safetensors file's header, after checking that the header
-    parses and the data it describes is all there (a truncated copy fails here)."""
-    from safetensors import safe_open
-
-    try:
-        size = file.stat().st_size
-        with safe_open(str(file), framework="numpy") as f:
-            return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
-    except OSError as e:
-        raise LoraError(f"{file}: cannot be read ({e.strerror or e})", "check the file and its permissions") from None
-    except Exception as e:  # safetensors raises its own SafetensorError for every damaged header
-        raise LoraError(f"{file}: not a complete safetensors file ({size:,} bytes; {first_line(e)})",
-                        "the file is damaged or was cut off while copying; copy or export it again") from None
 
 
 def first_line(e: BaseException) -> str:

@@ -53,6 +53,7 @@ class TransformersBackend:
     the asked-for adapter switched in place, same-key requests left-padded into one generate call."""
 
     name = "transformers"
+    doc = "this process"  # what --engine's help says of it
 
     def __init__(self, model, tokenizer):
         self.model = model
@@ -226,8 +227,9 @@ def active_adapter(model) -> str | None:
 
 
 BACKENDS: dict[str, type] = {"transformers": TransformersBackend}
-# what --engine takes: the in-process backends, and vLLM, which runs its own server (infer/vllm.py)
-ENGINES = (*BACKENDS, "vllm")
+# what --engine takes, with its help: the in-process backends, and vLLM, which runs its own server (infer/vllm.py)
+ENGINE_DOCS = {**{name: cls.doc for name, cls in BACKENDS.items()}, "vllm": "vLLM's own OpenAI server, GPU"}
+ENGINES = tuple(ENGINE_DOCS)
 
 
 def backend_class(engine: str) -> type:

@@ -18,8 +18,9 @@ from lora_cli.data.template import TemplateSpec
 from lora_cli.errors import LoraError
 from lora_cli.ui.nearby import closest, listing
 from lora_cli.tasks import get_task
-from lora_cli.files.inputs import (MAX_YAML_BYTES, first_line, read_text, refuse_pickle_weights, safe_yaml,
-                                   safetensors_shapes, shorten)
+from lora_cli.files.inputs import first_line, read_text, shorten
+from lora_cli.files.model_files import refuse_pickle_weights, safetensors_shapes
+from lora_cli.files.yaml_input import MAX_YAML_BYTES, safe_yaml
 
 ADAPTER_CONFIG = "adapter_config.json"    # the files peft saves an adapter as
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

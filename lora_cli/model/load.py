@@ -12,7 +12,7 @@ from lora_cli.model.adapters import refuse_base_changing_with_others
 from lora_cli.errors import LoraError
 from lora_cli.libraries import install_hint, quiet_libraries
 from lora_cli.model.adapter_folder import AdapterInfo, verify_adapter
-from lora_cli.files.inputs import verify_model_folder, verify_tokenizer_folder
+from lora_cli.files.model_files import verify_model_folder, verify_tokenizer_folder
 from lora_cli.tasks import bind_tokenizer, check_model_can, get_task, load_kwargs
 from lora_cli.model.kernels import choose_attention, DeviceFacts
 from lora_cli.recipe.schema import ModelConfig

@@ -21,13 +21,15 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lora_cli.errors import LoraError, RecipeError
-from lora_cli.data.formats import FORMATS, SHAPES, SUFFIXES, data_paths, looks_like_hub_id
-from lora_cli.files.inputs import MAX_YAML_BYTES, clip, read_text, safe_yaml, shorten, special_kind
+from lora_cli.data.formats import FORMATS, SHAPES
+from lora_cli.data.sources import SUFFIXES, data_paths, looks_like_hub_id
+from lora_cli.files.inputs import clip, read_text, shorten, special_kind
+from lora_cli.files.yaml_input import MAX_YAML_BYTES, safe_yaml
 from lora_cli.model.methods import METHOD_NAMES, METHODS
-from lora_cli.train.objectives import (column_fields as objective_fields, LOSS_TYPES, OBJECTIVE_KEYS,
+from lora_cli.train.objectives import (beta_doc, column_fields as objective_fields, LOSS_TYPES, OBJECTIVE_KEYS,
                                        OBJECTIVE_NAMES, OBJECTIVES, recipe_problems as objective_problems)
 from lora_cli.data.template import TEMPLATE_NAMES, placeholder_problems
-from lora_cli.tasks import TASK_NAMES, column_fields, recipe_problems
+from lora_cli.tasks import TASK_NAMES, TASKS, column_fields, recipe_problems
 from lora_cli.files import atomic, ownership
 from lora_cli.eval.metrics import METRICS, metric_name_problems
 
@@ -65,7 +67,7 @@ class ModelConfig:
     quantization: Literal["none", "8bit", "4bit"] = key("none", "none, 8bit (LLM.int8) or 4bit (NF4 + double quantization = QLoRA). Needs bitsandbytes.")
     trust_remote_code: bool = key(False, "Run code shipped with the model. Off unless you trust its author.")
     attn_implementation: Optional[Literal["auto", "sdpa", "flash_attention_2", "eager"]] = key("auto", "Attention kernel; auto (or empty) = flash_attention_2 on a GPU where flash-attn is installed and the model supports it, else sdpa where the model has it, else eager.")
-    task: Literal[TASK_NAMES] = key("causal_lm", "What the model learns: causal_lm (prompt -> answer, decoder-only), classification (text -> label; BERT-like or decoder + head), seq2seq (source -> target; T5, BART).")
+    task: Literal[TASK_NAMES] = key("causal_lm", "What the model learns: " + ", ".join(f"{t.name} ({t.doc})" for t in TASKS.values()) + ".")
     labels: Optional[list[str]] = key(None, "classification: label names in id order (rows' label: a name or an id into this list); empty = read from the training data, sorted, and saved with the adapter.")
 
 
@@ -94,7 +96,7 @@ class DataConfig:
     path: Union[str, list[str]] = key(REQUIRED, f"Training data: {', '.join(SUFFIXES)} (.txt / .md are documents; a folder of them too), a save_to_disk folder or a hub dataset id (relative to the recipe); a list mixes several.", kind=PATH)
     weights: Optional[list[float]] = key(None, "Sampling weight per path: 2 = every row twice, 0.5 = a random half (data.seed); empty = 1 each.")
     split: str = key("train", "Split read from a hub dataset or a save_to_disk folder holding several splits.")
-    format: Literal[FORMATS] = key("auto", "Row shape: alpaca = instruction/input/output; chat = messages (role/content, tool_calls, tools) or ShareGPT conversations (from/value, function_call, observation); text = raw documents, chunked to max_length; auto = detected from each file's first rows (and said).")
+    format: Literal[FORMATS] = key("auto", "Row shape: " + "; ".join(f"{s.name} = {s.doc}" for s in SHAPES.values()) + "; auto = detected from each file's first rows (and said).")
     document_split: Literal["file", "blank_lines"] = key("file", ".txt / .md documents: one per file, or one per blank-line-separated paragraph.")
     columns: dict[str, str] = key(None, "Field names in your files, our name -> yours, e.g. {instruction: question, output: answer}.", factory=dict)
     template: Literal[TEMPLATE_NAMES] = key("human_assistant", "Prompt template (saved with the adapter so inference renders the same prompt); chat_template = the tokenizer's own, custom = data.prompt_format.")
@@ -199,7 +201,7 @@ class TrainConfig:
     fsdp_config: Optional[str] = key(None, "JSON file of FSDP options (TrainingArguments.fsdp_config, e.g. recipes/fsdp/qlora.json), relative to the recipe.", kind=PATH)
     deepspeed: Optional[str] = key(None, "DeepSpeed config JSON (recipes/deepspeed/zero2.json or zero3.json), relative to the recipe; or leave empty and launch with accelerate's recipes/accelerate/deepspeed_zero*.yaml.", kind=PATH)
     objective: Literal[OBJECTIVE_NAMES] = key("sft", "What the adapter learns from: " + "; ".join(o.doc for o in OBJECTIVES.values()) + ". See docs/preference.md.")
-    beta: Optional[float] = key(None, "dpo / kto: how far the policy may move from the reference (DPO's beta; higher = closer); simpo: the reward scale; empty = the objective's default (dpo, kto 0.1; simpo 2.0).", min=0)
+    beta: Optional[float] = key(None, beta_doc(), min=0)
     loss_type: Optional[Literal[LOSS_TYPES]] = key(None, "dpo: sigmoid (the DPO paper's; default), ipo, hinge, robust, ... (TRL's DPO loss variants); kto: kto (default) or apo_zero_unpaired; empty = the objective's default.")
     simpo_gamma: float = key(0.5, "simpo: target reward margin gamma (TRL's simpo_gamma); the paper uses gamma / beta of 0.3-0.8.", min=0)
     orpo_lambda: float = key(0.1, "orpo: weight of the odds-ratio term added to the chosen answer's SFT loss (the paper's lambda; TRL's ORPOConfig.beta).", min=0)

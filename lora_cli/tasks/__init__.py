@@ -14,8 +14,10 @@ training loop, loading, merging, estimating, linting and sweeping read it here i
 switching on a string. Nothing here imports torch at module level.
 
 This module is the registry only (it imports errors and nothing else of lora_cli, so the schema,
-the loader and the lint can read it): the implementations are classification.py and seq2seq.py,
-and hooks.py is what the training run calls per task.
+the loader and the lint can read it). Each entry names its implementation module (`Task.impl`:
+causal_lm.py, classification.py, seq2seq.py), whose `HOOKS` answer what the training run and
+`lora eval` ask of a task (hooks.py declares those questions and loads the module by name, so
+nothing outside a task's own module switches on its name).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 
 from lora_cli.errors import LoraError
 
-TASK_NAMES = ("causal_lm", "classification", "seq2seq")
 CLASSIFICATION_FIELDS = ("text", "text_pair", "label")
 SEQ2SEQ_FIELDS = ("source", "target", "instruction", "input", "output", "system")
 
@@ -38,13 +39,19 @@ class Task:
     generates: bool       # lora generate / chat answer with it
     predicts_labels: bool  # lora predict labels rows with it
     fields: tuple         # row fields data.columns may map (empty: data.format decides)
-    doc: str
+    doc: str              # what it learns, for model.task's doc (the README reference and `lora schema`)
+    impl: str             # the module whose HOOKS implement it (tasks/hooks.py loads it by this name)
+    auto_mapping: str     # transformers' model_type -> class mapping of auto_class (which bases can do it)
     # prompt + answer as one token stream a decoder reads: rows can be flattened or packed into one
     # sequence, the LM loss fused with the head (Liger), trained on preference pairs (TRL) and shown
     # by `lora data preview`; the other tasks pad their rows through their own collators
     token_stream: bool = False
     # accuracy, macro-F1 and the confusion matrix on held-out rows are what say it learned
     judged_on_held_out: bool = False
+    # the recipe problem when data.format names a row shape the task does not read ({format}: the
+    # value given); empty: the task reads data.format
+    format_problem: str = ""
+    model_hint: str = ""  # what the refusal of a base that cannot do the task says first
 
     def head_size(self, model_cfg) -> int:
         """Outputs of the new head this task trains whole (0: the base's own LM head)."""
@@ -65,22 +72,30 @@ class Task:
         """Whether transformers has a model of this kind for `config` (a PretrainedConfig)."""
         import transformers.models.auto.modeling_auto as auto
 
-        mapping = {"causal_lm": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                   "classification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-                   "seq2seq": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES}[self.name]
-        return config.model_type in mapping and (self.name != "causal_lm" or not config.is_encoder_decoder)
+        # a token stream is read by a decoder alone: an encoder-decoder (T5's causal-LM entry) cannot
+        return config.model_type in getattr(auto, self.auto_mapping) and not (self.token_stream and config.is_encoder_decoder)
 
 
 TASKS = {
     "causal_lm": Task("causal_lm", "AutoModelForCausalLM", "CAUSAL_LM", generates=True, predicts_labels=False,
-                      fields=(), doc="decoder-only language model; rows per data.format", token_stream=True),
+                      fields=(), doc="prompt -> answer, decoder-only",
+                      impl="lora_cli.tasks.causal_lm", auto_mapping="MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                      token_stream=True),
     "classification": Task("classification", "AutoModelForSequenceClassification", "SEQ_CLS", generates=False,
                            predicts_labels=True, fields=CLASSIFICATION_FIELDS,
-                           doc="a label per text (BERT-like encoders, or decoders with a classification head)",
-                           judged_on_held_out=True),
+                           doc="text -> label; BERT-like or decoder + head",
+                           impl="lora_cli.tasks.classification",
+                           auto_mapping="MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", judged_on_held_out=True,
+                           format_problem="data.format: not read by model.task classification (rows are text, "
+                                          "optional text_pair, label); remove data.format"),
     "seq2seq": Task("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", generates=True, predicts_labels=False,
-                    fields=SEQ2SEQ_FIELDS, doc="encoder-decoder (T5, BART): source text in, target text out"),
+                    fields=SEQ2SEQ_FIELDS, doc="source -> target; T5, BART",
+                    impl="lora_cli.tasks.seq2seq", auto_mapping="MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                    format_problem="data.format: model.task seq2seq reads source/target rows or alpaca rows; "
+                                   "{format} is not one of them (remove data.format)",
+                    model_hint="seq2seq needs an encoder-decoder model (T5, BART shapes); "),
 }
+TASK_NAMES = tuple(TASKS)  # the recipe's model.task choices
 
 
 def get_task(name: str | None) -> Task:
@@ -91,30 +106,29 @@ def get_task(name: str | None) -> Task:
 
 def recipe_problems(r) -> list[str]:
     """The task's cross-field checks (part of recipe.cross_checks)."""
-    task, problems = r.model.task, []
+    task, problems = get_task(r.model.task), []
     if r.model.labels is not None:
-        if task != "classification":
-            problems.append(f"model.labels: only read by model.task classification (task is {task}); remove it")
+        if not task.predicts_labels:
+            readers = ", ".join(t.name for t in TASKS.values() if t.predicts_labels)
+            problems.append(f"model.labels: only read by model.task {readers} (task is {task.name}); remove it")
         elif len(r.model.labels) < 2:
             problems.append(f"model.labels: {r.model.labels} names fewer than 2 classes; a classifier needs at least 2")
         else:
             dupes = sorted(n for n, c in Counter(r.model.labels).items() if c > 1)
             if dupes:
                 problems.append(f"model.labels: {dupes} listed more than once; each label once, in id order")
-    if task == "causal_lm":
+    if task.token_stream:  # reads data.format and may pack its rows
         return problems
-    if TASKS[task].predicts_labels and r.eval.metrics:  # the end-of-run eval generates answers; a classifier has none
-        problems.append("eval.metrics: generation metrics are for causal_lm and seq2seq runs; a classifier's eval "
+    if task.predicts_labels and r.eval.metrics:  # the end-of-run eval generates answers; a classifier has none
+        generators = " and ".join(t.name for t in TASKS.values() if t.generates)
+        problems.append(f"eval.metrics: generation metrics are for {generators} runs; a classifier's eval "
                         "(data.val_fraction) already logs eval_accuracy and eval_macro_f1; remove eval.metrics")
     if r.data.packing:
-        problems.append(f"data.packing: only for model.task causal_lm (task is {task}); set data.packing: false")
+        packers = ", ".join(t.name for t in TASKS.values() if t.token_stream)
+        problems.append(f"data.packing: only for model.task {packers} (task is {task.name}); set data.packing: false")
     fmt = r.data.format if r.data.format not in ("auto",) else "alpaca"  # auto: the task's own rows
-    if task == "classification" and fmt != "alpaca":
-        problems.append("data.format: not read by model.task classification (rows are text, optional text_pair, label); "
-                        "remove data.format")
-    if task == "seq2seq" and fmt != "alpaca":
-        problems.append("data.format: model.task seq2seq reads source/target rows or alpaca rows; "
-                        f"{r.data.format} is not one of them (remove data.format)")
+    if task.format_problem and fmt != "alpaca":
+        problems.append(task.format_problem.format(format=r.data.format))
     return problems
 
 
@@ -137,22 +151,21 @@ def check_model_can(model_cfg) -> None:
     if task.can_load(config):
         return
     kinds = [t.name for t in TASKS.values() if t.can_load(config)]
-    hint = f"this model can do: {', '.join(kinds)}; set model.task to one of them" if kinds else \
-        "transformers has no head of any supported kind for this model"
-    if task.name == "seq2seq":
-        hint = "seq2seq needs an encoder-decoder model (T5, BART shapes); " + hint
+    hint = task.model_hint + (f"this model can do: {', '.join(kinds)}; set model.task to one of them" if kinds else
+                              "transformers has no head of any supported kind for this model")
     raise LoraError(f"model.task: {task.name} cannot run on {model_cfg.name_or_path} "
                     f"({config.model_type}: no {task.auto_class} for it)", hint)
 
 
 def load_kwargs(model_cfg) -> dict:
-    """Extra from_pretrained arguments: the classification head's size and label names."""
-    if model_cfg.task != "classification":
+    """Extra from_pretrained arguments: a labelling head's size and label names."""
+    task = get_task(model_cfg.task)
+    if not task.predicts_labels:
         return {}
     labels = list(model_cfg.labels or [])
     if not labels:
         raise LoraError("model.labels: unknown, so the classification head cannot be built",
-                        "train with model.task classification (labels are read from the data and saved), "
+                        f"train with model.task {task.name} (labels are read from the data and saved), "
                         "or list them in model.labels")
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)}}

@@ -1,22 +1,25 @@
 """model.task classification: labelled rows, their tokenised examples and collator, the held-out
-report (accuracy, macro-F1, confusion matrix), and `lora predict`."""
+report (accuracy, macro-F1, confusion matrix), the rows `lora eval` asks, and `lora predict`."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 
 from lora_cli.data.examples import DataStats, held_out, weighted
-from lora_cli.data.formats import data_paths as paths_of, read_source
+from lora_cli.data.sources import data_paths as paths_of, read_source
 from lora_cli.data.token_budget import clip_for_tokens
 from lora_cli.errors import DataError
 from lora_cli.eval.metrics import ClassificationReport
 from lora_cli.tasks import CLASSIFICATION_FIELDS
+from lora_cli.tasks.hooks import EvalRow, TaskHooks
 from lora_cli.ui import progress
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this is reported as imbalanced
+DRY_RUN_EVAL_ROWS = 512  # the base's held-out report in a dry run reads at most this many rows
 
 
 # --------------------------------------------------------------------------- classification data
@@ -271,6 +274,66 @@ def evaluate_rows(model, tokenizer, rows: list[LabeledRow], labels: list[str], m
 def eval_rows(recipe) -> list[LabeledRow]:
     """The held-out rows of a classification recipe, as read (the split training uses)."""
     return labeled_items(recipe)[1]
+
+
+# --------------------------------------------------------------------------- what the run and `lora eval` ask
+
+def report_held_out(recipe, model, tokenizer, console, heading: str, output_file=None) -> ClassificationReport | None:
+    """Accuracy, macro-F1 and the confusion matrix on the held-out rows."""
+    rows = eval_rows(recipe)
+    if not rows:
+        return None
+    shown = rows[:DRY_RUN_EVAL_ROWS] if output_file is None else rows
+    model.eval()
+    report = evaluate_rows(model, tokenizer, shown, list(recipe.model.labels), recipe.data.max_length)
+    note = f" (first {len(shown)} of {len(rows)} rows)" if len(shown) < len(rows) else ""
+    console.print(f"[bold]{heading}[/]{note}", highlight=False)
+    for line in report.lines():
+        console.print("  " + line, highlight=False, markup=False)
+    if output_file is not None:
+        output_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def labeled_eval_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """text (+ text_pair) and the gold label, as `lora predict` reads them."""
+
+    labeled = read_labeled_rows(path, "train", columns)[:limit or None]
+    return [EvalRow(r.where, [], label=str(r.label), labeled=r) for r in labeled]
+
+
+class ClassificationHooks(TaskHooks):
+    def prepare_recipe(self, recipe) -> None:
+        if not recipe.model.labels:  # read from the data, so the label set is saved with the adapter
+            recipe.model.labels = resolve_labels(recipe)
+
+    def build_data(self, recipe, tokenizer):
+        return build_classification_data(recipe, tokenizer)
+
+    def make_collator(self, recipe, layout: str, tokenizer):
+        return ClassificationCollator(tokenizer.pad_token_id)  # padded rows, whatever the layout
+
+    def trainer_kwargs(self, recipe, data) -> dict:
+        return {"compute_metrics": classification_metrics(data.labels)} if data.eval is not None else {}
+
+    def eval_gathers_predictions(self, recipe) -> bool:
+        return True  # one row of num_labels logits per example
+
+    def report_held_out(self, recipe, model, tokenizer, console, heading: str, output_file=None):
+        return report_held_out(recipe, model, tokenizer, console, heading, output_file)
+
+    def data_report_lines(self, recipe, data) -> list[str]:
+        return [f"labels  {', '.join(f'{i}={n}' for i, n in enumerate(data.labels))}"] + data.balance_lines()
+
+    def example_lines(self, recipe, dataset, tokenizer) -> list[str]:
+        example = dataset[1 if len(dataset) > 1 else 0]
+        return [f"example {tokenizer.decode(example['input_ids'])!r} -> {recipe.model.labels[int(example['labels'])]}"]
+
+    def eval_rows(self, path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+        return labeled_eval_rows(path, fmt, columns, limit)
+
+
+HOOKS = ClassificationHooks()
 
 
 # --------------------------------------------------------------------------- `lora predict`

@@ -1,99 +1,107 @@
-"""What the training run asks of model.task: its data, collator, Trainer arguments, held-out report
-and the lines the plan prints (causal_lm: data/examples.py; the others: classification.py and
-seq2seq.py)."""
+"""What the training run and `lora eval` ask of model.task, answered by the task's own module.
+
+`TaskHooks` declares the questions (data, collator, Trainer arguments, held-out report, plan
+lines, the rows `lora eval` asks), with the answer of a task that has nothing to add where one
+exists. Each task's module (`Task.impl` in the registry: causal_lm.py, classification.py,
+seq2seq.py) defines `HOOKS`, an instance of its subclass; `of(task)` loads that module by name,
+so adding a task touches the registry and its module, not this file or its callers. The module
+is imported by name (importlib) because the registry, which names it, sits below data/ and may
+not import it."""
 
 from __future__ import annotations
 
-import json
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 
-from lora_cli.data.examples import build_sft_data
-from lora_cli.data.examples import make_collator as causal_collator
-from lora_cli.tasks.classification import (ClassificationCollator, ClassificationReport, build_classification_data,
-                                           classification_metrics, eval_rows, evaluate_rows, resolve_labels)
-from lora_cli.tasks.seq2seq import Seq2SeqCollator, build_seq2seq_data
+from lora_cli.data.formats import split_conversation
+from lora_cli.data.template import tool_calls_text
+from lora_cli.tasks import get_task
 
-DRY_RUN_EVAL_ROWS = 512  # the base's held-out report in a dry run reads at most this many rows
+EVAL_REPORT_FILE = "eval_report.json"  # a run's held-out report (report_held_out), beside its adapter
+
+
+def of(task: str | None) -> TaskHooks:
+    """The hooks of a model.task (None: causal_lm), from the module its registry entry names."""
+    hooks = importlib.import_module(get_task(task).impl).HOOKS
+    assert isinstance(hooks, TaskHooks), f"{get_task(task).impl}.HOOKS is not a TaskHooks"
+    return hooks
 
 
 def prepare_recipe(recipe) -> None:
-    """Fill in what a task reads from the data before anything is saved or compared (resume):
-    the label set of a classification run, so it is written with the adapter."""
-    if recipe.model.task == "classification" and not recipe.model.labels:
-        recipe.model.labels = resolve_labels(recipe)
+    """Fill in what a task reads from the data before anything is saved or compared (resume);
+    train, estimate and sweep call it first."""
+    of(recipe.model.task).prepare_recipe(recipe)
 
 
-
-# --------------------------------------------------------------------------- the training hooks
-
-def build_data(recipe, tokenizer):
-    """The datasets for a recipe, by task (causal_lm: data.build_sft_data, cached)."""
-    if recipe.model.task == "classification":
-        return build_classification_data(recipe, tokenizer)
-    if recipe.model.task == "seq2seq":
-        return build_seq2seq_data(recipe, tokenizer)
-    return build_sft_data(recipe.data, tokenizer)
-
-
-def make_collator(recipe, layout: str, tokenizer):
-    """The task's collator; a causal LM's follows the batch layout (lora_cli.data.batching), the
-    other tasks pad their rows."""
-    if recipe.model.task == "classification":
-        return ClassificationCollator(tokenizer.pad_token_id)
-    if recipe.model.task == "seq2seq":
-        return Seq2SeqCollator(tokenizer.pad_token_id)
-    return causal_collator(layout, tokenizer)
+@dataclass
+class EvalRow:
+    """A row `lora eval` asks every candidate, as the task reads it."""
+    where: str                      # "data.jsonl, row 7": what error messages call the row
+    messages: list[dict]            # the conversation before the answer
+    tools: list[dict] = field(default_factory=list)
+    reference: str | None = None    # the supervised answer: the last assistant turn
+    label: str | None = None        # classification rows: the gold label
+    labeled: object = None          # classification rows: the tasks.classification.LabeledRow
 
 
-def trainer_kwargs(recipe, data) -> dict:
-    """compute_metrics for tasks whose eval reports more than the loss."""
-    if recipe.model.task == "classification" and data.eval is not None:
-        return {"compute_metrics": classification_metrics(data.labels)}
-    return {}
+def split_reference(conversation) -> tuple[list[dict], list[dict], str | None]:
+    """(messages before the last assistant turn, tools, that turn's text); no assistant turn:
+    (all messages, tools, None)."""
+
+    messages, tools = split_conversation(conversation)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if last < 0:
+        return list(messages), tools, None
+    answer = messages[last]
+    text = answer["content"]
+    if answer.get("tool_calls"):
+        text += ("\n" if text else "") + tool_calls_text(answer["tool_calls"])
+    return list(messages[:last]), tools, text if text.strip() else None
 
 
-def eval_gathers_predictions(recipe) -> bool:
-    """Classification logits are one row of num_labels per example: cheap to gather for metrics
-    (a causal LM's vocab-sized logits are not)."""
-    return recipe.model.task == "classification"
+class TaskHooks(ABC):
+    """What a run asks of a task. The abstract ones every task answers; the others default to
+    "nothing to add" (a causal LM's answers)."""
 
+    def prepare_recipe(self, recipe) -> None:
+        """Fill in what the task reads from the data (a classifier's label set), so it is saved
+        with the adapter and compared on resume."""
 
-def report_held_out(recipe, model, tokenizer, console, heading: str, output_file=None) -> ClassificationReport | None:
-    """Accuracy, macro-F1 and the confusion matrix on the held-out rows (classification only)."""
-    if recipe.model.task != "classification":
+    @abstractmethod
+    def build_data(self, recipe, tokenizer):
+        """The tokenised train (and eval) datasets, with their stats (an SFTData-shaped object)."""
+
+    @abstractmethod
+    def make_collator(self, recipe, layout: str, tokenizer):
+        """The collator for the batch layout (lora_cli.data.batching) the run chose."""
+
+    def trainer_kwargs(self, recipe, data) -> dict:
+        """Extra Trainer arguments (compute_metrics for an eval that reports more than the loss)."""
+        return {}
+
+    def eval_gathers_predictions(self, recipe) -> bool:
+        """Whether the eval gathers logits for metrics (cheap for a label head; a causal LM's
+        vocab-sized logits are not)."""
+        return False
+
+    def report_held_out(self, recipe, model, tokenizer, console, heading: str, output_file=None):
+        """Print (and, given output_file, write) a report on the held-out rows; None: no report."""
         return None
-    rows = eval_rows(recipe)
-    if not rows:
-        return None
-    shown = rows[:DRY_RUN_EVAL_ROWS] if output_file is None else rows
-    model.eval()
-    report = evaluate_rows(model, tokenizer, shown, list(recipe.model.labels), recipe.data.max_length)
-    note = f" (first {len(shown)} of {len(rows)} rows)" if len(shown) < len(rows) else ""
-    console.print(f"[bold]{heading}[/]{note}", highlight=False)
-    for line in report.lines():
-        console.print("  " + line, highlight=False, markup=False)
-    if output_file is not None:
-        output_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return report
 
-
-
-EVAL_REPORT_FILE = "eval_report.json"  # a classification run's held-out report, beside its adapter
-
-
-def data_report_lines(recipe, data) -> list[str]:
-    """Extra lines for the plan: a classifier's labels and class balance."""
-    if recipe.model.task != "classification":
+    def data_report_lines(self, recipe, data) -> list[str]:
+        """Extra lines for the plan (a classifier's labels and class balance)."""
         return []
-    return [f"labels  {', '.join(f'{i}={n}' for i, n in enumerate(data.labels))}"] + data.balance_lines()
 
-
-def example_lines(recipe, dataset, tokenizer) -> list[str] | None:
-    """One decoded example as the model sees it, for tasks whose labels are not token runs
-    (None: the causal LM's own masked/supervised display)."""
-    if recipe.model.task == "causal_lm":
+    def example_lines(self, recipe, dataset, tokenizer) -> list[str] | None:
+        """One decoded example as the model sees it (None: the causal LM's own masked display)."""
         return None
-    example = dataset[1 if len(dataset) > 1 else 0]
-    shown = repr(tokenizer.decode(example["input_ids"]))
-    if recipe.model.task == "classification":
-        return [f"example {shown} -> {recipe.model.labels[int(example['labels'])]}"]
-    return [f"encoder input:     {shown}", f"target (labels):   {tokenizer.decode(example['labels'])!r}"]
+
+    @abstractmethod
+    def eval_rows(self, path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+        """The rows `lora eval --data` asks, read as training reads this task's rows."""
+
+    def held_out_rows(self, recipe) -> list[EvalRow] | None:
+        """The validation rows eval.metrics scores at the end of training, split as training
+        splits them; None: eval.metrics does not apply (the recipe checks refuse it)."""
+        return None

@@ -1,14 +1,17 @@
 """model.task seq2seq: source/target rows (or alpaca rows mapped onto them), the encoder input the
-template renders, the target alone as labels, and their collator."""
+template renders, the target alone as labels, their collator, and the rows `lora eval` asks (the
+reference is the target)."""
 
 from __future__ import annotations
 
 from lora_cli.data.examples import DataStats, SFTData
-from lora_cli.data.formats import alpaca_conversation, read_source
+from lora_cli.data.formats import alpaca_conversation
+from lora_cli.data.sources import read_source
 from lora_cli.data.template import IGNORE_INDEX, prompt_ids, TemplateSpec, tokenize_texts
 from lora_cli.data.token_budget import clip_for_tokens
 from lora_cli.errors import DataError
 from lora_cli.tasks.classification import pad_right, split_items, to_dataset
+from lora_cli.tasks.hooks import EvalRow, TaskHooks
 
 
 # --------------------------------------------------------------------------- seq2seq data
@@ -53,15 +56,20 @@ def tokenize_seq2seq(pairs: list[tuple[list[dict], str]], tokenizer, template, m
     return examples, stats
 
 
-def build_seq2seq_data(recipe, tokenizer):
-    d = recipe.data
-    spec = TemplateSpec.from_data(d)
+def seq2seq_items(d) -> tuple[list, list]:
+    """(train, eval) (messages, target) pairs of a data section, split as every task splits rows."""
 
     def pairs_of(path):
         source = read_source(path, d.split)
         return [seq2seq_pair(row, where, d.columns) for where, row in source.stream()]
 
-    train, evaluation = split_items(d, pairs_of)
+    return split_items(d, pairs_of)
+
+
+def build_seq2seq_data(recipe, tokenizer):
+    d = recipe.data
+    spec = TemplateSpec.from_data(d)
+    train, evaluation = seq2seq_items(d)
     examples, stats = tokenize_seq2seq(train, tokenizer, spec, d.max_length)
     data = SFTData(train=to_dataset(examples), eval=None, stats=stats)
     if evaluation:
@@ -81,3 +89,42 @@ class Seq2SeqCollator:
         ids, mask = pad_right([f["input_ids"] for f in features], self.pad_token_id)
         labels, _ = pad_right([f["labels"] for f in features], IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- what the run and `lora eval` ask
+
+def seq2seq_rows(path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+    """source / target rows (or alpaca rows), read by the parser seq2seq training uses; the
+    reference is the target."""
+
+    rows = []
+    for where, raw in read_source(path).stream():
+        if limit and len(rows) >= limit:
+            break
+        messages, target = seq2seq_pair(raw, where, columns)
+        rows.append(EvalRow(where, messages, [], target))
+    return rows
+
+
+class Seq2SeqHooks(TaskHooks):
+    def build_data(self, recipe, tokenizer):
+        return build_seq2seq_data(recipe, tokenizer)
+
+    def make_collator(self, recipe, layout: str, tokenizer):
+        return Seq2SeqCollator(tokenizer.pad_token_id)  # padded rows, whatever the layout
+
+    def example_lines(self, recipe, dataset, tokenizer) -> list[str]:
+        example = dataset[1 if len(dataset) > 1 else 0]
+        return [f"encoder input:     {tokenizer.decode(example['input_ids'])!r}",
+                f"target (labels):   {tokenizer.decode(example['labels'])!r}"]
+
+    def eval_rows(self, path: str, fmt: str, columns: dict, limit: int | None) -> list[EvalRow]:
+        return seq2seq_rows(path, fmt, columns, limit)
+
+    def held_out_rows(self, recipe) -> list[EvalRow]:
+        """The validation source/target rows as seq2seq training splits them."""
+        _, held = seq2seq_items(recipe.data)
+        return [EvalRow(f"validation row {i}", messages, [], target) for i, (messages, target) in enumerate(held, 1)]
+
+
+HOOKS = Seq2SeqHooks()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lora_cli.ui import progress
 from lora_cli.files import atomic, ownership
-from lora_cli.data.formats import read_rows
+from lora_cli.data.sources import read_rows
 from lora_cli.libraries import quiet_libraries
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"

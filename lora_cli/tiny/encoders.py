@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_cli.tiny.decoder import check_build_folder, optimize, save_tiny, train_tokenizer
-from lora_cli.data.formats import read_rows
+from lora_cli.data.sources import read_rows
 from lora_cli.libraries import quiet_libraries
 
 ARCHS = ("llama", "bert", "t5", "bart")

@@ -22,7 +22,7 @@ from lora_cli.errors import LoraError
 from lora_cli.model.adapter_folder import ADAPTER_CONFIG, CHECKPOINT_PREFIX, checkpoint_step
 from lora_cli.ui.nearby import listing
 from lora_cli.data.cache import source_fingerprint
-from lora_cli.data.formats import data_paths
+from lora_cli.data.sources import data_paths
 
 PREFIX = CHECKPOINT_PREFIX
 MARKER = "lora_checkpoint_complete.json"  # written last, inside the staging folder

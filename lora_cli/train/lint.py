@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import LoraError
-from lora_cli.data.formats import data_paths
+from lora_cli.data.sources import data_paths
 from lora_cli.model.methods import method_of
 from lora_cli.train.objectives import objective_of, red_flags
 from lora_cli.train.preflight import planned_steps

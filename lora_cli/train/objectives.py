@@ -44,6 +44,7 @@ class Objective:
     trainer: str = ""            # "module:Class" of the TRL trainer ("" = the Trainer with data.py's loss)
     config: str = ""             # "module:Class" of its TrainingArguments subclass
     default_beta: float | None = None
+    beta_doc: str = ""           # what train.beta means to it, for the key's doc (objectives sharing a meaning share a line)
     loss_types: tuple = ()       # accepted train.loss_type values; the first is the default
     lr_red_flag: float | None = None  # above this learning rate preference tuning usually collapses
     settings: Callable | None = None  # (objective, recipe) -> its TRL config's own keyword arguments
@@ -97,12 +98,14 @@ def _orpo_settings(obj: Objective, r) -> dict:
     return {"beta": r.train.orpo_lambda}  # ORPOConfig.beta is the paper's lambda
 
 
+MOVES_FROM_REFERENCE = "how far the policy may move from the reference (DPO's beta; higher = closer)"
+
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("sft", "sft = answers, supervised token by token", SFT),
     Objective("dpo", "dpo = pairs (chosen / rejected); TRL's DPOTrainer, reference = base with the adapter off",
               PAIRS, frozenset({"beta", "loss_type"}), reference=True,
               trainer="trl:DPOTrainer", config="trl:DPOConfig", default_beta=0.1, loss_types=DPO_LOSS_TYPES,
-              lr_red_flag=1e-4, settings=_dpo_settings),
+              lr_red_flag=1e-4, settings=_dpo_settings, beta_doc=MOVES_FROM_REFERENCE),
     Objective("orpo", "orpo = pairs; SFT loss plus an odds-ratio term, no reference (TRL's ORPOTrainer)",
               PAIRS, frozenset({"orpo_lambda"}),
               trainer="trl.experimental.orpo:ORPOTrainer", config="trl.experimental.orpo:ORPOConfig",
@@ -110,14 +113,27 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("simpo", "simpo = pairs; length-normalised reward with a margin, no reference (TRL's CPOTrainer, loss simpo)",
               PAIRS, frozenset({"beta", "simpo_gamma"}),
               trainer="trl.experimental.cpo:CPOTrainer", config="trl.experimental.cpo:CPOConfig", default_beta=2.0,
-              lr_red_flag=1e-4, settings=_simpo_settings),
+              lr_red_flag=1e-4, settings=_simpo_settings, beta_doc="the reward scale"),
     Objective("kto", "kto = answers labelled good / bad (label: true / false); TRL's KTOTrainer, reference = base with the adapter off",
               UNPAIRED, frozenset({"beta", "loss_type", "desirable_weight", "undesirable_weight"}), reference=True,
               trainer="trl:KTOTrainer", config="trl:KTOConfig", default_beta=0.1, loss_types=KTO_LOSS_TYPES,
-              lr_red_flag=1e-4, settings=_kto_settings),
+              lr_red_flag=1e-4, settings=_kto_settings, beta_doc=MOVES_FROM_REFERENCE),
 )}
 OBJECTIVE_NAMES = tuple(OBJECTIVES)
 OBJECTIVE_KEYS = frozenset(k for o in OBJECTIVES.values() for k in o.keys)  # train.* keys owned by objectives
+
+
+def beta_doc() -> str:
+    """train.beta's doc: what it means to each objective that reads it, and each one's default."""
+    meanings: dict[str, list[str]] = {}
+    defaults: dict[float, list[str]] = {}
+    for o in OBJECTIVES.values():
+        if "beta" in o.keys:
+            meanings.setdefault(o.beta_doc, []).append(o.name)
+            defaults.setdefault(o.default_beta, []).append(o.name)
+    return ("; ".join(f"{' / '.join(names)}: {doc}" for doc, names in meanings.items())
+            + "; empty = the objective's default ("
+            + "; ".join(f"{', '.join(names)} {value}" for value, names in defaults.items()) + ").")
 
 
 def get_objective(name: str | None) -> Objective:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from lora_cli.data.examples import DataStats, fit_to_length, held_out, weighted
 from lora_cli.errors import DataError
-from lora_cli.data.formats import data_paths
+from lora_cli.data.sources import data_paths
 from lora_cli.train.objectives import PAIRS, UNPAIRED, objective_of
 from lora_cli.data.template import (adds_bos, conversation_segments, encode_segments, IGNORE_INDEX,
                                     segment_token_lists, TemplateSpec)

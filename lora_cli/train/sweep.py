@@ -25,7 +25,7 @@ from lora_cli.model.methods import RANKED, method_of
 from lora_cli.train.metrics import METRICS_FILE, read_metrics
 from lora_cli.files.inputs import read_json
 from lora_cli.recipe.schema import Recipe
-from lora_cli.data.formats import data_paths
+from lora_cli.data.sources import data_paths
 from lora_cli.tasks.hooks import prepare_recipe
 from lora_cli.ui.terminal import plain, table_box
 

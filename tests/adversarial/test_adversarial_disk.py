@@ -399,7 +399,7 @@ def test_resume_on_changed_data_is_refused(world, cli, change, culprit):
 
 @pytest.mark.slow
 def test_printed_resume_command_keeps_the_set_overrides(world, cli, monkeypatch):
-    from lora_cli.train.run import RichProgress
+    from lora_cli.train.callbacks import RichProgress
 
     shutil.rmtree(world / "run")
     original = RichProgress.on_step_end

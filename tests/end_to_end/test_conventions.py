@@ -287,7 +287,7 @@ def test_progress_bar_on_a_terminal_keeps_bar_and_count_at_80_columns():
     from rich.console import Console
     from rich.progress import Progress
 
-    from lora_cli.train.run import progress_columns
+    from lora_cli.train.callbacks import progress_columns
 
     buf = io.StringIO()
     console = Console(file=buf, width=80, force_terminal=True, color_system=None)

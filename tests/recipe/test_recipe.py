@@ -181,7 +181,7 @@ def test_missing_recipe_file(tmp_path, cli):
 def test_one_hub_id_rule_for_resolving_and_checking_paths(tmp_path):
     """`org/name` stays a hub id; `folder/file.jsonl` that does not exist is a missing file, read
     against the recipe's folder (and reported with its full path), never sent to the hub."""
-    from lora_cli.data.formats import looks_like_hub_id
+    from lora_cli.data.sources import looks_like_hub_id
     from lora_cli.recipe.schema import resolve_path
 
     assert looks_like_hub_id("some-org/some-model") and resolve_path("some-org/some-model", tmp_path) == "some-org/some-model"

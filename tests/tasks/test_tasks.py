@@ -57,6 +57,23 @@ def test_task_registry_is_complete():
         assert task.model_class() is not None and TaskType[task.peft_task_type]
 
 
+def test_every_task_module_answers_the_hooks_by_their_declared_names():
+    """Each task's implementation module (Task.impl) loads and its HOOKS is a TaskHooks: an
+    abstract hook left out fails when the module builds HOOKS, and a hook under a name TaskHooks
+    does not declare (a misspelling, which the run would never call) fails here."""
+    from lora_cli.tasks import TASKS
+    from lora_cli.tasks.hooks import TaskHooks, of
+
+    declared = {n for n in vars(TaskHooks) if not n.startswith("_")}
+    assert {"build_data", "make_collator", "eval_rows"} <= declared
+    for name in TASKS:
+        hooks = of(name)
+        assert isinstance(hooks, TaskHooks)
+        own = {n for cls in type(hooks).__mro__[:-1] if cls is not TaskHooks and issubclass(cls, TaskHooks)
+               for n in vars(cls) if not n.startswith("_")}
+        assert own and own <= declared, f"{name}: {sorted(own - declared)} are not hooks TaskHooks declares"
+
+
 # --------------------------------------------------------------------------- bad input: exit 2
 
 def test_task_the_model_cannot_do_exits_2(tiny_random, tmp_path, cli):

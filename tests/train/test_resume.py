@@ -38,7 +38,7 @@ def adapter_weights(folder: Path) -> dict:
 
 def signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
     """Deliver a real signal to this process when the Trainer finishes `step` (test-only hook)."""
-    from lora_cli.train.run import RichProgress
+    from lora_cli.train.callbacks import RichProgress
 
     original = RichProgress.on_step_end
 

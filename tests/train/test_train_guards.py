@@ -147,7 +147,7 @@ def test_training_arguments_carry_engines_and_eval(tmp_path, tiny_random):
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_random, cli, monkeypatch):
-    from lora_cli.train.run import EXIT_NONFINITE, SafeTrainer
+    from lora_cli.train.callbacks import EXIT_NONFINITE, SafeTrainer
 
     original = SafeTrainer.compute_loss
 
