@@ -392,11 +392,11 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
                 problems.append(f"{dotted}: empty{' entry' if isinstance(value, list) else ''}; {f.metadata['doc']}")
                 continue
             value = None  # an optional path left empty is not set
-        if meta.get("kind") == PATH and _overlong_name(value):
+        unusable = _unusable_path(value) if meta.get("kind") == PATH else None
+        if unusable:
             # nothing on disk can have such a name, and the OS refuses to even look it up
-            # (ENAMETOOLONG from a stat deep in whichever check touches it first)
-            problems.append(f"{dotted}: the name {shorten(_overlong_name(value))} is longer than the "
-                            f"{NAME_MAX} bytes a file or folder name can have; give a shorter one")
+            # (ENAMETOOLONG or "embedded null byte" from whichever check first touches it)
+            problems.append(f"{dotted}: {unusable}")
             continue
         out_of_range = _range_problem(dotted, value, meta)
         if out_of_range:
@@ -415,13 +415,18 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
 NAME_MAX = 255  # bytes in one file or folder name on ext4, APFS and (as UTF-16 units) NTFS
 
 
-def _overlong_name(value) -> str | None:
-    """The first name (one part of a path) longer than NAME_MAX bytes, alone or in a list."""
+def _unusable_path(value) -> str | None:
+    """Why no file system can hold this path (or an entry of a list of them), or None: a NUL
+    character, or one name (a part between slashes) longer than NAME_MAX bytes."""
     for entry in [value] if isinstance(value, str) else value or []:
-        if isinstance(entry, str):
-            for part in entry.replace("\\", "/").split("/"):
-                if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
-                    return part
+        if not isinstance(entry, str):
+            continue
+        if "\0" in entry:
+            return f"{shorten(entry)} holds a NUL character (\\x00), which no file or folder name can"
+        for part in entry.replace("\\", "/").split("/"):
+            if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+                return (f"the name {shorten(part)} is longer than the {NAME_MAX} bytes a file or folder "
+                        "name can have; give a shorter one")
     return None
 
 

@@ -100,7 +100,7 @@ def test_set_overrides_are_typed_and_validated(tmp_path, monkeypatch):
     assert load_recipe(path, ["output_dir=elsewhere"]).output_dir == str(tmp_path / "elsewhere")
 
 
-def test_a_path_name_longer_than_a_file_system_allows_is_a_problem_of_its_key(tmp_path, cli):
+def test_a_path_no_file_system_can_hold_is_a_problem_of_its_key(tmp_path, cli):
     """Found by make fuzz: --set model.name_or_path=<300 characters> made `lora check`, `train
     --dry-run` and `data preview` stat the name and die of ENAMETOOLONG (a traceback)."""
     path = make_recipe(tmp_path, tmp_path)
@@ -114,6 +114,11 @@ def test_a_path_name_longer_than_a_file_system_allows_is_a_problem_of_its_key(tm
     for command in (["check"], ["train", "--dry-run"], ["data", "preview"]):
         result = cli(*command, path, "--set", f"model.name_or_path={long}")
         assert result.code == 2 and "model.name_or_path: the name" in result.err and "Traceback" not in result.err, result
+    # the second run of make fuzz: a NUL (--set model.name_or_path=\x00) was "embedded null byte", a traceback
+    result = cli("check", path, "--set", "model.name_or_path=\x00", "--set", "data.path=a\x00b.jsonl")
+    assert result.code == 2 and "Traceback" not in result.err, result
+    assert "model.name_or_path: '\\x00' holds a NUL character" in result.err
+    assert "data.path: 'a\\x00b.jsonl' holds a NUL character" in result.err
 
 
 def test_every_schema_key_is_documented():
