@@ -129,7 +129,7 @@ def _data_path_problems(key_name: str, value) -> list[str]:
         if not os.path.exists(path):  # os.path: False (not an error) for a name too long
             if not looks_like_hub_id(p):
                 problems.append(f"{key_name}: {clip(p)} does not exist; point it at a {'/'.join(SUFFIXES)} file, "
-                                "a save_to_disk folder or a hub dataset id (relative paths are read from the recipe's folder)")
+                                "a save_to_disk folder or a hub dataset id (a relative path is read from the recipe's folder, one given with --set from the current folder)")
         elif special_kind(path):  # a FIFO cannot be read twice; /dev/zero never ends
             problems.append(f"{key_name}: {clip(p)}: is {special_kind(path)}, not a file; lora reads a data file "
                             "more than once, so save the data to a regular file and point the key at it")
