@@ -628,17 +628,23 @@ def build_tiny(
         # here, not at the top: `lora --help` starts fast
         from lora_cli.tiny.decoder import build_tiny_model
 
+        said: list[str] = []  # the builder's lines after the progress ends, whose last line would follow them
         with progress.task("pre-training the tiny base", console, total=steps):
-            build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=console.print)
+            build_tiny_model(out, data, steps=steps, seed=seed, force=force, log=said.append)
+        for line in said:
+            console.print(line)
         return
     # here, not at the top: `lora --help` starts fast
     from lora_cli.tiny.encoders import build_tiny_encoder_model
 
     waiting = (progress.spinner(f"building the tiny {arch}", console) if arch == "bert"  # random: nothing to train
                else progress.task(f"pre-training the tiny {arch}", console, total=steps))
+    said = []
     with waiting:
         build_tiny_encoder_model(out, data, arch, steps=None if arch == "bert" else steps, seed=seed, force=force,
-                                 log=console.print)
+                                 log=said.append)
+    for line in said:
+        console.print(line)
 
 
 @app.command("recipe-keys")

@@ -275,6 +275,8 @@ def test_progress_is_plain_lines_when_piped(tmp_path):
     lines = [l for l in proc.stdout.splitlines() if l.startswith("pre-training the tiny base:")]
     assert lines[-1].startswith("pre-training the tiny base: 8/8 steps (100%)") and "done" in lines[-1], proc.stdout
     assert len(lines) >= 3 and "\r" not in proc.stdout and "\x1b[" not in proc.stdout
+    # the progress's last line comes before the builder's own summary, not after "written to"
+    assert proc.stdout.splitlines()[-1].startswith("tiny base model written to"), proc.stdout
     umask = os.umask(0o022)
     os.umask(umask)
     weights = tmp_path / "m" / "model.safetensors"
