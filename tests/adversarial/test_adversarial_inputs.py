@@ -711,8 +711,10 @@ def test_printed_resume_command_works_when_pasted(tmp_path):
 
 
 def test_enormous_row_is_never_tokenised_whole(tmp_path, tiny_random, monkeypatch):
-    """The 10 MB row is cut to the ends truncation can keep before the tokenizer sees it, and
-    the example built from it equals the one built from the whole text."""
+    """An enormous row is cut to the ends truncation can keep before the tokenizer sees it, and
+    the example built from it equals the one built from the whole text. (A 9 MB row made the
+    oracle, the whole text tokenised, cost 10 s; 900 KB is still 150 times the cut. The 10 MB
+    rows of every task and objective: test_adversarial_rows.py.)"""
     from lora_cli.data import examples as data
     from lora_cli.data.template import tokenize_texts
     from lora_cli.data.token_budget import chars_for
@@ -725,7 +727,7 @@ def test_enormous_row_is_never_tokenised_whole(tmp_path, tiny_random, monkeypatc
         longest.append(max(len(t) for t in texts))
         return tokenize_texts(tok, texts)
     monkeypatch.setattr(data, "tokenize_texts", spy)
-    rows = [[{"role": "user", "content": "ab " * 3_000_000}, {"role": "assistant", "content": "fine " * 40}]]
+    rows = [[{"role": "user", "content": "ab " * 300_000}, {"role": "assistant", "content": "fine " * 40}]]
     clipped, _ = data.tokenize_conversations(rows, tokenizer, "human_assistant", 64)
     assert longest == [2 * chars_for(tokenizer, 64)] and longest[0] < 100_000
     monkeypatch.setattr(data, "clip_for_tokens", lambda text, tok, n: text)  # the whole text, as before
