@@ -226,7 +226,7 @@ def _load_variants(adapter, base, template, engine: str = "transformers", trust_
     from lora_cli.model.adapter_folder import refuse_unless
 
     adapters = parse_adapters(adapter)
-    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
+    refuse_unless("generates", adapters, "lora generate / chat", "label rows with lora predict --adapter {adapter} --file ROWS.jsonl --out preds.jsonl")
     with progress.spinner("loading the model", console):
         backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
     default = template or next((i.template for i in infos.values()), "human_assistant")

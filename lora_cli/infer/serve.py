@@ -603,7 +603,7 @@ def build_server(adapters: dict, *, base: str | None = None, api_key: str | None
                  limits: Limits = Limits(), trust_remote_code: bool = False) -> Server:
     """Load base + adapters once through the backend `engine` and wire up what the app serves."""
 
-    refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter {adapter} --file rows.jsonl --out preds.jsonl")
+    refuse_unless("generates", adapters, "lora serve", "label rows with lora predict --adapter {adapter} --file ROWS.jsonl --out preds.jsonl")
     backend, infos = backend_class(engine).load(adapters, base=base, trust_remote_code=trust_remote_code)
     base_template = next((i.template for i in infos.values()), "human_assistant")
     base_name = base or next((i.base for i in infos.values()), BASE)

@@ -22,6 +22,7 @@ nothing outside a task's own module switches on its name).
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,10 +58,13 @@ class Task:
         """Outputs of the new head this task trains whole (0: the base's own LM head)."""
         return len(model_cfg.labels or []) if self.predicts_labels else 0
 
-    def next_step(self, adapter_dir) -> str:
-        """The command that tries a freshly trained adapter of this task (printed at the end of a run)."""
+    def next_step(self, adapter_dir, rows=None) -> str:
+        """The command that tries a freshly trained adapter of this task (printed at the end of a
+        run). A labelling task's runs as printed on `rows`, the run's own data file (it named a
+        rows.jsonl that did not exist); without one, the placeholder ROWS.jsonl."""
         if self.predicts_labels:
-            return f"lora predict --adapter {adapter_dir} --file rows.jsonl --out preds.jsonl"
+            return (f"lora predict --adapter {adapter_dir} --file {shlex.quote(str(rows)) if rows else 'ROWS.jsonl'} "
+                    "--out preds.jsonl")
         return f'lora generate --adapter {adapter_dir} "..."'
 
     def model_class(self):

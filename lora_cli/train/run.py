@@ -400,7 +400,9 @@ def run_training(recipe: Recipe, *, dry_run: bool = False, overwrite: bool = Fal
         _train(recipe, model, tokenizer, data, precision, checkpoint, console, resume_cmd, result, chosen, callbacks)
     finally:
         lock.release()
-    console.print(f"adapter saved to {output_dir}  (try: {get_task(recipe.model.task).next_step(output_dir)})")
+    local_rows = [p for p in data_paths(recipe.data.path) if os.path.isfile(p)]
+    hint = get_task(recipe.model.task).next_step(output_dir, local_rows[0] if local_rows else None)
+    console.print(f"adapter saved to {output_dir}  (try: {hint})")
     if is_main_process():
         _write_plot(console, output_dir)  # after the summary: matplotlib's import never delays it
     return result

@@ -163,7 +163,7 @@ def test_predict_writes_label_and_probabilities(decoder_classifier, tmp_path, cl
     res = cli("generate", "--adapter", run_dir, "hello")
     assert res.code == 2 and "lora predict" in res.err
     (hinted,) = hinted_commands(res.err)  # the refusal's hint, followed
-    followed = cli(*as_args(hinted, {"rows.jsonl": str(src), "preds.jsonl": str(tmp_path / "hinted.jsonl")}))
+    followed = cli(*as_args(hinted, {"ROWS.jsonl": str(src), "preds.jsonl": str(tmp_path / "hinted.jsonl")}))
     assert followed.code == 0 and (tmp_path / "hinted.jsonl").is_file(), followed
     from lora_cli.errors import LoraError
     from lora_cli.infer.serve import build_server
@@ -200,7 +200,8 @@ def test_bundled_classify_recipe_trains_bert(tiny_bert, tmp_path, cli):
     assert "bert.encoder.layer.{0,1}.attention.self.{query,value}; trained in full: classifier" in res.out
     (hinted,) = hinted_commands(res.out)  # a classifier's run ends pointing at predict, not generate
     assert hinted.startswith("lora predict"), res.out
-    followed = cli(*as_args(hinted, {"rows.jsonl": str(CLASSIFY_DATA), "preds.jsonl": str(tmp_path / "p.jsonl")}))
+    assert f"--file {CLASSIFY_DATA} " in hinted  # the run's own rows: it runs as printed
+    followed = cli(*as_args(hinted, {"preds.jsonl": str(tmp_path / "p.jsonl")}))
     assert followed.code == 0 and "rows labelled" in followed.out, followed
     report = json.loads((tmp_path / "run" / "eval_report.json").read_text())
     assert report["accuracy"] >= 0.8, report  # 0.911 when written; chance is 0.33
