@@ -77,3 +77,32 @@ def test_unknown_task_and_missing_dataset_are_refused(adapter, tmp_path, cli):
     folder = _task_folder(tmp_path, dataset_path="someone/not-downloaded-dataset")
     result = cli("eval", "--tasks", "lora_demo_mc", "--include-path", folder, "-a", adapter)
     assert result.code == 2 and "someone/not-downloaded-dataset" in result.err, result
+
+
+def test_a_local_task_is_looked_up_in_its_folder_alone(tasks, tmp_path, monkeypatch):
+    """Every --tasks entry a task of --include-path: lm-eval's index of that folder alone (its
+    ~15,000 built-in tasks take about 9 s to index). A group there may name built-in tasks, so a
+    group (or a name not in the folder) still gets the whole index."""
+    from lm_eval.tasks import TaskManager
+
+    from lora_cli.eval import harness
+
+    assert set(harness.task_manager(tasks, ["lora_demo_mc"]).all_tasks) == {"lora_demo_mc"}
+    (tasks / "g.yaml").write_text(yaml.safe_dump({"group": "lora_demo_group", "task": ["lora_demo_mc"]}), encoding="utf-8")
+    built = []
+
+    class Recording(TaskManager):  # lm-eval's own index, but the whole one is not built (9 s)
+        def __init__(self, **kwargs):
+            built.append(kwargs.get("include_defaults", True))
+            if built[-1]:
+                return
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(harness, "_lm_eval", lambda: (None, Recording))
+    try:
+        for asked in (["lora_demo_group"], ["lora_demo_mc", "arc_easy"]):
+            built.clear()
+            harness.task_manager(tasks, asked)
+            assert built == [False, True], asked
+    finally:
+        (tasks / "g.yaml").unlink()
