@@ -412,19 +412,26 @@ def _build(cls, raw: dict, prefix: str, problems: list[str], base_dir: Path, cli
     return built
 
 
-NAME_MAX = 255  # bytes in one file or folder name on ext4, APFS and (as UTF-16 units) NTFS
+NAME_MAX = 255  # one file or folder name: bytes on ext4 and APFS, UTF-16 units on NTFS
+
+
+def _name_size(name: str) -> int:
+    if os.name == "nt":
+        return len(name.encode("utf-16-le", "surrogatepass")) // 2
+    return len(name.encode("utf-8", "surrogatepass"))
 
 
 def _unusable_path(value) -> str | None:
     """Why no file system can hold this path (or an entry of a list of them), or None: a NUL
-    character, or one name (a part between slashes) longer than NAME_MAX bytes."""
+    character, or one name (a part between separators) longer than NAME_MAX."""
     for entry in [value] if isinstance(value, str) else value or []:
         if not isinstance(entry, str):
             continue
         if "\0" in entry:
             return f"{shorten(entry)} holds a NUL character (\\x00), which no file or folder name can"
-        for part in entry.replace("\\", "/").split("/"):
-            if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        # a backslash separates names on Windows only; on POSIX it is part of the name
+        for part in re.split(r"[\\/]" if os.altsep else "/", entry):
+            if _name_size(part) > NAME_MAX:
                 return (f"the name {shorten(part)} is longer than the {NAME_MAX} bytes a file or folder "
                         "name can have; give a shorter one")
     return None

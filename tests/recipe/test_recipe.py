@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,9 @@ def test_a_path_no_file_system_can_hold_is_a_problem_of_its_key(tmp_path, cli):
     assert len(problems) == 3 and all("longer than the 255 bytes a file or folder name can have" in p for p in problems)
     assert [p.split(":")[0] for p in problems] == ["model.name_or_path", "data.path", "output_dir"]
     assert load_recipe(path, [f"output_dir=runs/{'a' * 255}"]).output_dir.endswith("a" * 255)  # the longest name allowed
+    if os.name != "nt":  # on POSIX a backslash is part of a name: 'a'*200 + '\\' + 'a'*200 is one 401-byte name
+        with pytest.raises(RecipeError, match="output_dir: the name"):
+            load_recipe(path, [f"output_dir={'a' * 200}\\{'a' * 200}"])
     for command in (["check"], ["train", "--dry-run"], ["data", "preview"]):
         result = cli(*command, path, "--set", f"model.name_or_path={long}")
         assert result.code == 2 and "model.name_or_path: the name" in result.err and "Traceback" not in result.err, result
