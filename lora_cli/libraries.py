@@ -25,6 +25,7 @@ LOGGERS = {
     "kernels": None,
     "torch": None,
     "httpx": None,
+    "lm_eval": None,  # lora eval --tasks: its task warnings (a default aggregation taken, ...)
 }
 
 _verbose = False
@@ -50,6 +51,10 @@ def configure(verbose: bool = False) -> None:
         # kernels as unavailable too, which USE_HUB_KERNELS=NO already asks of it.
         sys.modules.setdefault("kernels", None)
     if not verbose:
+        # libraries' progress bars are tqdm (transformers' weight loading, datasets' split
+        # generation, lm-eval's request loop); lora's own progress is rich. tqdm reads TQDM_*
+        # when it is imported, which is why this is set here, before any of them is
+        os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DATASETS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
@@ -60,6 +65,11 @@ def _quiet_loggers() -> None:
     for name, variable in LOGGERS.items():
         if variable is None or variable not in os.environ:
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def verbose() -> bool:
+    """Whether the command runs with -v/--verbose (every library line let through)."""
+    return _verbose
 
 
 def quiet_libraries() -> None:

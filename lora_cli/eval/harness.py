@@ -9,11 +9,14 @@ instead of lm-eval's traceback."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Callable
 
 from lora_cli.errors import LoraError
+from lora_cli import libraries
 from lora_cli.libraries import install_hint
 from lora_cli.files import ownership
 from lora_cli.model.load import local_device
@@ -73,10 +76,15 @@ def dataset_of(manager, task: str) -> str:
 
 def evaluate_model(manager, tasks: list[str], model_args: dict, limit: int | None, batch_size: int, seed: int) -> dict:
     lm_eval, _ = _lm_eval()
+    # lm-eval's request loops draw tqdm bars it asks for explicitly (TQDM_DISABLE does not reach
+    # them); without --verbose what it writes to stderr while it evaluates is kept off the terminal
+    hush = contextlib.nullcontext() if libraries.verbose() else contextlib.redirect_stderr(io.StringIO())
     try:
-        out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
-                                      limit=limit, batch_size=batch_size, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False)
+        with hush:
+            out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
+                                          limit=limit, batch_size=batch_size, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                          log_samples=False)
     except (ConnectionError, FileNotFoundError, OSError, ValueError) as e:
         from datasets.exceptions import DatasetNotFoundError
 

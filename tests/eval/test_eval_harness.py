@@ -55,6 +55,7 @@ def test_local_task_on_base_and_adapter_equals_lm_evals_own_cli(tiny_base, adapt
     result = cli("eval", "--tasks", "lora_demo_mc", "--include-path", tasks, "--base",
                  "-a", f"demo={adapter}", "--out", out)
     assert result.code == 0, result
+    assert result.err == "", result.err  # no lm-eval progress bars, task warnings or weight-loading bars
     record = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     ours = {c["name"]: c["tasks"]["lora_demo_mc"]["acc,none"] for c in record["candidates"]}
     assert set(ours) == {"base", "demo"}
