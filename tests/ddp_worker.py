@@ -1,6 +1,7 @@
 """Run `lora` as one rank of a torchrun job, and afterwards save this rank's trainable weights
 (test-only hook: the product writes only rank 0's adapter, so ranks are compared here)."""
 
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ def main() -> int:
         return out
 
     train_module.SafeTrainer.train = train_and_dump
+    # registered first, so it runs last at exit: whether lora left the process group open
+    rank = os.environ["RANK"]
+    atexit.register(lambda: (dump / f"rank{rank}.group-open-at-exit").write_text(str(torch.distributed.is_initialized())))
     return run(sys.argv[1:])
 
 

@@ -420,6 +420,7 @@ def _train(recipe: Recipe, model, tokenizer, data, precision: dict, checkpoint: 
     trainer = _setup_trainer(recipe, model, tokenizer, data, precision, [progress, guard, saver, *(callbacks or [])],
                              carried, chosen)
     guard.trainer = saver.trainer = trainer
+    _leave_process_group_at_exit()
     try:
         with guard.catching_signals():
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -474,6 +475,23 @@ def _evaluate_generation(recipe: Recipe, model, tokenizer, console: Console, res
     for name, s in scores.items():
         console.print(f"[bold]eval[/]    {name} {s['value']:.4g} [{s['low']:.4g}, {s['high']:.4g}] on the validation split",
                       highlight=False)
+
+
+def _leave_process_group_at_exit() -> None:
+    """Destroy the process group (if any) before the interpreter starts tearing down: a rank
+    that exits with it still open can die of SIGABRT while gloo's threads are destroyed
+    ("terminate called without an active exception", pytorch issue 190489), failing a run that
+    trained. At exit rather than after this run, so a sweep's next trial still has its peers."""
+    import atexit
+
+    atexit.unregister(_destroy_process_group)  # once, however many runs this process makes
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
 
 
 def save_final_adapter(model, output_dir: Path) -> None:

@@ -45,6 +45,8 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_random):
     # both ranks trained the same weights (gradients all-reduced), and they moved
     run = tmp_path / "run"
     _, saved = ranks_agree_and_rank0_is_saved(dump, run)
+    # each rank left the process group before exiting (an open one can abort a rank at exit)
+    assert [(dump / f"rank{r}.group-open-at-exit").read_text() for r in (0, 1)] == ["False", "False"]
 
     # only rank 0 printed and wrote: one record per step, one "saved" line
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
