@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 
-def main() -> int:
+def main() -> None:
     import torch
 
     from lora_cli.train import run as train_module
-    from lora_cli.cli import run
+    from lora_cli.cli import main as lora
 
     dump = Path(os.environ["LORA_TEST_RANK_DUMP"])
     original = train_module.SafeTrainer.train
@@ -26,8 +26,8 @@ def main() -> int:
     # registered first, so it runs last at exit: whether lora left the process group open
     rank = os.environ["RANK"]
     atexit.register(lambda: (dump / f"rank{rank}.group-open-at-exit").write_text(str(torch.distributed.is_initialized())))
-    return run(sys.argv[1:])
+    lora()  # the command line's own exit: sys.exit with the command's code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
