@@ -120,16 +120,20 @@ def train(
     a non-finite loss stops the run with exit code 3."""
     # here, not at the top: `lora --help` starts fast
     from lora_cli.train.checkpoint import Resume
+    from lora_cli.train.output_dir import refuse_output_dir
     from lora_cli.recipe.schema import load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    resuming = Resume(resume_from) if resume_from else Resume() if resume else None
+    # a busy, finished or foreign output_dir is refused at once, not after the libraries load
+    refuse_output_dir(r, dry_run=dry_run, overwrite=overwrite, resume=resuming, recipe_path=recipe)
     # The Trainer's import takes seconds: a spinner says so
     with progress.spinner("loading the training libraries", console):
         from lora_cli.train.run import TrainingStopped, run_training  # here, not at the top: `lora --help` starts fast
 
     try:
         run_training(r, dry_run=dry_run, overwrite=overwrite, recipe_path=recipe, console=results if dry_run else console,
-                     resume=Resume(resume_from) if resume_from else Resume() if resume else None)
+                     resume=resuming)
     except TrainingStopped as e:
         if e.exit_code == 2:
             raise

@@ -69,6 +69,7 @@ def test_resume_with_a_folder_means_resume_from(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     import lora_cli.recipe.schema
+    import lora_cli.train.output_dir
     import lora_cli.train.run
     from lora_cli.train.checkpoint import Resume
     from lora_cli.cli import app
@@ -79,6 +80,7 @@ def test_resume_with_a_folder_means_resume_from(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(lora_cli.recipe.schema, "load_recipe", lambda path, overrides: path)
     monkeypatch.setattr(lora_cli.train.run, "run_training", lambda r, **kwargs: asked.append((r, kwargs["resume"])))
+    monkeypatch.setattr(lora_cli.train.output_dir, "refuse_output_dir", lambda r, **kwargs: None)  # r is a path here
 
     for args in (["train", str(recipe), "--resume", str(tmp_path / "checkpoint-4")],
                  ["train", "--resume", str(recipe)],  # a recipe file after --resume is the recipe

@@ -69,6 +69,25 @@ def test_read_only_output_dir(tmp_path, tiny_random, cli):
     assert r.code == 2 and "cannot write in" in r.err
 
 
+def test_a_folder_holding_another_run_is_refused_before_the_libraries_load(tmp_path, tiny_random):
+    """A finished run, or any file of someone else's, in output_dir: `lora train` refuses it at
+    once (exit 2), without importing torch or the Trainer first, and with --resume or a lock
+    held the same checks still hold (covered where they live); the folder is untouched."""
+    import subprocess
+
+    recipe = make_recipe(tmp_path, tiny_random)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")  # a finished run's marker
+    probe = ("import sys\nfrom lora_cli.cli import run\ncode = run(sys.argv[1:])\n"
+             "print(code, 'HEAVY' if {'torch', 'transformers', 'peft'} & set(sys.modules) else 'LIGHT')\n")
+    done = subprocess.run([sys.executable, "-c", probe, "train", str(recipe)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.stdout.split()[-2:] == ["2", "LIGHT"], (done.stdout, done.stderr)
+    assert "already holds files from another run" in " ".join(done.stderr.split())
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json"]
+
+
 def test_too_little_disk_refused_before_writing(tmp_path, tiny_random, cli, monkeypatch):
     import lora_cli.train.preflight as preflight
 
