@@ -20,7 +20,8 @@ While active (`WindowsRules().install()`, or the `windows_rules` fixture in conf
    only at the first read or write that touches the locked byte (filelock locks byte 0) and
    lets a file object be opened. A plain `os.open` of a locked file succeeds, as on Windows, so
    a probe can try the lock and be refused (flock already refuses a second descriptor, even in
-   one process).
+   one process). Locks held by other processes count too (read from /proc/locks), whether or
+   not those processes run under the rules.
 
 Handles tracked: descriptors from os.open until os.close (or until they no longer name the
 file), and file objects from builtins.open / io.open / Path.open until closed or collected.
@@ -119,10 +120,28 @@ class WindowsRules:
         return idents
 
     def _locked_by(self, ident: tuple[int, int]) -> int | None:
+        """The descriptor of this process that holds a lock on the file, -1 for another
+        process, None when nobody does."""
         for fd, held in self._live(self.locks):
             if held == ident:
                 return fd
-        return None
+        return -1 if ident in self._locked_elsewhere() else None
+
+    def _locked_elsewhere(self) -> set[tuple[int, int]]:
+        """Files other processes hold flocks on, as the kernel lists them
+        ("1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF")."""
+        try:
+            with self._orig_io_open("/proc/locks", encoding="ascii") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return set()
+        found = set()
+        for line in lines:
+            fields = line.split()
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] != str(os.getpid()):
+                major, minor, inode = fields[5].split(":")
+                found.add((os.makedev(int(major, 16), int(minor, 16)), int(inode)))
+        return found
 
     def _open_under(self, path) -> str | None:
         """`path` itself, or (a folder) anything under it, that a handle has open."""
@@ -162,7 +181,7 @@ class WindowsRules:
         return self._orig["close"](fd)
 
     def _io_open(self, file, *args, **kwargs):
-        if not isinstance(file, int) and self.locks:
+        if not isinstance(file, int):
             try:
                 ident = _identity(os.stat(file))
             except OSError:
@@ -189,15 +208,13 @@ class WindowsRules:
         return self._orig_unlock(fd)
 
     def _check_access(self, fd: int) -> None:
-        if not self.locks:
-            return
         try:
             ident = _identity(os.fstat(fd))
         except OSError:
             return
         holder = self._locked_by(ident)
         if holder is not None and holder != fd:
-            raise self._refuse("mandatory-lock", f"descriptor {fd} reads or writes a file descriptor {holder} has locked",
+            raise self._refuse("mandatory-lock", f"descriptor {fd} reads or writes a file another handle has locked",
                                f"<fd {fd}>")
 
     def _read(self, fd, n):

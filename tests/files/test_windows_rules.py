@@ -155,3 +155,29 @@ def test_the_fixture_runs_a_test_under_the_rules(windows_rules, tmp_path):
     with pytest.raises(PermissionError):
         os.open(tmp_path, os.O_RDONLY)
     assert windows_rules.fired == ["folder-open"]
+
+
+def test_a_lock_another_process_holds_is_mandatory_too(tmp_path):
+    import subprocess
+    import sys
+
+    a = _file(tmp_path / "a", "data")
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time, filelock\n"
+                               "fd = os.open(sys.argv[1], os.O_RDWR)\nassert filelock.lock_descriptor(fd, blocking=False)\n"
+                               "print('held', flush=True)\ntime.sleep(60)", str(a)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert a.read_text() == "data"  # advisory here
+        with WindowsRules() as rules:
+            with pytest.raises(PermissionError, match="mandatory-lock"):
+                a.read_text()
+            fd = os.open(a, os.O_RDONLY)
+            with pytest.raises(PermissionError, match="mandatory-lock"):
+                os.read(fd, 1)
+            os.close(fd)
+        assert rules.fired == ["mandatory-lock", "mandatory-lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with WindowsRules():
+        assert a.read_text() == "data"  # the holder is gone
