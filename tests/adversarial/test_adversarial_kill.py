@@ -86,7 +86,7 @@ def _version(out: Path, kind: str) -> str:
     return data[:3].decode()
 
 
-LEFTOVERS = (".lora-staged-", ".lora-aside-", ".lora-trash-")  # the names lora works under
+LEFTOVERS = (".lora-staged-", ".lora-aside-", ".lora-trash-", ".lora-lock-")  # the names lora works under
 
 
 def _hidden(folder: Path) -> list[str]:

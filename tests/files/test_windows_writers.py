@@ -20,7 +20,7 @@ from lora_cli.errors import LoraError
 from lora_cli.files import atomic, ownership
 
 TESTS = Path(__file__).resolve().parents[1]
-HIDDEN = (atomic.STAGED_PREFIX, atomic.TRASH_PREFIX, atomic.ASIDE_PREFIX)
+HIDDEN = (".lora-staged-", ".lora-trash-", ".lora-aside-", ".lora-lock-")  # literal: a renamed prefix must fail here
 
 
 def _hidden(folder: Path) -> list[str]:
