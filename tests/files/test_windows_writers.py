@@ -114,6 +114,57 @@ def test_a_live_writers_staging_survives_another_recover(file_rules, tmp_path):
     assert _hidden(tmp_path) == []
 
 
+def test_a_lock_file_whose_copy_is_gone_goes_unless_it_is_held(file_rules, tmp_path):
+    """A writer killed after its rename (or whose removal of its lock failed on Windows) leaves
+    a lock file alone; a writer between taking its lock and creating its copy holds one."""
+    out = tmp_path / "answers.jsonl"
+    dead = atomic.lock_path(atomic.sibling_name(out, atomic.STAGED_PREFIX))
+    dead.write_text("")
+    live = atomic.lock_path(atomic.sibling_name(out, atomic.STAGED_PREFIX))
+    fd = os.open(live, os.O_RDWR | os.O_CREAT)
+    try:
+        assert atomic.try_lock(fd)
+        atomic.recover(out)
+        assert not dead.exists() and live.exists()
+        dead.write_text("")
+        atomic.clear_leftovers(tmp_path)
+        assert not dead.exists() and live.exists()
+        assert ownership.is_empty(tmp_path)  # lock files are lora's own, never a user's
+    finally:
+        os.close(fd)
+    atomic.recover(out)
+    assert _hidden(tmp_path) == []
+
+
+def test_a_writer_whose_lock_was_taken_for_a_dead_ones_takes_another_name(tmp_path, monkeypatch):
+    """A recover may remove a new lock file in the instant between its creation and its lock:
+    the writer notices (the name no longer names its file) and starts over under a new name.
+    POSIX only: Windows deletes no file its writer has open, so there the race cannot happen."""
+    wait_lock, removed = atomic.wait_lock, []
+
+    def racing_recover(fd):
+        if not removed:  # what a recover probing it this instant does (POSIX: removed while held)
+            lock = next(tmp_path.glob(atomic.LOCK_PREFIX + "*"))
+            lock.unlink()
+            removed.append(lock.name)
+        wait_lock(fd)
+
+    monkeypatch.setattr(atomic, "wait_lock", racing_recover)
+    with atomic.staged_file(tmp_path / "a.txt") as tmp:
+        assert atomic.lock_path(tmp).name != removed[0] and atomic.lock_path(tmp).is_file()
+        atomic.recover(tmp_path / "a.txt")
+        Path(tmp).write_text("whole")
+    assert (tmp_path / "a.txt").read_text() == "whole" and _hidden(tmp_path) == []
+
+
+def test_older_leftover_names_are_still_recovered(file_rules, tmp_path):
+    out = tmp_path / "merged"
+    _folder(tmp_path / f"{atomic.STAGED_PREFIX}merged-123-456", "x")  # a PID-time name of older versions
+    (tmp_path / f"{atomic.TRASH_PREFIX}merged-123-456").mkdir()
+    atomic.recover(out)
+    assert _hidden(tmp_path) == []
+
+
 CHILD = r"""
 import os, signal, sys, time
 from pathlib import Path
