@@ -23,8 +23,12 @@ While active (`WindowsRules().install()`, or the `windows_rules` fixture in conf
    one process). Locks held by other processes count too (read from /proc/locks), whether or
    not those processes run under the rules.
 
-Handles tracked: descriptors from os.open until os.close (or until they no longer name the
-file), and file objects from builtins.open / io.open / Path.open until closed or collected.
+Handles tracked: in this process, descriptors from os.open until os.close (or until they no
+longer name the file), and file objects from builtins.open / io.open / Path.open until closed or
+collected; in other processes, whatever they have open, read from /proc/<pid>/fd (so a lock file
+another process holds open cannot be deleted here, as on Windows). A rule's check and the call
+it guards, and every open, run as one step for all threads and processes under the rules (a
+lock on a file in the temporary folder), as Windows checks and acts in one kernel call.
 
 Not emulated: handles opened by C or Rust code (torch, safetensors, tokenizers), file objects
 over a descriptor (os.fdopen) reading a locked file, directory enumeration handles, other
@@ -35,17 +39,25 @@ from __future__ import annotations
 
 import builtins
 import errno
+import fcntl
 import io
 import os
 import shutil
 import stat
+import tempfile
+import threading
 import weakref
+from contextlib import contextmanager
 
 import filelock
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+_THREADS = threading.RLock()
+GUARD = os.path.join(tempfile.gettempdir(), "lora-windows-rules.guard")
 
 
 class WindowsRules:
@@ -57,6 +69,7 @@ class WindowsRules:
         self.locks: dict[int, tuple[int, int]] = {}       # descriptor holding a lock -> its file
         self.fired: list[str] = []                        # which rule refused what, for the tests
         self._saved: list[tuple[object, str, object]] = []
+        self._depth = 0
 
     # ------------------------------------------------------------------ installing
 
@@ -65,6 +78,7 @@ class WindowsRules:
                       ("open", "close", "read", "write", "ftruncate", "rename", "replace", "unlink", "remove", "rmdir")}
         self._orig_io_open = io.open
         self._orig_lock, self._orig_unlock = filelock.lock_descriptor, filelock.unlock_descriptor
+        self._guard = os.open(GUARD, os.O_RDWR | os.O_CREAT, 0o666)
         for name in self._orig:
             self._patch(os, name, getattr(self, "_" + name))
         self._patch(io, "open", self._io_open)
@@ -78,6 +92,7 @@ class WindowsRules:
         for owner, name, value in reversed(self._saved):
             setattr(owner, name, value)
         self._saved.clear()
+        os.close(self._guard)
 
     def __enter__(self) -> "WindowsRules":
         return self.install()
@@ -88,6 +103,20 @@ class WindowsRules:
     def _patch(self, owner, name, value) -> None:
         self._saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
+
+    @contextmanager
+    def _step(self):
+        """A check and the call it guards as one step (see the module's docstring)."""
+        with _THREADS:
+            self._depth += 1
+            if self._depth == 1:
+                fcntl.flock(self._guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._guard, fcntl.LOCK_UN)
 
     def _refuse(self, rule: str, message: str, path, kind=PermissionError):
         self.fired.append(rule)
@@ -117,7 +146,27 @@ class WindowsRules:
                 alive.append((ref, ident))
                 idents.add(ident)
         self.files[:] = alive
-        return idents
+        return idents | self._open_elsewhere()
+
+    def _open_elsewhere(self) -> set[tuple[int, int]]:
+        """The files other processes have open, as /proc lists their descriptors."""
+        found = set()
+        me = str(os.getpid())
+        try:
+            pids = [p for p in os.listdir("/proc") if p.isdigit() and p != me]
+        except OSError:
+            return found
+        for pid in pids:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue  # gone, or not ours to read
+            for fd in fds:
+                try:
+                    found.add(_identity(os.stat(f"/proc/{pid}/fd/{fd}")))
+                except OSError:
+                    continue
+        return found
 
     def _locked_by(self, ident: tuple[int, int]) -> int | None:
         """The descriptor of this process that holds a lock on the file, -1 for another
@@ -170,7 +219,8 @@ class WindowsRules:
     def _open(self, path, flags, mode=0o777, *, dir_fd=None):
         if dir_fd is None and os.path.isdir(path):
             raise self._refuse("folder-open", "os.open cannot open a folder", path)
-        fd = self._orig["open"](path, flags, mode, dir_fd=dir_fd)
+        with self._step():
+            fd = self._orig["open"](path, flags, mode, dir_fd=dir_fd)
         self.locks.pop(fd, None)  # a reused number: the old descriptor's lock went with it
         self.fds[fd] = _identity(os.fstat(fd))
         return fd
@@ -188,7 +238,8 @@ class WindowsRules:
                 ident = None
             if ident is not None and self._locked_by(ident) is not None:
                 raise self._refuse("mandatory-lock", "a file object opened on a file another handle has locked", file)
-        f = self._orig_io_open(file, *args, **kwargs)
+        with self._step():
+            f = self._orig_io_open(file, *args, **kwargs)
         try:
             self.files.append((weakref.ref(f), _identity(os.fstat(f.fileno()))))
         except (OSError, ValueError, AttributeError, TypeError):
@@ -238,30 +289,34 @@ class WindowsRules:
                 raise self._refuse("open-handle", f"{held} is open, so {path} cannot be renamed or deleted", path)
 
     def _rename(self, src, dst, *, src_dir_fd=None, dst_dir_fd=None):
-        if src_dir_fd is None and dst_dir_fd is None:
-            self._check_moveable(src, dst)
-            if os.path.lexists(dst):
-                raise self._refuse("rename-exists", "os.rename never replaces an existing name", dst, FileExistsError)
-        return self._orig["rename"](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        with self._step():
+            if src_dir_fd is None and dst_dir_fd is None:
+                self._check_moveable(src, dst)
+                if os.path.lexists(dst):
+                    raise self._refuse("rename-exists", "os.rename never replaces an existing name", dst, FileExistsError)
+            return self._orig["rename"](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     def _replace(self, src, dst, *, src_dir_fd=None, dst_dir_fd=None):
-        if src_dir_fd is None and dst_dir_fd is None:
-            self._check_moveable(src, dst)
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                raise self._refuse("replace-folder", "os.replace cannot replace a folder", dst)
-        return self._orig["replace"](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        with self._step():
+            if src_dir_fd is None and dst_dir_fd is None:
+                self._check_moveable(src, dst)
+                if os.path.isdir(dst) and not os.path.islink(dst):
+                    raise self._refuse("replace-folder", "os.replace cannot replace a folder", dst)
+            return self._orig["replace"](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
     def _unlink(self, path, *, dir_fd=None):
-        if dir_fd is None:
-            self._check_moveable(path)
-        return self._orig["unlink"](path, dir_fd=dir_fd)
+        with self._step():
+            if dir_fd is None:
+                self._check_moveable(path)
+            return self._orig["unlink"](path, dir_fd=dir_fd)
 
     _remove = _unlink
 
     def _rmdir(self, path, *, dir_fd=None):
-        if dir_fd is None:
-            self._check_moveable(path)
-        return self._orig["rmdir"](path, dir_fd=dir_fd)
+        with self._step():
+            if dir_fd is None:
+                self._check_moveable(path)
+            return self._orig["rmdir"](path, dir_fd=dir_fd)
 
     def _rmtree(self, path, ignore_errors=False, onerror=None, **kwargs):
         """Delete bottom-up through the rules above: an open file stays, and so do the folders

@@ -142,7 +142,7 @@ def abandoned(entry: Path):
     taken as held."""
     lock = lock_path(Path(entry))
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)  # enough to lock (flock; LockFileEx takes read access), even another user's file
     except FileNotFoundError:
         yield True
         return
@@ -168,7 +168,7 @@ def _drop_lock(lock: Path) -> None:
     """Remove a lock file whose copy is gone (its writer finished but could not remove it, or
     was killed between the two), unless a living writer holds it."""
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -181,3 +181,25 @@ def test_a_lock_another_process_holds_is_mandatory_too(tmp_path):
         holder.wait()
     with WindowsRules():
         assert a.read_text() == "data"  # the holder is gone
+
+
+def test_a_file_another_process_has_open_cannot_be_deleted(tmp_path):
+    import subprocess
+    import sys
+
+    a = _file(tmp_path / "a")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nf = open(sys.argv[1])\n"
+                               "print('open', flush=True)\ntime.sleep(60)", str(a)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with WindowsRules() as rules:
+            with pytest.raises(PermissionError, match="open-handle"):
+                os.unlink(a)
+            with pytest.raises(PermissionError, match="open-handle"):
+                os.rename(tmp_path, tmp_path.with_name(tmp_path.name + "-moved"))
+        assert rules.fired == ["open-handle", "open-handle"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with WindowsRules():
+        os.unlink(a)  # the holder is gone
