@@ -30,10 +30,11 @@ another process holds open cannot be deleted here, as on Windows). A rule's chec
 it guards, and every open, run as one step for all threads and processes under the rules (a
 lock on a file in the temporary folder), as Windows checks and acts in one kernel call.
 
-Not emulated: handles opened by C or Rust code (torch, safetensors, tokenizers), file objects
-over a descriptor (os.fdopen) reading a locked file, directory enumeration handles, other
-programs holding files (antivirus, indexers, Explorer), path length and reserved names, case
-insensitivity, st_ino on NTFS, and everything else Windows does differently."""
+Not emulated: handles C or Rust code opens in this process (torch, safetensors, tokenizers),
+file objects over a descriptor (os.fdopen) reading a locked file, directory enumeration
+handles, the programs Windows runs that open files behind lora's back (antivirus, indexers,
+Explorer), path length and reserved names, case insensitivity, st_ino on NTFS, and everything
+else Windows does differently."""
 
 from __future__ import annotations
 
