@@ -284,6 +284,29 @@ def cli(capsys):
     return invoke
 
 
+@pytest.fixture
+def windows_rules():
+    """Windows' file rules emulated in this process for the test (tests/windows_rules.py: an
+    emulation of documented rules, not Windows)."""
+    from windows_rules import WindowsRules
+
+    with WindowsRules() as rules:
+        yield rules
+
+
+@pytest.fixture(params=["posix", "windows-rules"])
+def file_rules(request):
+    """Run a writer's test twice: as the OS here behaves, and under the emulated Windows rules
+    (the emulator, or None)."""
+    if request.param == "posix":
+        yield None
+        return
+    from windows_rules import WindowsRules
+
+    with WindowsRules() as rules:
+        yield rules
+
+
 @pytest.fixture(scope="session")
 def readme_walk(tmp_path_factory):
     """The README's marked blocks run in order in a fresh folder (tests/readme_walk.py); later

@@ -27,8 +27,10 @@ from lora_cli.files import atomic
 from lora_cli.errors import LoraError
 
 OWNER_FILE = ".lora-owner.json"
-MARKER_LOCK = atomic.STAGED_PREFIX + OWNER_FILE + ".lock"  # held while OWNER_FILE is read and rewritten
+MARKER_LOCK = atomic.LOCK_PREFIX + OWNER_FILE  # held while OWNER_FILE is read and rewritten
 LOCK_FILE = ".lora-train.lock"
+PID_FILE = ".lora-train.pid"  # the PID of LOCK_FILE's holder: Windows lets no other handle read a locked file
+RUN_LOCK_FILES = (LOCK_FILE, PID_FILE)  # what a run keeps in its folder while it clears it
 _SHOWN = 10  # foreign files listed by name; the rest are counted
 
 
@@ -78,9 +80,9 @@ def claim_all(folder: Path, command: str) -> None:
 
 def is_leftover(relative: str) -> bool:
     """A path lora itself keeps while it works (a staged, aside or trash copy anywhere on the
-    way, the run's lock): what a killed command leaves, never a user's file."""
+    way, a lock file, the run's lock and its PID): what a killed command leaves, never a user's file."""
     parts = Path(relative).parts
-    return relative == LOCK_FILE or any(part.startswith(atomic.LEFTOVER_PREFIXES) for part in parts)
+    return relative in (LOCK_FILE, PID_FILE) or any(part.startswith(atomic.LEFTOVER_PREFIXES) for part in parts)
 
 
 def foreign_files(folder: Path, claimed: dict | None) -> list[str]:
@@ -148,14 +150,14 @@ def _listing(files: list[str]) -> str:
 @contextmanager
 def _marker_lock(folder: Path):
     """Hold MARKER_LOCK in `folder` (waiting for another process holding it). The file is
-    removed on release, so a folder keeps no lock file; a waiter that wakes on a removed file
-    (its path gone or another inode now) opens the new one and waits again."""
+    removed on release (atomic.let_go), so a folder keeps no lock file; a waiter that wakes on
+    a removed file (its path gone or another inode now) opens the new one and waits again."""
     path = Path(folder) / MARKER_LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             atomic.wait_lock(fd)
-            if _same_file(path, fd):
+            if atomic.same_file(path, fd):
                 break
         except BaseException:
             os.close(fd)
@@ -164,20 +166,7 @@ def _marker_lock(folder: Path):
     try:
         yield
     finally:
-        try:
-            path.unlink()  # while still held: nobody else can be holding this inode
-        except OSError:
-            pass
-        os.close(fd)
-
-
-def _same_file(path: Path, fd: int) -> bool:
-    """Whether `path` still names the file open as `fd` (another holder may remove it, or
-    remove a newer one, at any moment)."""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
+        atomic.let_go(fd, path)
 
 
 @contextmanager
@@ -440,8 +429,9 @@ def check_not_inputs(out: Path, inputs: list[tuple[str, str | Path | None]], fla
 
 class FolderLock:
     """An exclusive lock on output_dir/LOCK_FILE, held for the life of the process (or until
-    release). The file keeps the holder's PID so a refused run can name it. The lock itself is
-    filelock's (flock on POSIX, LockFileEx on Windows), so the CLI starts on every platform."""
+    release). The holder's PID goes in PID_FILE beside it, so a refused run can name it (not in
+    the lock file: on Windows no other handle may read a file while its lock is held). The lock
+    itself is filelock's (flock on POSIX, LockFileEx on Windows), so the CLI starts on every platform."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_FILE
@@ -458,14 +448,21 @@ class FolderLock:
         if not locked:
             os.close(fd)
             raise _busy(self.path.parent, holder_pid(self.path))
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+        try:
+            atomic.write_text(self.path.with_name(PID_FILE), f"{os.getpid()}\n")
+        except BaseException:
+            self.release()
+            raise
         return self
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the flock
+            try:
+                self.path.with_name(PID_FILE).unlink()  # while still held: no newer holder wrote it
+            except OSError:
+                pass
+            os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = None
 
 
@@ -484,8 +481,9 @@ def check_unlocked(folder: Path) -> None:
 
 
 def holder_pid(path: Path) -> str:
+    """The PID the holder of the lock file `path` wrote beside it (PID_FILE)."""
     try:
-        return Path(path).read_text().strip() or "unknown"
+        return Path(path).with_name(PID_FILE).read_text().strip() or "unknown"
     except OSError:
         return "unknown"
 

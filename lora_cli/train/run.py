@@ -182,7 +182,7 @@ def _prepare_output_dir(recipe: Recipe, tokenizer, checkpoint: Path | None, lock
     if state.is_main_process:
         lock.acquire()  # held until the run ends: a second run on this folder is refused
         if checkpoint is None:
-            ownership.clear_claimed(output_dir, "train", keep=(ownership.LOCK_FILE,))  # --overwrite
+            ownership.clear_claimed(output_dir, "train", keep=ownership.RUN_LOCK_FILES)  # --overwrite
             ownership.claim(output_dir, "train", [ownership.LOCK_FILE, RECIPE_FILE, METRICS_FILE, ckpt.DATA_FILE])
             # Written first so every checkpoint-N inside can be generated from or exported alone.
             atomic.write_text(output_dir / RECIPE_FILE, dump_recipe(recipe))

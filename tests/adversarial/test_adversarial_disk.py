@@ -290,7 +290,7 @@ def test_second_run_on_one_folder_is_refused_naming_the_first(world, cli):
     assert first.returncode == 143, (out, err)
 
 
-def test_lock_is_refused_in_process_and_released_with_the_holder(tmp_path):
+def test_lock_is_refused_in_process_and_released_with_the_holder(tmp_path, file_rules):
     lock = ownership.FolderLock(tmp_path / "run").acquire()
     with pytest.raises(Exception) as refused:
         ownership.FolderLock(tmp_path / "run").acquire()

@@ -96,6 +96,10 @@ import sys, time
 from pathlib import Path
 from lora_cli.files import ownership
 folder, prefix, start, n = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+if len(sys.argv) > 5:  # under the emulated Windows rules (tests/windows_rules.py)
+    sys.path.insert(0, sys.argv[5])
+    from windows_rules import WindowsRules
+    WindowsRules().install()
 while time.time() < start:
     pass
 for i in range(n):
@@ -104,7 +108,7 @@ ownership.claim(folder / "run", "train", [f"{prefix}-{i}" for i in range(n)])
 """
 
 
-def test_two_processes_writing_into_one_folder_lose_no_claim(tmp_path):
+def test_two_processes_writing_into_one_folder_lose_no_claim(tmp_path, file_rules):
     """Two commands writing files into one folder at the same instant: every file of each is
     still lora's afterwards (without the marker lock one rewrite dropped the other's entry),
     and no lock file stays behind."""
@@ -113,7 +117,8 @@ def test_two_processes_writing_into_one_folder_lose_no_claim(tmp_path):
     (tmp_path / "run").mkdir()
     n = 150
     start = time.time() + 3  # both past their imports before either writes
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), prefix, str(start), str(n)])
+    rules = [str(Path(__file__).resolve().parents[1])] if file_rules is not None else []
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), prefix, str(start), str(n), *rules])
              for prefix in ("a", "b")]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     lost = [f"{prefix}{i}" for prefix in "ab" for i in range(n)
@@ -123,7 +128,7 @@ def test_two_processes_writing_into_one_folder_lose_no_claim(tmp_path):
     assert not list(tmp_path.rglob(ownership.MARKER_LOCK))
 
 
-def test_a_marker_lock_left_by_a_killed_writer_is_taken_over(tmp_path):
+def test_a_marker_lock_left_by_a_killed_writer_is_taken_over(tmp_path, file_rules):
     """kill -9 while holding the lock leaves its file, held by nobody: the next writer takes it
     (and removes it), and the folder counts as empty."""
     from lora_cli.files import ownership

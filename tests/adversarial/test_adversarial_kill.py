@@ -36,6 +36,10 @@ from lora_cli.files import ownership
 
 kill_at, kind, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 calls = 0
+if len(sys.argv) > 4:  # the killed writer under the emulated Windows rules too
+    sys.path.insert(0, sys.argv[4])
+    from windows_rules import WindowsRules
+    WindowsRules().install()
 
 def killing(fn):
     def call(*args, **kwargs):
@@ -86,7 +90,7 @@ def _version(out: Path, kind: str) -> str:
     return data[:3].decode()
 
 
-LEFTOVERS = (".lora-staged-", ".lora-aside-", ".lora-trash-")  # the names lora works under
+LEFTOVERS = (".lora-staged-", ".lora-aside-", ".lora-trash-", ".lora-lock-")  # the names lora works under
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -94,7 +98,7 @@ def _hidden(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
-def test_a_kill_at_every_instant_of_a_replacement_leaves_a_usable_output(kind, tmp_path):
+def test_a_kill_at_every_instant_of_a_replacement_leaves_a_usable_output(kind, tmp_path, file_rules):
     pristine = tmp_path / "pristine"
     pristine.mkdir()
     _write(pristine / "out", kind, "old")
@@ -104,7 +108,8 @@ def test_a_kill_at_every_instant_of_a_replacement_leaves_a_usable_output(kind, t
         world = tmp_path / f"k{kill_at}"
         shutil.copytree(pristine, world, symlinks=True)
         _reclaim_copy(world / "out", kind)
-        child = subprocess.run([sys.executable, "-c", CHILD, str(kill_at), kind, str(world / "out")],
+        rules = [str(REPO / "tests")] if file_rules is not None else []
+        child = subprocess.run([sys.executable, "-c", CHILD, str(kill_at), kind, str(world / "out"), *rules],
                                env=env, capture_output=True, text=True, timeout=60)
         if child.returncode == 0:
             assert "finished" in child.stdout
@@ -130,7 +135,7 @@ def _reclaim_copy(out: Path, kind: str) -> None:
         ownership.settle_file(out)
 
 
-def test_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path):
+def test_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path, file_rules):
     """The window named in the issue: target moved aside, the new copy not yet renamed in."""
     out = tmp_path / "merged"
     _write(out, "folder", "old")
@@ -142,7 +147,7 @@ def test_kill_between_the_two_renames_is_recovered_by_the_next_run(tmp_path):
     assert _version(out, "folder") == "old" and not _hidden(tmp_path)
 
 
-def test_a_live_writers_staging_is_never_taken_for_a_dead_ones(tmp_path):
+def test_a_live_writers_staging_is_never_taken_for_a_dead_ones(tmp_path, file_rules):
     out = tmp_path / "model.gguf"
     with atomic.staged_file(out) as mine:
         Path(mine).write_bytes(b"half")
@@ -154,14 +159,17 @@ def test_a_live_writers_staging_is_never_taken_for_a_dead_ones(tmp_path):
     assert out.read_bytes() == b"half" and (tmp_path / "merged").is_dir() and not _hidden(tmp_path)
 
 
-def test_two_writers_of_one_output_never_share_a_staging_name(tmp_path):
-    names, barrier = [], threading.Barrier(8)
+def test_two_writers_of_one_output_never_share_a_staging_name(tmp_path, file_rules):
+    names, errors, barrier = [], [], threading.Barrier(8)
 
     def stage(target: Path):
-        with atomic.staged_file(target) as tmp:
-            names.append(tmp.name)
-            barrier.wait(timeout=10)  # all eight staged at once
-            Path(tmp).write_text("x")
+        try:
+            with atomic.staged_file(target) as tmp:
+                names.append(tmp.name)
+                barrier.wait(timeout=10)  # all eight staged at once
+                Path(tmp).write_text("x")
+        except Exception as e:  # a thread's exception would otherwise only be printed
+            errors.append(e)
 
     for target in (tmp_path / ".lora-owner.json", tmp_path / "a.gguf"):
         names.clear()
@@ -170,7 +178,7 @@ def test_two_writers_of_one_output_never_share_a_staging_name(tmp_path):
             t.start()
         for t in threads:
             t.join()
-        assert len(set(names)) == 8, names
+        assert len(set(names)) == 8 and not errors, (names, errors)
         assert all(n.endswith(target.suffix) for n in names)
 
 

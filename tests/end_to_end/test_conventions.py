@@ -242,7 +242,7 @@ def test_the_disk_probe_needs_no_statvfs(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the probe is gone
 
 
-def test_folder_lock_refuses_a_second_holder(tmp_path):
+def test_folder_lock_refuses_a_second_holder(tmp_path, file_rules):
     from lora_cli.errors import LoraError
     from lora_cli.files.ownership import FolderLock, check_unlocked
 
