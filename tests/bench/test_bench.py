@@ -8,8 +8,9 @@ size, so the same run proves the GPU check's user path and its table.
 
 Only the scripts whose tests were selected run. gpu_check.sh runs beside the others, which are
 forked one after another from a python that has imported torch, transformers and peft
-(tests/bench/preloaded.py: most of a fresh quick run was those imports). A new bench_*.py
-without a check below fails here.
+(tests/bench/preloaded.py: most of a fresh quick run was those imports); gpu_check.sh's own
+pythons (PY: its lora commands, bench_gpu.py and each variant's process) are such forks too,
+served on demand (tests/bench/forkserver.py). A new bench_*.py without a check below fails here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -235,12 +237,14 @@ def quick_command(script: str, base: Path, work: Path) -> tuple[list[str], dict[
         # GPU_CHECK_SECONDS: no toy variant is skipped as "out of time" on a slow or busy machine
         return ["bash", str(BENCH / "gpu_check.sh")], {
             "GPU_CHECK_TOY": "1", "GPU_CHECK_WORK": str(work), "GPU_CHECK_DOC": str(doc),
-            "GPU_CHECK_TINY": str(base), "GPU_CHECK_SECONDS": "86400", "PY": sys.executable}
+            "GPU_CHECK_TINY": str(base), "GPU_CHECK_SECONDS": "86400"}
     return [sys.executable, str(BENCH / script), "--quick", "--model", str(base)], {}
 
 
 def run_quick(script: str, base: Path, work: Path) -> dict:
-    """One script's quick run in its own process: exit code, output, wall and CPU seconds."""
+    """One script's quick run in its own process: exit code, output, wall and CPU seconds. The
+    pythons gpu_check.sh starts (PY) are forks of one that imported the libraries once
+    (tests/bench/forkserver.py): a process each still, with the ~6 s of imports paid once."""
     work.mkdir(parents=True)
     command, extra_env = quick_command(script, base, work)
     # one torch thread each: two scripts share the two cores, and OpenMP threads spinning for a
@@ -248,7 +252,8 @@ def run_quick(script: str, base: Path, work: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TMPDIR": str(work), "OMP_NUM_THREADS": "1",
            **extra_env}
     start = time.perf_counter()
-    with (work / "stdout").open("w") as out, (work / "stderr").open("w") as err:
+    with forked_pythons(work, env) as forks, (work / "stdout").open("w") as out, (work / "stderr").open("w") as err:
+        env.update(PY=str(forks["python"]), FORKSERVER_PYTHON=str(forks["python"]))
         proc = subprocess.Popen(command, cwd=REPO if extra_env else work, env=env, stdout=out, stderr=err)
         try:
             _, status, usage = _wait(proc, TIMEOUT_S)
@@ -259,7 +264,28 @@ def run_quick(script: str, base: Path, work: Path) -> dict:
     return {"code": os.waitstatus_to_exitcode(status) if status is not None else "timeout",
             "out": (work / "stdout").read_text(), "err": (work / "stderr").read_text(),
             "wall_s": time.perf_counter() - start,
-            "cpu_s": usage.ru_utime + usage.ru_stime if usage else None}
+            "cpu_s": usage.ru_utime + usage.ru_stime + forks["cpu_s"] if usage else None}
+
+
+@contextmanager
+def forked_pythons(work: Path, env: dict):
+    """tests/bench/forkserver.py serving in `work`: yields {"python": the executable standing
+    for python}; afterwards "cpu_s" holds the server's CPU seconds, its forks' included."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import forkserver
+
+    server_socket = work / "python.sock"
+    server = subprocess.Popen([sys.executable, str(Path(forkserver.__file__)), "serve", str(server_socket)],
+                              cwd=Path(__file__).parent, env=env, stdout=subprocess.PIPE, text=True)
+    forks = {"python": forkserver.wrapper(work, server_socket), "cpu_s": 0.0}
+    try:
+        assert server.stdout.readline().strip() == "ready", "the fork server did not start"
+        yield forks
+    finally:
+        server.terminate()
+        _, _, usage = os.wait4(server.pid, 0)
+        server.returncode = 0
+        forks["cpu_s"] = usage.ru_utime + usage.ru_stime
 
 
 def _wait(proc, timeout: float):
