@@ -47,15 +47,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: first.get(_group(item), len(first)))
 
 
-# The groups that take longest under `make test` (pytest --durations=0 summed per group, cold model
-# cache, idle 2-core machine), longest first, with one exception. xdist starts worker 1 on the 1st
-# and 3rd groups and worker 2 on the 2nd and 4th; the 1st builds the pre-trained tiny Llama (a
-# minute of one core) that most groups wait for, so the 2nd and 4th use only tiny_random and keep
-# worker 2 busy meanwhile. Only the order of the run depends on this list: a stale entry costs
-# wall time, never a result.
-LONGEST_GROUPS = ["tests/bench/test_bench.py", "tests/train/test_scale_out.py", "tests/export/test_export.py",
-                  "tests/train/test_ddp.py", "tests/eval/test_eval_harness.py", "tests/eval/test_eval.py",
-                  "readme_walk", "tests/tasks/test_tasks.py", "tests/adversarial/test_adversarial_kill.py"]
+# The groups that take longest under `make test` (per group: the sum of pytest --durations=0,
+# and a timeline of each test's start and end on each worker, cold model cache, idle 2-core
+# machine), roughly longest first. xdist starts worker 1 on the 1st group and worker 2 on the 2nd
+# and 3rd; the 1st builds the pre-trained tiny Llama (48 s of one core) that most groups
+# wait for, so the 2nd to 4th use only tiny_random and keep worker 2 busy meanwhile (with export
+# third, worker 2 sat ~20 s waiting for the build). Only the order of the run depends on this
+# list: a stale entry costs wall time, never a result.
+LONGEST_GROUPS = ["tests/bench/test_bench.py", "tests/train/test_scale_out.py", "tests/train/test_ddp.py",
+                  "tests/train/test_preference_ddp.py", "tests/export/test_export.py",
+                  "tests/adversarial/test_adversarial_kill.py", "tests/eval/test_eval_harness.py",
+                  "tests/train/test_preference.py", "tests/eval/test_eval.py", "tests/tasks/test_tasks.py",
+                  "readme_walk"]
 
 
 def _group(item) -> str:
