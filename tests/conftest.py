@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,7 @@ def cli(capsys):
 def windows_rules():
     """Windows' file rules emulated in this process for the test (tests/windows_rules.py: an
     emulation of documented rules, not Windows)."""
+    _skip_unless_linux()
     from windows_rules import WindowsRules
 
     with WindowsRules() as rules:
@@ -304,10 +306,16 @@ def file_rules(request):
     if request.param == "posix":
         yield None
         return
+    _skip_unless_linux()
     from windows_rules import WindowsRules
 
     with WindowsRules() as rules:
         yield rules
+
+
+def _skip_unless_linux() -> None:
+    if not sys.platform.startswith("linux"):  # on Windows itself the real rules apply anyway
+        pytest.skip("the Windows-rules emulation reads /proc and locks with fcntl: Linux only")
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,15 @@ import builtins
 import io
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import filelock
 import pytest
-from windows_rules import WindowsRules
+
+if not sys.platform.startswith("linux"):  # the emulation reads /proc and locks with fcntl
+    pytest.skip("the Windows-rules emulation runs on Linux only", allow_module_level=True)
+from windows_rules import WindowsRules  # noqa: E402
 
 
 def _file(path: Path, text: str = "x") -> Path:
