@@ -827,7 +827,7 @@ def print_table(record: dict, console) -> None:
     table = Table(title=f"{record['settings']['rows']} rows of {record['settings']['data']}; "
                         f"Δ = difference to {record['baseline']}, [{CONFIDENCE:.0%} bootstrap interval]",
                   box=table_box())  # piped / NO_COLOR: no box drawing
-    table.add_column("candidate")
+    table.add_column("candidate", overflow="fold")  # a long name (an endpoint's URL) wraps, never ends in "…"
     table.add_column("kind")
     for metric, about in record["metrics"].items():
         table.add_column(metric + (" ↑" if about["higher_is_better"] else " ↓"), justify="right")

@@ -246,7 +246,7 @@ def print_sweep(result: SweepResult, console: Console) -> None:
                   title_justify="left", box=table_box())
     for col in ("rank", "alpha", "trainable", loss_name, "gain/doubling"):
         table.add_column(col, justify="right")
-    table.add_column("")
+    table.add_column("note")  # knee, reused
     gains = result.gains()
     for run in result.runs:
         gain = gains.get(run.rank)

@@ -242,3 +242,26 @@ def test_classification_adapter_scores_as_lora_predict_reports(tiny_bert, tmp_pa
     assert f"accuracy {scores['accuracy']['value']:.3f}  macro-F1 {scores['macro_f1']['value']:.3f}" in predicted.out
     refused = cli("eval", "--data", rows, "-a", tmp_path / "run", "--base")
     assert refused.code == 2 and "classification adapters are compared with each other" in refused.err
+
+
+def test_a_long_candidate_name_wraps_at_80_columns_and_is_never_cut():
+    """An endpoint's name (its URL and model) is wider than the candidate column leaves room for
+    at 80 columns: it wraps over lines, each character kept, instead of ending in "…"."""
+    from rich.console import Console
+
+    from lora_cli.eval.run import print_table
+
+    scored = {"value": 0.5, "low": 0.4, "high": 0.6, "diff": {"value": 0.1, "low": -0.02, "high": 0.2}}
+    names = ["base", "demo-adapter", "http://127.0.0.1:8000/v1 trained-adapter-name"]
+    record = {"settings": {"rows": 24, "data": "data/demo.jsonl"}, "baseline": "demo-adapter",
+              "metrics": {m: {"higher_is_better": True} for m in ("exact_match", "rougeL", "chrf")},
+              "candidates": [{"name": n, "kind": "x", "metrics": {m: scored for m in ("exact_match", "rougeL", "chrf")}}
+                             for n in names]}
+    for terminal in (True, False):
+        console = Console(width=80, force_terminal=terminal, color_system=None, record=True)
+        print_table(record, console)
+        text = console.export_text()
+        assert "…" not in text and max(map(len, text.splitlines())) <= 80
+        first_column = "".join(line.strip("│|┃ ").split("│")[0].split("|")[0].strip()
+                               for line in text.splitlines() if line.startswith(("│", "|", "┃")))
+        assert all(name.replace(" ", "") in first_column.replace(" ", "") for name in names), first_column

@@ -85,6 +85,22 @@ def test_knee_is_the_smallest_rank_after_which_doubling_stops_paying(losses, kne
     assert find_knee(_runs(losses), threshold=0.02) == knee
 
 
+def test_the_sweep_table_names_every_column_and_marks_the_knee_in_words():
+    """Piped, the table is Markdown: every column has a header (the last one, `note`, was blank)."""
+    from rich.console import Console
+
+    from lora_cli.train.sweep import SweepResult, print_sweep
+
+    console = Console(width=120, force_terminal=False, color_system=None, record=True)
+    runs = _runs({4: 2.0, 8: 1.5, 16: 1.2, 32: 1.19})
+    runs[0].reused = True
+    print_sweep(SweepResult(runs, knee=16, threshold=0.02), console)
+    lines = [line for line in console.export_text().splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == ["rank", "alpha", "trainable", "eval loss", "gain/doubling", "note"]
+    assert {row[0]: row[-1] for row in cells[2:]} == {"4": "reused", "8": "", "16": "knee", "32": ""}
+
+
 def test_gain_is_measured_per_doubling():
     """4 -> 16 is two doublings: a 10% drop there is 5% per doubling."""
     from lora_cli.train.sweep import improvement_per_doubling
