@@ -73,7 +73,7 @@ def _data_cache_in_tmp(tmp_path_factory):
 
 
 # `lora build-tiny`'s own defaults (cli.build_tiny): the README's demo base. The suite's pre-trained
-# base is that same build, so a session pre-trains one Llama, not two (6 CPU-minutes each).
+# base is that same build, so a session pre-trains one Llama, not two (48 s of one core each).
 BUILD_TINY_DEFAULTS = {"steps": 300, "seed": 0}
 
 
