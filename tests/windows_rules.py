@@ -22,6 +22,9 @@ While active (`WindowsRules().install()`, or the `windows_rules` fixture in conf
    a probe can try the lock and be refused (flock already refuses a second descriptor, even in
    one process). Locks held by other processes count too (read from /proc/locks), whether or
    not those processes run under the rules.
+5. `os.fsync` through a descriptor opened read-only raises PermissionError: Windows'
+   FlushFileBuffers needs a handle with write access (seen under Windows CPython on Wine too,
+   where lora's writers failed on it: `make test-windows`).
 
 Handles tracked: in this process, descriptors from os.open until os.close (or until they no
 longer name the file), and file objects from builtins.open / io.open / Path.open until closed or
@@ -76,7 +79,8 @@ class WindowsRules:
 
     def install(self) -> "WindowsRules":
         self._orig = {name: getattr(os, name) for name in
-                      ("open", "close", "read", "write", "ftruncate", "rename", "replace", "unlink", "remove", "rmdir")}
+                      ("open", "close", "read", "write", "ftruncate", "fsync", "rename", "replace", "unlink", "remove",
+                       "rmdir")}
         self._orig_io_open = io.open
         self._orig_lock, self._orig_unlock = filelock.lock_descriptor, filelock.unlock_descriptor
         self._guard = os.open(GUARD, os.O_RDWR | os.O_CREAT, 0o666)
@@ -280,6 +284,12 @@ class WindowsRules:
     def _ftruncate(self, fd, length):
         self._check_access(fd)
         return self._orig["ftruncate"](fd, length)
+
+    def _fsync(self, fd):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:  # rule 5
+            raise self._refuse("fsync-read-only", "FlushFileBuffers needs a handle opened for writing", fd)
+        return self._orig["fsync"](fd)
 
     # ------------------------------------------------------------------ rules 2 and 3
 

@@ -246,14 +246,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path | str) -> None:
+    """Flush one file's data to disk. Through a handle that may write: Windows' FlushFileBuffers
+    refuses a read-only handle (Access denied), where POSIX syncs through any. A file the umask
+    left read-only to its owner is synced through a read handle, which POSIX accepts; Windows
+    then keeps it unflushed rather than failing the write (its rename is still atomic)."""
+    try:
+        f = open(path, "r+b")
+    except PermissionError:
+        f = open(path, "rb")
+        writable = False
+    else:
+        writable = True
+    with f:
+        try:
+            os.fsync(f.fileno())
+        except PermissionError:
+            if writable:
+                raise
+
+
 def fsync_tree(root: Path) -> None:
     """Flush every file under `root`, then each folder, so a power cut after the rename that
     publishes it cannot leave a named but empty file."""
     root = Path(root)
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(os.path.join(folder, name))
         fsync_dir(Path(folder))
 
 
@@ -338,8 +357,7 @@ def staged_file(path: Path):
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield tmp
         with_user_mode(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
         done = True
     finally:

@@ -207,3 +207,15 @@ def test_a_file_another_process_has_open_cannot_be_deleted(tmp_path):
         holder.wait()
     with WindowsRules():
         os.unlink(a)  # the holder is gone
+
+
+def test_fsync_through_a_read_only_handle_is_refused_only_under_the_rules(tmp_path):
+    path = _file(tmp_path / "a")
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    with WindowsRules() as rules:
+        with open(path, "rb") as f, pytest.raises(PermissionError, match="fsync-read-only"):
+            os.fsync(f.fileno())
+        with open(path, "r+b") as f:
+            os.fsync(f.fileno())  # a handle that may write flushes
+    assert rules.fired == ["fsync-read-only"]
