@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TINY := models/tiny-llama
 
-.PHONY: setup demo test bench gpu-check fuzz tiny clean lock test-latest test-floors
+.PHONY: setup demo test bench gpu-check fuzz tiny clean lock test-latest test-floors test-windows
 
 setup: $(VENV)/.installed
 
@@ -93,3 +93,8 @@ gpu-check:
 
 clean:
 	rm -rf runs models .pytest_cache
+
+# Windows CPython under Wine: lora check/schema and the writers' tests (tools/windows_check.sh;
+# needs wine64, and mingw-w64 where Wine lacks bcryptprimitives.dll). Not Windows, not in CI.
+test-windows: setup
+	bash tools/windows_check.sh

@@ -763,10 +763,24 @@ def _click_command(markup_mode: str | None):
     return typer.main.get_command(app)
 
 
+def utf8_when_redirected() -> None:
+    """Piped or redirected on Windows, Python writes the ANSI code page (cp1252): `lora schema >
+    s.json`, a --json summary or a Chinese answer came out mangled, or failed on a character the
+    code page lacks. What lora writes to a pipe or file is UTF-8 on every platform; a console
+    keeps Python's own Unicode handling, and PYTHONIOENCODING, when the user sets it, wins."""
+    if os.environ.get("PYTHONIOENCODING"):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if stream is not None and encoding != "utf8" and hasattr(stream, "reconfigure") and not stream.isatty():
+            stream.reconfigure(encoding="utf-8")
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code. User errors print as one clear message and
     return 2, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
+    utf8_when_redirected()
     libraries.configure(verbose=_wants_verbose(argv))
     from lora_cli.ui.terminal import plain  # here, not at the top: `lora --help` starts fast
 

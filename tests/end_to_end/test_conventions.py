@@ -318,3 +318,28 @@ def test_progress_bar_on_a_terminal_keeps_bar_and_count_at_80_columns():
     assert "━" in first and "120/300" in first, buf.getvalue()
     assert "eval 1.2222" in buf.getvalue().replace("\n", " ") or "1.2222" in " ".join(rest)
     assert all(len(line) <= 80 for line in buf.getvalue().splitlines())
+
+
+def test_redirected_output_is_utf8_whatever_the_code_page(monkeypatch):
+    """Windows hands a redirected Python the ANSI code page (cp1252); lora makes such a stream
+    UTF-8 (seen under Windows CPython on Wine: `lora schema > s.json` was cp1252). Here a cp1252
+    stream stands in for it; a user's PYTHONIOENCODING is left alone."""
+    import io
+
+    from lora_cli.cli import utf8_when_redirected
+
+    def code_page_stream():
+        return io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    monkeypatch.setattr(sys, "stdout", code_page_stream())
+    monkeypatch.setattr(sys, "stderr", code_page_stream())
+    utf8_when_redirected()
+    sys.stdout.write("用一句话 ≥ …")
+    sys.stdout.flush()
+    assert sys.stdout.buffer.getvalue() == "用一句话 ≥ …".encode("utf-8") and sys.stderr.encoding == "utf-8"
+
+    monkeypatch.setenv("PYTHONIOENCODING", "cp1252")
+    monkeypatch.setattr(sys, "stdout", code_page_stream())
+    utf8_when_redirected()
+    assert sys.stdout.encoding == "cp1252"
