@@ -1,7 +1,7 @@
 """An EMULATION on Linux of the documented Windows file rules that lora's writers must live
 with. It is not Windows and proves nothing about Windows itself: it only makes the rules below
 fire in this process, so a writer that breaks one of them fails here too. Real Windows stays
-unverified (docs/reliability.md, "Windows: what is not verified").
+unverified (docs/reliability.md, "Windows: what is verified, and how far").
 
 While active (`WindowsRules().install()`, or the `windows_rules` fixture in conftest.py):
 
