@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -274,7 +276,8 @@ def forked_pythons(work: Path, env: dict):
     sys.path.insert(0, str(Path(__file__).parent))
     import forkserver
 
-    server_socket = work / "python.sock"
+    # a socket path must fit in sun_path (104 bytes on macOS, whose TMPDIR alone is ~50): short, in /tmp
+    server_socket = Path(tempfile.mkdtemp(prefix="lora-fs-", dir="/tmp" if os.path.isdir("/tmp") else None)) / "s"
     server = subprocess.Popen([sys.executable, str(Path(forkserver.__file__)), "serve", str(server_socket)],
                               cwd=Path(__file__).parent, env=env, stdout=subprocess.PIPE, text=True)
     forks = {"python": forkserver.wrapper(work, server_socket), "cpu_s": 0.0}
@@ -286,6 +289,7 @@ def forked_pythons(work: Path, env: dict):
         _, _, usage = os.wait4(server.pid, 0)
         server.returncode = 0
         forks["cpu_s"] = usage.ru_utime + usage.ru_stime
+        shutil.rmtree(server_socket.parent, ignore_errors=True)
 
 
 def _wait(proc, timeout: float):
