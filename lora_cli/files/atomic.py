@@ -142,20 +142,14 @@ def abandoned(entry: Path):
     taken as held."""
     lock = lock_path(Path(entry))
     try:
-        fd = os.open(lock, os.O_RDONLY)  # enough to lock (flock; LockFileEx takes read access), even another user's file
+        fd = _take_if_free(lock)
     except FileNotFoundError:
         yield True
         return
     except OSError:
         yield False
         return
-    try:
-        free = try_lock(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if not free:
-        os.close(fd)
+    if fd is None:
         yield False
         return
     try:
@@ -164,22 +158,30 @@ def abandoned(entry: Path):
         let_go(fd, lock)
 
 
-def _drop_lock(lock: Path) -> None:
-    """Remove a lock file whose copy is gone (its writer finished but could not remove it, or
-    was killed between the two), unless a living writer holds it."""
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return
+def _take_if_free(lock: Path) -> int | None:
+    """The descriptor now holding `lock`, or None when a living process holds it. Raises the
+    OSError of opening it (FileNotFoundError: there is no lock file)."""
+    fd = os.open(lock, os.O_RDONLY)  # enough to lock (flock; LockFileEx takes read access), even another user's file
     try:
         free = try_lock(fd)
     except BaseException:
         os.close(fd)
         raise
     if free:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _drop_lock(lock: Path) -> None:
+    """Remove a lock file whose copy is gone (its writer finished but could not remove it, or
+    was killed between the two), unless a living writer holds it."""
+    try:
+        fd = _take_if_free(lock)
+    except OSError:
+        return
+    if fd is not None:
         let_go(fd, lock)
-    else:
-        os.close(fd)
 
 
 def _make_parents(path: Path) -> list[Path]:
