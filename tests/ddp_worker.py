@@ -3,7 +3,6 @@
 
 import atexit
 import os
-import sys
 from pathlib import Path
 
 

@@ -282,15 +282,20 @@ def test_a_stale_marker_lock_is_taken_over(file_rules, tmp_path):
     assert not (tmp_path / ownership.MARKER_LOCK).exists()
 
 
+def _both_refuse_naming(folder: Path, pid: int) -> None:
+    """A second run's lock and the up-front check both refuse the folder, naming the holder."""
+    with pytest.raises(LoraError, match=f"PID {pid}"):
+        ownership.FolderLock(folder).acquire()
+    with pytest.raises(LoraError, match=f"PID {pid}"):
+        ownership.check_unlocked(folder)
+
+
 def test_the_run_lock_refuses_a_second_run_and_names_the_holder(file_rules, tmp_path):
     run = tmp_path / "run"
     lock = ownership.FolderLock(run).acquire()
     try:
         assert ownership.holder_pid(lock.path) == str(os.getpid())
-        with pytest.raises(LoraError, match=f"PID {os.getpid()}"):
-            ownership.FolderLock(run).acquire()
-        with pytest.raises(LoraError, match=f"PID {os.getpid()}"):
-            ownership.check_unlocked(run)
+        _both_refuse_naming(run, os.getpid())
     finally:
         lock.release()
     ownership.check_unlocked(run)
@@ -308,10 +313,7 @@ def test_the_run_lock_of_another_process(file_rules, tmp_path):
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(LoraError, match=f"PID {holder.pid}"):
-            ownership.FolderLock(tmp_path).acquire()
-        with pytest.raises(LoraError, match=f"PID {holder.pid}"):
-            ownership.check_unlocked(tmp_path)
+        _both_refuse_naming(tmp_path, holder.pid)
     finally:
         holder.kill()
         holder.wait()
